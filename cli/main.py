@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casa", description="casa-live: streaming video captioning on CASA models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(cli.__path__), key=lambda m: m.name):
-        if info.name == "main":
+        if info.name == "main" or info.name.startswith("_"):
             continue
         module = importlib.import_module(f"cli.{info.name}")
         register = getattr(module, "register", None)
