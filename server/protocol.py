@@ -1,0 +1,291 @@
+"""The casa-live websocket protocol: the single source of truth for both ends of `/v1/stream`.
+
+Design choices (documented for users in docs/protocol.md):
+- JSON text messages are typed pydantic events, one class per `type`, joined in a discriminated union
+  (`ClientEvent`, `ServerEvent`) in the style of the OpenAI Realtime API: control flows as text,
+  media as binary.
+- Binary messages carry media. Their first byte is the kind (moshi's framing): 0x01 one image with a
+  pts, 0x02 the next chunk of a container stream (pts come from the container), 0x03 one encoded
+  access unit with a pts. pts are signed 64-bit big-endian microseconds; times in JSON are seconds.
+- Client settings models forbid unknown keys, so a typo is an `invalid_settings` error and never a
+  silently ignored field. Client events themselves ignore extra keys (forward compatibility).
+- This module imports only pydantic and the standard library: the clients import it without the
+  server's dependencies.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+PROTOCOL_VERSION = 1
+STREAM_PATH = "/v1/stream"
+
+# Codecs accepted for 0x03 encoded packets, and image formats accepted for 0x01 frames.
+PACKET_CODECS = ("h264", "vp8", "vp9")
+IMAGE_FORMATS = ("jpeg", "png", "webp")
+CONTAINER_FORMATS = ("webm", "matroska", "mp4", "mpegts", "ivf")
+
+
+class ErrorCode(str, Enum):
+    BAD_JSON = "bad_json"
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID_SETTINGS = "invalid_settings"
+    BAD_FRAME = "bad_frame"
+    FRAME_TOO_LARGE = "frame_too_large"
+    UNSUPPORTED_CODEC = "unsupported_codec"
+    RATE_LIMITED = "rate_limited"
+    CAPACITY = "capacity"
+    UNAUTHORIZED = "unauthorized"
+    SESSION_TIMEOUT = "session_timeout"
+    INTERNAL = "internal"
+
+
+class CloseCode(IntEnum):
+    NORMAL = 1000  # session.close, or the server ended the session (timeout) after flushing
+    POLICY = 1008  # authentication failed, or the Origin is not allowed
+    TOO_BIG = 1009  # a message above the transport limit
+    INTERNAL = 1011  # the server failed for this session
+    TRY_AGAIN = 1013  # capacity: every model slot is taken, retry later
+
+
+# ---------------------------------------------------------------------------------------------------
+# Binary messages
+# ---------------------------------------------------------------------------------------------------
+
+
+class BinaryKind(IntEnum):
+    IMAGE = 0x01  # kind, int64 pts_us, one JPEG / PNG / WebP image
+    CONTAINER = 0x02  # kind, the next bytes of a WebM / Matroska / fragmented MP4 / MPEG-TS / IVF stream
+    PACKET = 0x03  # kind, int64 pts_us, one encoded access unit (H.264 Annex B, VP8, VP9)
+
+
+_PTS = struct.Struct(">q")
+HEADER_BYTES = {BinaryKind.IMAGE: 1 + _PTS.size, BinaryKind.CONTAINER: 1, BinaryKind.PACKET: 1 + _PTS.size}
+
+
+class BinaryMessageError(ValueError):
+    """A binary message that cannot be split into kind, pts and payload."""
+
+    def __init__(self, message: str, *, unknown_kind: bool = False) -> None:
+        super().__init__(message)
+        self.unknown_kind = unknown_kind
+
+
+@dataclass(frozen=True)
+class BinaryMessage:
+    kind: BinaryKind
+    pts_us: int | None  # None for container chunks: their pts come from the container
+    payload: bytes
+
+    @property
+    def pts(self) -> float | None:
+        return None if self.pts_us is None else self.pts_us / 1e6
+
+
+def pack_image(image: bytes, pts_us: int) -> bytes:
+    """0x01: one encoded image (JPEG, PNG or WebP) shown at `pts_us` microseconds."""
+    return bytes([BinaryKind.IMAGE]) + _PTS.pack(pts_us) + image
+
+
+def pack_container(chunk: bytes) -> bytes:
+    """0x02: the next chunk of a container stream; the first chunk must start with its header."""
+    return bytes([BinaryKind.CONTAINER]) + chunk
+
+
+def pack_packet(access_unit: bytes, pts_us: int) -> bytes:
+    """0x03: one encoded access unit of the codec named by session.update input.codec."""
+    return bytes([BinaryKind.PACKET]) + _PTS.pack(pts_us) + access_unit
+
+
+def unpack(message: bytes) -> BinaryMessage:
+    """Split a binary message; raises BinaryMessageError (a ValueError) with a fix-it message."""
+    if not message:
+        raise BinaryMessageError("empty binary message: the first byte must be the kind (0x01, 0x02 or 0x03)")
+    try:
+        kind = BinaryKind(message[0])
+    except ValueError:
+        raise BinaryMessageError(
+            f"unknown binary message kind 0x{message[0]:02x}: use 0x01 (image), 0x02 (container) "
+            "or 0x03 (encoded packet)",
+            unknown_kind=True,
+        ) from None
+    header = HEADER_BYTES[kind]
+    if len(message) <= header:
+        raise BinaryMessageError(
+            f"binary message of kind 0x{kind:02x} is {len(message)} bytes; it needs a {header}-byte header "
+            "(kind + 8-byte big-endian pts in microseconds where the kind has one) and a non-empty payload"
+        )
+    pts_us = None if kind == BinaryKind.CONTAINER else _PTS.unpack_from(message, 1)[0]
+    return BinaryMessage(kind, pts_us, bytes(message[header:]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON events
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    event_id: str | None = Field(default=None, max_length=128, description="optional client-chosen id")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SessionSettings(_Strict):
+    """Per-session settings. In session.update every field is optional (None = keep the current value);
+    session.created and session.updated echo the full effective settings."""
+
+    prompt: str | None = Field(default=None, max_length=2000, description="user prompt for the stream")
+    fps: float | None = Field(default=None, gt=0, description="frames captioned per second of video")
+    max_new_tokens: int | None = Field(default=None, ge=1, le=256)
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0, description="0 = greedy")
+    top_k: int | None = Field(default=None, ge=0, description="0 = no top-k filter")
+    repetition_penalty: float | None = Field(default=None, ge=1.0, le=10.0)
+    no_repeat_ngram: int | None = Field(default=None, ge=0, le=16)
+    seed: int | None = Field(default=None, ge=0, description="sampling seed (temperature > 0)")
+    mode: Literal["live", "offline"] | None = Field(
+        default=None,
+        description="live: latest frame wins, stale frames are dropped, each frame's generation stops when "
+        "its real-time budget 1/fps is spent; offline: every sampled frame is captioned in full "
+        "(backpressure instead of drops), for files and evaluation",
+    )
+
+
+class InputSettings(_Strict):
+    """How binary media is to be read. `codec` is required before 0x03 packets; `container` optionally
+    names the 0x02 container format (otherwise it is recognised from the first chunk's header)."""
+
+    codec: str | None = Field(default=None, description="h264 | vp8 | vp9, for 0x03 packets")
+    container: str | None = Field(default=None, description="webm | matroska | mp4 | mpegts | ivf, for 0x02")
+
+
+class Limits(BaseModel):
+    max_message_bytes: int
+    max_frame_width: int
+    max_frame_height: int
+    max_fps: float
+    max_session_seconds: float
+    idle_timeout_seconds: float
+    max_input_rate: float = Field(description="binary messages per second before rate_limited")
+
+
+# --- client -> server ---
+
+
+class SessionUpdate(_Event):
+    type: Literal["session.update"] = "session.update"
+    session: SessionSettings | None = None
+    input: InputSettings | None = None
+
+
+class InputMarker(_Event):
+    type: Literal["input.marker"] = "input.marker"
+    id: str = Field(
+        max_length=256, description="echoed in a `marker` event once all input before it is captioned"
+    )
+
+
+class SessionClose(_Event):
+    type: Literal["session.close"] = "session.close"
+
+
+ClientEvent = Annotated[SessionUpdate | InputMarker | SessionClose, Field(discriminator="type")]
+CLIENT_EVENT_TYPES = ("session.update", "input.marker", "session.close")
+
+# --- server -> client ---
+
+
+class SessionCreated(_Event):
+    type: Literal["session.created"] = "session.created"
+    session_id: str
+    model: str
+    protocol_version: int = PROTOCOL_VERSION
+    image_size: int = Field(description="frames are resized to image_size x image_size for the model")
+    limits: Limits
+    settings: SessionSettings
+    input: InputSettings
+
+
+class SessionUpdated(_Event):
+    type: Literal["session.updated"] = "session.updated"
+    settings: SessionSettings
+    input: InputSettings
+
+
+class CaptionDelta(_Event):
+    type: Literal["caption.delta"] = "caption.delta"
+    frame: int = Field(description="index of the captioned frame in this session, from 0")
+    pts: float = Field(description="the frame's presentation time, seconds")
+    text: str = Field(description="the next piece of the frame's caption")
+
+
+class CaptionSegment(_Event):
+    type: Literal["caption.segment"] = "caption.segment"
+    frame: int
+    start: float = Field(description="seconds: the frame's pts")
+    end: float = Field(description="seconds: start + 1/fps (the frame's slot at the session fps)")
+    text: str = Field(description="the frame's full caption (the concatenation of its deltas)")
+    tokens: int = Field(description="tokens generated for the frame, stop token included")
+    reason: Literal["stop", "length", "deadline"]
+    ttft_ms: float = Field(description="frame received -> first token")
+    latency_ms: float = Field(description="frame received -> caption final")
+
+
+class Stats(_Event):
+    type: Literal["stats"] = "stats"
+    frames_received: int = Field(description="frames decoded from the input")
+    frames_skipped: int = Field(description="frames above the session fps, skipped by design")
+    frames_captioned: int
+    frames_dropped: int = Field(description="frames dropped because a newer frame was waiting (live mode)")
+    lag_ms: float = Field(description="how far the latest caption trails the live stream")
+    kv_tokens: int = Field(description="text tokens held in this session's KV cache")
+
+
+class Marker(_Event):
+    type: Literal["marker"] = "marker"
+    id: str
+
+
+class Error(_Event):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    fatal: bool = Field(description="true: the server closes the connection after this event")
+
+
+class SessionClosed(_Event):
+    type: Literal["session.closed"] = "session.closed"
+    reason: str = Field(description="client | session_timeout | idle_timeout | error | shutdown")
+    stats: Stats | None = None
+
+
+ServerEvent = Annotated[
+    SessionCreated | SessionUpdated | CaptionDelta | CaptionSegment | Stats | Marker | Error | SessionClosed,
+    Field(discriminator="type"),
+]
+
+client_event_adapter: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
+server_event_adapter: TypeAdapter[ServerEvent] = TypeAdapter(ServerEvent)
+
+
+def parse_client_event(text: str | bytes) -> SessionUpdate | InputMarker | SessionClose:
+    """Raises pydantic.ValidationError; the server maps it to bad_json / unknown_type / invalid_settings."""
+    return client_event_adapter.validate_json(text)
+
+
+def parse_server_event(
+    text: str | bytes,
+) -> SessionCreated | SessionUpdated | CaptionDelta | CaptionSegment | Stats | Marker | Error | SessionClosed:
+    return server_event_adapter.validate_json(text)
+
+
+def dump(event: BaseModel) -> str:
+    """Serialise an event to its wire JSON (None-valued event_id left out)."""
+    return event.model_dump_json(exclude_none=True)
