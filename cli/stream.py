@@ -1,0 +1,128 @@
+"""`casa stream SOURCE`: caption a file, a webcam, a network stream or a synthetic clip live."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+EPILOG = """\
+sources:
+  clip.mp4               any file PyAV opens (mp4, webm, mkv, avi, ts, y4m, ...)
+  /dev/video0, webcam:0  a V4L2 webcam
+  rtsp://host/stream     an RTSP, RTMP, UDP, SRT or HTTP(S) stream
+  synthetic:7            a clip of the synthetic world the bundled model knows
+
+examples:
+  casa stream synthetic:7 --srt out.srt --vtt out.vtt
+  casa stream talk.mp4 --server ws://gpu-box:8000 --token $KEY --no-realtime --jsonl talk.jsonl
+exit codes: 0 done, 1 server or connection error, 2 bad arguments or source, 130 interrupted (Ctrl-C)
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stream",
+        help="stream a video source to a casa-live server and print captions live",
+        description="Send a video source to a casa-live server over /v1/stream; print captions as they "
+        "stream and write SRT, WebVTT and JSONL files.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", metavar="SOURCE", help="file, /dev/videoN, URL or synthetic:SEED (see below)")
+    p.add_argument(
+        "--server",
+        default=os.environ.get("CASA_SERVER", "ws://127.0.0.1:8000"),
+        help="server URL, ws:// or http:// (default: $CASA_SERVER or ws://127.0.0.1:8000)",
+    )
+    p.add_argument(
+        "--token",
+        default=os.environ.get("CASA_TOKEN"),
+        help="API key for a protected server (default: $CASA_TOKEN)",
+    )
+
+    s = p.add_argument_group("session (defaults: the server's)")
+    s.add_argument("--prompt", help="user prompt for the stream")
+    s.add_argument("--fps", type=float, help="frames captioned per second of video")
+    s.add_argument("--max-new-tokens", type=int, help="caption length limit per frame")
+    s.add_argument("--temperature", type=float, help="0 = greedy")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--repetition-penalty", type=float)
+    s.add_argument("--no-repeat-ngram", type=int)
+    s.add_argument("--seed", type=int, help="sampling seed")
+
+    i = p.add_argument_group("input")
+    i.add_argument(
+        "--realtime",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pace frames at their timestamps like a live camera (default); --no-realtime sends "
+        "as fast as the server captions, dropping nothing",
+    )
+    i.add_argument(
+        "--send",
+        choices=("jpeg", "container"),
+        default="jpeg",
+        help="jpeg: sampled frames as JPEG images (default); container: the file's own bytes "
+        "(files and synthetic clips only)",
+    )
+    i.add_argument("--jpeg-quality", type=int, default=85)
+    i.add_argument(
+        "--max-side", type=int, default=640, help="downscale frames to this longer side (0 = never)"
+    )
+    i.add_argument("--duration", type=float, help="stop after this many seconds of video")
+    i.add_argument("--synthetic-seconds", type=float, default=8.0, help="length of a synthetic:SEED clip")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--srt", metavar="PATH", help="write SRT subtitles")
+    o.add_argument("--vtt", metavar="PATH", help="write WebVTT subtitles")
+    o.add_argument(
+        "--jsonl",
+        metavar="PATH",
+        help="write one JSON line per frame (start, end, text, ttft_ms, latency_ms)",
+    )
+    o.add_argument("--quiet", action="store_true", help="no captions on stdout (files and errors only)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clients.printer import LivePrinter
+    from clients.sources import SourceError, open_source
+    from clients.stream import EXIT_USAGE, StreamError, StreamOptions, run_stream, stream_url
+    from clients.writers import open_writers
+
+    printer = LivePrinter(quiet=args.quiet)
+    session = {
+        key: getattr(args, key)
+        for key in (
+            "prompt",
+            "fps",
+            "max_new_tokens",
+            "temperature",
+            "top_k",
+            "repetition_penalty",
+            "no_repeat_ngram",
+            "seed",
+        )
+        if getattr(args, key) is not None
+    }
+    try:
+        options = StreamOptions(
+            url=stream_url(args.server),
+            token=args.token or None,
+            session=session,
+            realtime=args.realtime,
+            send=args.send,
+            jpeg_quality=args.jpeg_quality,
+            max_side=args.max_side or None,
+            duration=args.duration,
+        )
+        source = open_source(args.source, seconds=args.synthetic_seconds)
+    except (StreamError, SourceError) as e:
+        printer.message(f"error: {e}")
+        return EXIT_USAGE
+    try:
+        writers = open_writers(srt=args.srt, vtt=args.vtt, jsonl=args.jsonl)
+    except OSError as e:
+        printer.message(f"error: cannot write {e.filename}: {e.strerror}")
+        return EXIT_USAGE
+    return run_stream(source, options, writers, printer)

@@ -1,0 +1,81 @@
+"""Live caption display for a terminal.
+
+On a terminal, `caption.delta` text rewrites the current line (carriage return + erase line) as tokens
+arrive, and each `caption.segment` replaces it with a final timestamped line. When stdout is a pipe or
+a file, only the final lines are written, so `casa stream x.mp4 > captions.txt` gives clean text.
+Status and warnings go to stderr and never tear the caption line.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from typing import TextIO
+
+from clients.writers import Segment, format_timestamp
+
+ERASE_LINE = "\r\x1b[K"
+
+
+def stamp(seconds: float) -> str:
+    return format_timestamp(seconds, ".")
+
+
+class LivePrinter:
+    def __init__(
+        self,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        *,
+        live: bool | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.live = self.out.isatty() if live is None else live
+        self.quiet = quiet
+        self._frame: int | None = None
+        self._pts = 0.0
+        self._text = ""
+        self._dirty = False  # a partial line is on screen
+
+    def _width(self) -> int:
+        return max(20, shutil.get_terminal_size((100, 24)).columns - 1)
+
+    def _clear(self) -> None:
+        if self._dirty:
+            self.out.write(ERASE_LINE)
+            self._dirty = False
+
+    def delta(self, frame: int, pts: float, text: str) -> None:
+        if frame != self._frame:
+            self._frame, self._pts, self._text = frame, pts, ""
+        self._text += text
+        if not self.live or self.quiet:
+            return
+        line = f"[{stamp(self._pts)}] {self._text.strip()}"
+        self.out.write(ERASE_LINE + line[: self._width()])
+        self.out.flush()
+        self._dirty = True
+
+    def segment(self, segment: Segment) -> None:
+        self._frame, self._text = None, ""
+        if self.quiet:
+            return
+        self._clear()
+        self.out.write(f"[{stamp(segment.start)} --> {stamp(segment.end)}] {segment.text.strip()}\n")
+        self.out.flush()
+
+    def message(self, text: str) -> None:
+        """A status or warning line on stderr; the partial caption line is erased first."""
+        if self.live:
+            self._clear()
+            self.out.flush()
+        self.err.write(text.rstrip() + "\n")
+        self.err.flush()
+
+    def finish(self) -> None:
+        if self._dirty:
+            self.out.write("\n")
+            self.out.flush()
+            self._dirty = False

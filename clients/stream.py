@@ -1,0 +1,444 @@
+"""`casa stream`: send a video source to a casa-live server over the websocket protocol, show captions.
+
+Design:
+- One connection, two tasks: a sender (reads the source in a worker thread, samples at the session
+  fps, encodes JPEG, paces) and a receiver (renders deltas, writes segments, tracks stats). The
+  receiver owns every server event; the sender only pushes bytes.
+- Pacing: `realtime` sends each frame when its pts is due on the wall clock, like a camera would, and
+  lets the server drop what it cannot keep up with (latest frame wins). Without realtime the client
+  sends as fast as the server captions: every frame is followed by an `input.marker`, and at most
+  `window` markers may be outstanding, so nothing is dropped and the server never idles.
+- Shutdown: end of source or Ctrl-C -> `session.close` -> wait (bounded) for the in-flight captions
+  and `session.closed`. Writers flush after every segment, so even a second Ctrl-C or a lost
+  connection leaves valid files.
+- Only the documented protocol is spoken (DESIGN §3, server/protocol.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from clients import wire
+from clients.printer import LivePrinter
+from clients.sources import Frame, Source, SourceError, encode_jpeg
+from clients.writers import CaptionWriter, Segment
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+CLOSE_REASONS = {
+    1006: "the connection dropped without a goodbye (server stopped, crashed, or the network failed)",
+    1008: "the server refused the credentials: pass the right key with --token or CASA_TOKEN",
+    1009: "a message was larger than the server accepts: lower --max-side or --jpeg-quality",
+    1011: "the server hit an internal error (its log has the details)",
+    1013: "the server is at capacity (every session slot is busy): try again shortly",
+}
+
+
+class StreamError(Exception):
+    """Ends the stream with a message for the user and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class StreamOptions:
+    url: str = "ws://127.0.0.1:8000/v1/stream"
+    token: str | None = None
+    session: dict[str, Any] = field(default_factory=dict)  # session.update fields set by the user
+    realtime: bool = True
+    send: Literal["jpeg", "container"] = "jpeg"
+    jpeg_quality: int = 85
+    max_side: int | None = 640
+    container: str | None = None  # container format name for send="container" (None: let the server probe)
+    duration: float | None = None  # stop after this many seconds of media
+    window: int = 2  # outstanding frames (markers) without realtime
+    open_timeout: float = 10.0
+    reply_timeout: float = 60.0  # no answer for this long -> give up
+    close_timeout: float = 10.0  # wait for in-flight captions after session.close
+
+
+@dataclass
+class StreamStats:
+    sent: int = 0
+    captioned: int = 0
+    dropped: int = 0
+    lag_ms: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lat = sorted(self.latencies_ms)
+        p50 = f"{lat[len(lat) // 2]:.0f} ms" if lat else "n/a"
+        return (
+            f"sent {self.sent} frames, captioned {self.captioned}, dropped {self.dropped}, latency p50 {p50}"
+        )
+
+
+def stream_url(server: str) -> str:
+    """Accept `host:port`, http(s):// or ws(s):// with or without a path; default to /v1/stream."""
+    url = server.strip()
+    if "://" not in url:
+        url = "ws://" + url
+    scheme, _, rest = url.partition("://")
+    scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
+    if scheme not in ("ws", "wss"):
+        raise StreamError(
+            f"unsupported server URL scheme {scheme!r}: use ws://, wss://, http:// or https://", EXIT_USAGE
+        )
+    host, slash, path = rest.partition("/")
+    if not slash or not path.strip("/"):
+        path = wire.STREAM_PATH.lstrip("/")
+    return f"{scheme}://{host}/{path}"
+
+
+def describe_close(code: int | None, reason: str = "") -> str:
+    text = CLOSE_REASONS.get(code or 1006, f"the server closed the connection (code {code})")
+    return f"{text}{f' [{reason}]' if reason else ''}"
+
+
+class Streamer:
+    def __init__(
+        self,
+        source: Source,
+        options: StreamOptions,
+        writers: list[CaptionWriter] | None = None,
+        printer: LivePrinter | None = None,
+    ) -> None:
+        self.source, self.opt = source, options
+        self.writers = writers or []
+        self.printer = printer or LivePrinter()
+        self.stats = StreamStats()
+        self.settings: dict[str, Any] = {}
+        self.interrupted = asyncio.Event()
+        self._closed = asyncio.Event()  # session.closed received
+        self._credits: asyncio.Semaphore | None = None
+        self._fatal: StreamError | None = None
+        self._marker_seq = 0
+
+    # ---- connection -------------------------------------------------------------------------
+    async def _connect(self):
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+
+        headers = {"Authorization": f"Bearer {self.opt.token}"} if self.opt.token else None
+        try:
+            return await connect(
+                self.opt.url,
+                additional_headers=headers,
+                open_timeout=self.opt.open_timeout,
+                max_size=2**22,
+                ping_interval=20,
+                ping_timeout=60,
+            )
+        except InvalidURI as e:
+            raise StreamError(f"bad server URL {self.opt.url!r}: {e}", EXIT_USAGE) from e
+        except InvalidStatus as e:
+            status = e.response.status_code
+            if status in (401, 403):
+                msg = "the server refused the credentials: pass the right key with --token or CASA_TOKEN"
+            elif status == 404:
+                msg = f"{self.opt.url} has no streaming endpoint: is this a casa-live server?"
+            else:
+                msg = f"the server answered HTTP {status} instead of opening the stream"
+            raise StreamError(f"cannot open {self.opt.url}: {msg}") from e
+        except (OSError, TimeoutError, InvalidHandshake) as e:
+            if isinstance(e, ConnectionRefusedError):
+                why = "connection refused"
+            elif isinstance(e, socket.gaierror):
+                why = "unknown host"
+            elif isinstance(e, TimeoutError):
+                why = f"no answer within {self.opt.open_timeout:.0f} s"
+            else:
+                why = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+            raise StreamError(
+                f"cannot reach the server at {self.opt.url}: {why}. Is `casa serve` running there?"
+            ) from e
+
+    async def _expect(self, ws, wanted: type):
+        """Read events until `wanted` arrives; an error event or a close becomes a StreamError."""
+        from websockets.exceptions import ConnectionClosed
+
+        while True:
+            try:
+                raw = await asyncio.wait_for(ws.recv(), self.opt.reply_timeout)
+            except TimeoutError:
+                raise StreamError(
+                    f"the server did not answer within {self.opt.reply_timeout:.0f} s"
+                ) from None
+            except ConnectionClosed as e:
+                raise StreamError(
+                    f"cannot start the session: {describe_close(_close_code(e), _close_reason(e))}"
+                ) from e
+            event = wire.parse_event(raw)
+            if isinstance(event, wanted):
+                return event
+            if isinstance(event, wire.Error):
+                code = EXIT_USAGE if event.code == "invalid_settings" else EXIT_ERROR
+                raise StreamError(wire.describe_error(event), code)
+
+    # ---- main -------------------------------------------------------------------------------
+    async def run(self) -> int:
+        update = self._update_message()  # bad flags fail here, before connecting
+        ws = await self._connect()
+        try:
+            created = await self._expect(ws, wire.SessionCreated)
+            await ws.send(update)
+            updated = await self._expect(ws, wire.SessionUpdated)
+            self.settings = updated.settings
+            fps = float(updated.settings.fps or 2.0)
+            self.printer.message(
+                f"session {created.session_id} on model {created.model}: {fps:g} fps, {updated.settings.mode or 'live'} mode"
+            )
+            self._credits = asyncio.Semaphore(max(1, self.opt.window))
+            receiver = asyncio.create_task(self._receive(ws))
+            sender = asyncio.create_task(self._send(ws, fps))
+            stopper = asyncio.create_task(self.interrupted.wait())
+            await asyncio.wait({sender, receiver, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            # Stop producing; the receiver keeps going until session.closed or the close timeout.
+            stopper.cancel()
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender  # expected failures are in self._fatal; anything else is a bug and propagates
+            await self._finish(ws, receiver)
+        finally:
+            await ws.close()
+            self.printer.finish()
+        if self._fatal is not None:
+            raise self._fatal
+        return EXIT_INTERRUPTED if self.interrupted.is_set() else EXIT_OK
+
+    async def _finish(self, ws, receiver: asyncio.Task) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        if not receiver.done():
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(wire.session_close())
+            timeout = (
+                min(self.opt.close_timeout, 3.0) if self.interrupted.is_set() else self.opt.close_timeout
+            )
+            try:
+                await asyncio.wait_for(asyncio.shield(receiver), timeout)
+            except TimeoutError:
+                self.printer.message(f"warning: no session.closed within {timeout:.0f} s; closing anyway")
+                receiver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiver
+
+    # ---- sender -----------------------------------------------------------------------------
+    async def _send(self, ws, fps: float) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            if self.opt.send == "container":
+                await self._send_container(ws)
+            else:
+                await self._send_frames(ws, fps)
+        except SourceError as e:
+            self._fatal = StreamError(str(e), EXIT_USAGE if self.stats.sent == 0 else EXIT_ERROR)
+        except StreamError as e:
+            self._fatal = e
+        except ConnectionClosed:
+            pass  # the receiver sees the same close and reports it
+
+    async def _pace(self, t0: float, pts: float) -> None:
+        if self.opt.realtime and not self.source.live:
+            delay = t0 + pts - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def _flow(self, ws) -> None:
+        """Without realtime: take a credit before sending (returned when the marker echoes)."""
+        if self.opt.realtime:
+            return
+        try:
+            await asyncio.wait_for(self._credits.acquire(), self.opt.reply_timeout)
+        except TimeoutError:
+            raise StreamError(
+                f"the server stopped answering (no caption for {self.opt.reply_timeout:.0f} s)"
+            ) from None
+
+    async def _marker(self, ws) -> None:
+        if not self.opt.realtime:
+            self._marker_seq += 1
+            await ws.send(wire.marker(f"m{self._marker_seq}"))
+
+    async def _send_frames(self, ws, fps: float) -> None:
+        frames = self.source.frames(fps)
+        quality, max_side = self.opt.jpeg_quality, self.opt.max_side
+
+        def next_encoded() -> tuple[Frame, bytes] | None:
+            frame = next(frames, None)
+            if frame is None:
+                return None
+            return frame, encode_jpeg(frame.image, quality, max_side)
+
+        t0 = time.monotonic()
+        try:
+            while not self.interrupted.is_set():
+                item = await asyncio.to_thread(next_encoded)
+                if item is None:
+                    return
+                frame, jpeg = item
+                if self.opt.duration is not None and frame.pts > self.opt.duration:
+                    return
+                await self._pace(t0, frame.pts)
+                await self._flow(ws)
+                await ws.send(wire.image_frame(frame.pts, jpeg))
+                self.stats.sent += 1
+                await self._marker(ws)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(_close_iter, frames)
+
+    async def _send_container(self, ws) -> None:
+        chunks, duration = self.source.container_chunks()
+        chunks = list(chunks)
+        # Real time for raw bytes: spread the chunks evenly over the media duration.
+        per_chunk = (duration / len(chunks)) if (duration and chunks) else 0.0
+        t0 = time.monotonic()
+        for i, chunk in enumerate(chunks):
+            if self.interrupted.is_set():
+                return
+            if self.opt.duration is not None and i * per_chunk > self.opt.duration:
+                return
+            await self._pace(t0, i * per_chunk)
+            await self._flow(ws)
+            await ws.send(wire.container_chunk(chunk))
+            self.stats.sent += 1
+            await self._marker(ws)
+
+    # ---- receiver ---------------------------------------------------------------------------
+    async def _receive(self, ws) -> None:
+        from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+
+        try:
+            async for raw in ws:
+                event = wire.parse_event(raw)
+                if isinstance(event, wire.CaptionDelta):
+                    self.printer.delta(event.frame, event.pts, event.text)
+                elif isinstance(event, wire.CaptionSegment):
+                    self._segment(event)
+                elif isinstance(event, wire.Stats):
+                    self._stats(event)
+                elif isinstance(event, wire.Marker):
+                    if self._credits is not None and not self.opt.realtime:
+                        self._credits.release()
+                elif isinstance(event, wire.Error):
+                    message = wire.describe_error(event)
+                    if event.fatal:
+                        self._fatal = StreamError(message)
+                    else:
+                        self.printer.message(f"server: {message}")
+                elif isinstance(event, wire.SessionClosed):
+                    if event.stats is not None:
+                        self._stats(event.stats)
+                    self._closed.set()
+                    return
+        except ConnectionClosedOK:
+            pass
+        except ConnectionClosed as e:
+            if self._fatal is None:
+                self._fatal = StreamError(
+                    f"lost the connection to the server: {describe_close(_close_code(e), _close_reason(e))}"
+                )
+            return
+        if not self._closed.is_set() and self._fatal is None and not self.interrupted.is_set():
+            self._fatal = StreamError(
+                f"the server closed the stream early: {describe_close(_close_code_of(ws), '')}"
+            )
+
+    def _segment(self, event: wire.CaptionSegment) -> None:
+        seg = Segment(event.frame, event.start, event.end, event.text, event.ttft_ms, event.latency_ms)
+        for w in self.writers:
+            w.write(seg)
+        self.printer.segment(seg)
+        self.stats.captioned += 1
+        if seg.latency_ms is not None:
+            self.stats.latencies_ms.append(float(seg.latency_ms))
+
+    def _stats(self, event: wire.Stats) -> None:
+        self.stats.dropped, self.stats.lag_ms = event.frames_dropped, event.lag_ms
+
+    def _update_message(self) -> str:
+        from pydantic import ValidationError
+
+        session = {**self.opt.session, "mode": "live" if self.opt.realtime else "offline"}
+        container = (
+            {"container": self.opt.container} if self.opt.send == "container" and self.opt.container else None
+        )
+        try:
+            return wire.session_update(session, container)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise StreamError(f"invalid session settings: {problems}", EXIT_USAGE) from None
+
+
+def _close_iter(it: Iterator) -> None:
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
+def _close_code(exc: Exception) -> int | None:
+    rcvd = getattr(exc, "rcvd", None)
+    return rcvd.code if rcvd is not None else None
+
+
+def _close_reason(exc: Exception) -> str:
+    rcvd = getattr(exc, "rcvd", None)
+    return rcvd.reason if rcvd is not None else ""
+
+
+def _close_code_of(ws) -> int | None:
+    return getattr(ws, "close_code", None)
+
+
+def run_stream(
+    source: Source, options: StreamOptions, writers: list[CaptionWriter], printer: LivePrinter
+) -> int:
+    """Run one stream to completion with Ctrl-C handling; returns the process exit code."""
+
+    async def main() -> int:
+        streamer = Streamer(source, options, writers, printer)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+
+        def on_sigint() -> None:
+            if streamer.interrupted.is_set():
+                task.cancel()  # second Ctrl-C: stop now (files are already flushed)
+            else:
+                printer.message("interrupted: finishing the captions in flight (Ctrl-C again to quit now)")
+                streamer.interrupted.set()
+
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows event loops
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+            loop.add_signal_handler(signal.SIGTERM, on_sigint)
+        try:
+            code = await streamer.run()
+        finally:
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(signal.SIGINT)
+                loop.remove_signal_handler(signal.SIGTERM)
+        printer.message(streamer.stats.summary())
+        return code
+
+    try:
+        return asyncio.run(main())
+    except StreamError as e:
+        printer.message(f"error: {e}")
+        return e.code
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        printer.message("stopped")
+        return EXIT_INTERRUPTED
+    finally:
+        for w in writers:
+            w.close()
+        source.close()

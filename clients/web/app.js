@@ -1,0 +1,429 @@
+// casa-live browser demo: plain JavaScript, no build step, served by the server at GET /.
+//
+// Flow: pick a source (camera via getUserMedia, or the server's synthetic demo clip in a <video>) ->
+// open the websocket /v1/stream -> session.created -> send session.update {prompt, fps, mode: live}
+// -> session.updated -> every 1/fps seconds draw the video into a canvas and send it as a JPEG image
+// frame (binary kind 0x01: 1 byte kind, 8-byte big-endian pts in microseconds, the JPEG bytes).
+// Captions stream back as caption.delta (shown live over the video) and caption.segment (final).
+// Latency shown here is measured by the page: frame sent -> its caption.segment received.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const KIND_IMAGE = 0x01;
+  const MAX_SIDE = 640; // frames are downscaled to this longer side before JPEG encoding
+  const JPEG_QUALITY = 0.85;
+  const MAX_BUFFERED = 2 << 20; // skip a frame while the socket still holds this many unsent bytes
+  const SPARK_POINTS = 60;
+  const HISTORY_MAX = 200;
+
+  const ERROR_WORDS = {
+    unauthorized: "This server needs an access token. Enter it in the Token field and press Start again.",
+    capacity: "The server is busy: every session slot is taken. Try again in a moment.",
+    invalid_settings: "The server did not accept a setting.",
+    bad_frame: "The server could not read a video frame.",
+    frame_too_large: "A video frame was too large for the server. Try a smaller camera resolution.",
+    unsupported_codec: "The server cannot decode this video format.",
+    rate_limited: "Frames were sent faster than the server allows. Lower the frames per second.",
+    session_timeout: "The session reached the server's time limit. Press Start to begin a new one.",
+    internal: "The server hit an internal error; its log has the details.",
+    bad_json: "The page and the server disagree about the protocol.",
+    unknown_type: "The page and the server disagree about the protocol.",
+  };
+  const CLOSE_WORDS = {
+    1008: ERROR_WORDS.unauthorized,
+    1009: ERROR_WORDS.frame_too_large,
+    1011: ERROR_WORDS.internal,
+    1013: ERROR_WORDS.capacity,
+  };
+
+  const el = {
+    video: $("video"), caption: $("caption"), placeholder: $("placeholder"), history: $("history"),
+    model: $("model"), status: $("status"), error: $("error"), form: $("controls"),
+    source: $("source"), prompt: $("prompt"), fps: $("fps"), token: $("token"),
+    start: $("start"), stop: $("stop"), grab: $("grab"), spark: $("spark"),
+  };
+
+  // Everything about the current run; replaced on each Start.
+  let run = null;
+
+  function newRun() {
+    return {
+      ws: null, media: null, timer: null, opened: false, stopping: false, capturing: false,
+      t0: performance.now(), fps: 2, sessionId: null,
+      sent: 0, captioned: 0, dropped: 0, skipped: 0, lag: null, kv: null,
+      inflight: [], // [{pts (us), t (ms)}] frames sent and not yet captioned
+      latencies: [], ttfts: [], frame: null, partial: "", segments: [],
+    };
+  }
+
+  // ---- status, errors ------------------------------------------------------------------------
+  function setStatus(text, kind) {
+    el.status.textContent = text;
+    el.status.className = `pill ${kind || "idle"}`;
+  }
+
+  function showError(text) {
+    el.error.textContent = text;
+    el.error.hidden = false;
+  }
+
+  function clearError() {
+    el.error.hidden = true;
+    el.error.textContent = "";
+  }
+
+  function serverErrorWords(event) {
+    const base = ERROR_WORDS[event.code] || "The server reported a problem.";
+    return event.message ? `${base} (${event.message})` : base;
+  }
+
+  function mediaErrorWords(err) {
+    switch (err && err.name) {
+      case "NotAllowedError": return "Camera permission was denied. Allow the camera for this page, or pick the demo clip.";
+      case "NotFoundError": case "OverconstrainedError": return "No camera was found. Connect one, or pick the demo clip.";
+      case "NotReadableError": return "The camera is busy in another application. Close it there, or pick the demo clip.";
+      case "SecurityError": return "The browser allows cameras only on https:// pages or on localhost.";
+      default: return `The video source could not start: ${err && err.message ? err.message : err}`;
+    }
+  }
+
+  // ---- sources -------------------------------------------------------------------------------
+  async function openSource(r) {
+    const video = el.video;
+    if (el.source.value === "camera") {
+      if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+        throw new Error("This browser offers no camera here: cameras work only on https:// pages or on localhost.");
+      }
+      try {
+        r.media = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: 640 }, height: { ideal: 480 } }, audio: false });
+      } catch (err) {
+        throw new Error(mediaErrorWords(err));
+      }
+      video.removeAttribute("src");
+      video.srcObject = r.media;
+      video.loop = false;
+    } else {
+      video.srcObject = null;
+      video.src = new URL("v1/demo-clip.webm", location.href).href;
+      video.loop = true;
+    }
+    video.muted = true;
+    try {
+      await video.play();
+    } catch (err) {
+      if (el.source.value === "demo") {
+        throw new Error("The server did not provide the demo clip (GET /v1/demo-clip.webm failed).");
+      }
+      throw new Error(mediaErrorWords(err));
+    }
+    el.placeholder.hidden = true;
+  }
+
+  function closeSource(r) {
+    if (r.media) r.media.getTracks().forEach((t) => t.stop());
+    r.media = null;
+    el.video.pause();
+  }
+
+  // ---- websocket -----------------------------------------------------------------------------
+  function streamUrl() {
+    const url = new URL("v1/stream", location.href);
+    url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+    const token = el.token.value.trim();
+    if (token) url.searchParams.set("token", token); // browsers cannot set an Authorization header
+    return url.href;
+  }
+
+  function sessionSettings() {
+    const settings = { fps: Number(el.fps.value), mode: "live" };
+    const prompt = el.prompt.value.trim();
+    if (prompt) settings.prompt = prompt;
+    return settings;
+  }
+
+  function send(r, obj) {
+    if (r.ws && r.ws.readyState === WebSocket.OPEN) r.ws.send(JSON.stringify(obj));
+  }
+
+  function connect(r) {
+    const ws = new WebSocket(streamUrl());
+    ws.binaryType = "arraybuffer";
+    r.ws = ws;
+    ws.onopen = () => { r.opened = true; };
+    ws.onmessage = (msg) => {
+      if (typeof msg.data !== "string") return;
+      let event;
+      try { event = JSON.parse(msg.data); } catch { return; }
+      onEvent(r, event);
+    };
+    ws.onclose = (ev) => onClose(r, ev);
+  }
+
+  function onEvent(r, event) {
+    switch (event.type) {
+      case "session.created":
+        r.sessionId = event.session_id;
+        el.model.textContent = `model ${event.model} · session ${event.session_id}`;
+        send(r, { type: "session.update", session: sessionSettings() });
+        break;
+      case "session.updated":
+        r.fps = event.settings && event.settings.fps ? event.settings.fps : Number(el.fps.value);
+        startCapture(r);
+        setStatus(`live · ${r.fps} fps`, "live");
+        break;
+      case "caption.delta":
+        if (event.frame !== r.frame) { r.frame = event.frame; r.partial = ""; }
+        r.partial += event.text;
+        showCaption(event.pts, r.partial, true);
+        break;
+      case "caption.segment":
+        onSegment(r, event);
+        break;
+      case "stats":
+        r.dropped = event.frames_dropped;
+        r.lag = event.lag_ms;
+        r.kv = event.kv_tokens;
+        renderStats(r);
+        break;
+      case "error":
+        showError(serverErrorWords(event));
+        break;
+      case "session.closed":
+        setStatus(`closed (${event.reason})`, "idle");
+        break;
+      default:
+        break; // marker, and event types added by newer servers
+    }
+  }
+
+  function onClose(r, ev) {
+    stopCapture(r);
+    closeSource(r);
+    setButtons(false);
+    if (r !== run) return;
+    if (r.stopping || ev.code === 1000) {
+      if (!el.status.textContent.startsWith("closed")) setStatus("stopped", "idle");
+      return;
+    }
+    setStatus("disconnected", "failed");
+    if (CLOSE_WORDS[ev.code]) {
+      if (el.error.hidden) showError(CLOSE_WORDS[ev.code]);
+    } else if (!r.opened) {
+      showError(`Could not connect to the server at ${location.host}. Is it running? If it needs a token, enter it in the Token field.`);
+    } else if (el.error.hidden) {
+      showError(`The connection to the server was lost${ev.reason ? ` (${ev.reason})` : ""}. Press Start to reconnect.`);
+    }
+  }
+
+  // ---- capture -------------------------------------------------------------------------------
+  function startCapture(r) {
+    stopCapture(r);
+    r.timer = setInterval(() => captureFrame(r), 1000 / r.fps);
+    captureFrame(r);
+  }
+
+  function stopCapture(r) {
+    if (r.timer !== null) clearInterval(r.timer);
+    r.timer = null;
+  }
+
+  function captureFrame(r) {
+    const video = el.video;
+    const ws = r.ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN || video.readyState < 2 || !video.videoWidth) return;
+    if (r.capturing || ws.bufferedAmount > MAX_BUFFERED) { r.skipped += 1; return; }
+    const scale = Math.min(1, MAX_SIDE / Math.max(video.videoWidth, video.videoHeight));
+    const w = Math.max(2, Math.round(video.videoWidth * scale));
+    const h = Math.max(2, Math.round(video.videoHeight * scale));
+    const canvas = el.grab;
+    if (canvas.width !== w || canvas.height !== h) { canvas.width = w; canvas.height = h; }
+    canvas.getContext("2d").drawImage(video, 0, 0, w, h);
+    const ptsUs = Math.round((performance.now() - r.t0) * 1000);
+    r.capturing = true;
+    canvas.toBlob(async (blob) => {
+      r.capturing = false;
+      if (!blob || r.ws !== ws || ws.readyState !== WebSocket.OPEN) return;
+      const jpeg = new Uint8Array(await blob.arrayBuffer());
+      const msg = new Uint8Array(9 + jpeg.byteLength);
+      msg[0] = KIND_IMAGE;
+      new DataView(msg.buffer).setBigInt64(1, BigInt(ptsUs), false);
+      msg.set(jpeg, 9);
+      ws.send(msg.buffer);
+      r.sent += 1;
+      r.inflight.push({ pts: ptsUs, t: performance.now() });
+      if (r.inflight.length > 100) r.inflight.shift(); // frames the server dropped never come back
+      renderStats(r);
+    }, "image/jpeg", JPEG_QUALITY);
+  }
+
+  // ---- captions and stats --------------------------------------------------------------------
+  function stamp(seconds) {
+    const m = Math.floor(seconds / 60);
+    const s = (seconds - m * 60).toFixed(1).padStart(4, "0");
+    return `${String(m).padStart(2, "0")}:${s}`;
+  }
+
+  function showCaption(pts, text, partial) {
+    el.caption.hidden = false;
+    el.caption.className = partial ? "caption partial" : "caption";
+    el.caption.replaceChildren();
+    const ts = document.createElement("span");
+    ts.className = "ts";
+    ts.textContent = stamp(pts);
+    el.caption.append(ts, document.createTextNode(text.trim() || "…"));
+  }
+
+  function onSegment(r, seg) {
+    const now = performance.now();
+    const key = Math.round(seg.start * 1e6);
+    const i = r.inflight.findIndex((f) => Math.abs(f.pts - key) < 2000);
+    let latency = seg.latency_ms;
+    if (i >= 0) {
+      latency = now - r.inflight[i].t;
+      r.inflight.splice(0, i + 1); // older frames than this one were dropped by the server
+    }
+    r.captioned += 1;
+    r.frame = null;
+    r.partial = "";
+    r.latencies.push(latency);
+    if (seg.ttft_ms !== undefined) r.ttfts.push(seg.ttft_ms);
+    r.segments.push({ frame: seg.frame, start: seg.start, end: seg.end, text: seg.text, latency_ms: latency });
+    showCaption(seg.start, seg.text, false);
+
+    const li = document.createElement("li");
+    const ts = document.createElement("span");
+    ts.className = "ts";
+    ts.textContent = stamp(seg.start);
+    const ms = document.createElement("span");
+    ms.className = "ms";
+    ms.textContent = `${Math.round(latency)} ms`;
+    li.append(ts, document.createTextNode(seg.text.trim()), ms);
+    el.history.prepend(li);
+    while (el.history.children.length > HISTORY_MAX) el.history.lastChild.remove();
+    renderStats(r);
+  }
+
+  function percentile(values, q) {
+    if (!values.length) return null;
+    const sorted = [...values].sort((a, b) => a - b);
+    return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
+  }
+
+  function fmtMs(v) { return v === null || v === undefined ? "–" : `${Math.round(v)} ms`; }
+
+  function renderStats(r) {
+    $("s-sent").textContent = r.skipped ? `${r.sent} (+${r.skipped} skipped)` : String(r.sent);
+    $("s-captioned").textContent = String(r.captioned);
+    $("s-dropped").textContent = String(r.dropped);
+    $("s-lag").textContent = fmtMs(r.lag);
+    $("s-latency").textContent = fmtMs(r.latencies.at(-1));
+    const p50 = percentile(r.latencies, 0.5);
+    $("s-pct").textContent = p50 === null ? "–" : `${Math.round(p50)} / ${Math.round(percentile(r.latencies, 0.95))} ms`;
+    $("s-ttft").textContent = fmtMs(r.ttfts.at(-1));
+    $("s-kv").textContent = r.kv === null ? "–" : String(r.kv);
+    drawSparkline(r.latencies.slice(-SPARK_POINTS));
+  }
+
+  function drawSparkline(values) {
+    const c = el.spark;
+    const dpr = window.devicePixelRatio || 1;
+    const w = c.clientWidth || c.width;
+    const h = c.clientHeight || c.height;
+    if (c.width !== Math.round(w * dpr)) { c.width = Math.round(w * dpr); c.height = Math.round(h * dpr); }
+    const ctx = c.getContext("2d");
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.clearRect(0, 0, w, h);
+    if (!values.length) return;
+    const top = Math.max(100, ...values) * 1.1;
+    const x = (i) => 4 + (i * (w - 8)) / Math.max(1, SPARK_POINTS - 1);
+    const y = (v) => h - 4 - (v / top) * (h - 16);
+    ctx.strokeStyle = "#5eb4ff";
+    ctx.lineWidth = 1.5;
+    ctx.beginPath();
+    values.forEach((v, i) => (i ? ctx.lineTo(x(i), y(v)) : ctx.moveTo(x(i), y(v))));
+    ctx.stroke();
+    ctx.fillStyle = "#8a91a3";
+    ctx.font = "10px system-ui, sans-serif";
+    ctx.fillText(`max ${Math.round(Math.max(...values))} ms`, 6, 11);
+  }
+
+  // ---- controls ------------------------------------------------------------------------------
+  function setButtons(running) {
+    el.start.disabled = running;
+    el.stop.disabled = !running;
+    el.source.disabled = running;
+    el.token.disabled = running;
+  }
+
+  async function start() {
+    if (run && run.ws && run.ws.readyState <= WebSocket.OPEN) return;
+    clearError();
+    const fps = Number(el.fps.value);
+    if (!(fps > 0 && fps <= 10)) { showError("Frames per second must be between 0.25 and 10."); return; }
+    const r = newRun();
+    run = r;
+    el.history.replaceChildren();
+    el.caption.hidden = true;
+    renderStats(r);
+    setButtons(true);
+    setStatus("starting", "connecting");
+    try {
+      await openSource(r);
+    } catch (err) {
+      closeSource(r);
+      setButtons(false);
+      setStatus("failed", "failed");
+      showError(err.message);
+      return;
+    }
+    setStatus("connecting", "connecting");
+    connect(r);
+  }
+
+  function stop() {
+    const r = run;
+    if (!r) return;
+    r.stopping = true;
+    stopCapture(r);
+    if (r.ws && r.ws.readyState === WebSocket.OPEN) {
+      send(r, { type: "session.close" }); // the server flushes, sends session.closed, closes with 1000
+      const ws = r.ws;
+      setTimeout(() => { if (ws.readyState !== WebSocket.CLOSED) ws.close(1000); }, 3000);
+      setStatus("closing", "connecting");
+    } else {
+      if (r.ws) r.ws.close();
+      closeSource(r);
+      setButtons(false);
+      setStatus("stopped", "idle");
+    }
+  }
+
+  // Prompt and fps changes apply to a running session.
+  function pushSettings() {
+    if (run && run.ws && run.ws.readyState === WebSocket.OPEN && !run.stopping) {
+      send(run, { type: "session.update", session: sessionSettings() });
+    }
+  }
+
+  el.form.addEventListener("submit", (e) => { e.preventDefault(); start(); });
+  el.stop.addEventListener("click", stop);
+  el.prompt.addEventListener("change", pushSettings);
+  el.fps.addEventListener("change", pushSettings);
+
+  // Settings from the query string: ?source=camera&fps=2&prompt=...&token=...&autostart=1
+  const params = new URLSearchParams(location.search);
+  for (const key of ["source", "fps", "prompt", "token"]) {
+    if (params.has(key)) el[key].value = params.get(key);
+  }
+  renderStats(newRun());
+  if (params.get("autostart") === "1") start();
+
+  // A read-only view for tests and the console.
+  window.casaDemo = {
+    snapshot: () => run && {
+      sent: run.sent, captioned: run.captioned, dropped: run.dropped, lag_ms: run.lag,
+      latencies_ms: [...run.latencies], segments: run.segments.map((s) => ({ ...s })), session_id: run.sessionId,
+    },
+  };
+})();

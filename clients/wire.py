@@ -1,0 +1,103 @@
+"""The client's side of the wire protocol: server/protocol.py builds and parses; this adds plain words.
+
+The clients import nothing else of the server: protocol.py depends on pydantic and the standard
+library only. Unknown server event types are skipped (a newer server may send more), and an unreadable
+event becomes `None` for the caller to ignore.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from server import protocol
+from server.protocol import (
+    STREAM_PATH,
+    CaptionDelta,
+    CaptionSegment,
+    Error,
+    InputMarker,
+    Marker,
+    SessionClose,
+    SessionClosed,
+    SessionCreated,
+    SessionSettings,
+    SessionUpdate,
+    SessionUpdated,
+    Stats,
+)
+
+__all__ = [
+    "STREAM_PATH",
+    "CaptionDelta",
+    "CaptionSegment",
+    "Error",
+    "Marker",
+    "SessionClosed",
+    "SessionCreated",
+    "SessionUpdated",
+    "Stats",
+    "container_chunk",
+    "describe_error",
+    "image_frame",
+    "marker",
+    "parse_event",
+    "session_close",
+    "session_update",
+]
+
+# What to tell a person for each error code; the server's own message follows.
+ERROR_HINTS = {
+    "unauthorized": "the server needs a valid key (--token or CASA_TOKEN)",
+    "capacity": "the server is full; try again shortly",
+    "invalid_settings": "a session setting was rejected",
+    "bad_frame": "the server could not decode a frame",
+    "frame_too_large": "a frame is larger than the server accepts (lower --max-side or --jpeg-quality)",
+    "unsupported_codec": "the server does not decode this codec",
+    "rate_limited": "frames are arriving faster than the server allows (lower --fps)",
+    "session_timeout": "the session ran past the server's time limit",
+    "internal": "the server hit an internal error",
+}
+
+
+def image_frame(pts_seconds: float, data: bytes) -> bytes:
+    return protocol.pack_image(data, round(pts_seconds * 1e6))
+
+
+def container_chunk(data: bytes) -> bytes:
+    return protocol.pack_container(data)
+
+
+def session_update(session: dict[str, Any], input: dict[str, Any] | None = None) -> str:
+    """Raises pydantic.ValidationError for a bad setting before anything is sent."""
+    event = SessionUpdate(
+        session=SessionSettings(**session) if session else None,
+        input=protocol.InputSettings(**input) if input else None,
+    )
+    return protocol.dump(event)
+
+
+def marker(marker_id: str) -> str:
+    return protocol.dump(InputMarker(id=marker_id))
+
+
+def session_close() -> str:
+    return protocol.dump(SessionClose())
+
+
+def parse_event(raw: str | bytes):
+    """A typed server event, or None for binary, unknown or unreadable messages."""
+    if isinstance(raw, bytes):
+        return None
+    try:
+        return protocol.parse_server_event(raw)
+    except ValidationError:
+        return None
+
+
+def describe_error(event: Error) -> str:
+    code = event.code.value if hasattr(event.code, "value") else str(event.code)
+    hint = ERROR_HINTS.get(code)
+    parts = [p for p in (hint, event.message.strip()) if p]
+    return f"{code}: {' - '.join(parts) if parts else 'no details'}"
