@@ -15,7 +15,9 @@ import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="casa", description="casa-live: streaming video captioning on CASA models")
+    parser = argparse.ArgumentParser(
+        prog="casa", description="casa-live: streaming video captioning on CASA models"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(cli.__path__), key=lambda m: m.name):
         if info.name == "main" or info.name.startswith("_"):

@@ -69,7 +69,9 @@ class LMConfig:
 
     def __post_init__(self) -> None:
         if sum(self.mrope_section) != self.head_dim // 2:
-            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
+            raise ValueError(
+                f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}"
+            )
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
 
@@ -186,9 +188,19 @@ class GenerationConfig:
 def _test_tiny() -> ModelConfig:
     return ModelConfig(
         vision=VisionConfig(
-            depth=2, hidden=32, heads=2, mlp=48, patch=4, merge=2, window=16, fullatt_blocks=[1], out_hidden=64
+            depth=2,
+            hidden=32,
+            heads=2,
+            mlp=48,
+            patch=4,
+            merge=2,
+            window=16,
+            fullatt_blocks=[1],
+            out_hidden=64,
         ),
-        lm=LMConfig(vocab=96, hidden=64, layers=3, heads=4, kv_heads=2, head_dim=16, mlp=96, mrope_section=[2, 3, 3]),
+        lm=LMConfig(
+            vocab=96, hidden=64, layers=3, heads=4, kv_heads=2, head_dim=16, mlp=96, mrope_section=[2, 3, 3]
+        ),
         casa=CASAConfig(layers=[0, 2]),
         image_size=24,
         name="test-tiny",
@@ -198,9 +210,26 @@ def _test_tiny() -> ModelConfig:
 def _default() -> ModelConfig:
     return ModelConfig(
         vision=VisionConfig(
-            depth=4, hidden=128, heads=4, mlp=384, patch=8, merge=2, window=64, fullatt_blocks=[1, 3], out_hidden=256
+            depth=4,
+            hidden=128,
+            heads=4,
+            mlp=384,
+            patch=8,
+            merge=2,
+            window=64,
+            fullatt_blocks=[1, 3],
+            out_hidden=256,
         ),
-        lm=LMConfig(vocab=512, hidden=256, layers=6, heads=4, kv_heads=2, head_dim=64, mlp=768, mrope_section=[8, 12, 12]),
+        lm=LMConfig(
+            vocab=512,
+            hidden=256,
+            layers=6,
+            heads=4,
+            kv_heads=2,
+            head_dim=64,
+            mlp=768,
+            mrope_section=[8, 12, 12],
+        ),
         casa=CASAConfig(),
         image_size=128,
         name="default",
@@ -211,9 +240,26 @@ def _mid() -> ModelConfig:
     # The benchmark shape of DESIGN §6: hidden 512, 8 layers, 256 image tokens per frame.
     return ModelConfig(
         vision=VisionConfig(
-            depth=4, hidden=256, heads=4, mlp=768, patch=14, merge=2, window=112, fullatt_blocks=[3], out_hidden=512
+            depth=4,
+            hidden=256,
+            heads=4,
+            mlp=768,
+            patch=14,
+            merge=2,
+            window=112,
+            fullatt_blocks=[3],
+            out_hidden=512,
         ),
-        lm=LMConfig(vocab=4096, hidden=512, layers=8, heads=8, kv_heads=2, head_dim=64, mlp=1536, mrope_section=[8, 12, 12]),
+        lm=LMConfig(
+            vocab=4096,
+            hidden=512,
+            layers=8,
+            heads=8,
+            kv_heads=2,
+            head_dim=64,
+            mlp=1536,
+            mrope_section=[8, 12, 12],
+        ),
         casa=CASAConfig(),
         image_size=448,
         name="mid",

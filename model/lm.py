@@ -1,0 +1,232 @@
+"""Qwen2-style decoder with CASA layers, and its streaming step function.
+
+`LanguageModel.step` advances every batch row by its own number of text tokens against the
+preallocated StreamState; positions come in from the caller (model/generate.py builds them with
+model/rope.py). The dense reference forward over a whole interleaved sequence is in
+model/reference.py and reuses these modules' weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.dispatch import prefix_causal_attention
+from model.cache import StreamState
+from model.casa import CASALayer
+from model.config import ModelConfig
+from model.layers import Projections, RMSNorm, SwiGLU
+from model.rope import apply_rope, image_positions, inv_freq, rope_cos_sin, section_ids
+
+
+class Block(nn.Module):
+    def __init__(self, mcfg: ModelConfig, has_casa: bool) -> None:
+        super().__init__()
+        cfg = mcfg.lm
+        self.input_layernorm = RMSNorm(cfg.hidden, cfg.eps)
+        self.self_attn = Projections(cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.qkv_bias)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.eps)
+        self.mlp = SwiGLU(cfg.hidden, cfg.mlp)
+        self.casa = CASALayer(cfg, mcfg.casa.fusion, mcfg.casa.shared) if has_casa else None
+
+    def casa_parts(self) -> tuple[RMSNorm, Projections]:
+        assert self.casa is not None
+        return self.casa.parts(self.input_layernorm, self.self_attn)
+
+
+@dataclass
+class StepInputs:
+    """Per-step bookkeeping shared by all layers (built once in LanguageModel.step)."""
+
+    rows: int  # the step covers batch rows [0, rows)
+    b_idx: torch.Tensor  # (n,) row of each valid token
+    t_idx: torch.Tensor  # (n,) its index in the step
+    sa_start: torch.Tensor  # (R,) slot of each row's first new token (device)
+    sa_slots: torch.Tensor  # (n,) cache slot of each valid token
+    sa_len: int  # slots to attend over (max over rows)
+    sa_cos: torch.Tensor  # (R, T, D)
+    sa_sin: torch.Tensor
+    ca_start: torch.Tensor | None = None  # (R,) window slot of each row's first new token
+    ca_slots: torch.Tensor | None = None
+    ca_len: int = 0
+    ca_cos: torch.Tensor | None = None
+    ca_sin: torch.Tensor | None = None
+    n_img: torch.Tensor | None = None  # (R,) image tokens of the current frame
+    img_len: int = 0
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, mcfg: ModelConfig) -> None:
+        super().__init__()
+        cfg = mcfg.lm
+        self.cfg = cfg
+        self.fusion = mcfg.casa.fusion
+        self.casa_ids = mcfg.casa.layer_ids(cfg.layers)
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.layers = nn.ModuleList(Block(mcfg, i in self.casa_ids) for i in range(cfg.layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        self.register_buffer("freqs", inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        self.register_buffer("sections", section_ids(cfg.mrope_section), persistent=False)
+        self.scale = cfg.head_dim**-0.5
+
+    def init_casa_from_self_attention(self) -> None:
+        for block in self.layers:
+            if block.casa is not None:
+                block.casa.init_from(block.input_layernorm, block.self_attn)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return h @ self.embed_tokens.weight.t()
+        return self.lm_head(h)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(positions, self.freqs, self.sections)
+
+    # ---- streaming -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_frame(
+        self, rows: torch.Tensor, image_tokens: torch.Tensor, grid: tuple[int, int], state: StreamState
+    ) -> None:
+        """Start a new window on `rows` with their frame's image tokens (n, N, hidden).
+
+        Image K/V of every CASA layer are computed once and written in place; the window's text
+        K/V is reset. Image keys sit at window-local positions (0, row, col).
+        """
+        cs = state.casa
+        assert cs is not None, "set_frame needs CASA layers (insertion feeds image tokens as text)"
+        n, N, _ = image_tokens.shape
+        cos = sin = None
+        if self.fusion == "casa":
+            pos = image_positions(torch.zeros(n, dtype=torch.long, device=image_tokens.device), grid)
+            cos, sin = self.cos_sin(pos)
+        for li, block_id in enumerate(self.casa_ids):
+            norm, proj = self.layers[block_id].casa_parts()
+            k, v = proj.kv(norm(image_tokens))  # (n, Hkv, N, D)
+            if cos is not None:
+                k = apply_rope(k, cos, sin)
+            cs.img_k[li, rows, :, :N] = k
+            cs.img_v[li, rows, :, :N] = v
+        cs.n_img[rows.cpu()] = N
+        cs.win_len[rows.cpu()] = 0
+
+    @torch.no_grad()
+    def step(
+        self,
+        x: torch.Tensor,
+        n_valid: torch.Tensor,
+        state: StreamState,
+        sa_positions: torch.Tensor,
+        ca_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Advance rows [0, R) by n_valid[r] tokens each; returns final hidden states (R, T, hidden).
+
+        x: (R, T, hidden) input embeddings (token embeddings, or image tokens for insertion),
+           padded past n_valid[r]. sa_positions: (R, T, 3) positions of the new tokens in the
+           self-attention frame (cache slots for CASA models). ca_positions: (R, T, 3) window-local
+           positions for the CASA layers. Rows with n_valid == 0 are untouched.
+        """
+        R, T, _ = x.shape
+        dev = x.device
+        text, cs = state.text, state.casa
+        n_valid = n_valid.cpu()
+        valid = torch.arange(T)[None, :] < n_valid[:, None]
+        b_idx, t_idx = valid.nonzero(as_tuple=True)
+        sa_start = text.length[:R].clone()
+        if int((sa_start + n_valid).max()) > text.capacity:
+            raise ValueError("text cache overflow: call make_room before step")
+        sa_cos, sa_sin = self.cos_sin(sa_positions)
+        inp = StepInputs(
+            rows=R,
+            b_idx=b_idx.to(dev),
+            t_idx=t_idx.to(dev),
+            sa_start=sa_start.to(dev),
+            sa_slots=(sa_start[b_idx] + t_idx).to(dev),
+            sa_len=int((sa_start + n_valid).max()),
+            sa_cos=sa_cos,
+            sa_sin=sa_sin,
+        )
+        if cs is not None and self.casa_ids:
+            ca_start = cs.win_len[:R].clone()
+            if int((ca_start + n_valid).max()) > cs.window:
+                raise ValueError(f"CASA window overflow: a window holds at most {cs.window} text tokens")
+            inp.ca_start = ca_start.to(dev)
+            inp.ca_slots = (ca_start[b_idx] + t_idx).to(dev)
+            inp.ca_len = int((ca_start + n_valid).max())
+            inp.n_img = cs.n_img[:R].to(dev)
+            inp.img_len = int(cs.n_img[:R].max())
+            if self.fusion == "casa":
+                assert ca_positions is not None
+                inp.ca_cos, inp.ca_sin = self.cos_sin(ca_positions)
+        casa_index = {b: i for i, b in enumerate(self.casa_ids)}
+        for li, block in enumerate(self.layers):
+            x = self._block_step(block, li, casa_index.get(li), x, inp, state)
+        text.length[:R] += n_valid
+        if cs is not None and self.casa_ids:
+            cs.win_len[:R] += n_valid
+        return self.norm(x)
+
+    def _block_step(
+        self, block: Block, li: int, ci: int | None, x: torch.Tensor, inp: StepInputs, state: StreamState
+    ) -> torch.Tensor:
+        R = inp.rows
+        text = state.text
+        h = block.input_layernorm(x)
+        q = block.self_attn.q(h)  # (R, H, T, D)
+        k, v = block.self_attn.kv(h)  # (R, Hkv, T, D)
+        qs, ks = apply_rope(q, inp.sa_cos, inp.sa_sin), apply_rope(k, inp.sa_cos, inp.sa_sin)
+        text.k[li, inp.b_idx, :, inp.sa_slots] = ks[inp.b_idx, :, inp.t_idx]
+        text.v[li, inp.b_idx, :, inp.sa_slots] = v[inp.b_idx, :, inp.t_idx]
+        S = inp.sa_len
+        o = prefix_causal_attention(
+            qs, None, None, None, text.k[li, :R, :, :S], text.v[li, :R, :, :S], inp.sa_start, self.scale
+        )
+        out = x + block.self_attn.out(o)
+        if ci is not None:
+            out = out + self._casa_step(block, ci, x, h, q, k, v, inp, state)
+        return out + block.mlp(block.post_attention_layernorm(out))
+
+    def _casa_step(
+        self,
+        block: Block,
+        ci: int,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        inp: StepInputs,
+        state: StreamState,
+    ) -> torch.Tensor:
+        R = inp.rows
+        cs = state.casa
+        assert cs is not None and block.casa is not None
+        norm, proj = block.casa_parts()
+        if not block.casa.shared:  # shared: reuse the self-attention's un-rotated q, k, v
+            hc = norm(x)
+            q = proj.q(hc)
+            k, v = proj.kv(hc)
+        seg_k = seg_v = seg_start = None
+        if block.casa.use_rope:
+            q = apply_rope(q, inp.ca_cos, inp.ca_sin)
+            k = apply_rope(k, inp.ca_cos, inp.ca_sin)
+        if block.casa.text_keys:
+            cs.win_k[ci, inp.b_idx, :, inp.ca_slots] = k[inp.b_idx, :, inp.t_idx]
+            cs.win_v[ci, inp.b_idx, :, inp.ca_slots] = v[inp.b_idx, :, inp.t_idx]
+            seg_k, seg_v = cs.win_k[ci, :R, :, : inp.ca_len], cs.win_v[ci, :R, :, : inp.ca_len]
+            seg_start = inp.ca_start
+        N = max(inp.img_len, 1)
+        o = prefix_causal_attention(
+            q,
+            cs.img_k[ci, :R, :, :N],
+            cs.img_v[ci, :R, :, :N],
+            inp.n_img,
+            seg_k,
+            seg_v,
+            seg_start,
+            self.scale,
+        )
+        return proj.out(o)

@@ -1,0 +1,223 @@
+"""Streaming engine == dense reference, CASA locality, the bounded text cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.cache import plan_eviction
+from model.generate import Engine, SessionSettings
+from model.reference import Interleaved
+from model.toy import toy_generation_config, toy_model, word_tokenizer
+
+ATOL = {torch.float32: 1e-5}
+
+
+class Recorder:
+    """Wraps an engine to record, per row, every fed text token with the logits streaming gave it,
+    and every frame (image tokens) with the text index where it was inserted."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokens: dict[int, list[int]] = {}
+        self.logits: dict[int, list[torch.Tensor]] = {}
+        self.frames: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self.feed_sizes: dict[int, list[int]] = {}
+        lm = engine.model.lm
+        orig_forward, orig_set_frame = engine._forward, lm.set_frame
+
+        def set_frame(rows, image_tokens, grid, state):
+            for j, r in enumerate(rows.tolist()):
+                self.frames.setdefault(r, []).append((len(self.tokens.get(r, [])), image_tokens[j].clone()))
+            return orig_set_frame(rows, image_tokens, grid, state)
+
+        def forward(feeds):
+            h = orig_forward(feeds)
+            for r, items in feeds.items():
+                j = 0
+                self.feed_sizes.setdefault(r, []).append(0)
+                for it in items:
+                    if isinstance(it, torch.Tensor):  # insertion: a frame inside the text stream
+                        self.frames.setdefault(r, []).append((len(self.tokens.get(r, [])), it.clone()))
+                        j += it.shape[0]
+                        self.feed_sizes[r][-1] += it.shape[0]
+                        continue
+                    self.tokens.setdefault(r, []).append(int(it))
+                    self.logits.setdefault(r, []).append(lm.logits(h[r, j]).float())
+                    j += 1
+                    self.feed_sizes[r][-1] += 1
+            return h
+
+        engine._forward = forward
+        lm.set_frame = set_frame
+
+    def batch(self, rows: list[int]) -> Interleaved:
+        T = max(len(self.tokens[r]) for r in rows)
+        Fm = max(len(self.frames[r]) for r in rows)
+        N, D = self.frames[rows[0]][0][1].shape
+        tokens = torch.zeros(len(rows), T, dtype=torch.long)
+        images = torch.zeros(len(rows), Fm, N, D)
+        insert_at = torch.zeros(len(rows), Fm, dtype=torch.long)
+        for b, r in enumerate(rows):
+            tokens[b, : len(self.tokens[r])] = torch.tensor(self.tokens[r])
+            for f, (at, img) in enumerate(self.frames[r]):
+                insert_at[b, f], images[b, f] = at, img
+        return Interleaved(
+            tokens=tokens,
+            text_len=torch.tensor([len(self.tokens[r]) for r in rows]),
+            images=images,
+            n_frames=torch.tensor([len(self.frames[r]) for r in rows]),
+            insert_at=insert_at,
+            grid=self.engine.model.grid,
+        )
+
+
+def make_engine(fusion: str = "casa", shared: bool = False, std: float = 0.15, **kw) -> Engine:
+    model = toy_model("test-tiny", seed=1, fusion=fusion, shared=shared)
+    with torch.no_grad():  # larger weights than the default init, so attention patterns are far from uniform
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(std=std)
+        model.lm.init_casa_from_self_attention()
+    tok = word_tokenizer(model.config.lm.vocab)
+    return Engine(model, tok, toy_generation_config(), **kw)
+
+
+def run_session(engine: Engine, frames: int, lengths: list[list[int]], prompts: list[str], seed: int = 0):
+    """Open one row per prompt and caption `frames` frames, with per-frame caption lengths."""
+    rng = np.random.default_rng(seed)
+    rows = [engine.open(p, SessionSettings(max_new_tokens=lengths[i][0])) for i, p in enumerate(prompts)]
+    for f in range(frames):
+        for i, row in enumerate(rows):
+            engine.update(row, SessionSettings(max_new_tokens=lengths[i][f]))
+            engine.submit_frame(row, rng.integers(0, 256, (30 + 7 * i, 41, 3), dtype=np.uint8))
+        while any(engine.busy(r) for r in rows):
+            engine.step()
+    while engine.has_work():  # feed the last stop tokens
+        engine.step()
+    return rows
+
+
+def max_err(rec: Recorder, rows: list[int], logits: torch.Tensor) -> float:
+    err = 0.0
+    for b, r in enumerate(rows):
+        stream = torch.stack(rec.logits[r])
+        err = max(err, float((stream - logits[b, : len(stream)]).abs().max()))
+    return err
+
+
+@pytest.mark.parametrize(
+    ("fusion", "shared"), [("casa", False), ("casa", True), ("ca", False), ("insertion", False)]
+)
+def test_streaming_matches_dense_reference(fusion: str, shared: bool) -> None:
+    engine = make_engine(fusion, shared, max_sessions=3, max_context_tokens=512)
+    rec = Recorder(engine)
+    lengths = [[3, 1, 5, 2, 4], [2, 4, 1, 3, 6]]
+    rows = run_session(engine, 5, lengths, ["red circle", "what do you see now in the video"])
+    batch = rec.batch(rows)
+    assert (batch.n_frames == 5).all()
+    assert batch.text_len[0] != batch.text_len[1]
+    with torch.no_grad():
+        dense = engine.model.forward_dense(batch)
+    err = max_err(rec, rows, dense)
+    assert err <= ATOL[torch.float32], f"max abs err {err:.3g}"
+    # the check has teeth: a reference without the frames disagrees
+    if fusion != "insertion":
+        batch.n_frames = torch.zeros_like(batch.n_frames)
+        with torch.no_grad():
+            blind = engine.model.forward_dense(batch)
+        assert max_err(rec, rows, blind) > 1e-3
+
+
+def test_casa_locality() -> None:
+    """With self-attention silenced, window k depends on frame k and not on earlier frames."""
+
+    def casa_outputs(frames: list[np.ndarray]) -> dict[int, list[torch.Tensor]]:
+        engine = make_engine("casa", max_sessions=1, max_context_tokens=512)
+        with torch.no_grad():
+            for block in engine.model.lm.layers:
+                block.self_attn.o_proj.weight.zero_()
+        outs: dict[int, list[torch.Tensor]] = {}
+        current = {"frame": -1}
+        hooks = []
+        for block in engine.model.lm.layers:
+            if block.casa is not None:
+                hooks.append(
+                    block.casa.proj.o_proj.register_forward_hook(
+                        lambda m, i, o: outs.setdefault(current["frame"], []).append(o[0].clone())
+                    )
+                )
+        row = engine.open("red circle", SessionSettings(max_new_tokens=4))
+        for f, img in enumerate(frames):
+            while engine.has_work():
+                engine.step()
+            current["frame"] = f
+            for _ in engine.caption(row, img):
+                pass
+        for h in hooks:
+            h.remove()
+        return outs
+
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(4)]
+    base = casa_outputs(frames)
+    earlier = casa_outputs([frames[0], 255 - frames[1], frames[2], frames[3]])
+    current = casa_outputs([frames[0], frames[1], frames[2], 255 - frames[3]])
+    for a, b in zip(base[3], earlier[3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert max(float((a - b).abs().max()) for a, b in zip(base[1], earlier[1])) > 1e-3
+    assert max(float((a - b).abs().max()) for a, b in zip(base[3], current[3])) > 1e-3
+
+
+def visibility(feed_sizes: list[int], capacity: int, sink: int, chunk: int) -> torch.Tensor:
+    """(T, T) which text keys each query saw, replaying the cache's eviction policy."""
+    T = sum(feed_sizes)
+    vis = torch.zeros(T, T, dtype=torch.bool)
+    kept: list[int] = []
+    t = 0
+    for n in feed_sizes:
+        k = plan_eviction(len(kept), n, capacity, sink, chunk)
+        kept = kept[:sink] + kept[sink + k :]
+        for i in range(n):
+            vis[t + i, kept + list(range(t, t + i + 1))] = True
+        kept += list(range(t, t + n))
+        t += n
+    return vis
+
+
+def test_bounded_text_cache_matches_restricted_reference() -> None:
+    capacity = 40
+    engine = make_engine("casa", max_sessions=2, max_context_tokens=capacity)
+    k_before = engine.state.text.k.data_ptr()
+    rec = Recorder(engine)
+    sizes = []
+    orig = engine._forward
+
+    def forward(feeds):
+        h = orig(feeds)
+        sizes.append(int(engine.state.text.length[: max(feeds) + 1].max()))
+        return h
+
+    engine._forward = forward
+    lengths = [[5, 6, 4, 6, 5, 6, 5, 6, 6, 5]] * 2
+    rows = run_session(engine, 10, lengths, ["red circle", "blue square at the top"])
+    assert max(sizes) <= capacity
+    assert engine.state.text.k.data_ptr() == k_before and engine.state.text.k.shape[3] == capacity
+    for r in rows:
+        assert engine.state.text.evicted[r] > 0, "the stream must have outgrown the cache"
+        assert sum(rec.feed_sizes[r]) > capacity
+    batch = rec.batch(rows)
+    T = batch.tokens.shape[1]
+    vis = torch.zeros(len(rows), T, T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        n = sum(rec.feed_sizes[r])
+        vis[b, :n, :n] = visibility(
+            rec.feed_sizes[r], capacity, int(engine.state.text.sink[r]), engine.state.text.chunk
+        )
+    with torch.no_grad():
+        dense = engine.model.forward_dense(batch, sa_visible=vis)
+        unbounded = engine.model.forward_dense(batch)
+    err = max_err(rec, rows, dense)
+    assert err <= ATOL[torch.float32], f"max abs err {err:.3g}"
+    assert max_err(rec, rows, unbounded) > 1e-3  # eviction really changed what the model saw
