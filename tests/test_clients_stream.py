@@ -1,0 +1,376 @@
+"""The command-line streamer's parts, and its behaviour against a scripted protocol server.
+
+The scripted server speaks server/protocol.py exactly but fails on demand (capacity, auth, a fatal
+error, a dropped connection), which the real server cannot be made to do on cue. End-to-end runs
+against the real server are in test_clients_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clients import wire
+from clients.printer import LivePrinter
+from clients.sources import Sampler, SourceError, encode_jpeg, open_source
+from clients.stream import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    StreamError,
+    StreamOptions,
+    run_stream,
+    stream_url,
+)
+from clients.writers import Segment, format_timestamp, open_writers
+from server import protocol
+
+# ---------------------------------------------------------------------------------- parsers for checks
+
+
+def parse_srt(text: str) -> list[tuple[float, float, str]]:
+    """Strict SRT reader: index line, `HH:MM:SS,mmm --> HH:MM:SS,mmm`, text, blank line."""
+    cues = []
+    blocks = [b for b in text.strip("\n").split("\n\n") if b.strip()]
+    for n, block in enumerate(blocks, 1):
+        lines = block.split("\n")
+        assert lines[0] == str(n), f"cue {n} has index line {lines[0]!r}"
+        start, arrow, end = lines[1].partition(" --> ")
+        assert arrow, f"bad timing line {lines[1]!r}"
+        assert len(lines) >= 3 and all(lines[2:]), f"cue {n} has no text"
+        cues.append((_ts(start, ","), _ts(end, ","), "\n".join(lines[2:])))
+    return cues
+
+
+def parse_vtt(text: str) -> list[tuple[float, float, str]]:
+    assert text.startswith("WEBVTT\n\n"), "WebVTT must start with the WEBVTT line and a blank line"
+    cues = []
+    for block in [b for b in text[len("WEBVTT\n\n") :].strip("\n").split("\n\n") if b.strip()]:
+        lines = block.split("\n")
+        timing = 1 if " --> " not in lines[0] else 0  # an optional cue identifier line
+        start, _, end = lines[timing].partition(" --> ")
+        cues.append((_ts(start, "."), _ts(end.split(" ")[0], "."), "\n".join(lines[timing + 1 :])))
+    return cues
+
+
+def _ts(text: str, sep: str) -> float:
+    hms, frac_sep, ms = text.strip().rpartition(sep)
+    assert frac_sep and len(ms) == 3, f"bad timestamp {text!r}"
+    h, m, s = (int(x) for x in hms.split(":"))
+    assert m < 60 and s < 60
+    return h * 3600 + m * 60 + s + int(ms) / 1000
+
+
+def assert_monotonic(cues: list[tuple[float, float, str]]) -> None:
+    assert cues, "no cues"
+    for (s0, e0, _), (s1, e1, _) in itertools.pairwise(cues):
+        assert s0 <= s1 and e0 <= e1, f"times go backwards: {s0}-{e0} then {s1}-{e1}"
+    for s, e, _ in cues:
+        assert e > s, f"empty cue {s}-{e}"
+
+
+# ---------------------------------------------------------------------------------- pure parts
+
+
+def test_timestamps_and_writers(tmp_path: Path) -> None:
+    assert format_timestamp(3723.4567, ",") == "01:02:03,457"
+    assert format_timestamp(0.0, ".") == "00:00:00.000"
+    writers = open_writers(srt=tmp_path / "a.srt", vtt=tmp_path / "a.vtt", jsonl=tmp_path / "a.jsonl")
+    segs = [
+        Segment(0, 0.0, 0.5, "a red circle", 12.0, 40.0),
+        Segment(1, 0.5, 0.5, "", 10.0, 30.0),  # empty caption: JSONL only
+        Segment(2, 1.0, 1.0, "two\n\nlines --> x", 11.0, 35.0),  # zero length, blank line, arrow
+    ]
+    for s in segs:
+        for w in writers:
+            w.write(s)
+    # Files are readable before close (flushed per segment).
+    assert len(parse_srt((tmp_path / "a.srt").read_text())) == 2
+    for w in writers:
+        w.close()
+    srt = parse_srt((tmp_path / "a.srt").read_text())
+    vtt = parse_vtt((tmp_path / "a.vtt").read_text())
+    assert srt == vtt
+    assert [c[2] for c in srt] == ["a red circle", "two\nlines -> x"]
+    assert_monotonic(srt)
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in rows] == [0, 1, 2]
+    assert set(rows[0]) >= {"start", "end", "text", "ttft_ms", "latency_ms"}
+
+
+def test_sampler_picks_one_frame_per_period() -> None:
+    s = Sampler(2.0)
+    taken = [i for i in range(90) if s.take(i / 30)]  # 3 s of 30 fps
+    assert taken == [0, 15, 30, 45, 60, 75]
+    s = Sampler(2.0)
+    assert [t for t in (0.0, 0.1, 0.6, 3.0, 3.2, 3.5) if s.take(t)] == [0.0, 0.6, 3.0, 3.5]  # gap: no burst
+
+
+def test_sources(tmp_path: Path) -> None:
+    from model.video import write_video
+
+    path = write_video(
+        tmp_path / "ramp.mp4", [np.full((48, 64, 3), 8 * i, np.uint8) for i in range(30)], fps=10
+    )
+    frames = list(open_source(str(path)).frames(2.0))
+    assert [round(f.pts, 3) for f in frames] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert frames[0].image.shape == (48, 64, 3) and frames[0].image.dtype == np.uint8
+    chunks, duration = open_source(str(path)).container_chunks()
+    assert b"".join(chunks) == path.read_bytes() and duration == pytest.approx(3.0, abs=0.2)
+
+    syn = open_source("synthetic:5", seconds=3)
+    frames = list(syn.frames(2.0))
+    assert [f.pts for f in frames] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert np.array_equal(frames[2].image, syn.clip().frames[2])
+    data = b"".join(syn.container_chunks()[0])
+    assert data[:4] == b"\x1a\x45\xdf\xa3"  # EBML: a WebM header the server can start from
+
+    with pytest.raises(SourceError, match="no such file"):
+        open_source(str(tmp_path / "missing.mp4"))
+    with pytest.raises(SourceError, match="integer seed"):
+        open_source("synthetic:abc")
+    with pytest.raises(SourceError, match="no container bytes"):
+        open_source("/dev/video0").container_chunks()
+
+    jpeg = encode_jpeg(np.zeros((480, 1280, 3), np.uint8), max_side=640)
+    assert Image.open(io.BytesIO(jpeg)).size == (640, 240)
+
+
+def test_stream_url() -> None:
+    assert stream_url("127.0.0.1:8000") == "ws://127.0.0.1:8000/v1/stream"
+    assert stream_url("http://h:1/") == "ws://h:1/v1/stream"
+    assert stream_url("https://h") == "wss://h/v1/stream"
+    assert stream_url("ws://h:2/custom/path") == "ws://h:2/custom/path"
+    with pytest.raises(StreamError):
+        stream_url("ftp://h")
+
+
+def test_wire_messages_follow_the_protocol() -> None:
+    msg = protocol.unpack(wire.image_frame(1.5, b"JPEG"))
+    assert msg.kind == protocol.BinaryKind.IMAGE and msg.pts_us == 1_500_000 and msg.payload == b"JPEG"
+    assert protocol.unpack(wire.container_chunk(b"\x1a\x45")).kind == protocol.BinaryKind.CONTAINER
+    update = protocol.parse_client_event(
+        wire.session_update({"fps": 2, "prompt": "hi"}, {"container": "webm"})
+    )
+    assert update.session.fps == 2 and update.input.container == "webm"
+    assert protocol.parse_client_event(wire.marker("m1")).id == "m1"
+    assert protocol.parse_client_event(wire.session_close()).type == "session.close"
+    assert wire.parse_event(b"\x00") is None and wire.parse_event('{"type": "from.the.future"}') is None
+    err = wire.parse_event('{"type":"error","code":"capacity","message":"32 of 32 in use","fatal":true}')
+    assert wire.describe_error(err) == "capacity: the server is full; try again shortly - 32 of 32 in use"
+
+
+def test_printer_overwrites_partial_line() -> None:
+    out = io.StringIO()
+    p = LivePrinter(out, io.StringIO(), live=True)
+    p.delta(0, 0.0, "a red")
+    p.delta(0, 0.0, " circle")
+    p.segment(Segment(0, 0.0, 0.5, "a red circle"))
+    text = out.getvalue()
+    assert "\r\x1b[K[00:00:00.000] a red circle" in text
+    assert text.endswith("\r\x1b[K[00:00:00.000 --> 00:00:00.500] a red circle\n")
+    out = io.StringIO()
+    p = LivePrinter(out, io.StringIO(), live=False)  # a pipe: final lines only
+    p.delta(0, 0.0, "a red")
+    p.segment(Segment(0, 0.0, 0.5, "a red circle"))
+    assert out.getvalue() == "[00:00:00.000 --> 00:00:00.500] a red circle\n"
+
+
+# ---------------------------------------------------------------------------------- scripted server
+
+
+class ScriptedServer:
+    """/v1/stream speaking server/protocol.py, in a thread. `mode` picks a failure:
+    ok | capacity | fatal_after_2 | drop_after_2 | bad_settings; `token` requires a Bearer key."""
+
+    def __init__(self, mode: str = "ok", token: str | None = None) -> None:
+        self.mode, self.token = mode, token
+        self.frames: list[protocol.BinaryMessage] = []
+        self.updates: list[dict] = []
+        self.headers: dict[str, str] = {}
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def __enter__(self) -> ScriptedServer:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/stream"
+
+    def _main(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        from websockets.asyncio.server import serve
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with serve(self._handle, "127.0.0.1", 0) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            await self._stop.wait()
+
+    async def _handle(self, ws) -> None:
+        send = lambda ev: ws.send(protocol.dump(ev))  # noqa: E731
+        self.headers = dict(ws.request.headers)
+        if self.token and ws.request.headers.get("Authorization") != f"Bearer {self.token}":
+            await send(protocol.Error(code="unauthorized", message="missing or wrong key", fatal=True))
+            await ws.close(1008, "unauthorized")
+            return
+        if self.mode == "capacity":
+            await send(protocol.Error(code="capacity", message="2 of 2 sessions in use", fatal=True))
+            await ws.close(1013, "capacity")
+            return
+        settings = protocol.SessionSettings(prompt="describe", fps=2.0, max_new_tokens=20, mode="live")
+        limits = protocol.Limits(
+            max_message_bytes=1 << 22,
+            max_frame_width=4096,
+            max_frame_height=4096,
+            max_fps=10,
+            max_session_seconds=60,
+            idle_timeout_seconds=30,
+            max_input_rate=100,
+        )
+        await send(
+            protocol.SessionCreated(
+                session_id="s1",
+                model="scripted",
+                image_size=112,
+                limits=limits,
+                settings=settings,
+                input=protocol.InputSettings(),
+            )
+        )
+        async for raw in ws:
+            if isinstance(raw, bytes):
+                msg = protocol.unpack(raw)
+                self.frames.append(msg)
+                n = len(self.frames) - 1
+                if n == 2 and self.mode == "fatal_after_2":
+                    await send(protocol.Error(code="internal", message="boom", fatal=True))
+                    await ws.close(1011, "internal")
+                    return
+                if n == 2 and self.mode == "drop_after_2":
+                    ws.transport.abort()
+                    return
+                pts = msg.pts if msg.pts is not None else n / settings.fps
+                for piece in ("frame", f" {n}"):
+                    await send(protocol.CaptionDelta(frame=n, pts=pts, text=piece))
+                await send(
+                    protocol.CaptionSegment(
+                        frame=n,
+                        start=pts,
+                        end=pts + 1 / settings.fps,
+                        text=f"frame {n}",
+                        tokens=3,
+                        reason="stop",
+                        ttft_ms=5.0,
+                        latency_ms=9.0,
+                    )
+                )
+                continue
+            event = protocol.parse_client_event(raw)
+            if event.type == "session.update":
+                self.updates.append(json.loads(raw))
+                if self.mode == "bad_settings":
+                    await send(
+                        protocol.Error(code="invalid_settings", message="fps: above max_fps 10", fatal=False)
+                    )
+                    continue
+                merged = settings.model_dump() | event.session.model_dump(exclude_none=True)
+                settings = protocol.SessionSettings(**merged)
+                await send(protocol.SessionUpdated(settings=settings, input=protocol.InputSettings()))
+            elif event.type == "input.marker":
+                await send(protocol.Marker(id=event.id))
+            elif event.type == "session.close":
+                await send(protocol.SessionClosed(reason="client"))
+                await ws.close(1000)
+                return
+
+
+def _run(url: str, tmp_path: Path, capsys, **kw) -> tuple[int, str, Path]:
+    options = StreamOptions(url=url, open_timeout=5, reply_timeout=10, close_timeout=5, **kw)
+    writers = open_writers(srt=tmp_path / "out.srt", vtt=tmp_path / "out.vtt")
+    code = run_stream(open_source("synthetic:1", seconds=3), options, writers, LivePrinter(live=False))
+    return code, capsys.readouterr().err, tmp_path
+
+
+def test_stream_happy_path_flow_control_and_files(tmp_path: Path, capsys) -> None:
+    with ScriptedServer(token="sekrit") as srv:
+        code, err, out = _run(
+            srv.url,
+            tmp_path,
+            capsys,
+            token="sekrit",
+            realtime=False,
+            session={"prompt": "what moves?", "fps": 2},
+        )
+    assert code == EXIT_OK, err
+    assert srv.headers.get("authorization") == "Bearer sekrit"
+    assert srv.updates[0]["session"] == {"prompt": "what moves?", "fps": 2.0, "mode": "offline"}
+    assert [m.pts for m in srv.frames] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    cues = parse_srt((out / "out.srt").read_text())
+    assert [c[2] for c in cues] == [f"frame {i}" for i in range(6)]
+    assert_monotonic(cues)
+    assert parse_vtt((out / "out.vtt").read_text()) == cues
+    assert "sent 6 frames, captioned 6" in err
+
+
+def test_stream_container_mode(tmp_path: Path, capsys) -> None:
+    with ScriptedServer() as srv:
+        code, err, _ = _run(srv.url, tmp_path, capsys, realtime=False, send="container", container="webm")
+    assert code == EXIT_OK, err
+    assert srv.frames and all(m.kind == protocol.BinaryKind.CONTAINER for m in srv.frames)
+    assert srv.frames[0].payload[:4] == b"\x1a\x45\xdf\xa3"
+    assert srv.updates[0]["input"] == {"container": "webm"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "token", "code", "words"),
+    [
+        ("capacity", None, EXIT_ERROR, "the server is full"),
+        ("ok", "needed", EXIT_ERROR, "needs a valid key (--token or CASA_TOKEN)"),
+        (
+            "bad_settings",
+            None,
+            EXIT_USAGE,
+            "invalid_settings: a session setting was rejected - fps: above max_fps",
+        ),
+        ("fatal_after_2", None, EXIT_ERROR, "internal: the server hit an internal error - boom"),
+        ("drop_after_2", None, EXIT_ERROR, "lost the connection to the server"),
+    ],
+)
+def test_stream_reports_server_failures(tmp_path: Path, capsys, mode, token, code, words) -> None:
+    with ScriptedServer(mode, token) as srv:
+        got, err, out = _run(srv.url, tmp_path, capsys, realtime=False)
+    assert got == code, err
+    assert words in err
+    if mode.endswith("after_2"):  # the captions before the failure are in the files
+        assert [c[2] for c in parse_srt((out / "out.srt").read_text())] == ["frame 0", "frame 1"]
+
+
+def test_stream_rejects_bad_settings_before_connecting(tmp_path: Path, capsys) -> None:
+    code, err, _ = _run("ws://127.0.0.1:9/v1/stream", tmp_path, capsys, session={"fps": -1})
+    assert code == EXIT_USAGE and "invalid session settings: fps" in err
+
+
+def test_stream_unreachable_server(tmp_path: Path, capsys) -> None:
+    code, err, _ = _run("ws://127.0.0.1:9/v1/stream", tmp_path, capsys)
+    assert code == EXIT_ERROR
+    assert "cannot reach the server at ws://127.0.0.1:9/v1/stream: connection refused" in err
