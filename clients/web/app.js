@@ -219,6 +219,7 @@
   // ---- capture -------------------------------------------------------------------------------
   function startCapture(r) {
     stopCapture(r);
+    if (r.sent === 0) r.t0 = performance.now(); // pts count from the first frame sent
     r.timer = setInterval(() => captureFrame(r), 1000 / r.fps);
     captureFrame(r);
   }
@@ -335,7 +336,7 @@
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx.clearRect(0, 0, w, h);
     if (!values.length) return;
-    const top = Math.max(100, ...values) * 1.1;
+    const top = Math.max(20, ...values) * 1.15;
     const x = (i) => 4 + (i * (w - 8)) / Math.max(1, SPARK_POINTS - 1);
     const y = (v) => h - 4 - (v / top) * (h - 16);
     ctx.strokeStyle = "#5eb4ff";
