@@ -1,0 +1,257 @@
+"""The FastAPI application: `create_app(settings)`; nothing happens at import time.
+
+The lifespan loads the checkpoint, warms the engine up (first-call allocations and lazy inits happen
+before the first client, so /readyz means "fast now") and starts the one inference worker thread.
+
+Routes: `GET /` demo page (clients/web), `GET /web/*` its assets, `GET /v1/demo-clip.webm` the synthetic
+demo clip, `GET /healthz` (process up), `GET /readyz` (model loaded and warmed), `GET /metrics` (a plain
+route: a mounted sub-app would answer 307), `GET /v1/models`, `POST /v1/captions` (upload a video), and
+the websocket `/v1/stream`.
+
+Websocket admission, before any session state exists: the Origin allowlist (when configured) refuses
+cross-site websocket hijacking at the handshake (HTTP 403, i.e. close 1008 before accept); a missing or
+wrong key is accepted only to send an `unauthorized` error and close 1008, so browsers can show why.
+Keys are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from model.generate import Engine
+from server import protocol as p
+from server.errors import Unauthorized, report
+from server.metrics import CONTENT_TYPE, Metrics
+from server.session import Session, serve_websocket
+from server.settings import REPO_ROOT, Settings
+from server.worker import Worker
+
+log = logging.getLogger("casa.server")
+WEB_DIR = REPO_ROOT / "clients" / "web"
+
+PLACEHOLDER = """<!doctype html><html><head><meta charset="utf-8"><title>casa-live</title></head>
+<body><h1>casa-live</h1><p>The demo page (clients/web/index.html) is not installed.
+Stream to <code>ws://HOST/v1/stream</code>; see docs/protocol.md.</p></body></html>"""
+
+
+class ServerContext:
+    """What routes and sessions share: settings, metrics, the engine and its worker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine: Engine | None = None  # set by the lifespan
+        self.worker: Worker | None = None
+        self.model_name = ""
+        self.ready = False
+        self.sessions: set[Session] = set()
+        self.demo_clip: bytes | None = None
+
+    def default_settings(self) -> p.SessionSettings:
+        gen = self.engine.gen
+        return p.SessionSettings(
+            prompt=gen.template.default_prompt,
+            fps=min(gen.fps, self.settings.max_fps),
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            repetition_penalty=gen.repetition_penalty,
+            no_repeat_ngram=gen.no_repeat_ngram,
+            seed=0,
+            mode="live",
+        )
+
+    def max_lag(self) -> float:
+        now = time.monotonic()
+        return max((s.current_lag(now) for s in list(self.sessions)), default=0.0)
+
+
+def load_engine(settings: Settings) -> Engine:
+    dtype = getattr(torch, settings.dtype)
+    if not Path(settings.model_dir).is_dir():
+        raise FileNotFoundError(
+            f"model directory {settings.model_dir} does not exist: pass --model-dir (or CASA_MODEL_DIR) pointing "
+            "at a casa-live checkpoint (config.json, model.safetensors, tokenizer.json, generation_config.json)"
+        )
+    return Engine.from_checkpoint(
+        settings.model_dir,
+        device=settings.device,
+        dtype=dtype,
+        max_sessions=settings.max_sessions,
+        max_context_tokens=settings.max_context_tokens,
+    )
+
+
+def warm_up(engine: Engine) -> None:
+    """Caption two frames in one row (first-frame and next-frame paths), then free the row."""
+    row = engine.open()
+    try:
+        grey = np.full((engine.image_size, engine.image_size, 3), 128, np.uint8)
+        for _ in range(2):
+            for _ in engine.caption(row, grey):
+                pass
+        while engine.has_work():  # feed the last stop token
+            engine.step()
+    finally:
+        engine.close(row)
+
+
+def _origin_allowed(ws: WebSocket, allowed: list[str]) -> bool:
+    if not allowed:
+        return True
+    origin = ws.headers.get("origin")
+    if origin is None:
+        return True  # not a browser: Origin is how browsers mark cross-site requests
+    return origin.rstrip("/").lower() in allowed
+
+
+def _key_from(headers, query) -> str | None:  # type: ignore[no-untyped-def]
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return query.get("token")
+
+
+def _key_ok(key: str | None, settings: Settings) -> bool:
+    if not settings.auth_keys:
+        return True
+    if not key:
+        return False
+    candidate = key.encode()
+    return any(hmac.compare_digest(candidate, k.get_secret_value().encode()) for k in settings.auth_keys)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    ctx = ServerContext(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        t0 = time.perf_counter()
+        engine = await asyncio.to_thread(load_engine, settings)
+        if settings.warmup:
+            await asyncio.to_thread(warm_up, engine)
+        ctx.engine, ctx.model_name = engine, engine.model.config.name
+        ctx.worker = Worker(engine, ctx.metrics, asyncio.get_running_loop())
+        ctx.worker.start()
+        ctx.metrics.stream_lag_seconds.set_function(ctx.max_lag)
+        ctx.metrics.sessions_active.set(0)
+        ctx.metrics.build_info.labels(ctx.model_name, str(p.PROTOCOL_VERSION)).set(1)
+        ctx.ready = True
+        log.info(
+            "model %s loaded and warmed in %.2f s (%d session slots)",
+            ctx.model_name,
+            time.perf_counter() - t0,
+            settings.max_sessions,
+        )
+        try:
+            yield
+        finally:
+            ctx.ready = False
+            await asyncio.to_thread(ctx.worker.stop)
+
+    app = FastAPI(title="casa-live", version="0.1.0", lifespan=lifespan)
+    app.state.ctx = ctx
+    if WEB_DIR.is_dir():
+        app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        page = WEB_DIR / "index.html"
+        return FileResponse(page) if page.is_file() else HTMLResponse(PLACEHOLDER)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if ctx.ready and ctx.worker is not None and ctx.worker.alive:
+            return JSONResponse({"status": "ready", "model": ctx.model_name})
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        engine = ctx.engine
+        cfg = engine.model.config
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": ctx.model_name,
+                    "object": "model",
+                    "image_size": engine.image_size,
+                    "image_tokens": cfg.image_tokens,
+                    "fusion": cfg.casa.fusion,
+                    "max_sessions": engine.max_sessions,
+                    "sessions_active": len(ctx.sessions),
+                    "protocol_version": p.PROTOCOL_VERSION,
+                    "defaults": ctx.default_settings().model_dump(),
+                }
+            ],
+        }
+
+    @app.get("/v1/demo-clip.webm", include_in_schema=False)
+    async def demo_clip() -> Response:
+        if ctx.demo_clip is None:
+            ctx.demo_clip = await asyncio.to_thread(_make_demo_clip, ctx.engine.image_size)
+        return Response(ctx.demo_clip, media_type="video/webm")
+
+    @app.post("/v1/captions")
+    async def captions(request: Request) -> Response:
+        from server.upload import caption_upload
+
+        if not _key_ok(_key_from(request.headers, request.query_params), settings):
+            return JSONResponse(
+                {"error": {"code": "unauthorized", "message": "missing or wrong API key"}}, status_code=401
+            )
+        return await caption_upload(ctx, request)
+
+    @app.websocket(p.STREAM_PATH)
+    async def stream(ws: WebSocket) -> None:
+        m = ctx.metrics
+        if not _origin_allowed(ws, settings.allowed_origins):
+            m.sessions_rejected_total.labels("origin").inc()
+            log.warning("websocket refused: Origin not in the allowlist")
+            await ws.close(p.CloseCode.POLICY)  # before accept: the handshake fails with 403
+            return
+        await ws.accept()
+        if not _key_ok(_key_from(ws.headers, ws.query_params), settings):
+            m.sessions_rejected_total.labels("unauthorized").inc()
+            event, code = report(
+                Unauthorized("missing or wrong API key: send 'Authorization: Bearer KEY' or ?token=KEY"), m
+            )
+            await ws.send_text(p.dump(event))
+            await ws.close(code)
+            return
+        if not ctx.ready:
+            await ws.close(p.CloseCode.TRY_AGAIN)
+            return
+        await serve_websocket(ws, ctx)
+
+    return app
+
+
+def _make_demo_clip(size: int) -> bytes:
+    """A looping synthetic-world clip (the training distribution) as WebM, for the demo page."""
+    from model.video import encode_video
+    from model.world import WorldConfig, generate_clip
+
+    clip = generate_clip(seed=7, config=WorldConfig(size=max(size, 128) * 2, frames=60, fps=2.0))
+    return encode_video(list(clip.frames), fps=2.0, fmt="webm")

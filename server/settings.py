@@ -1,0 +1,85 @@
+"""Server settings: one pydantic-settings object, read from `CASA_*` environment variables and
+overridden by `casa serve` flags. Separate from the model's config (model/config.py): these say how the
+service runs, not what the model is.
+
+List settings (auth keys, allowed origins) accept a comma-separated string in the environment, e.g.
+`CASA_AUTH_KEYS=key1,key2`. Keys are secrets: `SecretStr` keeps them out of reprs and logs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from server.protocol import Limits
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = REPO_ROOT / "checkpoints" / "default"
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CASA_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    model_dir: Path = Field(default=DEFAULT_MODEL_DIR, description="checkpoint directory to serve")
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_sessions: int = Field(default=32, ge=1, description="concurrent streams = engine batch rows")
+    max_context_tokens: int = Field(default=1024, ge=64, description="text KV cache bound per session")
+    warmup: bool = True
+
+    auth_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="empty = no authentication"
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="websocket Origin allowlist; empty = any origin (set it when keys are used from browsers)",
+    )
+
+    # limits
+    max_message_bytes: int = Field(default=4 << 20, ge=1024)
+    max_frame_width: int = Field(default=3840, ge=16)
+    max_frame_height: int = Field(default=2160, ge=16)
+    max_fps: float = Field(default=10.0, gt=0)
+    max_session_seconds: float = Field(default=4 * 3600.0, gt=0)
+    idle_timeout_seconds: float = Field(default=30.0, gt=0)
+    max_input_rate: float = Field(default=120.0, gt=0, description="binary messages per second per session")
+    stats_interval_seconds: float = Field(default=1.0, gt=0)
+    log_level: str = "info"
+
+    @field_validator("auth_keys", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split(value)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _normalise_origins(cls, value: list[str]) -> list[str]:
+        return [origin.rstrip("/").lower() for origin in value]
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_message_bytes=self.max_message_bytes,
+            max_frame_width=self.max_frame_width,
+            max_frame_height=self.max_frame_height,
+            max_fps=self.max_fps,
+            max_session_seconds=self.max_session_seconds,
+            idle_timeout_seconds=self.idle_timeout_seconds,
+            max_input_rate=self.max_input_rate,
+        )
+
+    @property
+    def transport_max_bytes(self) -> int:
+        """The websocket transport limit (uvicorn ws_max_size): messages between max_message_bytes and
+        this get a non-fatal frame_too_large error; above it the transport closes with 1009."""
+        return 4 * self.max_message_bytes

@@ -1,0 +1,356 @@
+"""The inference worker: one thread owns the model Engine; nothing else touches it.
+
+Each tick:
+1. run queued commands from the event loop (open / close / update a session's slot);
+2. admit: every open slot whose engine row is free and whose mailbox holds a frame submits it;
+3. one `engine.step()`: the vision tower for all newly submitted frames, then one forward over every
+   row with work (frame prefills and token decodes of different sessions in one batch);
+4. hand each session its tokens, with timings, on the event loop (`call_soon_threadsafe`).
+
+The loop talks to the worker only through `Slot` handles, never engine rows: a prompt change reopens
+the session's engine row at the next frame boundary and the row may change underneath.
+
+Latest frame wins: a live slot's mailbox holds one frame; a newer frame replaces it and the replaced
+one is reported as dropped (stale). Offline slots queue every frame (the session applies backpressure).
+
+Failure containment: anything that fails for one slot (its prompt, its frame's preprocessing, its
+listener) is reported to that session only. A failing batched step cannot be pinned on one row, so the
+rows that took part are reset (their text context is lost, the sessions go on) and told with a
+non-fatal `internal` error; rows without work in that step are untouched; the thread keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from model.generate import CapacityError, Engine, SessionSettings, TokenEvent
+from server.errors import Capacity, CasaError, FrameFailed, InvalidSettings
+from server.metrics import Metrics
+
+log = logging.getLogger("casa.worker")
+
+
+@dataclass
+class FrameJob:
+    index: int  # frame index in the session (sampled frames, from 0)
+    pts: float  # seconds
+    image: np.ndarray  # (S, S, 3) uint8, S = engine.image_size
+    received: float  # time.monotonic() when the frame was decoded
+    deadline: float | None  # time.monotonic() after which its generation stops (live mode)
+
+
+@dataclass
+class FrameOutput:
+    """What one step produced for one frame (delta text, or its end)."""
+
+    job: FrameJob
+    text: str
+    at: float  # time.monotonic()
+    done: bool = False
+    reason: str | None = None
+    tokens: int = 0  # tokens generated so far for this frame, stop token included
+    first_token_at: float | None = None
+
+
+class Listener(Protocol):
+    """A session, as the worker sees it. Every method runs on the event loop."""
+
+    def worker_output(self, outputs: list[FrameOutput], kv_tokens: int) -> None: ...
+    def worker_dropped(self, job: FrameJob, reason: str) -> None: ...
+    def worker_failed(self, job: FrameJob | None, error: CasaError) -> None: ...
+
+
+@dataclass
+class _InFlight:
+    job: FrameJob
+    tokens: int = 0
+    first_at: float | None = None
+    last_at: float | None = None
+
+
+@dataclass(eq=False)
+class Slot:
+    """A session's seat in the engine. Fields below `listener` belong to the worker thread."""
+
+    listener: Listener
+    prompt: str | None
+    settings: SessionSettings
+    live: bool = True
+    row: int = -1
+    mailbox: collections.deque[FrameJob] = field(default_factory=collections.deque)
+    inflight: _InFlight | None = None
+    reset_to: tuple[str | None, SessionSettings] | None = None  # prompt change at the next frame
+    closed: bool = False
+
+
+class Worker:
+    def __init__(self, engine: Engine, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine, self.metrics, self.loop = engine, metrics, loop
+        self._cv = threading.Condition()
+        self._commands: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
+            collections.deque()
+        )
+        self._slots: list[Slot] = []
+        self._stop = False
+        self._vision_s = 0.0
+        self._instrument()
+        self._thread = threading.Thread(target=self._run, name="casa-worker", daemon=True)
+
+    def _instrument(self) -> None:
+        """Time the vision tower inside engine.step() (the engine does not report stage timings)."""
+        model = self.engine.model
+        encode = model.encode_images
+
+        def timed_encode(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return encode(*args, **kwargs)
+            finally:
+                self._vision_s += time.perf_counter() - t0
+
+        model.encode_images = timed_encode  # instance attribute shadows the method
+
+    # ---- event-loop side API ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            self._commands.append((fn, future))
+            self._cv.notify_all()
+        return await asyncio.wrap_future(future)
+
+    async def open(
+        self, listener: Listener, prompt: str | None, settings: SessionSettings, live: bool
+    ) -> Slot:
+        slot = Slot(listener, prompt, settings, live)
+
+        def do() -> Slot:
+            slot.row = self._engine_open(prompt, settings)
+            self._slots.append(slot)
+            return slot
+
+        return await self._call(do)
+
+    async def update(self, slot: Slot, prompt: str | None, settings: SessionSettings, live: bool) -> None:
+        """New sampling settings apply now; a new prompt reopens the row before the next frame."""
+
+        def do() -> None:
+            if slot.closed:
+                return
+            if prompt != slot.prompt:
+                self._check_prompt(prompt)
+                slot.reset_to = (prompt, settings)
+            self.engine.update(slot.row, settings)
+            slot.settings, slot.live = settings, live
+
+        await self._call(do)
+
+    def close(self, slot: Slot) -> None:
+        """Release the slot (fire and forget: the row is recycled on the worker thread)."""
+
+        def do() -> None:
+            if slot.closed:
+                return
+            slot.closed = True
+            self._slots.remove(slot)
+            self.engine.close(slot.row)
+
+        with self._cv:
+            self._commands.append((do, concurrent.futures.Future()))
+            self._cv.notify_all()
+
+    def offer(self, slot: Slot, job: FrameJob) -> None:
+        """Queue a frame for captioning (from the event loop). Live: the newest frame replaces a waiting one."""
+        replaced = None
+        with self._cv:
+            if slot.live and slot.mailbox:
+                replaced = slot.mailbox.popleft()
+            slot.mailbox.append(job)
+            self._cv.notify_all()
+        if replaced is not None:
+            slot.listener.worker_dropped(replaced, "stale")
+
+    def pending(self, slot: Slot) -> int:
+        with self._cv:
+            return len(slot.mailbox) + (slot.inflight is not None)
+
+    def kv_tokens(self) -> int:
+        return sum(self.engine.kv_tokens(s.row) for s in list(self._slots) if not s.closed)
+
+    # ---- worker thread ------------------------------------------------------------------------
+
+    def _engine_open(self, prompt: str | None, settings: SessionSettings) -> int:
+        self._check_prompt(prompt)
+        try:
+            return self.engine.open(prompt, settings)
+        except CapacityError:
+            raise Capacity(
+                f"all {self.engine.max_sessions} session slots are in use; retry later or ask the operator to "
+                "raise --max-sessions"
+            ) from None
+
+    def _check_prompt(self, prompt: str | None) -> None:
+        engine = self.engine
+        n = len(engine.prompt_ids(prompt))
+        limit = min(engine.window_tokens, engine.state.text.capacity // 2)
+        if n > limit:
+            raise InvalidSettings(
+                f"the prompt is {n} tokens; at most {limit} fit this model's context. Shorten it."
+            )
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._commands and not self._ready():
+                    self._cv.wait()
+                if self._stop:
+                    return
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, future in commands:
+                try:
+                    future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
+            self._admit()
+            if self.engine.has_work():
+                self._step()
+
+    def _ready(self) -> bool:
+        """Anything to do without a command: engine work, or a frame for a free row (lock held)."""
+        if self.engine.has_work():
+            return True
+        return any(s.mailbox and s.inflight is None for s in self._slots)
+
+    def _admit(self) -> None:
+        for slot in list(self._slots):
+            if slot.inflight is not None or self.engine.busy(slot.row):
+                continue
+            with self._cv:
+                job = slot.mailbox.popleft() if slot.mailbox else None
+            if job is None:
+                continue
+            try:
+                if slot.reset_to is not None:
+                    prompt, settings = slot.reset_to
+                    slot.reset_to = None
+                    self.engine.close(slot.row)
+                    slot.row, slot.prompt = self._engine_open(prompt, settings), prompt
+                self.engine.submit_frame(slot.row, job.image, job.deadline)
+                slot.inflight = _InFlight(job)
+            except Exception:
+                log.exception("frame %d could not be submitted", job.index)
+                self._notify(
+                    slot,
+                    "worker_failed",
+                    job,
+                    FrameFailed(
+                        f"frame {job.index} could not be captioned (internal error); the session continues"
+                    ),
+                )
+
+    def _step(self) -> None:
+        engine = self.engine
+        with_work = [s for s in self._slots if _has_work(engine, s.row)]
+        self._vision_s = 0.0
+        prefilling = any(s.inflight is not None and s.inflight.tokens == 0 for s in with_work)
+        t0 = time.perf_counter()
+        try:
+            events = engine.step()
+        except Exception:
+            log.exception("engine step failed for %d rows; resetting them", len(with_work))
+            self._reset_after_failure(with_work)
+            return
+        dt = time.perf_counter() - t0
+        now = time.monotonic()
+        m = self.metrics
+        m.step_seconds.observe(dt)
+        m.batch_size.observe(len(with_work))
+        if self._vision_s:
+            m.vision_encode_seconds.observe(self._vision_s)
+        if prefilling:
+            m.prefill_seconds.observe(max(0.0, dt - self._vision_s))
+        by_row = {s.row: s for s in self._slots}
+        outputs: dict[int, list[FrameOutput]] = {}
+        for ev in events:
+            slot = by_row.get(ev.row)
+            if slot is None or slot.inflight is None:
+                continue
+            out = self._account(slot, ev, now)
+            outputs.setdefault(ev.row, []).append(out)
+            if ev.done:
+                slot.inflight = None
+        if events:
+            m.generated_tokens_total.inc(
+                sum(1 for ev in events if ev.token is not None or ev.reason == "stop")
+            )
+        for row, outs in outputs.items():
+            self._notify(by_row[row], "worker_output", outs, engine.kv_tokens(row))
+        m.kv_cache_tokens.set(sum(engine.kv_tokens(s.row) for s in self._slots))
+
+    def _account(self, slot: Slot, ev: TokenEvent, now: float) -> FrameOutput:
+        f = slot.inflight
+        assert f is not None
+        f.tokens += 1
+        m = self.metrics
+        if f.first_at is None:
+            f.first_at = now
+            m.time_to_first_token_seconds.observe(now - f.job.received)
+        elif f.last_at is not None:
+            m.inter_token_seconds.observe(now - f.last_at)
+        f.last_at = now
+        if ev.done:
+            m.frame_latency_seconds.observe(now - f.job.received)
+        return FrameOutput(f.job, ev.text, now, ev.done, ev.reason, f.tokens, f.first_at)
+
+    def _reset_after_failure(self, slots: list[Slot]) -> None:
+        for slot in slots:
+            job = slot.inflight.job if slot.inflight else None
+            slot.inflight = None
+            try:
+                self.engine.close(slot.row)
+                slot.row = self._engine_open(slot.prompt, slot.settings)
+            except Exception:
+                log.exception("could not reopen a row after a failed step")
+            self._notify(
+                slot,
+                "worker_failed",
+                job,
+                FrameFailed(
+                    "the model step failed (internal error); this session's caption context was reset and it continues"
+                ),
+            )
+
+    def _notify(self, slot: Slot, method: str, *args: Any) -> None:
+        """Run a listener method on the event loop; a closed loop (shutdown) is not an error."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(getattr(slot.listener, method), *args)
+
+
+def _has_work(engine: Engine, row: int) -> bool:
+    r = engine.rows[row]
+    return r is not None and bool(r.pending or r.frame_patches is not None or r.decoding)
