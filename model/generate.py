@@ -40,6 +40,7 @@ class CapacityError(RuntimeError):
 @dataclass
 class SessionSettings:
     max_new_tokens: int | None = None  # None: the model's generation_config default
+    min_new_tokens: int = 0  # stop tokens are banned until the caption has this many tokens
     temperature: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
@@ -238,7 +239,8 @@ class Engine:
         if not sample_rows:
             return []
         last = torch.stack([h[i, len(feeds[i]) - 1] for i in sample_rows])
-        tokens = self.sampler.sample(sample_rows, self.model.lm.logits(last))
+        no_stop = [len(self.rows[i].generated) < self.rows[i].settings.min_new_tokens for i in sample_rows]
+        tokens = self.sampler.sample(sample_rows, self.model.lm.logits(last), no_stop)
         return [self._advance(i, tok) for i, tok in zip(sample_rows, tokens)]
 
     def _start_frames(self, rows: list[int], feeds: dict[int, list[int | torch.Tensor]]) -> None:

@@ -81,9 +81,15 @@ class Sampler:
         if len(self.history[row]) > 4 * max(p.ngram_window, 1):
             del self.history[row][: -p.ngram_window]
 
-    def sample(self, rows: list[int], logits: torch.Tensor) -> list[int]:
-        """logits (n, V) for `rows` -> one token per row."""
+    def sample(self, rows: list[int], logits: torch.Tensor, no_stop: list[bool] | None = None) -> list[int]:
+        """logits (n, V) for `rows` -> one token per row. no_stop[i]: stop tokens banned for row i
+        (the caption has not reached its minimum length)."""
         logits = logits.float().cpu()
+        if no_stop is not None and any(no_stop) and self.stop_ids:
+            ban = torch.tensor(no_stop)[:, None] & torch.zeros_like(logits, dtype=torch.bool).index_fill_(
+                1, torch.tensor(self.stop_ids), True
+            )
+            logits = logits.masked_fill(ban, float("-inf"))
         penalty = torch.tensor([self.params[r].repetition_penalty for r in rows])
         if bool((penalty != 1.0).any()):
             logits = apply_repetition_penalty(logits, self.counts[rows], penalty, self.stop_ids)
