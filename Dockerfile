@@ -6,7 +6,7 @@
 #   docker build -t casa-live:cuda --build-arg TORCH_VARIANT=cu128 .   # CUDA torch wheel + Triton kernels
 #   docker run --rm -p 8000:8000 casa-live                        # demo page on http://127.0.0.1:8000
 #   docker run --rm -p 8000:8000 -v "$PWD/my-model:/models/my-model:ro" \
-#       casa-live casa serve --host 0.0.0.0 --model /models/my-model
+#       casa-live casa serve --host 0.0.0.0 --model-dir /models/my-model
 #
 # Layers go from least to most often changed: system packages, torch, the other dependencies
 # (read from pyproject.toml alone, so editing code does not reinstall them), then the source.
