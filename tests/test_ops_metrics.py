@@ -189,6 +189,25 @@ def test_alert_rules_cover_the_issue_list():
     )
     assert "> 0.01" in rules["CasaFrameDropRatioHigh"]
     assert "casa_errors_total" in rules["CasaErrorBurst"]
+    # `up{job=...}` names the scrape job of the shipped prometheus.yml
+    jobs = {j["job_name"] for j in yaml.safe_load(PROM_CONFIG.read_text())["scrape_configs"]}
+    for _, expr in rule_exprs():
+        for metric, label, value in equality_matchers(expr):
+            if metric == "up" and label == "job":
+                assert value in jobs
+
+
+def test_alert_runbooks_point_at_sections_of_the_operations_doc():
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in doc.splitlines()
+        if line.startswith("#")
+    }
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            path, _, anchor = rule["annotations"]["runbook"].partition("#")
+            assert path == "docs/operations.md" and anchor in anchors, rule["alert"]
 
 
 def _promtool() -> str:
