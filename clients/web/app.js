@@ -299,7 +299,10 @@
     const ms = document.createElement("span");
     ms.className = "ms";
     ms.textContent = `${Math.round(latency)} ms`;
-    li.append(ts, document.createTextNode(seg.text.trim()), ms);
+    const text = document.createElement("span");
+    text.className = seg.text.trim() ? "text" : "text empty";
+    text.textContent = seg.text.trim() || "(no words for this frame)";
+    li.append(ts, text, ms);
     el.history.prepend(li);
     while (el.history.children.length > HISTORY_MAX) el.history.lastChild.remove();
     renderStats(r);

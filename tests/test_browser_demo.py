@@ -1,0 +1,174 @@
+"""The browser demo in a real headless Chromium (Debian's package) driven by Playwright, through a real
+`casa serve` on 127.0.0.1.
+
+The camera is Chromium's fake capture device playing a Y4M of the synthetic world, so the page runs
+its real getUserMedia -> canvas -> JPEG -> websocket path. Screenshots land in artifacts/browser/.
+Skips (with the reason) when Chromium or the playwright package is missing; .ci/run installs Chromium.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_clients_e2e import NEEDS_BUNDLED, REPO, LiveServer, assert_matches_truth, live_server, start_server
+
+__all__ = ["live_server"]  # the module-scoped server fixture, shared with test_clients_e2e.py
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = REPO / "artifacts" / "browser"
+CAMERA_SEED = 220  # blue, green and yellow crosses and triangles: none of the demo clip's colours but yellow
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+]
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="no chromium binary: apt-get install chromium (.ci/run does it)"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def camera_file(tmp_path_factory) -> Path:
+    from clients.demo import write_camera_y4m
+
+    return write_camera_y4m(tmp_path_factory.mktemp("camera") / "world.y4m", seed=CAMERA_SEED)
+
+
+@pytest.fixture(scope="module")
+def browser(camera_file: Path, tmp_path_factory) -> Iterator:
+    with playwright_api.sync_playwright() as pw:
+        profile = tmp_path_factory.mktemp("chromium-profile")
+        context = pw.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[*FLAGS, f"--use-file-for-fake-video-capture={camera_file}"],
+            viewport={"width": 1200, "height": 820},
+        )
+        yield context
+        context.close()
+
+
+class PageRun:
+    """One page session: its snapshot (window.casaDemo.snapshot()) and the JavaScript errors seen."""
+
+    def __init__(self, snapshot: dict, errors: list[str]) -> None:
+        self.snapshot, self.errors = snapshot, errors
+
+    @property
+    def texts(self) -> list[str]:
+        return [s["text"] for s in self.snapshot["segments"]]
+
+
+def open_page(browser):
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return page, errors
+
+
+def run_page(
+    browser, server: LiveServer, source: str, n_captions: int, shot: str, timeout_s: float = 90
+) -> PageRun:
+    """Start the page on `source`, wait for n captions, screenshot, check the live view, stop."""
+    page, errors = open_page(browser)
+    try:
+        page.goto(server.http + "/")
+        page.select_option("#source", source)
+        page.fill("#fps", "2")
+        page.click("#start")
+        page.wait_for_function(
+            f"document.querySelectorAll('#history li').length >= {n_captions}", timeout=timeout_s * 1000
+        )
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / shot))
+        snap = page.evaluate("window.casaDemo.snapshot()")
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        assert page.is_visible("#caption")  # the overlay over the video
+        assert "live" in page.inner_text("#status")
+        assert page.inner_text("#s-latency").endswith("ms")
+        assert page.evaluate("document.querySelector('#spark').toDataURL().length") > 1000  # a drawn line
+        page.click("#stop")
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.startsWith('closed')", timeout=15000
+        )
+    finally:
+        page.close()
+    return PageRun(snap, errors)
+
+
+def check_run(run: PageRun, n_captions: int) -> None:
+    assert not run.errors, f"JavaScript errors on the page: {run.errors}"
+    snap = run.snapshot
+    assert snap["sent"] >= n_captions and snap["captioned"] >= n_captions
+    starts = [s["start"] for s in snap["segments"]]
+    assert starts == sorted(starts)
+    assert all(lat > 0 for lat in snap["latencies_ms"])
+
+
+@pytest.fixture(scope="module")
+def camera_run(browser, live_server: LiveServer) -> PageRun:
+    return run_page(browser, live_server, "camera", 8, "camera.png")
+
+
+@pytest.fixture(scope="module")
+def demo_run(browser, live_server: LiveServer) -> PageRun:
+    return run_page(browser, live_server, "demo", 8, "demo_clip.png")
+
+
+def test_camera_captions_appear(camera_run: PageRun) -> None:
+    check_run(camera_run, 8)
+
+
+def test_camera_captions_match_the_scene(camera_run: PageRun, live_server: LiveServer) -> None:
+    if not live_server.trained:
+        pytest.skip(NEEDS_BUNDLED)
+    from clients.demo import demo_clip
+
+    assert_matches_truth(camera_run.texts, demo_clip(CAMERA_SEED))
+
+
+def test_demo_clip_captions_appear(demo_run: PageRun) -> None:
+    check_run(demo_run, 8)
+
+
+def test_demo_clip_captions_match_the_scene(demo_run: PageRun, live_server: LiveServer) -> None:
+    if not live_server.trained:
+        pytest.skip(NEEDS_BUNDLED)
+    from clients.demo import demo_clip
+
+    assert_matches_truth(demo_run.texts, demo_clip())
+
+
+def test_server_errors_in_plain_words(browser, tmp_path: Path) -> None:
+    page, errors = open_page(browser)
+    for server in start_server(tmp_path, CASA_AUTH_KEYS="let-me-in"):
+        page.goto(server.http + "/")
+        page.select_option("#source", "demo")
+        page.click("#start")
+        page.wait_for_selector("#error", state="visible", timeout=30000)
+        assert "needs an access token" in page.inner_text("#error")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "unauthorized.png"))
+        # With the key the same page streams.
+        page.fill("#token", "let-me-in")
+        page.click("#start")
+        page.wait_for_function("document.querySelectorAll('#history li').length >= 2", timeout=60000)
+        assert page.is_hidden("#error")
+    page.close()
+    assert not errors, errors
