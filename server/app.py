@@ -4,7 +4,7 @@ The lifespan loads the checkpoint, warms the engine up (first-call allocations a
 before the first client, so /readyz means "fast now") and starts the one inference worker thread.
 
 Routes: `GET /` demo page (clients/web), `GET /web/*` its assets, `GET /v1/demo-clip.webm` the synthetic
-demo clip, `GET /healthz` (process up), `GET /readyz` (model loaded and warmed), `GET /metrics` (a plain
+demo clip (clients/demo.py), `GET /healthz` (process up), `GET /readyz` (model loaded and warmed), `GET /metrics` (a plain
 route: a mounted sub-app would answer 307), `GET /v1/models`, `POST /v1/captions` (upload a video), and
 the websocket `/v1/stream`.
 
@@ -57,7 +57,6 @@ class ServerContext:
         self.model_name = ""
         self.ready = False
         self.sessions: set[Session] = set()
-        self.demo_clip: bytes | None = None
 
     def default_settings(self) -> p.SessionSettings:
         gen = self.engine.gen
@@ -209,9 +208,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/demo-clip.webm", include_in_schema=False)
     async def demo_clip() -> Response:
-        if ctx.demo_clip is None:
-            ctx.demo_clip = await asyncio.to_thread(_make_demo_clip, ctx.engine.image_size)
-        return Response(ctx.demo_clip, media_type="video/webm")
+        try:
+            from clients.demo import demo_clip_webm
+        except ImportError:
+            return JSONResponse(
+                {"error": {"code": "not_found", "message": "no demo clip in this build"}}, 404
+            )
+        return Response(await asyncio.to_thread(demo_clip_webm), media_type="video/webm")
 
     @app.post("/v1/captions")
     async def captions(request: Request) -> Response:
@@ -246,12 +249,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await serve_websocket(ws, ctx)
 
     return app
-
-
-def _make_demo_clip(size: int) -> bytes:
-    """A looping synthetic-world clip (the training distribution) as WebM, for the demo page."""
-    from model.video import encode_video
-    from model.world import WorldConfig, generate_clip
-
-    clip = generate_clip(seed=7, config=WorldConfig(size=max(size, 128) * 2, frames=60, fps=2.0))
-    return encode_video(list(clip.frames), fps=2.0, fmt="webm")

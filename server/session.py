@@ -146,11 +146,12 @@ class Session:
         self.emit(created)
         return created
 
-    async def aclose(self) -> None:
-        """Release everything: model slot, decoders; frames still pending count as dropped (closed)."""
+    def close(self) -> None:
+        """Release everything now, without awaiting (safe inside a cancelled task): the model slot, the
+        decode thread (EOF; it exits on its own); frames still pending count as dropped (closed)."""
         self.closing.set()
         if self.container is not None:
-            await asyncio.to_thread(self.container.end, 2.0)
+            self.container.reader.end()
             self.container = None
         if self.slot is not None:
             self.ctx.worker.close(self.slot)
@@ -368,6 +369,12 @@ class Session:
                     await asyncio.wait_for(self.decoder_progress.wait(), 0.5)
         return self.next_index
 
+    async def end_input(self) -> None:
+        """The client sends nothing more: EOF to a running container stream, so that the demuxer and
+        decoder release the frames they hold back (MPEG-TS keeps the last PES until the next starts)."""
+        if self.container is not None and self.container.alive:
+            await asyncio.to_thread(self.container.end, BARRIER_TIMEOUT)
+
     async def flush(self) -> None:
         """Wait until every frame received so far is captioned or dropped."""
         upto = await self.barrier()
@@ -579,13 +586,10 @@ async def serve_websocket(ws: WebSocket, ctx: ServerContext) -> None:
         outcome = "shutdown"
         raise
     finally:
+        # synchronous bookkeeping first: a cancelled task (server shutdown) may not await anything
         ticker.cancel()
-        if outcome in ("closed", "timeout", "error"):
-            with contextlib.suppress(asyncio.TimeoutError, Exception):
-                await asyncio.wait_for(asyncio.shield(emitter), 10.0)
-        emitter.cancel()
         ctx.sessions.discard(session)
-        await session.aclose()
+        session.close()
         m.sessions_active.dec()
         m.sessions_total.labels(outcome).inc()
         log.info(
@@ -595,6 +599,10 @@ async def serve_websocket(ws: WebSocket, ctx: ServerContext) -> None:
             session.captioned,
             session.dropped,
         )
+        if outcome in ("closed", "timeout", "error"):  # let the last events and the close go out
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(emitter), 10.0)
+        emitter.cancel()
 
 
 async def _receive(ws: WebSocket, session: Session, ctx: ServerContext) -> str:
@@ -621,6 +629,7 @@ async def _receive(ws: WebSocket, session: Session, ctx: ServerContext) -> str:
             if message.get("text") is not None:
                 close = await session.handle_text(message["text"])
                 if close is not None:
+                    await session.end_input()
                     await session.flush()
                     return "closed"
             elif message.get("bytes") is not None:

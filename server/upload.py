@@ -96,7 +96,7 @@ async def caption_upload(ctx, request: Request) -> Response:  # type: ignore[no-
         event, _ = report(exc, m, session_id=session.id)
         return _error(400, event.code.value, event.message)
     finally:
-        await session.aclose()
+        session.close()
         m.sessions_active.dec()
         m.sessions_total.labels(outcome).inc()
 

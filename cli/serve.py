@@ -1,0 +1,106 @@
+"""`casa serve`: run the streaming caption server (the bundled model by default).
+
+Every flag mirrors a field of server.settings.Settings; a flag left out keeps the value from the
+environment (`CASA_*`) or the default. Keys are better passed as `CASA_AUTH_KEYS=k1,k2` than as flags,
+which other users of the machine can read in the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# flag -> (Settings field, type, help)
+FLAGS: dict[str, tuple[str, type, str]] = {
+    "--host": ("host", str, "interface to listen on (default 127.0.0.1; 0.0.0.0 for all)"),
+    "--port": ("port", int, "TCP port (default 8000)"),
+    "--model-dir": ("model_dir", str, "checkpoint directory (default: the bundled checkpoints/default)"),
+    "--device": ("device", str, "torch device, e.g. cpu or cuda (default cpu)"),
+    "--dtype": ("dtype", str, "float32 | bfloat16 | float16 (default float32)"),
+    "--max-sessions": ("max_sessions", int, "concurrent streams = engine batch rows (default 32)"),
+    "--max-context-tokens": ("max_context_tokens", int, "text KV cache bound per session (default 1024)"),
+    "--max-message-bytes": ("max_message_bytes", int, "largest websocket message accepted (default 4 MiB)"),
+    "--max-frame-width": ("max_frame_width", int, "widest input frame accepted (default 3840)"),
+    "--max-frame-height": ("max_frame_height", int, "tallest input frame accepted (default 2160)"),
+    "--max-fps": ("max_fps", float, "highest session fps a client may ask for (default 10)"),
+    "--max-session-seconds": ("max_session_seconds", float, "session length limit (default 4 h)"),
+    "--idle-timeout": (
+        "idle_timeout_seconds",
+        float,
+        "close a session after this long without a message (default 30 s)",
+    ),
+    "--max-input-rate": ("max_input_rate", float, "binary messages per second per session (default 120)"),
+    "--log-level": ("log_level", str, "debug | info | warning | error (default info)"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the websocket caption server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for flag, (_, kind, help_text) in FLAGS.items():
+        p.add_argument(flag, type=kind, default=None, help=help_text)
+    p.add_argument(
+        "--auth-key",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="accept this API key (repeatable); none = no authentication",
+    )
+    p.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="allow websocket connections from this browser Origin only (repeatable), "
+        "e.g. https://example.com",
+    )
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up caption at start")
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace):  # -> server.settings.Settings
+    from server.settings import Settings
+
+    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.auth_key:
+        overrides["auth_keys"] = args.auth_key
+    if args.allowed_origin:
+        overrides["allowed_origins"] = args.allowed_origin
+    if args.no_warmup:
+        overrides["warmup"] = False
+    return Settings(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not settings.model_dir.is_dir():
+        print(f"error: model directory {settings.model_dir} does not exist (pass --model-dir)")
+        return 2
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    print(f"casa-live: serving {settings.model_dir} on http://{settings.host}:{settings.port}")
+    print(f"  demo page:  http://{host}:{settings.port}/")
+    print(
+        f"  websocket:  ws://{host}:{settings.port}/v1/stream   metrics: http://{host}:{settings.port}/metrics"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        ws_per_message_deflate=False,  # JPEG / video payloads do not compress; deflate only costs CPU
+        ws_max_size=settings.transport_max_bytes,
+    )
+    return 0
