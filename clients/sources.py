@@ -25,7 +25,8 @@ import numpy as np
 
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "udp://", "srt://", "tcp://")
 URL_SCHEMES = (*LIVE_SCHEMES, "http://", "https://")
-CHUNK_BYTES = 32 * 1024
+MAX_CHUNK_BYTES = 1 << 20  # well under the server's message limit
+CHUNK_SECONDS = 0.25  # container chunks span at least this much media
 
 
 class SourceError(Exception):
@@ -36,6 +37,12 @@ class SourceError(Exception):
 class Frame:
     pts: float  # seconds from the first frame of the source
     image: np.ndarray  # (H, W, 3) uint8 RGB
+
+
+@dataclass
+class Chunk:
+    time: float  # media seconds (from the first packet) reached once this chunk is decoded
+    data: bytes
 
 
 class Sampler:
@@ -68,8 +75,8 @@ class Source:
     def frames(self, fps: float) -> Iterator[Frame]:
         raise NotImplementedError
 
-    def container_chunks(self) -> tuple[Iterator[bytes], float | None]:
-        """(chunks of container bytes, media duration in seconds or None)."""
+    def container_chunks(self) -> Iterator[Chunk]:
+        """The source's container bytes in order, each chunk with the media time it completes."""
         raise SourceError(f"{self.name} has no container bytes to send; use the default JPEG frames")
 
     def close(self) -> None:
@@ -125,22 +132,13 @@ class AVSource(Source):
         finally:
             container.close()
 
-    def container_chunks(self) -> tuple[Iterator[bytes], float | None]:
+    def container_chunks(self) -> Iterator[Chunk]:
         if self.live or "://" in self.target:
             return super().container_chunks()
         path = Path(self.target)
         if not path.is_file():
             raise SourceError(f"no such file: {self.target}")
-        container = self._open()
-        duration = container.duration / 1e6 if container.duration else None
-        container.close()
-
-        def chunks() -> Iterator[bytes]:
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK_BYTES):
-                    yield chunk
-
-        return chunks(), duration
+        return timed_chunks(str(path), lambda: open(path, "rb"))
 
 
 class SyntheticSource(Source):
@@ -167,13 +165,57 @@ class SyntheticSource(Source):
             if sampler.take(t):
                 yield Frame(t, np.ascontiguousarray(image))
 
-    def container_chunks(self) -> tuple[Iterator[bytes], float | None]:
+    def container_chunks(self) -> Iterator[Chunk]:
         from model.video import encode_video
 
         clip = self.clip()
         data = encode_video(clip.frames, fps=clip.config.fps, fmt="webm")
-        chunks = (data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES))
-        return chunks, len(clip.frames) / clip.config.fps
+        return timed_chunks(io.BytesIO(data), lambda: io.BytesIO(data))
+
+
+def timed_chunks(target, reader, min_seconds: float = CHUNK_SECONDS) -> Iterator[Chunk]:
+    """Split a container's bytes where its video packets end, so each chunk carries whole frames and
+    the media time they reach: a realtime sender can then send the bytes of frame k at its pts.
+
+    One demux pass (no decoding) reads each packet's byte offset (`packet.pos`) and pts; chunks span
+    at least `min_seconds` of media (fewer, larger messages) and at most MAX_CHUNK_BYTES. Containers
+    whose demuxer reports no offsets fall back to fixed-size chunks at media time 0.
+    """
+    import av
+
+    marks: list[tuple[int, float]] = []  # (byte offset where a packet ends, its time in seconds)
+    try:
+        with av.open(target) as container:
+            if not container.streams.video:
+                raise SourceError("the file has no video stream")
+            stream = container.streams.video[0]
+            for packet in container.demux(stream):
+                if packet.pos is not None and packet.pos >= 0 and packet.pts is not None and packet.size:
+                    marks.append((packet.pos + packet.size, float(packet.pts * packet.time_base)))
+    except av.FFmpegError as e:
+        raise SourceError(f"cannot read the container: {e}") from e
+    t0 = min((t for _, t in marks), default=0.0)
+    # Cut points: offsets in increasing order, each with the latest media time reached by then.
+    cuts: list[tuple[int, float]] = []
+    reached = opened = 0.0
+    for end, t in sorted(marks):
+        reached = max(reached, t - t0)
+        if cuts and reached - opened < min_seconds:
+            cuts[-1] = (end, reached)  # extend the current chunk
+        else:
+            cuts.append((end, reached))
+            opened = reached
+    with reader() as f:
+        sent = 0
+        for end, t in cuts:
+            while sent < end:
+                data = f.read(min(end - sent, MAX_CHUNK_BYTES))
+                if not data:
+                    return
+                sent += len(data)
+                yield Chunk(t, data)
+        while data := f.read(MAX_CHUNK_BYTES):  # trailing bytes (cues, index)
+            yield Chunk(reached, data)
 
 
 def open_source(spec: str, *, seconds: float = 8.0) -> Source:

@@ -69,6 +69,7 @@ class StreamOptions:
 @dataclass
 class StreamStats:
     sent: int = 0
+    unit: str = "frames"
     captioned: int = 0
     dropped: int = 0
     lag_ms: float = 0.0
@@ -77,9 +78,7 @@ class StreamStats:
     def summary(self) -> str:
         lat = sorted(self.latencies_ms)
         p50 = f"{lat[len(lat) // 2]:.0f} ms" if lat else "n/a"
-        return (
-            f"sent {self.sent} frames, captioned {self.captioned}, dropped {self.dropped}, latency p50 {p50}"
-        )
+        return f"sent {self.sent} {self.unit}, captioned {self.captioned}, dropped {self.dropped}, latency p50 {p50}"
 
 
 def stream_url(server: str) -> str:
@@ -299,19 +298,18 @@ class Streamer:
                 await asyncio.to_thread(_close_iter, frames)
 
     async def _send_container(self, ws) -> None:
-        chunks, duration = self.source.container_chunks()
-        chunks = list(chunks)
-        # Real time for raw bytes: spread the chunks evenly over the media duration.
-        per_chunk = (duration / len(chunks)) if (duration and chunks) else 0.0
+        chunks = self.source.container_chunks()
+        self.stats.unit = "container chunks"
         t0 = time.monotonic()
-        for i, chunk in enumerate(chunks):
-            if self.interrupted.is_set():
+        while not self.interrupted.is_set():
+            chunk = await asyncio.to_thread(next, chunks, None)  # the file is read off the event loop
+            if chunk is None:
                 return
-            if self.opt.duration is not None and i * per_chunk > self.opt.duration:
+            if self.opt.duration is not None and chunk.time > self.opt.duration:
                 return
-            await self._pace(t0, i * per_chunk)
+            await self._pace(t0, chunk.time)
             await self._flow(ws)
-            await ws.send(wire.container_chunk(chunk))
+            await ws.send(wire.container_chunk(chunk.data))
             self.stats.sent += 1
             await self._marker(ws)
 

@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -123,14 +124,18 @@ def test_sources(tmp_path: Path) -> None:
     frames = list(open_source(str(path)).frames(2.0))
     assert [round(f.pts, 3) for f in frames] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
     assert frames[0].image.shape == (48, 64, 3) and frames[0].image.dtype == np.uint8
-    chunks, duration = open_source(str(path)).container_chunks()
-    assert b"".join(chunks) == path.read_bytes() and duration == pytest.approx(3.0, abs=0.2)
+    chunks = list(open_source(str(path)).container_chunks())
+    assert b"".join(c.data for c in chunks) == path.read_bytes()
+    times = [c.time for c in chunks]
+    # Cut where packets end, at least 0.25 s of media apart: the realtime sender paces by these.
+    assert times == sorted(times) and times[0] < 0.25 and times[-1] == pytest.approx(2.9, abs=0.01)
+    assert len(chunks) >= 8 and all(b - a >= 0.25 - 1e-9 for a, b in itertools.pairwise(sorted(set(times))))
 
     syn = open_source("synthetic:5", seconds=3)
     frames = list(syn.frames(2.0))
     assert [f.pts for f in frames] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
     assert np.array_equal(frames[2].image, syn.clip().frames[2])
-    data = b"".join(syn.container_chunks()[0])
+    data = b"".join(c.data for c in syn.container_chunks())
     assert data[:4] == b"\x1a\x45\xdf\xa3"  # EBML: a WebM header the server can start from
 
     with pytest.raises(SourceError, match="no such file"):
@@ -194,6 +199,7 @@ class ScriptedServer:
     def __init__(self, mode: str = "ok", token: str | None = None) -> None:
         self.mode, self.token = mode, token
         self.frames: list[protocol.BinaryMessage] = []
+        self.arrivals: list[float] = []  # time.monotonic() of each binary message
         self.updates: list[dict] = []
         self.headers: dict[str, str] = {}
         self._ready = threading.Event()
@@ -261,6 +267,7 @@ class ScriptedServer:
             if isinstance(raw, bytes):
                 msg = protocol.unpack(raw)
                 self.frames.append(msg)
+                self.arrivals.append(time.monotonic())
                 n = len(self.frames) - 1
                 if n == 2 and self.mode == "fatal_after_2":
                     await send(protocol.Error(code="internal", message="boom", fatal=True))
@@ -374,3 +381,31 @@ def test_stream_unreachable_server(tmp_path: Path, capsys) -> None:
     code, err, _ = _run("ws://127.0.0.1:9/v1/stream", tmp_path, capsys)
     assert code == EXIT_ERROR
     assert "cannot reach the server at ws://127.0.0.1:9/v1/stream: connection refused" in err
+
+
+def test_realtime_paces_frames_at_their_timestamps(tmp_path: Path, capsys) -> None:
+    with ScriptedServer() as srv:
+        code, err, _ = _run(srv.url, tmp_path, capsys, realtime=True)
+    assert code == EXIT_OK, err
+    arrivals = np.array(srv.arrivals) - srv.arrivals[0]
+    pts = np.array([m.pts for m in srv.frames])
+    assert len(pts) == 6
+    assert np.abs(arrivals - pts).max() < 0.25, (arrivals, pts)  # 0.5 s apart, not all at once
+
+
+def test_http_url_source(tmp_path: Path) -> None:
+    import functools
+    import http.server
+
+    from model.video import write_video
+
+    write_video(tmp_path / "clip.webm", [np.full((32, 32, 3), 20 * i, np.uint8) for i in range(8)], fps=4)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        source = open_source(f"http://127.0.0.1:{httpd.server_address[1]}/clip.webm")
+        assert not source.live
+        assert [f.pts for f in source.frames(2.0)] == [0.0, 0.5, 1.0, 1.5]
+    finally:
+        httpd.shutdown()
