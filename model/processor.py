@@ -7,9 +7,12 @@ patches of one image token are consecutive, groups in raster order, each patch r
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,3 +55,87 @@ class ImageProcessor:
         """(H, W, 3) uint8 -> patches (N_patches, 3*P*P) float32."""
         x = (self.to_tensor(image) - self.mean) / self.std
         return patchify(x, self.patch, self.merge)
+
+
+# ---- Qwen2.5-VL preprocessing (imported checkpoints) ----------------------------------------------
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
+    """Qwen2-VL's target size: both sides multiples of `factor`, aspect ratio kept as closely as
+    possible, total pixels within [min_pixels, max_pixels]."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over 200")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+class QwenImageProcessor:
+    """Qwen2.5-VL preprocessing of one frame, as transformers' Qwen2VLImageProcessorPil does it.
+
+    PIL bicubic resize of the uint8 image (PIL antialiases when shrinking, unlike torch's bicubic),
+    either to a fixed image_size x image_size (live captioning: 448, 256 tokens) or, with
+    image_size=None, to smart_resize's aspect-preserving size; then /255, CLIP mean/std, patchify.
+    Rows are one frame's C*P*P values: HF's rows are the same values tiled over its 2 temporal slots.
+    """
+
+    def __init__(
+        self,
+        patch: int = 14,
+        merge: int = 2,
+        image_size: int | None = 448,
+        min_pixels: int = 56 * 56,
+        max_pixels: int = 28 * 28 * 1280,
+    ) -> None:
+        unit = patch * merge
+        if image_size is not None and image_size % unit:
+            raise ValueError(f"image_size {image_size} must be a multiple of patch*merge = {unit}")
+        self.patch, self.merge, self.image_size = patch, merge, image_size
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.mean = torch.tensor(CLIP_MEAN)[:, None, None]
+        self.std = torch.tensor(CLIP_STD)[:, None, None]
+
+    @classmethod
+    def for_config(cls, config, image_size: int | None = -1) -> QwenImageProcessor:  # config: ModelConfig
+        """image_size -1: the config's fixed side; None: dynamic (smart_resize)."""
+        side = config.image_size if image_size == -1 else image_size
+        return cls(config.vision.patch, config.vision.merge, side)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.image_size is not None:
+            return self.image_size, self.image_size
+        return smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+
+    def process(self, image: np.ndarray | torch.Tensor | Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(H, W, 3) uint8 RGB -> patches (gh*gw, 3*P*P) float32 and the patch grid (gh, gw).
+
+        The vision tower takes (patches[None], grid); its output grid is (gh/merge, gw/merge).
+        """
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(_uint8_hwc(image))
+        pil = pil.convert("RGB")
+        h, w = self.target_size(pil.height, pil.width)
+        if (pil.height, pil.width) != (h, w):
+            pil = pil.resize((w, h), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        x = (x - self.mean) / self.std
+        return patchify(x, self.patch, self.merge), (h // self.patch, w // self.patch)
+
+    def __call__(self, image: np.ndarray | torch.Tensor | Image.Image) -> torch.Tensor:
+        return self.process(image)[0]
+
+
+def _uint8_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    a = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {a.dtype} {a.shape}")
+    return a

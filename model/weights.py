@@ -63,6 +63,10 @@ def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[CASAModel, Tokenizer, GenerationConfig]:
     path = Path(path)
+    from model.hf import detect_layout, load_any  # lazy: model.hf imports this module
+
+    if (path / CONFIG).exists() and detect_layout(path) != "casa":  # Qwen2.5-VL / Kyutai directory
+        return load_any(path, device, dtype)
     for name in (CONFIG, WEIGHTS, TOKENIZER, GENERATION):
         if not (path / name).exists():
             raise CheckpointError(f"{path} is not a casa-live checkpoint: {name} is missing")

@@ -1,0 +1,154 @@
+"""Import foreign checkpoint directories into our model: Qwen2.5-VL (Hugging Face) and Kyutai CASA.
+
+    layout = detect_layout(path)            # "casa" | "qwen2.5-vl" | "kyutai-casa"
+    model, tokenizer, gen, report = import_checkpoint(path)
+    model, tokenizer, gen = load_any(path)  # any layout; what `--model DIR` uses
+
+A plain Qwen2.5-VL checkpoint gets CASA layers initialised from each block's self-attention (the
+paper's starting point; every block by default, or `casa.layers`, or the shared variant). A Kyutai
+CASA checkpoint brings its own CASA tensors (model/hf/tensors.py says how they are recognised).
+Loading is strict either way; see docs/checkpoints.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.config import CASAConfig, GenerationConfig
+from model.hf import config as hfc
+from model.hf import tensors as hft
+from model.tokenizer import Tokenizer
+from model.vlm import CASAModel
+from model.weights import CONFIG, CheckpointError, strict_load
+
+LAYOUTS = ("casa", "qwen2.5-vl", "kyutai-casa")
+
+
+@dataclass
+class ImportReport:
+    layout: str
+    tensors: int  # checkpoint tensors consumed
+    casa_blocks: list[int]
+    shared: bool
+    initialised_from_self_attention: int  # our CASA parameters copied from self-attention
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"layout: {self.layout}",
+            f"checkpoint tensors consumed: {self.tensors}",
+            f"CASA blocks: {self.casa_blocks or 'none'}{' (shared with self-attention)' if self.shared else ''}",
+        ]
+        if self.initialised_from_self_attention:
+            lines.append(
+                f"CASA parameters copied from self-attention: {self.initialised_from_self_attention}"
+            )
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def detect_layout(path: str | Path) -> str:
+    """Which kind of checkpoint directory this is, from config.json and the tensor names."""
+    path = Path(path)
+    cfg = hfc.read_json(path / CONFIG)
+    if "lm" in cfg and "vision" in cfg:
+        return "casa"
+    names = hft.tensor_names(path)
+    if any(n.startswith("model.image_prefix.") for n in names):
+        return "kyutai-casa"
+    if str(cfg.get("model_type", "")).startswith("qwen2_5_vl") or any(
+        n.startswith(("visual.", "model.visual.")) for n in names
+    ):
+        return "qwen2.5-vl"
+    raise CheckpointError(
+        f"{path}: unknown checkpoint layout (model_type {cfg.get('model_type')!r}); casa-live reads its own "
+        "format, Qwen2.5-VL and Kyutai CASA-Qwen2.5-VL directories"
+    )
+
+
+def import_checkpoint(
+    path: str | Path,
+    casa: CASAConfig | None = None,
+    image_size: int | None = None,
+    layout: str | None = None,
+) -> tuple[CASAModel, Tokenizer, GenerationConfig, ImportReport]:
+    """Build our model from a Qwen2.5-VL or Kyutai CASA directory (float32, CPU).
+
+    casa: for Qwen2.5-VL, which CASA layers to add (default: every block, separate weights); for a
+    Kyutai checkpoint, only needed for the shared variant, which stores no CASA tensors.
+    image_size: fixed frame side (default 448, or the preprocessor config's).
+    """
+    path = Path(path)
+    layout = layout or detect_layout(path)
+    if layout == "casa":
+        raise CheckpointError(f"{path} is already a casa-live checkpoint; load it with load_checkpoint")
+    cfg = hfc.read_json(path / CONFIG)
+    tensors = hft.read_tensors(path)
+    names = set(tensors)
+    vp, lp = hft.prefixes(sorted(names))
+    lm_cfg = hfc.lm_config(cfg)
+    notes: list[str] = []
+
+    if layout == "kyutai-casa":
+        probe = hft.Plan()
+        blocks = hft.plan_kyutai_casa(probe, names, lp, lm_cfg.layers, lm_cfg.qkv_bias)
+        if not blocks and not (casa and casa.shared):
+            raise CheckpointError(
+                f"{path}: no CASA tensors found under {lp}layers.N.*. A -Shared checkpoint stores none: "
+                "pass the shared variant and its CASA blocks explicitly (casa convert --shared --casa-layers ...)"
+            )
+        casa = CASAConfig(fusion="casa", layers=blocks, shared=False) if blocks else casa
+    else:
+        casa = casa or CASAConfig()
+    assert casa is not None
+    size = image_size or hfc.preprocessor_image_size(path) or hfc.LIVE_IMAGE_SIZE
+    config = hfc.model_config(cfg, casa, size, name=f"{layout}:{path.name}")
+    model = CASAModel(config)
+    our = model.state_dict()
+    plan = hft.plan_backbone(
+        our, names, vp, lp, config.lm.tie_embeddings, casa_from_ckpt=layout == "kyutai-casa"
+    )
+    if layout == "kyutai-casa" and not casa.shared:
+        hft.plan_kyutai_casa(plan, names, lp, config.lm.layers, config.lm.qkv_bias)
+    state = hft.assemble(plan, our, tensors, str(path))
+    # CASA parameters to initialise: copy the (already imported) self-attention weights after loading
+    for name in plan.from_self_attention:
+        state[name] = our[name]
+    strict_load(model, state, source=str(path))
+    if plan.from_self_attention:
+        model.lm.init_casa_from_self_attention()
+    notes += plan.notes
+
+    tokenizer = Tokenizer.from_file(_need_file(path, "tokenizer.json"))
+    gen = hfc.generation_config(tokenizer, hfc.stop_ids(path, cfg))
+    used = {s.name for s in plan.sources.values()} | plan.consumed_extra
+    report = ImportReport(
+        layout=layout,
+        tensors=len(used & names),
+        casa_blocks=model.lm.casa_ids,
+        shared=casa.shared,
+        initialised_from_self_attention=len(plan.from_self_attention),
+        notes=notes,
+    )
+    return model.eval(), tokenizer, gen, report
+
+
+def _need_file(path: Path, name: str) -> Path:
+    if not (path / name).exists():
+        raise CheckpointError(f"{path} has no {name}")
+    return path / name
+
+
+def load_any(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[CASAModel, Tokenizer, GenerationConfig]:
+    """Load a checkpoint directory of any supported layout (ours, Qwen2.5-VL, Kyutai CASA)."""
+    from model.weights import load_checkpoint
+
+    if detect_layout(path) == "casa":
+        return load_checkpoint(path, device, dtype)
+    model, tok, gen, _ = import_checkpoint(path)
+    return model.to(device=device, dtype=dtype).eval(), tok, gen
