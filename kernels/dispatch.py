@@ -17,6 +17,14 @@ visible key (no prefix, no segment) outputs zeros.
 
 Backends: CUDA tensors -> Triton (kernels/casa_attention.py) when Triton imports; everything else ->
 torch SDPA with an explicit mask. `force("triton"|"torch"|None)` overrides for tests (interpreter).
+
+The fused elementwise kernels go through the same decision (`backend_for`):
+- `rms_norm(x, weight, eps, residual=None) -> (y, h)`: RMSNorm, optionally of h = x + residual
+  (kernels/rmsnorm.py);
+- `apply_rope(q, k, cos, sin) -> (q, k)`: rotate-half RoPE of q and k (k may be None) in one launch
+  (kernels/rope.py).
+Their torch references live here too, so the CPU path never imports triton; the kernel modules
+re-export them next to their kernels.
 """
 
 from __future__ import annotations
@@ -66,14 +74,42 @@ def prefix_causal_attention(
     seg_v: torch.Tensor | None,
     q_start: torch.Tensor | None,
     scale: float,
+    mask: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
+    """mask: optional precomputed `attention_mask(...)` for the torch path (the model builds it once
+    per step and shares it across layers); the Triton path reads the lengths instead."""
     if backend_for(q) == "triton":
         from kernels import casa_attention  # imported lazily: triton stays optional on CPU
 
         return casa_attention.prefix_causal_attention_triton(
             q, prefix_k, prefix_v, prefix_len, seg_k, seg_v, q_start, scale
         )
-    return prefix_causal_attention_torch(q, prefix_k, prefix_v, prefix_len, seg_k, seg_v, q_start, scale)
+    return prefix_causal_attention_torch(
+        q, prefix_k, prefix_v, prefix_len, seg_k, seg_v, q_start, scale, mask
+    )
+
+
+def attention_mask(
+    prefix_len: torch.Tensor | None, P: int, q_start: torch.Tensor | None, T: int, S: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (B, 1, T, P+S) bool, any_visible (B, 1, T, 1)) for the torch path.
+
+    A query row with no visible key is given every key (SDPA would return NaN) and then zeroed
+    through any_visible.
+    """
+    masks = []
+    if prefix_len is not None:
+        # image tokens: all visible up to prefix_len
+        pm = torch.arange(P, device=prefix_len.device)[None, :] < prefix_len[:, None]
+        masks.append(pm[:, None, None, :].expand(-1, 1, T, P))
+    if q_start is not None:
+        # query i of row b sees segment slots <= q_start[b] + i
+        last = q_start[:, None] + torch.arange(T, device=q_start.device)[None, :]  # (B, T)
+        sm = torch.arange(S, device=q_start.device)[None, None, :] <= last[:, :, None]
+        masks.append(sm[:, None])
+    mask = torch.cat(masks, dim=3) if len(masks) > 1 else masks[0]
+    any_visible = mask.any(dim=-1, keepdim=True)
+    return mask | ~any_visible, any_visible
 
 
 def prefix_causal_attention_torch(
@@ -85,34 +121,66 @@ def prefix_causal_attention_torch(
     seg_v: torch.Tensor | None,
     q_start: torch.Tensor | None,
     scale: float,
+    mask: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Reference: SDPA over [prefix ; segment] with a boolean mask built from the lengths."""
-    B, H, T, _ = q.shape
-    keys, vals, masks = [], [], []
-    if prefix_k is not None:
-        P = prefix_k.shape[2]
-        keys.append(prefix_k)
-        vals.append(prefix_v)
-        # (B, 1, 1, P): image tokens all visible up to prefix_len
-        pm = torch.arange(P, device=q.device)[None, :] < prefix_len[:, None]
-        masks.append(pm[:, None, None, :].expand(B, 1, T, P))
-    if seg_k is not None:
-        S = seg_k.shape[2]
-        keys.append(seg_k)
-        vals.append(seg_v)
-        # (B, 1, T, S): query i of row b sees segment slots <= q_start[b] + i
-        last = q_start[:, None] + torch.arange(T, device=q.device)[None, :]  # (B, T)
-        sm = torch.arange(S, device=q.device)[None, None, :] <= last[:, :, None]
-        masks.append(sm[:, None])
-    k = torch.cat(keys, dim=2) if len(keys) > 1 else keys[0]
-    v = torch.cat(vals, dim=2) if len(vals) > 1 else vals[0]
-    mask = torch.cat(masks, dim=3) if len(masks) > 1 else masks[0]
-    groups = H // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    any_visible = mask.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
-    # A row with no visible key would give NaN; let it see everything, then zero it.
-    mask = mask | ~any_visible
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    T = q.shape[2]
+    P = prefix_k.shape[2] if prefix_k is not None else 0
+    S = seg_k.shape[2] if seg_k is not None else 0
+    if mask is None:
+        mask = attention_mask(
+            prefix_len if prefix_k is not None else None, P, q_start if seg_k is not None else None, T, S
+        )
+    attn_mask, any_visible = mask
+    if prefix_k is not None and seg_k is not None:
+        k, v = torch.cat([prefix_k, seg_k], dim=2), torch.cat([prefix_v, seg_v], dim=2)
+    else:
+        k, v = (prefix_k, prefix_v) if prefix_k is not None else (seg_k, seg_v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=True)
     return out * any_visible.to(out.dtype)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y = RMSNorm(h) * weight with h = x + residual (or x); returns (y, h if residual else None)."""
+    if backend_for(x) == "triton":
+        from kernels import rmsnorm
+
+        return rmsnorm.rmsnorm_triton(x, weight, eps, residual)
+    return rms_norm_torch(x, weight, eps, residual)
+
+
+def rms_norm_torch(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference (Qwen2RMSNorm op order): statistics in fp32, scale applied in the input dtype."""
+    h = x + residual if residual is not None else x
+    hf = h.float()
+    hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hf.to(h.dtype), (h if residual is not None else None)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q (B, H, T, D), k (B, Hkv, T, D) | None, cos/sin (B, T, D) fp32 -> rotated (q, k)."""
+    if backend_for(q) == "triton":
+        from kernels import rope
+
+        return rope.apply_rope_triton(q, k, cos, sin)
+    return apply_rope_torch(q, k, cos, sin)
+
+
+def apply_rope_torch(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference: x * cos + rotate_half(x) * sin in fp32, result in x's dtype (as model/rope.py)."""
+    c, s = cos[:, None], sin[:, None]
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        return (xf * c + torch.cat([-x2, x1], dim=-1) * s).to(x.dtype)
+
+    return rot(q), (rot(k) if k is not None else None)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.dispatch import rms_norm
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -14,10 +16,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in float32, scale applied in the input dtype (as Qwen2RMSNorm)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # statistics in float32, scale applied in the input dtype (as Qwen2RMSNorm); fused Triton
+        # kernel on CUDA (kernels/dispatch.py decides)
+        return rms_norm(x, self.weight, self.eps)[0]
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x) in one pass: the residual add fused into the norm."""
+        y, h = rms_norm(x, self.weight, self.eps, residual)
+        return y, h
 
 
 class SwiGLU(nn.Module):

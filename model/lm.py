@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.dispatch import prefix_causal_attention
+from kernels.dispatch import apply_rope as rope_qk
+from kernels.dispatch import attention_mask, backend_for, prefix_causal_attention
 from model.cache import StreamState
 from model.casa import CASALayer
 from model.config import ModelConfig
 from model.layers import Projections, RMSNorm, SwiGLU
-from model.rope import apply_rope, image_positions, inv_freq, rope_cos_sin, section_ids
+from model.rope import image_positions, inv_freq, rope_cos_sin, section_ids
 
 
 class Block(nn.Module):
@@ -55,6 +56,24 @@ class StepInputs:
     ca_sin: torch.Tensor | None = None
     n_img: torch.Tensor | None = None  # (R,) image tokens of the current frame
     img_len: int = 0
+    sa_rows: torch.Tensor | None = None  # flat_rows() of the new tokens in the text cache
+    ca_rows: torch.Tensor | None = None  # ... and in the CASA window
+    sa_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # torch backend: built once per step
+    ca_mask: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def flat_rows(b_idx: torch.Tensor, slots: torch.Tensor, heads: int, capacity: int) -> torch.Tensor:
+    """Row indices into a (B*Hkv*C, D) view of a (B, Hkv, C, D) buffer for tokens (b, slot): (n*Hkv,)."""
+    h = torch.arange(heads, device=b_idx.device)
+    return ((b_idx[:, None] * heads + h[None, :]) * capacity + slots[:, None]).reshape(-1)
+
+
+def write_rows(
+    buf: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, b_idx: torch.Tensor, t_idx: torch.Tensor
+) -> None:
+    """buf (B, Hkv, C, D) <- x (R, Hkv, T, D) at the valid tokens (b_idx, t_idx), in one index_copy_."""
+    src = x[b_idx, :, t_idx]  # (n, Hkv, D)
+    buf.view(-1, buf.shape[-1]).index_copy_(0, rows, src.reshape(-1, buf.shape[-1]))
 
 
 class LanguageModel(nn.Module):
@@ -107,7 +126,7 @@ class LanguageModel(nn.Module):
             norm, proj = self.layers[block_id].casa_parts()
             k, v = proj.kv(norm(image_tokens))  # (n, Hkv, N, D)
             if cos is not None:
-                k = apply_rope(k, cos, sin)
+                k = rope_qk(k, None, cos, sin)[0]
             cs.img_k[li, rows, :, :N] = k
             cs.img_v[li, rows, :, :N] = v
         cs.n_img[rows.cpu()] = N
@@ -161,6 +180,15 @@ class LanguageModel(nn.Module):
             if self.fusion == "casa":
                 assert ca_positions is not None
                 inp.ca_cos, inp.ca_sin = self.cos_sin(ca_positions)
+        kvh = self.cfg.kv_heads
+        inp.sa_rows = flat_rows(inp.b_idx, inp.sa_slots, kvh, text.capacity)
+        if inp.ca_slots is not None:
+            inp.ca_rows = flat_rows(inp.b_idx, inp.ca_slots, kvh, cs.window)
+        if backend_for(x) == "torch":
+            inp.sa_mask = attention_mask(None, 0, inp.sa_start, T, inp.sa_len)
+            if inp.n_img is not None:
+                seg = inp.ca_start if self.fusion == "casa" else None
+                inp.ca_mask = attention_mask(inp.n_img, max(inp.img_len, 1), seg, T, inp.ca_len)
         casa_index = {b: i for i, b in enumerate(self.casa_ids)}
         for li, block in enumerate(self.layers):
             x = self._block_step(block, li, casa_index.get(li), x, inp, state)
@@ -177,17 +205,28 @@ class LanguageModel(nn.Module):
         h = block.input_layernorm(x)
         q = block.self_attn.q(h)  # (R, H, T, D)
         k, v = block.self_attn.kv(h)  # (R, Hkv, T, D)
-        qs, ks = apply_rope(q, inp.sa_cos, inp.sa_sin), apply_rope(k, inp.sa_cos, inp.sa_sin)
-        text.k[li, inp.b_idx, :, inp.sa_slots] = ks[inp.b_idx, :, inp.t_idx]
-        text.v[li, inp.b_idx, :, inp.sa_slots] = v[inp.b_idx, :, inp.t_idx]
+        qs, ks = rope_qk(q, k, inp.sa_cos, inp.sa_sin)  # one fused launch for q and k on CUDA
+        write_rows(text.k[li], inp.sa_rows, ks, inp.b_idx, inp.t_idx)
+        write_rows(text.v[li], inp.sa_rows, v, inp.b_idx, inp.t_idx)
         S = inp.sa_len
         o = prefix_causal_attention(
-            qs, None, None, None, text.k[li, :R, :, :S], text.v[li, :R, :, :S], inp.sa_start, self.scale
+            qs,
+            None,
+            None,
+            None,
+            text.k[li, :R, :, :S],
+            text.v[li, :R, :, :S],
+            inp.sa_start,
+            self.scale,
+            inp.sa_mask,
         )
-        out = x + block.self_attn.out(o)
+        a = block.self_attn.out(o)
         if ci is not None:
-            out = out + self._casa_step(block, ci, x, h, q, k, v, inp, state)
-        return out + block.mlp(block.post_attention_layernorm(out))
+            c = self._casa_step(block, ci, x, h, q, k, v, inp, state)
+            x, a = x + a, c  # (x + sa) + casa: the summation order of the dense reference
+        # out = x + a and its post-attention norm in one fused pass (same sums, same order)
+        n, out = block.post_attention_layernorm.add_forward(a, x)
+        return out + block.mlp(n)
 
     def _casa_step(
         self,
@@ -211,11 +250,10 @@ class LanguageModel(nn.Module):
             k, v = proj.kv(hc)
         seg_k = seg_v = seg_start = None
         if block.casa.use_rope:
-            q = apply_rope(q, inp.ca_cos, inp.ca_sin)
-            k = apply_rope(k, inp.ca_cos, inp.ca_sin)
+            q, k = rope_qk(q, k, inp.ca_cos, inp.ca_sin)
         if block.casa.text_keys:
-            cs.win_k[ci, inp.b_idx, :, inp.ca_slots] = k[inp.b_idx, :, inp.t_idx]
-            cs.win_v[ci, inp.b_idx, :, inp.ca_slots] = v[inp.b_idx, :, inp.t_idx]
+            write_rows(cs.win_k[ci], inp.ca_rows, k, inp.b_idx, inp.t_idx)
+            write_rows(cs.win_v[ci], inp.ca_rows, v, inp.b_idx, inp.t_idx)
             seg_k, seg_v = cs.win_k[ci, :R, :, : inp.ca_len], cs.win_v[ci, :R, :, : inp.ca_len]
             seg_start = inp.ca_start
         N = max(inp.img_len, 1)
@@ -228,5 +266,6 @@ class LanguageModel(nn.Module):
             seg_v,
             seg_start,
             self.scale,
+            inp.ca_mask,
         )
         return proj.out(o)
