@@ -69,11 +69,17 @@ class Resampler:
     def __init__(self, fps: float) -> None:
         self.fps = fps
         self._next: float | None = None
+        self._prev: float | None = None
 
     def reset(self) -> None:
         self._next = None
 
+    def undo(self) -> None:
+        """Give back the slot of the last kept frame (it failed to decode: the next frame may take it)."""
+        self._next = self._prev
+
     def keep(self, pts: float) -> bool:
+        self._prev = self._next
         period = 1.0 / self.fps
         eps = 1e-3 * period  # float pts from integer time bases land a hair early
         if self._next is None or pts < self._next - period or pts > self._next + 4 * period:
@@ -204,6 +210,7 @@ def sniff_container(chunk: bytes) -> str | None:
     return None
 
 
+READ_AHEAD = 32 << 10  # PyAV's I/O buffer: the demuxer may hold this much unparsed input
 _FORMAT_NAMES = {"webm": "matroska", "matroska": "matroska", "mp4": "mp4", "mpegts": "mpegts", "ivf": "ivf"}
 
 
@@ -212,7 +219,9 @@ class ChunkReader(io.RawIOBase):
     are fine); after `end()` it returns b"" (EOF). `on_starved` fires each time the demuxer has consumed
     everything fed so far, which is how a flush barrier knows the decoder caught up."""
 
-    def __init__(self, on_starved: Callable[[int], None]) -> None:
+    def __init__(
+        self, on_starved: Callable[[int], None], on_read: Callable[[int], None] | None = None
+    ) -> None:
         super().__init__()
         self._buf = bytearray()
         self._cv = threading.Condition()
@@ -220,6 +229,7 @@ class ChunkReader(io.RawIOBase):
         self.fed = 0  # bytes fed
         self.consumed = 0  # bytes handed to the demuxer
         self._on_starved = on_starved
+        self._on_read = on_read
 
     def readable(self) -> bool:
         return True
@@ -248,7 +258,9 @@ class ChunkReader(io.RawIOBase):
             data = bytes(self._buf[:n])
             del self._buf[:n]
             self.consumed += len(data)
-            return data
+        if self._on_read is not None:
+            self._on_read(self.consumed)
+        return data
 
     def readinto(self, b) -> int:  # type: ignore[override]
         data = self.read(len(b))
@@ -270,7 +282,7 @@ class ContainerDecoder:
     """0x02: one container stream, demuxed and decoded incrementally in a thread."""
 
     GAP_SECONDS = 2.0  # a pts jump above max(this, 8 frame intervals) = lost data
-    STALL_BYTES = 256 << 10  # bytes fed without a decoded frame (after the first frame) = garbage
+    STALL_MIN_BYTES = 16 << 10  # bytes without a frame above max(this, 4 x the largest normal gap) = garbage
 
     def __init__(
         self,
@@ -291,8 +303,11 @@ class ContainerDecoder:
             )
         self.format = _FORMAT_NAMES[fmt] if fmt else detected
         self.limits, self.keep, self.sink = limits, keep, sink
-        self.reader = ChunkReader(sink.on_starved)
+        self.reader = ChunkReader(sink.on_starved, self._on_read)
         self.frames = 0
+        self._last_end = 0  # stream byte offset where the last packet that gave a frame ended
+        self._largest_gap = 0  # most bytes between two such packets, so far
+        self._stalled = False
         self._ended_by_client = False
         self._thread = threading.Thread(target=self._run, name="casa-demux", daemon=True)
         self.reader.feed(first_chunk)
@@ -325,6 +340,30 @@ class ContainerDecoder:
             self.reader.end()
             self.sink.on_end()
 
+    def _stall_limit(self) -> int:
+        return max(self.STALL_MIN_BYTES, 4 * self._largest_gap)
+
+    def _on_read(self, consumed: int) -> None:
+        """Garbage makes demuxers skip or swallow data without a word: many bytes without a frame. The
+        demuxer reads ahead up to its 32 KiB buffer, hence the slack."""
+        gap = consumed - self._last_end
+        if self.frames and self._last_end and not self._stalled and gap > READ_AHEAD + self._stall_limit():
+            self._stalled = True
+            self.sink.on_error(
+                BadFrame(
+                    f"no frame decoded from the last {gap} bytes of the {self.format} stream after frame "
+                    f"{self.frames}: corrupt data mid-stream?"
+                )
+            )
+
+    def _frame_seen(self, packet: av.Packet) -> None:
+        if packet.pos is None or packet.pos < 0:
+            return  # this demuxer does not report byte positions
+        end = packet.pos + packet.size
+        if self._last_end and not self._stalled:
+            self._largest_gap = max(self._largest_gap, end - self._last_end)
+        self._last_end, self._stalled = end, False
+
     def _classify(self, exc: av.FFmpegError) -> CasaError:
         if self.frames == 0:
             return BadFrame(
@@ -347,29 +386,12 @@ class ContainerDecoder:
                 raise UnsupportedCodec(f"the {self.format} stream's video codec cannot be decoded")
             last_pts: float | None = None
             interval = 0.0
-            bytes_at_frame = self.reader.consumed
-            largest = 0
-            stalled = False
             for packet in container.demux(stream):
-                largest = max(largest, packet.size)
                 t0 = time.perf_counter()
                 frames = packet.decode()
                 decode_s = time.perf_counter() - t0
-                if not frames:
-                    if (
-                        self.frames
-                        and not stalled
-                        and self.reader.consumed - bytes_at_frame > self.STALL_BYTES + 4 * largest
-                    ):
-                        stalled = True
-                        self.sink.on_error(
-                            BadFrame(
-                                f"no frame decoded from the last {self.reader.consumed - bytes_at_frame} bytes of the "
-                                f"{self.format} stream: corrupt data mid-stream?"
-                            )
-                        )
-                    continue
-                bytes_at_frame, stalled = self.reader.consumed, False
+                if frames:
+                    self._frame_seen(packet)
                 for frame in frames:
                     self.frames += 1
                     pts = (
@@ -401,6 +423,12 @@ class ContainerDecoder:
             )
         if self.frames == 0:
             raise BadFrame(f"the {self.format} stream ended without a single decodable frame (truncated?)")
+        tail = self.reader.fed - self._last_end
+        if self._last_end and not self._stalled and tail > self._stall_limit():
+            raise BadFrame(
+                f"the last {tail} bytes of the {self.format} stream gave no frame (after frame {self.frames}): "
+                "corrupt data mid-stream?"
+            )
 
 
 def decode_file(

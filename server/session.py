@@ -280,6 +280,7 @@ class Session:
             image = await asyncio.to_thread(decode_image, payload, self.limits)
         except BaseException:
             self._give_credit(credited)
+            self.resampler.undo()
             raise
         self._accept(image, pts, time.perf_counter() - t0, credited)
 

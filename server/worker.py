@@ -178,6 +178,9 @@ class Worker:
             slot.closed = True
             self._slots.remove(slot)
             self.engine.close(slot.row)
+            # the step loop sets this gauge only when a step runs: without this, the last session's
+            # tokens would stay on the dashboard after it leaves (ops engineer's fix)
+            self.metrics.kv_cache_tokens.set(sum(self.engine.kv_tokens(s.row) for s in self._slots))
 
         with self._cv:
             self._commands.append((do, concurrent.futures.Future()))

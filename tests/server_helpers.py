@@ -97,6 +97,9 @@ class WS:
     def send_bytes(self, data: bytes) -> None:
         self.ws.send_bytes(data)
 
+    def send_text(self, text: str) -> None:
+        self.ws.send_text(text)
+
     def update(self, **session) -> dict:
         self.send({"type": "session.update", "session": session})
         return self.until("session.updated")[-1]
