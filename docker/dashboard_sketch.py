@@ -126,7 +126,7 @@ def draw(base: str, minutes: float, rate_interval: str, end: float | None) -> st
             )
             continue
         # timeseries: plot area, y axis from 0 to a round maximum, threshold dashed
-        px, py, pw, ph = x + 48, y + 26, w - 58, h - 26 - 20 - 14 * min(len(series), 3)
+        px, py, pw, ph = x + 48, y + 26, w - 58, h - 26 - 20 - 14 * 3
         values = [v for _, pts in series for _, v in pts if not math.isnan(v)]
         threshold = None
         if defaults.get("custom", {}).get("thresholdsStyle", {}).get("mode") == "dashed":
@@ -149,7 +149,10 @@ def draw(base: str, minutes: float, rate_interval: str, end: float | None) -> st
                 f'<text x="{px + pw / 2}" y="{py + ph / 2}" fill="#8e8e8e" font-size="12" '
                 'text-anchor="middle">no data</text>'
             )
-        for i, (name, points) in enumerate(series):
+        # Series that stay at zero (an error code never seen) are drawn but left out of the legend,
+        # which lists the others as Grafana's table legend does: last and max.
+        shown = [k for k, (_, pts) in enumerate(series) if any(v > 0 for _, v in pts if not math.isnan(v))]
+        for i, (_name, points) in enumerate(series):
             color = COLORS[i % len(COLORS)]
             path, pen = [], "M"
             for t, v in points:
@@ -160,19 +163,24 @@ def draw(base: str, minutes: float, rate_interval: str, end: float | None) -> st
                 pen = "L"
             if path:
                 svg.append(f'<path d="{" ".join(path)}" fill="none" stroke="{color}" stroke-width="1.6"/>')
-            if i < 3:
-                last = next((v for _, v in reversed(points) if not math.isnan(v)), float("nan"))
-                ly = py + ph + 18 + 14 * i
-                svg.append(f'<rect x="{px}" y="{ly - 8}" width="10" height="3" fill="{color}"/>')
-                svg.append(
-                    f'<text x="{px + 14}" y="{ly - 3}" fill="#c7d0d9" font-size="10">'
-                    f"{escape(name)}: {escape(fmt(last, unit))}</text>"
-                )
-            elif i == 3:
-                svg.append(
-                    f'<text x="{px + pw}" y="{py + ph + 15}" fill="#8e8e8e" font-size="10" text-anchor="end">'
-                    f"+{len(series) - 3} more series</text>"
-                )
+        for line, k in enumerate(shown[:3]):
+            name, points = series[k]
+            real = [v for _, v in points if not math.isnan(v)]
+            ly = py + ph + 18 + 14 * line
+            svg.append(
+                f'<rect x="{px}" y="{ly - 8}" width="10" height="3" fill="{COLORS[k % len(COLORS)]}"/>'
+            )
+            svg.append(
+                f'<text x="{px + 14}" y="{ly - 3}" fill="#c7d0d9" font-size="10">{escape(name)}: '
+                f"last {escape(fmt(real[-1], unit))}, max {escape(fmt(max(real), unit))}</text>"
+            )
+        hidden = len(series) - len(shown[:3])
+        if hidden:
+            zero = len(series) - len(shown)
+            svg.append(
+                f'<text x="{px + pw}" y="{py + ph + 15}" fill="#8e8e8e" font-size="10" text-anchor="end">'
+                f"+{hidden} more series ({zero} all zero)</text>"
+            )
     svg.append("</svg>")
     return "\n".join(svg) + "\n"
 

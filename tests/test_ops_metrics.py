@@ -524,6 +524,7 @@ def test_frame_count_and_latency_quantile_through_promql(casa_server, prometheus
     assert prometheus.value(f"sum(casa_frames_dropped_total{job})") == 0
     assert prometheus.value('casa_sessions_total{job="casa-live",outcome="closed"}') == 1
     assert prometheus.value(f"casa_sessions_active{job}") == 0
+    assert prometheus.value(f"casa_kv_cache_tokens{job}") == 0  # the closed session's cache is freed
 
     # The dashboard's p50 over the session, and the client's own view of the same frames: linear
     # interpolation inside the bucket that holds the median puts both in that bucket.
