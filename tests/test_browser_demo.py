@@ -103,6 +103,12 @@ def run_page(
         assert "live" in page.inner_text("#status")
         assert page.inner_text("#s-latency").endswith("ms")
         assert page.evaluate("document.querySelector('#spark').toDataURL().length") > 1000  # a drawn line
+        # Settings apply to the running session: session.update -> session.updated -> new capture rate.
+        page.fill("#fps", "3")
+        page.dispatch_event("#fps", "change")
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.includes('3 fps')", timeout=15000
+        )
         page.click("#stop")
         page.wait_for_function(
             "document.querySelector('#status').textContent.startsWith('closed')", timeout=15000
@@ -170,5 +176,9 @@ def test_server_errors_in_plain_words(browser, tmp_path: Path) -> None:
         page.click("#start")
         page.wait_for_function("document.querySelectorAll('#history li').length >= 2", timeout=60000)
         assert page.is_hidden("#error")
+    # The server is gone now (start_server stopped it): the page says so.
+    page.wait_for_selector("#error", state="visible", timeout=30000)
+    assert "connection to the server was lost" in page.inner_text("#error")
+    assert "disconnected" in page.inner_text("#status")
     page.close()
     assert not errors, errors
