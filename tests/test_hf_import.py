@@ -387,3 +387,44 @@ def test_engine_streams_qwen_chat_format(hf_dir, tmp_path) -> None:
     ev = list(engine2.caption(r, frame))
     # stop + <|vision_start|>, then only <|vision_end|> (no caption prefix), then the fed caption tokens
     assert engine2.kv_tokens(r) == kv1 + 2 + 1 + len(ev) - 1
+
+
+def test_transformers4_config_of_the_3b_release() -> None:
+    """The config.json layout of Qwen/Qwen2.5-VL-3B-Instruct (transformers 4.x) maps onto our preset."""
+    from model.config import preset
+
+    cfg = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 36,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "tie_word_embeddings": True,
+        "use_sliding_window": False,
+        "vocab_size": 151936,
+        "vision_config": {
+            "depth": 32,
+            "hidden_act": "silu",
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "in_chans": 3,
+            "out_hidden_size": 2048,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "window_size": 112,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            "tokens_per_second": 2,
+            "temporal_patch_size": 2,
+        },
+    }
+    ours = hfc.model_config(cfg, CASAConfig())
+    ref = preset("qwen2.5-vl-3b")
+    assert ours.lm == ref.lm and ours.vision == ref.vision and ours.image_tokens == 256
