@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.logs import redact_tokens
 
     settings = settings_from_args(args)
     logging.basicConfig(
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"  websocket:  ws://{host}:{settings.port}/v1/stream   metrics: http://{host}:{settings.port}/metrics"
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -103,4 +104,6 @@ def run(args: argparse.Namespace) -> int:
         ws_per_message_deflate=False,  # JPEG / video payloads do not compress; deflate only costs CPU
         ws_max_size=settings.transport_max_bytes,
     )
+    redact_tokens()  # after uvicorn configured its loggers: ?token=KEY never reaches the log
+    uvicorn.Server(config).run()
     return 0

@@ -64,6 +64,7 @@ class ServerContext:
             prompt=gen.template.default_prompt,
             fps=min(gen.fps, self.settings.max_fps),
             max_new_tokens=gen.max_new_tokens,
+            min_new_tokens=getattr(gen, "min_new_tokens", 0),
             temperature=gen.temperature,
             top_k=gen.top_k,
             repetition_penalty=gen.repetition_penalty,

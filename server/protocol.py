@@ -145,6 +145,9 @@ class SessionSettings(_Strict):
     prompt: str | None = Field(default=None, max_length=2000, description="user prompt for the stream")
     fps: float | None = Field(default=None, gt=0, description="frames captioned per second of video")
     max_new_tokens: int | None = Field(default=None, ge=1, le=256)
+    min_new_tokens: int | None = Field(
+        default=None, ge=0, le=256, description="stop tokens banned before this"
+    )
     temperature: float | None = Field(default=None, ge=0.0, le=5.0, description="0 = greedy")
     top_k: int | None = Field(default=None, ge=0, description="0 = no top-k filter")
     repetition_penalty: float | None = Field(default=None, ge=1.0, le=10.0)

@@ -175,6 +175,7 @@ class Session:
         s = self.settings
         return EngineSettings(
             max_new_tokens=s.max_new_tokens,
+            min_new_tokens=min(s.min_new_tokens or 0, s.max_new_tokens or 0),
             temperature=s.temperature,
             top_k=s.top_k,
             repetition_penalty=s.repetition_penalty,
