@@ -83,6 +83,9 @@ def hf_config(tie: bool = True):
             eos_token_id=2,
         ),
         tie_word_embeddings=tie,
+        image_token_id=QWEN_SPECIAL.index("<|image_pad|>"),
+        vision_start_token_id=QWEN_SPECIAL.index("<|vision_start|>"),
+        vision_end_token_id=QWEN_SPECIAL.index("<|vision_end|>"),
     )
 
 
@@ -181,6 +184,39 @@ def test_lm_logits_match_transformers(hf_dir, tmp_path, tie: bool, casa: CASACon
         h = hf.model.language_model(input_ids=tokens).last_hidden_state
         ref = hf.lm_head(h)
         ours = dense_forward(model.lm, text_only(tokens, model.grid, 64))
+    assert torch.allclose(ours, ref, atol=ATOL[torch.float32], rtol=0), report(ours, ref)
+
+
+def test_insertion_fusion_matches_transformers_with_an_image(hf_dir) -> None:
+    """`--fusion insertion` is plain Qwen2.5-VL: a non-square frame inserted as placeholder tokens,
+    positions from transformers' own get_rope_index."""
+    path, hf = hf_dir
+    model, *_ = import_checkpoint(path, casa=CASAConfig(fusion="insertion"), image_size=56)
+    g = torch.Generator().manual_seed(7)
+    gh, gw = 12, 8  # patches; merged grid 6 x 4
+    n = gh * gw // 4
+    patches = torch.randn(gh * gw, 3 * 14 * 14, generator=g)
+    start, end, pad = (QWEN_SPECIAL.index(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>"))
+    before = [*torch.randint(10, VOCAB, (5,), generator=g).tolist(), start]
+    after = [end, *torch.randint(10, VOCAB, (6,), generator=g).tolist()]
+    ids = torch.tensor([before + [pad] * n + after])
+    with torch.no_grad():
+        ref = hf(
+            input_ids=ids,
+            pixel_values=patches.view(-1, 3, 1, 196).expand(-1, 3, 2, 196).reshape(gh * gw, -1),
+            image_grid_thw=torch.tensor([[1, gh, gw]]),
+            mm_token_type_ids=(ids == pad).int(),
+        ).logits[0]
+        ref = torch.cat([ref[: len(before)], ref[len(before) + n :]])
+        batch = Interleaved(
+            tokens=torch.tensor([before + after]),
+            text_len=torch.tensor([len(before) + len(after)]),
+            images=model.vision(patches[None], (gh, gw))[None],
+            n_frames=torch.tensor([1]),
+            insert_at=torch.tensor([[len(before)]]),
+            grid=(gh // 2, gw // 2),
+        )
+        ours = dense_forward(model.lm, batch)[0]
     assert torch.allclose(ours, ref, atol=ATOL[torch.float32], rtol=0), report(ours, ref)
 
 
