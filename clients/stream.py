@@ -115,7 +115,7 @@ class Streamer:
         self.writers = writers or []
         self.printer = printer or LivePrinter()
         self.stats = StreamStats()
-        self.settings: dict[str, Any] = {}
+        self.settings: wire.SessionSettings | None = None  # the effective settings, once updated
         self.interrupted = asyncio.Event()
         self._closed = asyncio.Event()  # session.closed received
         self._credits: asyncio.Semaphore | None = None
@@ -141,8 +141,10 @@ class Streamer:
             raise StreamError(f"bad server URL {self.opt.url!r}: {e}", EXIT_USAGE) from e
         except InvalidStatus as e:
             status = e.response.status_code
-            if status in (401, 403):
+            if status == 401:
                 msg = "the server refused the credentials: pass the right key with --token or CASA_TOKEN"
+            elif status == 403:
+                msg = "the server refused the websocket (HTTP 403): it may still be loading its model (see /readyz)"
             elif status == 404:
                 msg = f"{self.opt.url} has no streaming endpoint: is this a casa-live server?"
             else:

@@ -36,6 +36,7 @@ __all__ = [
     "Marker",
     "SessionClosed",
     "SessionCreated",
+    "SessionSettings",
     "SessionUpdated",
     "Stats",
     "container_chunk",

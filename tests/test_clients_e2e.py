@@ -109,7 +109,8 @@ def start_server(tmp: Path, **env: str) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory) -> Iterator[LiveServer]:
-    yield from start_server(tmp_path_factory.mktemp("live-server"))
+    # Two slots, so test_capacity_is_a_clear_message can fill them.
+    yield from start_server(tmp_path_factory.mktemp("live-server"), CASA_MAX_SESSIONS="2")
 
 
 def casa_stream(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -236,3 +237,15 @@ def test_bad_source_and_bad_settings_are_usage_errors(live_server: LiveServer, t
     done = casa_stream("synthetic:1", "--server", live_server.ws, "--fps", "1000", timeout=30)
     assert done.returncode == 2 and "invalid_settings" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_capacity_is_a_clear_message(live_server: LiveServer) -> None:
+    from websockets.sync.client import connect
+
+    with contextlib.ExitStack() as stack:
+        for _ in range(2):  # fill both session slots
+            ws = stack.enter_context(connect(live_server.ws + "/v1/stream"))
+            assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+        done = casa_stream("synthetic:1", "--server", live_server.ws, timeout=60)
+    assert done.returncode == 1
+    assert "capacity: the server is full; try again shortly" in done.stderr, done.stderr
