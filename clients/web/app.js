@@ -199,9 +199,12 @@
 
   function onClose(r, ev) {
     stopCapture(r);
+    if (r !== run) { // an earlier run closing late: leave the current one's video and buttons alone
+      if (r.media) r.media.getTracks().forEach((t) => t.stop());
+      return;
+    }
     closeSource(r);
     setButtons(false);
-    if (r !== run) return;
     if (r.stopping || ev.code === 1000) {
       if (!el.status.textContent.startsWith("closed")) setStatus("stopped", "idle");
       return;
