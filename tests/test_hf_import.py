@@ -308,10 +308,10 @@ def test_load_checkpoint_and_convert_roundtrip(hf_dir, tmp_path) -> None:
 CASA_BLOCKS = [0, 2]
 
 
-def kyutai_tensors(t: dict[str, torch.Tensor], norm: bool = True) -> None:
+def kyutai_tensors(t: dict[str, torch.Tensor], norm: bool = True, root: str = "model.") -> None:
     """Rename to the assumed Kyutai layout and add CASA tensors to blocks 0 and 2."""
     for k in [k for k in t if k.startswith("visual.")]:
-        t["model.image_prefix." + k] = t.pop(k)
+        t[root + "image_prefix." + k] = t.pop(k)
     g = torch.Generator().manual_seed(5)
     for b in CASA_BLOCKS:
         pre = f"model.layers.{b}."
@@ -326,8 +326,9 @@ def kyutai_tensors(t: dict[str, torch.Tensor], norm: bool = True) -> None:
             t[pre + "casa_norm.weight"] = torch.rand(64, generator=g) + 0.5
 
 
-def test_kyutai_layout_imports_casa_tensors(hf_dir, tmp_path) -> None:
-    path = copy_with_tensors(hf_dir[0], tmp_path / "kyutai", kyutai_tensors)
+@pytest.mark.parametrize("root", ["model.", ""])
+def test_kyutai_layout_imports_casa_tensors(hf_dir, tmp_path, root: str) -> None:
+    path = copy_with_tensors(hf_dir[0], tmp_path / "kyutai", lambda t: kyutai_tensors(t, root=root))
     assert detect_layout(path) == "kyutai-casa"
     model, _, _, rep = import_checkpoint(path)
     assert rep.casa_blocks == CASA_BLOCKS and rep.tensors == len(load_file(str(path / "model.safetensors")))
@@ -339,7 +340,7 @@ def test_kyutai_layout_imports_casa_tensors(hf_dir, tmp_path) -> None:
         assert torch.equal(casa.norm.weight, t[f"model.layers.{b}.casa_norm.weight"])
     assert model.lm.layers[1].casa is None
     assert torch.equal(
-        model.vision.blocks[1].attn.qkv.weight, t["model.image_prefix.visual.blocks.1.attn.qkv.weight"]
+        model.vision.blocks[1].attn.qkv.weight, t[f"{root}image_prefix.visual.blocks.1.attn.qkv.weight"]
     )
 
 

@@ -57,7 +57,7 @@ def detect_layout(path: str | Path) -> str:
     if "lm" in cfg and "vision" in cfg:
         return "casa"
     names = hft.tensor_names(path)
-    if any(n.startswith("model.image_prefix.") for n in names):
+    if any(n.startswith(("model.image_prefix.", "image_prefix.")) for n in names):
         return "kyutai-casa"
     if str(cfg.get("model_type", "")).startswith("qwen2_5_vl") or any(
         n.startswith(("visual.", "model.visual.")) for n in names

@@ -7,7 +7,8 @@ missing, unexpected or wrongly shaped tensor by the name it has (or should have)
 
 Name layouts accepted (all seen in the wild or assumed, see docs/checkpoints.md):
 - vision tower: `visual.*` (Qwen2.5-VL as released and as transformers 5 saves it),
-  `model.visual.*` (transformers' in-memory naming), `model.image_prefix.visual.*` (Kyutai CASA);
+  `model.visual.*` (transformers' in-memory naming), `model.image_prefix.visual.*` or
+  `image_prefix.visual.*` (Kyutai CASA: the module path is known, the state-dict root is not);
 - language model: `model.*` or `model.language_model.*`; `lm_head.weight` unless embeddings are tied;
 - Kyutai CASA layers: extra tensors under a block, `<lm>layers.N.<anything>.<module>.<weight|bias>`,
   classified by module-name suffix (q/k/v/o projections, norm). Unclassifiable names are refused.
@@ -28,7 +29,7 @@ from safetensors.torch import load_file
 from model.weights import CheckpointError
 
 INDEX = "model.safetensors.index.json"
-VISION_PREFIXES = ("model.image_prefix.visual.", "model.visual.", "visual.")
+VISION_PREFIXES = ("model.image_prefix.visual.", "image_prefix.visual.", "model.visual.", "visual.")
 LM_PREFIXES = ("model.language_model.", "model.")
 QWEN_BLOCK = {
     "input_layernorm.weight",
