@@ -10,11 +10,17 @@ fits one block (N <= 16k). Unfused torch runs ~5 kernels and moves ~10 N bytes p
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from kernels.dispatch import rms_norm_torch as rmsnorm_torch
+
 __all__ = ["rmsnorm_torch", "rmsnorm_triton"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -24,6 +30,7 @@ def _rmsnorm_fwd(
     W,
     Y,
     HSUM,
+    n_rows,
     n_cols,
     s_x,
     s_r,
@@ -31,27 +38,36 @@ def _rmsnorm_fwd(
     s_h,
     eps,
     HAS_RES: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # X, R: (rows, n_cols) row strides s_x, s_r; Y, HSUM: outputs, strides s_y, s_h; W: (n_cols,)
-    row = tl.program_id(0).to(tl.int64)
+    # X, R: (n_rows, n_cols) row strides s_x, s_r; Y, HSUM: outputs, strides s_y, s_h; W: (n_cols,).
+    # One program normalises ROWS rows held as one (ROWS, BLOCK) tile.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    ok = cols < n_cols
-    h = tl.load(X + row * s_x + cols, mask=ok, other=0.0)
+    ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    h = tl.load(X + rows[:, None] * s_x + cols[None, :], mask=ok, other=0.0)
     if HAS_RES:
-        r = tl.load(R + row * s_r + cols, mask=ok, other=0.0)
+        r = tl.load(R + rows[:, None] * s_r + cols[None, :], mask=ok, other=0.0)
         h = (h.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)  # the sum torch would store
-        tl.store(HSUM + row * s_h + cols, h, mask=ok)
+        tl.store(HSUM + rows[:, None] * s_h + cols[None, :], h, mask=ok)
     hf = h.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / n_cols + eps)
-    normed = (hf * rstd).to(X.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + row * s_y + cols, (normed * w).to(Y.dtype.element_ty), mask=ok)
+    rstd = tl.math.rsqrt(tl.sum(hf * hf, 1) / n_cols + eps)  # (ROWS,)
+    normed = (hf * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(Y + rows[:, None] * s_y + cols[None, :], (normed * w[None, :]).to(Y.dtype.element_ty), mask=ok)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def pick_rows(n_rows: int, block: int) -> int:
+    """Rows per program: a ~4k-element tile on the GPU (1 row once N >= 4k), ~64k in the interpreter
+    (whose cost is per program, not per element)."""
+    budget = 65536 if INTERPRET else 4096
+    return max(1, min(triton.next_power_of_2(n_rows), budget // block))
 
 
 def rmsnorm_triton(
@@ -71,31 +87,23 @@ def rmsnorm_triton(
     else:
         r2 = h = x2
     block = triton.next_power_of_2(n)
-    _rmsnorm_fwd[(x2.shape[0],)](
-        x2, r2, weight, y, h, n, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), eps,
-        HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+    rows = pick_rows(x2.shape[0], block)
+    _rmsnorm_fwd[(triton.cdiv(x2.shape[0], rows),)](
+        x2, r2, weight, y, h, x2.shape[0], n, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), eps,
+        HAS_RES=residual is not None, ROWS=rows, BLOCK=block,
+        num_warps=min(16, max(1, rows * block // 512)),
     )  # fmt: skip
     return y.view(x.shape), (h.view(x.shape) if residual is not None else None)
 
 
-def rmsnorm_torch(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference with the same API (and the op order of HF Qwen2RMSNorm)."""
-    h = x + residual if residual is not None else x
-    hf = h.float()
-    normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype), (h if residual is not None else None)
-
-
 def aot_configs() -> list[tuple[str, object, dict[str, str], dict[str, object], int]]:
     out = []
-    for n, res in ((2048, True), (3584, False)):
-        cex = {"HAS_RES": res, "BLOCK": triton.next_power_of_2(n)}
-        sig = {"X": "*bf16", "R": "*bf16", "W": "*bf16", "Y": "*bf16", "HSUM": "*bf16"}
+    for n, res, rows in ((2048, True, 2), (3584, False, 1), (64, True, 64)):
+        block = triton.next_power_of_2(n)
+        cex = {"HAS_RES": res, "ROWS": rows, "BLOCK": block}
+        sig = {"X": "*bf16", "R": "*bf16", "W": "*bf16", "Y": "*bf16", "HSUM": "*bf16", "n_rows": "i32"}
         sig |= {"n_cols": "i32", "s_x": "i32", "s_r": "i32", "s_y": "i32", "s_h": "i32", "eps": "fp32"}
         sig |= {k: "constexpr" for k in cex}
-        out.append(
-            (f"rmsnorm_n{n}{'_res' if res else ''}", _rmsnorm_fwd, sig, cex, min(16, cex["BLOCK"] // 256))
-        )
+        warps = min(16, max(1, rows * block // 512))
+        out.append((f"rmsnorm_n{n}_rows{rows}{'_res' if res else ''}", _rmsnorm_fwd, sig, cex, warps))
     return out
