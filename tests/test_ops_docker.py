@@ -134,6 +134,21 @@ def test_dockerfile_caches_dependency_layers_before_the_source():
     )
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="the image's Python (3.11) has tomllib; this one does not"
+)
+def test_dockerfile_requirements_step_reads_the_pyproject_dependencies():
+    # Run the Dockerfile's own one-liner (the layer that caches the dependencies) on the real pyproject.
+    runs = _args(_instructions(ROOT / "Dockerfile"), "RUN")
+    (step,) = [r for r in runs if "tomllib" in r]
+    code = re.search(r"python -c '([^']*)'", step).group(1)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    deps = re.search(r"dependencies = \[(.*?)\n\]", (ROOT / "pyproject.toml").read_text(), re.S).group(1)
+    assert out.split() == re.findall(r'"([^"]+)"', deps)
+
+
 # ---------------------------------------------------------------------------------------------------
 # .dockerignore
 # ---------------------------------------------------------------------------------------------------
