@@ -621,6 +621,8 @@ async def _receive(ws: WebSocket, session: Session, ctx: ServerContext) -> str:
         except asyncio.TimeoutError:
             if time.monotonic() - started >= s.max_session_seconds:
                 continue  # reported at the top of the loop
+            if session.unfinished or session.markers:
+                continue  # the client waits for captions of what it sent: not idle
             raise SessionTimeout(
                 f"no message for {s.idle_timeout_seconds:g} s; the session was closed (send frames or a marker "
                 "to keep it open)"
