@@ -27,8 +27,7 @@ ARG TORCH_VERSION=2.13.0
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_COMPILE=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -64,7 +63,8 @@ RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e .
 
-# Mount other models here (read-only is enough) and pass `--model /models/NAME`.
+# Mount other models under /models (read-only is enough) and set CASA_MODEL_DIR=/models/NAME
+# (or pass --model-dir).
 # No VOLUME instruction: it would create an anonymous volume on every run for a directory that
 # is only ever bind-mounted.
 USER 10001:10001
