@@ -70,11 +70,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     casa = CASAConfig(fusion=args.fusion, layers=parse_layers(args.casa_layers), shared=args.shared)
     try:
-        model, tokenizer, gen, report = import_checkpoint(args.src, casa=casa, image_size=args.image_size)
+        model, tokenizer, gen, report = import_checkpoint(
+            args.src, casa=casa, image_size=args.image_size, dtype=getattr(torch, args.dtype)
+        )
     except CheckpointError as e:
         print(f"casa convert: {e}", file=sys.stderr)
         return 1
-    model = model.to(getattr(torch, args.dtype))
     save_checkpoint(dst, model, tokenizer, gen)
     print(report.summary())
     print(f"wrote {dst} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {args.dtype})")

@@ -12,17 +12,20 @@ Loading is strict either way; see docs/checkpoints.md.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from model.config import CASAConfig, GenerationConfig
 from model.hf import config as hfc
 from model.hf import tensors as hft
 from model.tokenizer import Tokenizer
 from model.vlm import CASAModel
-from model.weights import CONFIG, CheckpointError, strict_load
+from model.weights import CONFIG, CheckpointError
 
 LAYOUTS = ("casa", "qwen2.5-vl", "kyutai-casa")
 
@@ -74,12 +77,16 @@ def import_checkpoint(
     casa: CASAConfig | None = None,
     image_size: int | None = None,
     layout: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[CASAModel, Tokenizer, GenerationConfig, ImportReport]:
-    """Build our model from a Qwen2.5-VL or Kyutai CASA directory (float32, CPU).
+    """Build our model (on the CPU, parameters in `dtype`) from a Qwen2.5-VL or Kyutai CASA directory.
 
     casa: for Qwen2.5-VL, which CASA layers to add (default: every block, separate weights); for a
     Kyutai checkpoint, only needed for the shared variant, which stores no CASA tensors.
     image_size: fixed frame side (default 448, or the preprocessor config's).
+
+    The model is built on the meta device and its parameters are the checkpoint's tensors (cast to
+    dtype), so a 3B import needs about one copy of the weights in memory and no random init.
     """
     path = Path(path)
     layout = layout or detect_layout(path)
@@ -106,18 +113,19 @@ def import_checkpoint(
     assert casa is not None
     size = image_size or hfc.preprocessor_image_size(path) or hfc.LIVE_IMAGE_SIZE
     config = hfc.model_config(cfg, casa, size, name=f"{layout}:{path.name}")
-    model = CASAModel(config)
-    our = model.state_dict()
+    with _meta_parameters():
+        model = CASAModel(config)
+    our = model.state_dict()  # meta tensors: names and shapes
     plan = hft.plan_backbone(
         our, names, vp, lp, config.lm.tie_embeddings, casa_from_ckpt=layout == "kyutai-casa"
     )
     if layout == "kyutai-casa" and not casa.shared:
         hft.plan_kyutai_casa(plan, names, lp, config.lm.layers, config.lm.qkv_bias)
-    state = hft.assemble(plan, our, tensors, str(path))
-    # CASA parameters to initialise: copy the (already imported) self-attention weights after loading
-    for name in plan.from_self_attention:
-        state[name] = our[name]
-    strict_load(model, state, source=str(path))
+    state = {k: v.to(dtype) for k, v in hft.assemble(plan, our, tensors, str(path)).items()}
+    del tensors
+    for name in plan.from_self_attention:  # filled below from the imported self-attention
+        state[name] = torch.empty(our[name].shape, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)  # accounting was done by assemble
     if plan.from_self_attention:
         model.lm.init_casa_from_self_attention()
     notes += plan.notes
@@ -136,6 +144,25 @@ def import_checkpoint(
     return model.eval(), tokenizer, gen, report
 
 
+@contextmanager
+def _meta_parameters() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device: no memory and no random init
+    for weights that the checkpoint is about to replace. Buffers (rotary tables) are built normally.
+    """
+    original = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
+        if param is not None and not param.is_meta:
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
 def _need_file(path: Path, name: str) -> Path:
     if not (path / name).exists():
         raise CheckpointError(f"{path} has no {name}")
@@ -150,5 +177,5 @@ def load_any(
 
     if detect_layout(path) == "casa":
         return load_checkpoint(path, device, dtype)
-    model, tok, gen, _ = import_checkpoint(path)
+    model, tok, gen, _ = import_checkpoint(path, dtype=dtype)
     return model.to(device=device, dtype=dtype).eval(), tok, gen
