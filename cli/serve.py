@@ -16,6 +16,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--model-dir": ("model_dir", str, "checkpoint directory (default: the bundled checkpoints/default)"),
     "--device": ("device", str, "torch device, e.g. cpu or cuda (default cpu)"),
     "--dtype": ("dtype", str, "float32 | bfloat16 | float16 (default float32)"),
+    "--threads": ("threads", int, "torch threads of the model worker; 0 = torch default (default 1)"),
     "--max-sessions": ("max_sessions", int, "concurrent streams = engine batch rows (default 32)"),
     "--max-context-tokens": ("max_context_tokens", int, "text KV cache bound per session (default 1024)"),
     "--max-message-bytes": ("max_message_bytes", int, "largest websocket message accepted (default 4 MiB)"),

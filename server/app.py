@@ -79,6 +79,8 @@ class ServerContext:
 
 
 def load_engine(settings: Settings) -> Engine:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     dtype = getattr(torch, settings.dtype)
     if not Path(settings.model_dir).is_dir():
         raise FileNotFoundError(
@@ -94,8 +96,10 @@ def load_engine(settings: Settings) -> Engine:
     )
 
 
-def warm_up(engine: Engine) -> None:
+def warm_up(engine: Engine, threads: int = 0) -> None:
     """Caption two frames in one row (first-frame and next-frame paths), then free the row."""
+    if threads:
+        torch.set_num_threads(threads)
     row = engine.open()
     try:
         grey = np.full((engine.image_size, engine.image_size, 3), 128, np.uint8)
@@ -142,9 +146,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         t0 = time.perf_counter()
         engine = await asyncio.to_thread(load_engine, settings)
         if settings.warmup:
-            await asyncio.to_thread(warm_up, engine)
+            await asyncio.to_thread(warm_up, engine, settings.threads)
         ctx.engine, ctx.model_name = engine, engine.model.config.name
-        ctx.worker = Worker(engine, ctx.metrics, asyncio.get_running_loop())
+        ctx.worker = Worker(engine, ctx.metrics, asyncio.get_running_loop(), settings.threads)
         ctx.worker.start()
         ctx.metrics.stream_lag_seconds.set_function(ctx.max_lag)
         ctx.metrics.sessions_active.set(0)

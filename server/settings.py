@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     max_sessions: int = Field(default=32, ge=1, description="concurrent streams = engine batch rows")
     max_context_tokens: int = Field(default=1024, ge=64, description="text KV cache bound per session")
     warmup: bool = True
+    threads: int = Field(
+        default=1,
+        ge=0,
+        description="torch intra-op threads of the model worker (0 = torch's default). One thread is fastest "
+        "for small models on a shared CPU: intra-op parallelism on tiny matmuls mostly adds contention",
+    )
 
     auth_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="empty = no authentication"

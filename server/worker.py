@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from model.generate import CapacityError, Engine, SessionSettings, TokenEvent
 from server.errors import Capacity, CasaError, FrameFailed, InvalidSettings
@@ -95,8 +96,10 @@ class Slot:
 
 
 class Worker:
-    def __init__(self, engine: Engine, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
-        self.engine, self.metrics, self.loop = engine, metrics, loop
+    def __init__(
+        self, engine: Engine, metrics: Metrics, loop: asyncio.AbstractEventLoop, threads: int = 0
+    ) -> None:
+        self.engine, self.metrics, self.loop, self.threads = engine, metrics, loop, threads
         self._cv = threading.Condition()
         self._commands: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
             collections.deque()
@@ -226,6 +229,8 @@ class Worker:
             )
 
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while True:
             with self._cv:
                 while not self._stop and not self._commands and not self._ready():
