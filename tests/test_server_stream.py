@@ -314,3 +314,23 @@ def test_upload_errors(app):
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_frame"
     r = app.post("/v1/captions?fps=-1", content=b"x")
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_settings"
+
+
+def test_concurrent_sessions_share_engine_steps(app, frames):
+    """Frames of different sessions are prefilled and decoded in the same engine step (batch > 1)."""
+
+    def buckets(text: str) -> tuple[float, float]:
+        return _metric(text, 'casa_batch_size_bucket{le="1.0"}'), _metric(text, "casa_batch_size_count")
+
+    le1_before, count_before = buckets(app.get("/metrics").text)
+    msgs = image_messages(frames)
+    with stream(app) as a, stream(app) as b, stream(app) as c:
+        for ws in (a, b, c):
+            ws.update(mode="offline", max_new_tokens=TOKENS)
+        for m in msgs:
+            for ws in (a, b, c):
+                ws.send_bytes(m)
+        texts = [check_captions(ws.marker("end"), N) for ws in (a, b, c)]
+    le1_after, count_after = buckets(app.get("/metrics").text)
+    assert texts[0] == texts[1] == texts[2]  # batched rows do not disturb each other
+    assert count_after - count_before > le1_after - le1_before  # some steps had 2+ rows
