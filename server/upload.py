@@ -12,6 +12,7 @@ upload holds one model slot like a websocket session and batches with them.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -86,9 +87,12 @@ async def caption_upload(ctx, request: Request) -> Response:  # type: ignore[no-
     m.sessions_active.inc()
     outcome = "error"
     try:
-        warning = await asyncio.to_thread(
-            decode_file, data, session.limits, session.resampler.keep, _Sink(session)
-        )
+        # its own thread, not the shared pool: the decoder blocks on backpressure for as long as the
+        # file takes, and live sessions' image decodes must not queue behind it
+        with ThreadPoolExecutor(1, thread_name_prefix="casa-upload") as pool:
+            warning = await asyncio.get_running_loop().run_in_executor(
+                pool, decode_file, data, session.limits, session.resampler.keep, _Sink(session)
+            )
         await asyncio.sleep(0)  # let the decode thread's last callbacks run
         await session.flush()
         outcome = "closed"
