@@ -442,7 +442,10 @@ class Session:
         if job is not None:
             self.texts.pop(job.index, None)
             self._finish(job.index)
-        self.send_error(error)
+        code = self.send_error(error)
+        if code is not None:  # the slot is gone: end the connection (the receive loop sees the close)
+            self.slot = None
+            self.finish("error", code)
 
     # ---- container decode thread callbacks (hopped onto the loop by _Sink) ----------------------
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from model.generate import CapacityError, Engine, SessionSettings, TokenEvent
-from server.errors import Capacity, CasaError, FrameFailed, InvalidSettings
+from server.errors import Capacity, CasaError, FrameFailed, InternalError, InvalidSettings
 from server.metrics import Metrics
 
 log = logging.getLogger("casa.worker")
@@ -200,13 +200,6 @@ class Worker:
         if replaced is not None:
             slot.listener.worker_dropped(replaced, "stale")
 
-    def pending(self, slot: Slot) -> int:
-        with self._cv:
-            return len(slot.mailbox) + (slot.inflight is not None)
-
-    def kv_tokens(self) -> int:
-        return sum(self.engine.kv_tokens(s.row) for s in list(self._slots) if not s.closed)
-
     # ---- worker thread ------------------------------------------------------------------------
 
     def _engine_open(self, prompt: str | None, settings: SessionSettings) -> int:
@@ -244,9 +237,13 @@ class Worker:
                     future.set_result(fn())
                 except Exception as exc:
                     future.set_exception(exc)
-            self._admit()
-            if self.engine.has_work():
-                self._step()
+            try:
+                self._admit()
+                if self.engine.has_work():
+                    self._step()
+            except Exception:  # a bug here must not stop the one thread every session depends on
+                log.exception("inference worker tick failed; continuing")
+                time.sleep(0.01)
 
     def _ready(self) -> bool:
         """Anything to do without a command: engine work, or a frame for a free row (lock held)."""
@@ -266,8 +263,9 @@ class Worker:
                 if slot.reset_to is not None:
                     prompt, settings = slot.reset_to
                     slot.reset_to = None
-                    self.engine.close(slot.row)
-                    slot.row, slot.prompt = self._engine_open(prompt, settings), prompt
+                    self._reopen(slot, prompt, settings)
+                    if slot.closed:
+                        continue
                 self.engine.submit_frame(slot.row, job.image, job.deadline)
                 slot.inflight = _InFlight(job)
             except Exception:
@@ -335,15 +333,27 @@ class Worker:
             m.frame_latency_seconds.observe(now - f.job.received)
         return FrameOutput(f.job, ev.text, now, ev.done, ev.reason, f.tokens, f.first_at)
 
+    def _reopen(self, slot: Slot, prompt: str | None, settings: SessionSettings) -> None:
+        """Give the slot a fresh engine row (new prompt, or after a failure). If even that fails, the
+        slot is lost: its session gets a fatal internal error and the connection closes."""
+        self.engine.close(slot.row)
+        try:
+            slot.row, slot.prompt, slot.settings = self._engine_open(prompt, settings), prompt, settings
+        except Exception:
+            log.exception("could not reopen an engine row")
+            slot.closed = True
+            self._slots.remove(slot)
+            self._notify(
+                slot, "worker_failed", None, InternalError("the session lost its model slot; reconnect")
+            )
+
     def _reset_after_failure(self, slots: list[Slot]) -> None:
         for slot in slots:
             job = slot.inflight.job if slot.inflight else None
             slot.inflight = None
-            try:
-                self.engine.close(slot.row)
-                slot.row = self._engine_open(slot.prompt, slot.settings)
-            except Exception:
-                log.exception("could not reopen a row after a failed step")
+            self._reopen(slot, slot.prompt, slot.settings)
+            if slot.closed:
+                continue
             self._notify(
                 slot,
                 "worker_failed",
