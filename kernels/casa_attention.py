@@ -299,7 +299,8 @@ def pick_config(t_rows: int, group: int, head_dim: int) -> dict[str, int]:
 def pick_splits(n_programs: int, n_keys: int, device: torch.device, block_n: int) -> int:
     """Flash-decoding split count from shapes only (no lengths: no host sync).
 
-    Enough programs for two waves over the SMs, but no split shorter than 4 tiles.
+    Enough programs for two waves over the SMs, but no split shorter than 4 tiles; rounded down to
+    a power of two.
     """
     if device.type != "cuda" or n_programs <= 0:
         return 1
@@ -308,7 +309,8 @@ def pick_splits(n_programs: int, n_keys: int, device: torch.device, block_n: int
         return 1
     by_sm = triton.cdiv(2 * sms, n_programs)
     by_len = max(1, n_keys // (4 * block_n))
-    return int(max(1, min(by_sm, by_len, 64)))
+    # a power of two: NUM_SPLITS is a constexpr, so a growing cache compiles at most 7 variants
+    return 1 << (int(max(1, min(by_sm, by_len, 64))).bit_length() - 1)
 
 
 def _launch(
