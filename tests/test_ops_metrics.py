@@ -585,3 +585,15 @@ def test_dashboard_sketch_renders_from_prometheus(prometheus, session_through_pr
     panels = [p for p in json.loads(DASHBOARD.read_text())["panels"]]
     for panel in panels:
         assert dashboard_sketch.escape(panel["title"]) in svg
+
+
+def test_casa_serve_refuses_per_message_deflate(casa_server):
+    # The image's CMD is plain `casa serve`, which must turn deflate off itself: compressing every
+    # caption delta costs latency, and JPEG / video payloads do not compress.
+    from websockets.sync.client import connect
+
+    ws_url = casa_server.url.replace("http://", "ws://") + "/v1/stream"
+    with connect(ws_url, compression="deflate", open_timeout=30) as ws:
+        assert "permessage-deflate" in ws.request.headers.get("Sec-WebSocket-Extensions", "")  # offered
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None  # and declined
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
