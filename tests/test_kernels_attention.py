@@ -20,6 +20,9 @@ pytest.importorskip("triton")
 from kernels import casa_attention as ca
 from kernels import dispatch
 
+# Interpreter on CPU by default; with a GPU and TRITON_INTERPRET=0 the same tests run the compiled
+# kernels on CUDA (every tensor is created on DEVICE through the autouse fixture).
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -27,6 +30,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 def _poison_workspace(monkeypatch):
     monkeypatch.setattr(ca, "POISON_WORKSPACE", True)
     torch.manual_seed(0)
+    with torch.device(DEVICE):
+        yield
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:

@@ -17,6 +17,9 @@ pytest.importorskip("triton")
 
 from kernels import dispatch, rmsnorm, rope
 
+# Interpreter on CPU by default; with a GPU and TRITON_INTERPRET=0 the same tests run the compiled
+# kernels on CUDA (every tensor is created on DEVICE through the autouse fixture).
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -24,6 +27,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    with torch.device(DEVICE):
+        yield
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:

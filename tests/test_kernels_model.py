@@ -22,6 +22,9 @@ from kernels import dispatch
 from model.generate import Engine, SessionSettings
 from model.toy import toy_generation_config, toy_model, word_tokenizer
 
+# compiled kernels on CUDA when a GPU is there and TRITON_INTERPRET=0; the interpreter on CPU otherwise
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
 
 def make_engine(fusion: str) -> Engine:
     model = toy_model("test-tiny", seed=1, fusion=fusion)
@@ -30,7 +33,9 @@ def make_engine(fusion: str) -> Engine:
             if p.dim() >= 2:
                 p.normal_(std=0.15)
         model.lm.init_casa_from_self_attention()
-    return Engine(model, word_tokenizer(model.config.lm.vocab), toy_generation_config(), max_sessions=2)
+    return Engine(
+        model, word_tokenizer(model.config.lm.vocab), toy_generation_config(), max_sessions=2, device=DEVICE
+    )
 
 
 def stream_logits(engine: Engine, backend: str) -> tuple[list[torch.Tensor], list[int]]:
@@ -45,7 +50,7 @@ def stream_logits(engine: Engine, backend: str) -> tuple[list[torch.Tensor], lis
             for it in items:
                 n = it.shape[0] if isinstance(it, torch.Tensor) else 1
                 if not isinstance(it, torch.Tensor):
-                    logits.append(engine.model.lm.logits(h[r, j]).float())
+                    logits.append(engine.model.lm.logits(h[r, j]).float().cpu())
                 j += n
         return h
 
