@@ -282,6 +282,33 @@ def test_strict_accounting_names_checkpoint_tensors(hf_dir, tmp_path, edit, expe
     assert str(err.value).count("\n") == len(expected)  # nothing else reported
 
 
+def _newer_names(t):
+    """transformers' in-memory names (model.visual.*, model.language_model.*) and a tied lm_head."""
+    for k in list(t):
+        if k.startswith("visual."):
+            t["model." + k] = t.pop(k)
+        elif k.startswith("model."):
+            t["model.language_model." + k[len("model.") :]] = t.pop(k)
+    t["lm_head.weight"] = t["model.language_model.embed_tokens.weight"].clone()
+
+
+def test_other_prefixes_and_tied_head(hf_dir, tmp_path) -> None:
+    ref, *_ = import_checkpoint(hf_dir[0])
+    path = copy_with_tensors(hf_dir[0], tmp_path / "newer", _newer_names)
+    model, _, _, rep = import_checkpoint(path)
+    assert rep.tensors == len(load_file(str(path / "model.safetensors")))
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+
+    def untie(t):
+        _newer_names(t)
+        t["lm_head.weight"] += 1.0
+
+    path = copy_with_tensors(hf_dir[0], tmp_path / "untied", untie)
+    with pytest.raises(CheckpointError) as err:
+        import_checkpoint(path)
+    assert "lm_head.weight differs from model.language_model.embed_tokens.weight" in str(err.value)
+
+
 def test_load_checkpoint_and_convert_roundtrip(hf_dir, tmp_path) -> None:
     """`--model DIR` on an HF directory imports it; `casa convert` writes our format, same weights."""
     from cli.convert import main as convert
