@@ -83,7 +83,7 @@ def open_page(browser):
 
 
 def run_page(
-    browser, server: LiveServer, source: str, n_captions: int, shot: str, timeout_s: float = 90
+    browser, server: LiveServer, source: str, n_captions: int, shot: str, timeout_s: float = 180
 ) -> PageRun:
     """Start the page on `source`, wait for n captions, screenshot, check the live view, stop."""
     page, errors = open_page(browser)
