@@ -26,6 +26,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ class ServerProcess:
                str(max_sessions), "--log-level", "warning", *(extra or [])]  # fmt: skip
         if model_dir:
             cmd += ["--model-dir", model_dir]
-        self.log = open(ROOT / ".loadtest-serve.log", "w")  # noqa: SIM115 - closed in stop()
+        self.log = open(Path(tempfile.gettempdir()) / "casa-loadtest-serve.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         self.http = f"http://127.0.0.1:{self.port}"
         self.ws = f"ws://127.0.0.1:{self.port}/v1/stream"
