@@ -83,7 +83,7 @@ def import_checkpoint(
 
     casa: for Qwen2.5-VL, which CASA layers to add (default: every block, separate weights); for a
     Kyutai checkpoint, only needed for the shared variant, which stores no CASA tensors.
-    image_size: fixed frame side (default 448, or the preprocessor config's).
+    image_size: fixed frame side (default 448, the LiveCC runs' size).
 
     The model is built on the meta device and its parameters are the checkpoint's tensors (cast to
     dtype), so a 3B import needs about one copy of the weights in memory and no random init.
@@ -111,7 +111,7 @@ def import_checkpoint(
     else:
         casa = casa or CASAConfig()
     assert casa is not None
-    size = image_size or hfc.preprocessor_image_size(path) or hfc.LIVE_IMAGE_SIZE
+    size = image_size or hfc.LIVE_IMAGE_SIZE  # never a processor config's: LiveCC runs at 448
     config = hfc.model_config(cfg, casa, size, name=f"{layout}:{path.name}")
     with _meta_parameters():
         model = CASAModel(config)

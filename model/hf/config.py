@@ -174,15 +174,3 @@ def generation_config(tokenizer: Tokenizer, eos_ids: list[int], fps: float = 2.0
         ngram_window=60,
         fps=fps,
     )
-
-
-def preprocessor_image_size(path: Path) -> int | None:
-    """A fixed frame side from preprocessor_config.json, when it pins one; else None."""
-    p = path / "preprocessor_config.json"
-    if not p.exists():
-        return None
-    d = read_json(p)
-    for key in ("image_size", "img_size"):
-        if isinstance(d.get(key), int):
-            return d[key]
-    return None
