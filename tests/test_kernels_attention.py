@@ -149,8 +149,8 @@ def test_prefix_only_and_empty_rows():
 
 
 def test_small_and_odd_head_dims():
-    """The tiny test model's head_dim 16 and a non-power-of-two 80 (padded in registers)."""
-    for D in (16, 80):
+    """head_dim 8 and the tiny test model's 16 (padded to the GPU dot's K >= 16) and a non-power-of-two 80."""
+    for D in (8, 16, 80):
         c = make_case(2, 4, 2, D, 3, [7, 2], [1, 0], torch.float32)
         assert_close(run_triton(c), reference(c), torch.float32, f"D={D}")
 
