@@ -210,6 +210,29 @@ def sniff_container(chunk: bytes) -> str | None:
     return None
 
 
+def mp4_init_bytes(data: bytes) -> int | None:
+    """Bytes up to the end of a fragmented MP4's init segment (the top-level boxes before the first
+    `moof`/`mdat`, i.e. ftyp + moov), or None while more bytes are needed to tell. FFmpeg's mov demuxer
+    misparses the moov when a read boundary falls at some offsets inside it (reproduced with PyAV 18:
+    500-byte first reads fail, 30- and 550-byte ones work), so the reader hands it over in one read."""
+    pos = 0
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        if kind in (b"moof", b"mdat", b"sidx", b"styp"):
+            return pos
+        if size == 1:  # 64-bit size follows
+            if pos + 16 > len(data):
+                return None
+            size = int.from_bytes(data[pos + 8 : pos + 16], "big")
+        if size < 8:
+            return pos  # not a box: let the demuxer report it
+        pos += size
+        if kind == b"moov":
+            return pos
+    return None
+
+
 READ_AHEAD = 32 << 10  # PyAV's I/O buffer: the demuxer may hold this much unparsed input
 _FORMAT_NAMES = {"webm": "matroska", "matroska": "matroska", "mp4": "mp4", "mpegts": "mpegts", "ivf": "ivf"}
 
@@ -220,7 +243,10 @@ class ChunkReader(io.RawIOBase):
     everything fed so far, which is how a flush barrier knows the decoder caught up."""
 
     def __init__(
-        self, on_starved: Callable[[int], None], on_read: Callable[[int], None] | None = None
+        self,
+        on_starved: Callable[[int], None],
+        on_read: Callable[[int], None] | None = None,
+        first_read: Callable[[bytes], int | None] | None = None,
     ) -> None:
         super().__init__()
         self._buf = bytearray()
@@ -230,6 +256,8 @@ class ChunkReader(io.RawIOBase):
         self.consumed = 0  # bytes handed to the demuxer
         self._on_starved = on_starved
         self._on_read = on_read
+        # first_read(buffered) -> bytes the first read must hold (None: unknown yet, wait for more)
+        self._first_read = first_read
 
     def readable(self) -> bool:
         return True
@@ -250,6 +278,13 @@ class ChunkReader(io.RawIOBase):
 
     def read(self, n: int = -1) -> bytes:
         with self._cv:
+            if self._first_read is not None:
+                while not self._ended and (need := self._first_read(bytes(self._buf))) != 0:
+                    if need is not None and len(self._buf) >= need:
+                        break
+                    self._on_starved(self.consumed)
+                    self._cv.wait()
+                self._first_read = None
             if not self._buf and not self._ended:
                 self._on_starved(self.consumed)
                 while not self._buf and not self._ended:
@@ -303,7 +338,9 @@ class ContainerDecoder:
             )
         self.format = _FORMAT_NAMES[fmt] if fmt else detected
         self.limits, self.keep, self.sink = limits, keep, sink
-        self.reader = ChunkReader(sink.on_starved, self._on_read)
+        self.reader = ChunkReader(
+            sink.on_starved, self._on_read, mp4_init_bytes if self.format == "mp4" else None
+        )
         self.frames = 0
         self._last_end = 0  # stream byte offset where the last packet that gave a frame ended
         self._largest_gap = 0  # most bytes between two such packets, so far
