@@ -93,6 +93,9 @@ def import_checkpoint(
     if layout == "casa":
         raise CheckpointError(f"{path} is already a casa-live checkpoint; load it with load_checkpoint")
     cfg = hfc.read_json(path / CONFIG)
+    # the small files first: fail before reading gigabytes of weights
+    tokenizer = Tokenizer.from_file(_need_file(path, "tokenizer.json"))
+    gen = hfc.generation_config(tokenizer, hfc.stop_ids(path, cfg))
     tensors = hft.read_tensors(path)
     names = set(tensors)
     vp, lp = hft.prefixes(sorted(names))
@@ -130,8 +133,6 @@ def import_checkpoint(
         model.lm.init_casa_from_self_attention()
     notes += plan.notes
 
-    tokenizer = Tokenizer.from_file(_need_file(path, "tokenizer.json"))
-    gen = hfc.generation_config(tokenizer, hfc.stop_ids(path, cfg))
     used = {s.name for s in plan.sources.values()} | plan.consumed_extra
     report = ImportReport(
         layout=layout,
