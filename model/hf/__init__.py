@@ -94,12 +94,12 @@ def import_checkpoint(
         raise CheckpointError(f"{path} is already a casa-live checkpoint; load it with load_checkpoint")
     cfg = hfc.read_json(path / CONFIG)
     # the small files first: fail before reading gigabytes of weights
+    lm_cfg, _ = hfc.lm_config(cfg), hfc.vision_config(cfg)
     tokenizer = Tokenizer.from_file(_need_file(path, "tokenizer.json"))
     gen = hfc.generation_config(tokenizer, hfc.stop_ids(path, cfg))
     tensors = hft.read_tensors(path)
     names = set(tensors)
     vp, lp = hft.prefixes(sorted(names))
-    lm_cfg = hfc.lm_config(cfg)
     notes: list[str] = []
 
     if layout == "kyutai-casa":
