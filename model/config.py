@@ -209,11 +209,13 @@ def _test_tiny() -> ModelConfig:
 
 def _default() -> ModelConfig:
     return ModelConfig(
+        # Vision width 64: the tower is the largest training cost (256 patches per frame, every
+        # frame of every clip), and flat-coloured shapes need no more (issue 4 training budget).
         vision=VisionConfig(
             depth=4,
-            hidden=128,
-            heads=4,
-            mlp=384,
+            hidden=64,
+            heads=2,
+            mlp=192,
             patch=8,
             merge=2,
             window=64,
@@ -230,7 +232,12 @@ def _default() -> ModelConfig:
             kv_heads=1,
             head_dim=64,
             mlp=576,
-            mrope_section=[8, 12, 12],
+            # M-RoPE gives the frame's columns the LOWEST frequencies: with theta 1e4 a whole 8-token
+            # row turns by < 0.03 rad, so left/centre/right are invisible to CASA attention (and the
+            # ViT has no absolute positions). theta 100 with most frequencies on the width keeps
+            # every column step >= 0.1 rad on the top width frequencies; text still spans ~500 tokens.
+            rope_theta=100.0,
+            mrope_section=[2, 6, 24],
         ),
         casa=CASAConfig(),
         image_size=128,
