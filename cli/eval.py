@@ -1,0 +1,69 @@
+"""`casa eval`: caption held-out synthetic clips with the streaming engine and score them."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a model on held-out synthetic clips through the streaming engine"
+    )
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--clips", type=int, default=200)
+    p.add_argument("--frames", type=int, default=16, help="frames per clip (2 fps)")
+    p.add_argument(
+        "--seed-start", type=int, default=0, help="first held-out seed (seeds must be < 1,000,000)"
+    )
+    p.add_argument("--sessions", type=int, default=16, help="clips streamed at once (engine rows)")
+    p.add_argument("--prompt", default=None, help="prompt text (default: the checkpoint's default prompt)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--show", type=int, default=5, help="print this many wrong captions")
+    p.add_argument("--min-f1", type=float, default=None, help="exit 1 if attribute F1 is below this")
+    p.add_argument("--min-recall", type=float, default=None, help="exit 1 if event recall is below this")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from model.evaluate import evaluate
+    from model.generate import Engine
+    from model.weights import default_model_dir
+
+    torch.set_num_threads(args.threads)
+    path = Path(args.model) if args.model else default_model_dir()
+    engine = Engine.from_checkpoint(path, max_sessions=args.sessions)
+    seeds = range(args.seed_start, args.seed_start + args.clips)
+    result = evaluate(engine, seeds, frames=args.frames, prompt=args.prompt)
+    m = result.metrics
+    print(
+        f"model {path} ({engine.model.config.casa.fusion}): {m['clips']} clips x {args.frames} frames, seeds {args.seed_start}..{args.seed_start + args.clips - 1}"
+    )
+    rows = [
+        ("exact match", m["exact_match"]),
+        ("attribute F1 (colour, shape, position)", m["attribute_f1"]),
+        ("  F1 colour", m["f1_colour"]),
+        ("  F1 shape", m["f1_shape"]),
+        ("  F1 position", m["f1_position"]),
+        (f"change-event recall ({m['events']} events)", m["event_recall"]),
+        ("  appears", m["recall_appears"]),
+        ("  moves", m["recall_moves"]),
+        ("  leaves", m["recall_leaves"]),
+        ("change-event precision", m["event_precision"]),
+    ]
+    for name, value in rows:
+        print(f"  {name:<42} {value:.4f}")
+    print(f"  {'frames per second (streaming, batched)':<42} {m['frames_per_s']:.1f}")
+    for seed, frame, pred, true in result.mistakes(args.show):
+        print(f"  seed {seed} frame {frame}: got {pred!r}, expected {true!r}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    ok = (args.min_f1 is None or m["attribute_f1"] >= args.min_f1) and (
+        args.min_recall is None or m["event_recall"] >= args.min_recall
+    )
+    return 0 if ok else 1

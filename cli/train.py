@@ -1,0 +1,56 @@
+"""`casa train`: train a CASA model on the synthetic world (model/train.py) and export a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a CASA model on the synthetic streaming-caption world (CPU)")
+    p.add_argument("--out", default="runs/default", help="run directory: log, train state, checkpoint")
+    p.add_argument("--preset", default="default", help="model preset (model/config.py)")
+    p.add_argument("--fusion", choices=["casa", "ca", "insertion"], default="casa")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=8, help="clips per step")
+    p.add_argument("--min-frames", type=int, default=6)
+    p.add_argument("--max-frames", type=int, default=14)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=None, help="wall-time budget; the LR schedule follows it")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from model.train import TrainConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = TrainConfig(
+        preset=args.preset,
+        fusion=args.fusion,
+        steps=args.steps,
+        batch=args.batch,
+        min_frames=args.min_frames,
+        max_frames=args.max_frames,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        threads=args.threads,
+        log_every=args.log_every,
+        save_every=args.save_every,
+        val_every=args.val_every,
+        time_budget_s=None if args.minutes is None else args.minutes * 60.0,
+    )
+    summary = train(cfg, args.out, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0

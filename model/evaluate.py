@@ -1,0 +1,178 @@
+"""Evaluate a model on held-out synthetic clips through the REAL streaming engine.
+
+Captions are generated frame by frame from pixels by `model.generate.Engine` (the path the server
+uses), greedy unless the checkpoint says otherwise, never teacher-forced: each caption conditions on
+the model's own earlier captions. Many clips run at once, one engine row each, so the batched step
+is exercised too.
+
+Metrics (all micro-averaged over frames):
+- exact match: the caption equals the ground truth string;
+- attribute F1 over (colour, shape, position) of the objects a caption mentions: per frame, the
+  multiset of (attribute, value) pairs parsed from the caption against the ground truth's;
+- change-event recall (and precision): an event "appears / moves <direction> / leaves" of a given
+  colour + shape at frame t > 0 is recalled when the caption of frame t reports it.
+Held-out seeds are below model.train.TRAIN_SEED_BASE, which training never uses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+from model.generate import Engine
+from model.world import Clip, Event, FrameTruth, WorldConfig, generate_clip, parse_caption
+
+ATTRIBUTES = ("colour", "shape", "position")
+CHANGES = ("appears", "moves", "leaves")
+
+
+def _attrs(events: Iterable[Event], kinds: tuple[str, ...] = ATTRIBUTES) -> Counter:
+    out: Counter = Counter()
+    for e in events:
+        for k in kinds:
+            v = getattr(e, k)
+            if v is not None:
+                out[(k, v)] += 1
+    return out
+
+
+def _event_keys(events: Iterable[Event]) -> Counter:
+    return Counter((e.kind, e.colour, e.shape, e.direction) for e in events if e.kind in CHANGES)
+
+
+@dataclass
+class Scores:
+    frames: int = 0
+    exact: int = 0
+    attr_tp: Counter = field(default_factory=Counter)  # per attribute kind
+    attr_pred: Counter = field(default_factory=Counter)
+    attr_true: Counter = field(default_factory=Counter)
+    events_true: Counter = field(default_factory=Counter)  # per event kind
+    events_hit: Counter = field(default_factory=Counter)
+    events_pred: int = 0
+    events_pred_ok: int = 0
+
+    def add(self, truth: FrameTruth, caption: str) -> None:
+        self.frames += 1
+        self.exact += caption.strip() == truth.caption
+        pred = parse_caption(caption)
+        p, t = _attrs(pred), _attrs(truth.events)
+        for (kind, _), n in (p & t).items():
+            self.attr_tp[kind] += n
+        for (kind, _), n in p.items():
+            self.attr_pred[kind] += n
+        for (kind, _), n in t.items():
+            self.attr_true[kind] += n
+        if truth.index > 0:
+            pe, te = _event_keys(pred), _event_keys(truth.events)
+            hit = pe & te
+            for key, n in te.items():
+                self.events_true[key[0]] += n
+            for key, n in hit.items():
+                self.events_hit[key[0]] += n
+            self.events_pred += sum(pe.values())
+            self.events_pred_ok += sum(hit.values())
+
+    @staticmethod
+    def _f1(tp: int, npred: int, ntrue: int) -> float:
+        if npred + ntrue == 0:
+            return 1.0
+        return 2 * tp / (npred + ntrue)
+
+    def summary(self) -> dict:
+        out = {
+            "frames": self.frames,
+            "exact_match": self.exact / max(1, self.frames),
+            "attribute_f1": self._f1(
+                sum(self.attr_tp.values()), sum(self.attr_pred.values()), sum(self.attr_true.values())
+            ),
+            "event_recall": sum(self.events_hit.values()) / max(1, sum(self.events_true.values())),
+            "event_precision": self.events_pred_ok / max(1, self.events_pred),
+            "events": sum(self.events_true.values()),
+        }
+        for k in ATTRIBUTES:
+            out[f"f1_{k}"] = self._f1(self.attr_tp[k], self.attr_pred[k], self.attr_true[k])
+        for k in CHANGES:
+            out[f"recall_{k}"] = self.events_hit[k] / max(1, self.events_true[k])
+        return out
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    seconds: float
+    clips: list[tuple[int, list[str], list[str]]]  # (seed, predicted captions, true captions)
+
+    def to_dict(self) -> dict:
+        return {"metrics": self.metrics, "seconds": self.seconds}
+
+    def mistakes(self, limit: int = 10) -> list[tuple[int, int, str, str]]:
+        """(seed, frame, predicted, true) of the first wrong captions."""
+        out = []
+        for seed, pred, true in self.clips:
+            for i, (p, t) in enumerate(zip(pred, true)):
+                if p.strip() != t:
+                    out.append((seed, i, p, t))
+                    if len(out) >= limit:
+                        return out
+        return out
+
+
+def caption_clips(engine: Engine, clips: list[Clip], prompt: str | None = None) -> list[list[str]]:
+    """Stream every clip through the engine (up to max_sessions at once); captions per clip."""
+    results: list[list[str]] = [[] for _ in clips]
+    todo = list(range(len(clips)))[::-1]
+    active: dict[int, dict] = {}  # row -> {clip, next, ids, waiting}
+    tok = engine.tokenizer
+    while todo or active:
+        while todo and len(active) < engine.max_sessions:
+            row = engine.open(prompt)
+            active[row] = {"clip": todo.pop(), "next": 0, "ids": [], "waiting": False}
+        for row, st in active.items():
+            if not st["waiting"] and not engine.busy(row):
+                engine.submit_frame(row, clips[st["clip"]].frames[st["next"]])
+                st["waiting"] = True
+        for ev in engine.step():
+            st = active.get(ev.row)
+            if st is None:
+                continue
+            if ev.token is not None:
+                st["ids"].append(ev.token)
+            if ev.done:
+                results[st["clip"]].append(tok.decode(st["ids"]))
+                st["ids"], st["waiting"] = [], False
+                st["next"] += 1
+        for row in [r for r, st in active.items() if st["next"] >= len(clips[st["clip"]].truth)]:
+            engine.close(row)
+            del active[row]
+    return results
+
+
+def evaluate(
+    engine: Engine,
+    seeds: Iterable[int],
+    frames: int = 16,
+    prompt: str | None = None,
+    world: WorldConfig | None = None,
+) -> EvalResult:
+    """Caption held-out clips with the engine and score them against the ground truth."""
+    from model.train import TRAIN_SEED_BASE
+
+    seeds = list(seeds)
+    if any(s >= TRAIN_SEED_BASE for s in seeds):
+        raise ValueError(
+            f"evaluation seeds must be held out: below {TRAIN_SEED_BASE} (training uses the rest)"
+        )
+    cfg = WorldConfig(**{**asdict(world or WorldConfig()), "frames": frames, "size": engine.image_size})
+    clips = [generate_clip(s, cfg) for s in seeds]
+    t0 = time.monotonic()
+    captions = caption_clips(engine, clips, prompt)
+    seconds = time.monotonic() - t0
+    scores = Scores()
+    for clip, preds in zip(clips, captions):
+        for truth, caption in zip(clip.truth, preds):
+            scores.add(truth, caption)
+    metrics = scores.summary() | {"clips": len(clips), "frames_per_s": scores.frames / max(seconds, 1e-9)}
+    return EvalResult(metrics, seconds, [(c.seed, p, c.captions) for c, p in zip(clips, captions)])

@@ -1,0 +1,394 @@
+"""Train a CASA model end to end on the synthetic world (model/world.py), on CPU.
+
+Design choices:
+- Sequences follow the exact streaming layout of model/generate.py (Engine), so the model is trained
+  on what it sees when it captions live:
+      prefix(prompt) pre_image | frame 0 | post_image caption_prefix caption_0 stop
+      pre_image | frame 1 | post_image caption_1 stop  pre_image | frame 2 | ...
+  Frame f is inserted right before its post_image tokens; the stop token and the next pre_image
+  close frame f's window (the engine feeds them before the next frame resets the CASA state).
+- The forward is `CASAModel.forward_dense` (the dense block-mask semantics of CASA windows, or the
+  token-insertion baseline for --fusion insertion), so training uses the lead's model code unchanged.
+- Loss: next-token cross-entropy on caption tokens and their stop token only.
+- Data is generated on the fly from seeds >= TRAIN_SEED_BASE; evaluation uses seeds below it, so a
+  held-out clip can never be a training clip. Step s always sees the same clips (resume-safe).
+- AdamW, linear warmup then cosine decay to 10%; gradient clipping at 1.0.
+- Checkpoints: `train_state.pt` (model, optimizer, step) for --resume, and an exported checkpoint
+  directory in our format (weights stored in float16 to keep the shipped model small).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from model.config import GenerationConfig, ModelConfig, PromptTemplate, preset
+from model.processor import ImageProcessor
+from model.reference import Interleaved
+from model.tokenizer import Tokenizer
+from model.vlm import CASAModel
+from model.weights import save_checkpoint
+from model.world import World, WorldConfig, generate_clip
+
+log = logging.getLogger("casa.train")
+
+TRAIN_SEED_BASE = 1_000_000  # training clips: seeds >= this; held-out evaluation: seeds below
+VAL_SEED_BASE = 900_000  # the fixed validation batch logged during training
+SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|frame_end|>"]
+STOP = "<|frame_end|>"
+DEFAULT_PROMPT = "Describe what you see."
+# Prompts seen in training (one per clip), so a user's own wording does not surprise the model.
+PROMPTS = [
+    DEFAULT_PROMPT,
+    "Describe what you see.",
+    "What is happening?",
+    "Commentate the scene live.",
+    "Describe the video in real time.",
+    "Tell me what changes.",
+    "",
+]
+
+
+# ---------------------------------------------------------------- tokenizer and generation config
+
+
+def train_tokenizer(vocab_size: int = 512, clips: int = 400) -> Tokenizer:
+    """Byte-level BPE trained on the world's captions: every caption word becomes one token, and any
+    other text (a user's prompt) still encodes, byte by byte at worst."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines: list[str] = []
+    for seed in range(clips):  # captions depend only on the scene dynamics: no rendering needed
+        world = World(TRAIN_SEED_BASE + seed)
+        lines += [world.step().caption for _ in range(16)]
+    lines += PROMPTS * 20
+    tok.train_from_iterator(lines, trainer)
+    return Tokenizer(tok)
+
+
+def generation_config() -> GenerationConfig:
+    return GenerationConfig(
+        stop_tokens=[STOP],
+        template=PromptTemplate(
+            prefix="{prompt}",
+            pre_image="<|vision_start|>",
+            post_image="<|vision_end|>",
+            caption_prefix="",
+            default_prompt=DEFAULT_PROMPT,
+        ),
+        max_new_tokens=20,
+        temperature=0.0,
+    )
+
+
+# ---------------------------------------------------------------- sequences
+
+
+@dataclass
+class Sequence:
+    tokens: list[int]
+    target: list[bool]  # target[i]: token i is a caption (or stop) token the loss predicts
+    insert_at: list[int]  # frame f is inserted before text token insert_at[f]
+
+
+def stream_layout(tok: Tokenizer, gen: GenerationConfig, captions: list[str], prompt: str | None) -> Sequence:
+    """The text stream the Engine feeds and generates for these captions (see module docstring)."""
+    return layout_ids(tok, gen, [tok.encode(c) for c in captions], prompt)
+
+
+def layout_ids(
+    tok: Tokenizer, gen: GenerationConfig, captions: list[list[int]], prompt: str | None
+) -> Sequence:
+    """stream_layout over caption token ids (what a model generated, or encoded ground truth)."""
+    t = gen.template
+    stop = tok.token_id(gen.stop_tokens[0])
+    pre, post, cap_prefix = tok.encode(t.pre_image), tok.encode(t.post_image), tok.encode(t.caption_prefix)
+    tokens = tok.encode(t.prefix.format(prompt=t.default_prompt if prompt is None else prompt)) + pre
+    target = [False] * len(tokens)
+    insert_at: list[int] = []
+    for f, caption in enumerate(captions):
+        if f > 0:
+            tokens += pre
+            target += [False] * len(pre)
+        insert_at.append(len(tokens))
+        head = post + (cap_prefix if f == 0 else [])
+        body = [*caption, stop]
+        tokens += head + body
+        target += [False] * len(head) + [True] * len(body)
+    return Sequence(tokens, target, insert_at)
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # (B, T) long
+    target: torch.Tensor  # (B, T) bool
+    text_len: torch.Tensor  # (B,)
+    insert_at: torch.Tensor  # (B, F)
+    n_frames: torch.Tensor  # (B,)
+    patches: torch.Tensor  # (sum F, patches, C*P*P) of the real frames, row-major over the batch
+
+
+def make_batch(
+    seeds: list[int],
+    tok: Tokenizer,
+    gen: GenerationConfig,
+    processor: ImageProcessor,
+    world: WorldConfig,
+    frames: list[int],
+    prompts: list[str | None],
+) -> Batch:
+    seqs, patches = [], []
+    for seed, n, prompt in zip(seeds, frames, prompts):
+        clip = generate_clip(seed, WorldConfig(**{**asdict(world), "frames": n}))
+        seqs.append(stream_layout(tok, gen, clip.captions, prompt))
+        patches += [processor(f) for f in clip.frames]
+    B, T, Fm = len(seqs), max(len(s.tokens) for s in seqs), max(frames)
+    pad = tok.token_id("<|pad|>")
+    tokens = torch.full((B, T), pad, dtype=torch.long)
+    target = torch.zeros(B, T, dtype=torch.bool)
+    insert_at = torch.zeros(B, Fm, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        tokens[b, : len(s.tokens)] = torch.tensor(s.tokens)
+        target[b, : len(s.target)] = torch.tensor(s.target)
+        insert_at[b, : len(s.insert_at)] = torch.tensor(s.insert_at)
+    return Batch(
+        tokens,
+        target,
+        torch.tensor([len(s.tokens) for s in seqs]),
+        insert_at,
+        torch.tensor(frames),
+        torch.stack(patches),
+    )
+
+
+def caption_loss(model: CASAModel, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean cross-entropy over caption tokens; also token accuracy (teacher forced)."""
+    images = model.encode_images(batch.patches)  # (sum F, N, hidden)
+    B, Fm = batch.insert_at.shape
+    padded = images.new_zeros(B, Fm, *images.shape[1:])
+    real = torch.arange(Fm)[None, :] < batch.n_frames[:, None]  # (B, F)
+    padded[real] = images
+    inter = Interleaved(batch.tokens, batch.text_len, padded, batch.n_frames, batch.insert_at, model.grid)
+    logits = model.forward_dense(inter)  # (B, T, V)
+    pred_mask = batch.target[:, 1:]  # logits at t predict token t + 1
+    logits = logits[:, :-1][pred_mask].float()
+    labels = batch.tokens[:, 1:][pred_mask]
+    loss = F.cross_entropy(logits, labels)
+    acc = (logits.argmax(-1) == labels).float().mean().item()
+    return loss, {"tokens": int(labels.numel()), "acc": acc}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "default"
+    fusion: str = "casa"
+    steps: int = 2000
+    batch: int = 8  # clips per step
+    min_frames: int = 6
+    max_frames: int = 14
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    image_size: int | None = None  # None: the preset's
+    vocab: int | None = None  # None: the preset's (tiny test presets need room for the BPE tokenizer)
+    log_every: int = 10
+    save_every: int = 200
+    val_every: int = 100
+    val_clips: int = 16
+    threads: int = 2
+    time_budget_s: float | None = None  # stop (and export) after this much wall time
+    world: dict = field(default_factory=dict)  # WorldConfig overrides (size follows the model)
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    mc = preset(cfg.preset)
+    mc.casa.fusion = cfg.fusion  # type: ignore[assignment]
+    if cfg.image_size is not None:
+        mc.image_size = cfg.image_size
+    if cfg.vocab is not None:
+        mc.lm.vocab = cfg.vocab
+    if cfg.fusion != "casa":
+        mc.name = f"{mc.name}-{cfg.fusion}"
+    return mc
+
+
+def lr_at(cfg: TrainConfig, step: int, elapsed_s: float = 0.0) -> float:
+    """Linear warmup, then cosine decay over whichever runs out first: steps or the time budget."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    if cfg.time_budget_s:
+        p = max(p, min(1.0, elapsed_s / cfg.time_budget_s))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def step_clips(cfg: TrainConfig, step: int) -> tuple[list[int], list[int], list[str | None]]:
+    """The (seeds, frame counts, prompts) of training step `step`: a pure function of the step."""
+    rng = np.random.default_rng([cfg.seed, step])
+    seeds = [TRAIN_SEED_BASE + (cfg.seed * 7919 + step) * cfg.batch + i for i in range(cfg.batch)]
+    # one clip length per step: no padded frames, so no CASA work is wasted on padding
+    frames = [int(rng.integers(cfg.min_frames, cfg.max_frames + 1))] * cfg.batch
+    prompts: list[str | None] = [
+        None if (k := int(rng.integers(len(PROMPTS) + 2))) >= len(PROMPTS) else PROMPTS[k]
+        for _ in range(cfg.batch)
+    ]
+    return seeds, frames, prompts
+
+
+def export(model: CASAModel, tok: Tokenizer, gen: GenerationConfig, path: str | Path) -> Path:
+    """Write our checkpoint format with float16 weights (loaders upcast to the serving dtype)."""
+    half = copy.deepcopy(model).to(torch.float16)
+    save_checkpoint(path, half, tok, gen)
+    return Path(path)
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
+    """Train; returns a summary. Writes out/train_state.pt, out/train_log.jsonl and the checkpoint."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    state_path = out / "train_state.pt"
+    mc = model_config(cfg)
+    tok_path = out / "tokenizer.json"
+    if resume and tok_path.exists():
+        tok = Tokenizer.from_file(tok_path)
+    else:
+        tok = train_tokenizer(mc.lm.vocab)
+    if tok.vocab_size > mc.lm.vocab:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens; the model's vocabulary is {mc.lm.vocab}")
+    gen = generation_config()
+    model = CASAModel.random(mc, seed=cfg.seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    start, elapsed_before = 0, 0.0
+    if resume:
+        if not state_path.exists():
+            raise FileNotFoundError(f"--resume: {state_path} does not exist; train without --resume first")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+        log.info("resumed from %s at step %d", state_path, start)
+    tok.save(tok_path)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    world = WorldConfig(**{**cfg.world, "size": mc.image_size})
+    processor = ImageProcessor.for_config(mc)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "model %s (%s): %.2fM parameters, %d image tokens per frame",
+        mc.name,
+        cfg.fusion,
+        n_params / 1e6,
+        mc.image_tokens,
+    )
+
+    val_seeds = [VAL_SEED_BASE + i for i in range(cfg.val_clips)]
+    val_batch = make_batch(
+        val_seeds, tok, gen, processor, world, [cfg.max_frames] * cfg.val_clips, [None] * cfg.val_clips
+    )
+
+    def validate() -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            loss, stats = caption_loss(model, val_batch)
+        model.train()
+        return {"val_loss": loss.item(), "val_acc": stats["acc"]}
+
+    def save(step: int, elapsed: float) -> None:
+        torch.save(
+            {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed},
+            out / "train_state.tmp",
+        )
+        (out / "train_state.tmp").replace(state_path)
+        export(model, tok, gen, out)
+
+    logf = (out / "train_log.jsonl").open("a")
+    if start == 0:
+        first = {"step": 0, **validate()}
+        log.info(" ".join(f"{k}={v}" for k, v in first.items()))
+        logf.write(json.dumps(first) + "\n")
+    model.train()
+    t_start = time.monotonic()
+    window = {"frames": 0, "tokens": 0, "time": 0.0}
+    step = start
+    summary: dict = {}
+    while step < cfg.steps:
+        t0 = time.monotonic()
+        lr = lr_at(cfg, step, elapsed_before + t0 - t_start)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        seeds, frames, prompts = step_clips(cfg, step)
+        batch = make_batch(seeds, tok, gen, processor, world, frames, prompts)
+        loss, stats = caption_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        opt.step()
+        step += 1
+        dt = time.monotonic() - t0
+        window["frames"] += sum(frames)
+        window["tokens"] += stats["tokens"]
+        window["time"] += dt
+        elapsed = elapsed_before + time.monotonic() - t_start
+        record = {"step": step, "loss": round(loss.item(), 4), "acc": round(stats["acc"], 4)}
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            record |= {
+                "lr": round(lr, 6),
+                "grad_norm": round(gnorm, 3),
+                "frames_per_s": round(window["frames"] / window["time"], 2),
+                "caption_tokens_per_s": round(window["tokens"] / window["time"], 1),
+                "elapsed_s": round(elapsed, 1),
+            }
+            window = {"frames": 0, "tokens": 0, "time": 0.0}
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                record |= validate()
+            log.info(" ".join(f"{k}={v}" for k, v in record.items()))
+            logf.write(json.dumps(record) + "\n")
+            logf.flush()
+        summary = record
+        out_of_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
+        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+            save(step, elapsed)
+        if out_of_time:
+            log.info("time budget of %.0f s spent at step %d", cfg.time_budget_s, step)
+            break
+    logf.close()
+    if step == start:  # nothing to do (already trained): make sure the export exists
+        export(model, tok, gen, out)
+    summary = {
+        **summary,
+        **validate(),
+        "step": step,
+        "elapsed_s": round(elapsed_before + time.monotonic() - t_start, 1),
+    }
+    summary["parameters"] = n_params
+    return summary

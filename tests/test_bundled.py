@@ -1,0 +1,41 @@
+"""The shipped default model (checkpoints/default): loads, is small, and captions held-out clips
+through the real streaming engine nearly as well as the full evaluation says (docs/training.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import GenerationConfig, ModelConfig
+from model.evaluate import evaluate
+from model.generate import Engine
+from model.weights import default_model_dir, load_checkpoint
+
+DIR = default_model_dir()
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
+
+pytestmark = pytest.mark.skipif(not (DIR / "model.safetensors").exists(), reason="no bundled checkpoint")
+
+
+def test_bundled_checkpoint_is_complete_and_small():
+    for name in FILES:
+        assert (DIR / name).is_file(), name
+    assert sum((DIR / n).stat().st_size for n in FILES) <= 25 * 2**20
+    cfg = ModelConfig.load(DIR / "config.json")
+    gen = GenerationConfig.load(DIR / "generation_config.json")
+    assert cfg.name == "default" and cfg.casa.fusion == "casa"
+    assert gen.stop_tokens == ["<|frame_end|>"]
+    model, tok, _ = load_checkpoint(DIR)
+    assert tok.vocab_size <= cfg.lm.vocab
+    assert 1e6 < sum(p.numel() for p in model.parameters()) < 12e6
+
+
+def test_bundled_model_captions_held_out_clips():
+    torch.manual_seed(0)
+    engine = Engine.from_checkpoint(DIR, max_sessions=10)
+    result = evaluate(engine, range(20), frames=16)  # seeds 0..19: never used in training
+    m = result.metrics
+    # the bar for the full 200-clip evaluation is F1 >= 0.95 and recall >= 0.9; a 20-clip sample
+    # gets a little slack
+    assert m["attribute_f1"] >= 0.92, (m, result.mistakes(5))
+    assert m["event_recall"] >= 0.85, (m, result.mistakes(5))

@@ -1,0 +1,158 @@
+"""Training: the stream layout matches the engine's, a few steps lower the loss, resume continues."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import preset
+from model.generate import Engine
+from model.processor import ImageProcessor
+from model.train import (
+    STOP,
+    TRAIN_SEED_BASE,
+    TrainConfig,
+    caption_loss,
+    generation_config,
+    layout_ids,
+    make_batch,
+    train,
+    train_tokenizer,
+)
+from model.vlm import CASAModel
+from model.weights import load_checkpoint
+from model.world import World, WorldConfig, vocabulary
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(512, clips=60)
+
+
+def test_tokenizer_gives_each_caption_word_one_token(tok):
+    for seed in range(20):
+        world = World(TRAIN_SEED_BASE + seed)
+        for _ in range(12):
+            caption = world.step().caption
+            assert len(tok.encode(caption)) == len(caption.split()), caption
+            assert tok.decode(tok.encode(caption)) == caption
+    for special in ("<|vision_start|>", "<|vision_end|>", STOP, "<|pad|>"):
+        assert tok.encode(special) == [tok.token_id(special)]
+    assert tok.vocab_size <= 512
+    assert set(vocabulary()) >= {"red", "circle", "appears"}
+    assert tok.encode("any prompt at all, even émojis 🙂")  # byte-level: nothing is unknown
+
+
+def test_stream_layout_is_what_the_engine_feeds(tok):
+    """Record the tokens a (random) model's engine feeds, frame by frame, and rebuild them."""
+    gen = generation_config()
+    cfg = preset("test-tiny")
+    cfg.lm.vocab = 512
+    engine = Engine(CASAModel.random(cfg), tok, gen, max_sessions=1)
+    fed: list[int] = []
+    frame_at: list[int] = []
+    orig_forward, orig_start = engine._forward, engine._start_frames
+
+    def forward(feeds):
+        fed.extend(int(t) for t in feeds[0] if not isinstance(t, torch.Tensor))
+        return orig_forward(feeds)
+
+    def start(rows, feeds):
+        frame_at.append(len(fed))
+        return orig_start(rows, feeds)
+
+    engine._forward, engine._start_frames = forward, start
+    row = engine.open("What is happening?")
+    generated = []
+    for _ in range(3):
+        events = list(engine.caption(row, np.zeros((24, 24, 3), np.uint8)))
+        generated.append([ev.token for ev in events if ev.token is not None])
+    engine.step()  # the last frame's stop token and the next pre_image go in now
+    seq = layout_ids(tok, gen, generated, "What is happening?")
+    assert fed == seq.tokens + tok.encode(gen.template.pre_image)
+    assert frame_at == seq.insert_at
+
+
+def test_batch_targets_cover_captions_and_stops(tok):
+    gen = generation_config()
+    cfg = preset("test-tiny")
+    batch = make_batch(
+        [TRAIN_SEED_BASE + 3, TRAIN_SEED_BASE + 4],
+        tok,
+        gen,
+        ImageProcessor.for_config(cfg),
+        WorldConfig(size=cfg.image_size),
+        [3, 5],
+        [None, "What is happening?"],
+    )
+    assert batch.patches.shape[0] == 8
+    assert batch.insert_at.shape == (2, 5)
+    stop = tok.token_id(STOP)
+    for b in range(2):
+        ids = batch.tokens[b, : batch.text_len[b]]
+        assert int((ids == stop).sum()) == int(batch.n_frames[b])
+        assert bool(batch.target[b, : batch.text_len[b]][ids == stop].all())
+        assert not bool(batch.target[b, batch.text_len[b] :].any())
+
+
+def _tiny(steps: int, **kw) -> TrainConfig:
+    base = dict(
+        preset="test-tiny",
+        vocab=512,
+        steps=steps,
+        batch=4,
+        min_frames=2,
+        max_frames=4,
+        lr=3e-3,
+        warmup=2,
+        log_every=2,
+        val_every=2,
+        save_every=2,
+        val_clips=4,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_a_few_steps_lower_the_loss_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    summary = train(_tiny(8), out)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and "val_loss" in log[0]
+    assert summary["val_loss"] < log[0]["val_loss"] - 0.5, (log[0], summary)
+    assert all("frames_per_s" in r for r in log[1:])
+    # resume: continues from step 8 to 10, same run directory
+    summary2 = train(_tiny(10), out, resume=True)
+    assert summary2["step"] == 10
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [0, 2, 4, 6, 8, 10]
+    # the exported checkpoint loads strictly and streams
+    model, tok, gen = load_checkpoint(out)
+    assert model.config.lm.vocab == 512
+    engine = Engine(model, tok, gen, max_sessions=1)
+    row = engine.open()
+    events = list(engine.caption(row, np.zeros((40, 40, 3), np.uint8)))
+    assert events[-1].done
+
+
+@pytest.mark.parametrize("fusion", ["ca", "insertion"])
+def test_other_fusions_train(fusion):
+    tok = train_tokenizer(512, clips=20)
+    cfg = preset("test-tiny")
+    cfg.lm.vocab = 512
+    cfg.casa.fusion = fusion
+    model = CASAModel.random(cfg)
+    batch = make_batch(
+        [TRAIN_SEED_BASE + i for i in range(2)],
+        tok,
+        generation_config(),
+        ImageProcessor.for_config(cfg),
+        WorldConfig(size=cfg.image_size),
+        [2, 3],
+        [None, None],
+    )
+    loss, stats = caption_loss(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and stats["tokens"] > 0
