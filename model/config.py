@@ -104,6 +104,9 @@ class ModelConfig:
     casa: CASAConfig = field(default_factory=CASAConfig)
     image_size: int = 112  # frames are resized to image_size x image_size before patchify
     name: str = "casa"
+    # frame preprocessing: "casa" (torch bicubic, model/processor.ImageProcessor) or "qwen"
+    # (PIL antialiased resize as transformers' Qwen2-VL processor, for imported checkpoints)
+    processor: str = "casa"
 
     def __post_init__(self) -> None:
         if self.vision.out_hidden != self.lm.hidden:
@@ -128,6 +131,7 @@ class ModelConfig:
             casa=CASAConfig(**d.get("casa", {})),
             image_size=d.get("image_size", 112),
             name=d.get("name", "casa"),
+            processor=d.get("processor", "casa"),
         )
 
     def save(self, path: str | Path) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from model.cache import CASAState, StreamState, TextCache
 from model.config import GenerationConfig
-from model.processor import ImageProcessor
+from model.processor import ImageProcessor, QwenImageProcessor
 from model.rope import image_positions, text_positions
 from model.sampling import Sampler, SamplingParams
 from model.tokenizer import StreamDecoder, Tokenizer
@@ -91,7 +91,7 @@ class Engine:
         self.tokenizer, self.gen = tokenizer, gen
         self.device, self.dtype = torch.device(device), dtype
         cfg = model.config
-        self.processor = ImageProcessor.for_config(cfg)
+        self.processor = (QwenImageProcessor if cfg.processor == "qwen" else ImageProcessor).for_config(cfg)
         self.image_size = cfg.image_size
         self.insertion = cfg.casa.fusion == "insertion"
         self.max_sessions = max_sessions

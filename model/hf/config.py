@@ -122,7 +122,9 @@ def model_config(
     cfg: dict[str, Any], casa: CASAConfig, image_size: int = LIVE_IMAGE_SIZE, name: str = "qwen2.5-vl"
 ) -> ModelConfig:
     try:
-        return ModelConfig(vision_config(cfg), lm_config(cfg), casa, image_size=image_size, name=name)
+        return ModelConfig(
+            vision_config(cfg), lm_config(cfg), casa, image_size=image_size, name=name, processor="qwen"
+        )
     except ValueError as e:  # our configs validate themselves (e.g. out_hidden == hidden)
         if isinstance(e, CheckpointError):
             raise
