@@ -302,7 +302,7 @@ def casa_server(tmp_path_factory) -> Iterator[CasaServer]:
     server = CasaServer(f"http://127.0.0.1:{port}", port, proc, log)
     try:
         _wait("casa serve /readyz", lambda: httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200,
-              timeout=180, proc=proc, log=log)  # fmt: skip
+              timeout=300, proc=proc, log=log)  # fmt: skip
         yield server
     finally:
         _stop(proc)
@@ -372,7 +372,7 @@ def prometheus(casa_server, tmp_path_factory) -> Iterator[LocalPrometheus]:
         _wait(
             "a first scrape of casa serve",
             lambda: prom.scrapes("casa-live") >= 2,
-            timeout=30,
+            timeout=60,
             proc=proc,
             log=log,
         )
@@ -497,7 +497,7 @@ def session_through_prometheus(casa_server, prometheus):
             prometheus.query('casa_frames_captioned_total{job="casa-live"}')
             and prometheus.value('casa_frames_captioned_total{job="casa-live"}') >= FRAMES
         ),
-        timeout=30,
+        timeout=60,
         proc=prometheus.proc,
         log=prometheus.log,
     )
@@ -568,7 +568,7 @@ def test_every_alert_rule_loads_and_evaluates(prometheus):
         rules = {r["name"]: r for g in groups for r in g["rules"]}
         return rules if all(r.get("lastEvaluation", "").startswith("2") for r in rules.values()) else None
 
-    rules = _wait("the rules to be evaluated", loaded, timeout=30, proc=prometheus.proc, log=prometheus.log)
+    rules = _wait("the rules to be evaluated", loaded, timeout=60, proc=prometheus.proc, log=prometheus.log)
     assert set(rules) == {name for name, _ in rule_exprs()}
     for name, rule in rules.items():
         assert rule["health"] == "ok", f"{name}: {rule.get('lastError')}"
