@@ -92,13 +92,17 @@ async def soak(uri: str, server: ServerProcess | None, args: argparse.Namespace)
                         done.set()
                         return
 
-        receiver = asyncio.create_task(receive())
-        for i in range(total):
+        def next_frame() -> tuple[str, bytes]:
             state = world.step()
-            truth[i] = state.caption
             buf = io.BytesIO()
             Image.fromarray(world.render(state)).save(buf, format="PNG")  # lossless: quality is the model's
-            await ws.send(p.pack_image(buf.getvalue(), round(i / args.fps * 1e6)))  # backpressure paces this
+            return state.caption, buf.getvalue()
+
+        receiver = asyncio.create_task(receive())
+        for i in range(total):
+            # rendering off the loop: a busy loop misses the server's keepalive pings on a loaded machine
+            truth[i], image = await asyncio.to_thread(next_frame)
+            await ws.send(p.pack_image(image, round(i / args.fps * 1e6)))  # backpressure paces this
         await done.wait()
         await ws.send(json.dumps({"type": "session.close"}))
         await receiver
