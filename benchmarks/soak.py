@@ -70,6 +70,7 @@ async def soak(uri: str, server: ServerProcess | None, args: argparse.Namespace)
                 elif event["type"] == "error":
                     print("error:", event, file=sys.stderr)
                 elif event["type"] == "caption.segment":
+                    window_slots.release()
                     i = event["frame"]
                     expected = truth.pop(i)
                     window.append((event["text"] == expected, token_f1(event["text"], expected)))
@@ -99,7 +100,11 @@ async def soak(uri: str, server: ServerProcess | None, args: argparse.Namespace)
             return state.caption, buf.getvalue()
 
         receiver = asyncio.create_task(receive())
+        # at most 4 frames outstanding: the server keeps reading the socket (and its keepalive pongs)
+        # instead of pushing back through TCP
+        window_slots = asyncio.Semaphore(4)
         for i in range(total):
+            await window_slots.acquire()
             # rendering off the loop: a busy loop misses the server's keepalive pings on a loaded machine
             truth[i], image = await asyncio.to_thread(next_frame)
             await ws.send(p.pack_image(image, round(i / args.fps * 1e6)))  # backpressure paces this
