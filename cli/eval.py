@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sessions", type=int, default=16, help="clips streamed at once (engine rows)")
     p.add_argument("--prompt", default=None, help="prompt text (default: the checkpoint's default prompt)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--max-context", type=int, default=4096, help="text KV cache bound (insertion stores frames there)"
+    )
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     p.add_argument("--show", type=int, default=5, help="print this many wrong captions")
     p.add_argument("--min-f1", type=float, default=None, help="exit 1 if attribute F1 is below this")
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     path = Path(args.model) if args.model else default_model_dir()
-    engine = Engine.from_checkpoint(path, max_sessions=args.sessions)
+    engine = Engine.from_checkpoint(path, max_sessions=args.sessions, max_context_tokens=args.max_context)
     seeds = range(args.seed_start, args.seed_start + args.clips)
     result = evaluate(engine, seeds, frames=args.frames, prompt=args.prompt)
     m = result.metrics

@@ -10,6 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/default", help="run directory: log, train state, checkpoint")
     p.add_argument("--preset", default="default", help="model preset (model/config.py)")
     p.add_argument("--fusion", choices=["casa", "ca", "insertion"], default="casa")
+    p.add_argument("--image-size", type=int, default=None, help="override the preset's frame size")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=8, help="clips per step")
     p.add_argument("--min-frames", type=int, default=6)
@@ -23,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--val-every", type=int, default=100)
+    p.add_argument(
+        "--no-vision-probe",
+        action="store_true",
+        help="train without the auxiliary dense vision loss (a training-only head; see docs/training.md)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.set_defaults(func=run)
 
@@ -37,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         preset=args.preset,
         fusion=args.fusion,
+        image_size=args.image_size,
         steps=args.steps,
         batch=args.batch,
         min_frames=args.min_frames,
@@ -49,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         save_every=args.save_every,
         val_every=args.val_every,
+        vision_probe=not args.no_vision_probe,
         time_budget_s=None if args.minutes is None else args.minutes * 60.0,
     )
     summary = train(cfg, args.out, resume=args.resume)

@@ -39,7 +39,7 @@ from model.reference import Interleaved
 from model.tokenizer import Tokenizer
 from model.vlm import CASAModel
 from model.weights import save_checkpoint
-from model.world import World, WorldConfig, generate_clip
+from model.world import COLOURS, SHAPES, SIZES, FrameTruth, World, WorldConfig, generate_clip
 
 log = logging.getLogger("casa.train")
 
@@ -47,6 +47,9 @@ TRAIN_SEED_BASE = 1_000_000  # training clips: seeds >= this; held-out evaluatio
 VAL_SEED_BASE = 900_000  # the fixed validation batch logged during training
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|frame_end|>"]
 STOP = "<|frame_end|>"
+COLOUR_IDS = {c: i for i, c in enumerate(COLOURS)}
+SHAPE_IDS = {c: i for i, c in enumerate(SHAPES)}
+SIZE_IDS = {c: i for i, c in enumerate(SIZES)}
 DEFAULT_PROMPT = "Describe what you see."
 # Prompts seen in training (one per clip), so a user's own wording does not surprise the model.
 PROMPTS = [
@@ -144,6 +147,7 @@ class Batch:
     insert_at: torch.Tensor  # (B, F)
     n_frames: torch.Tensor  # (B,)
     patches: torch.Tensor  # (sum F, patches, C*P*P) of the real frames, row-major over the batch
+    token_labels: torch.Tensor  # (sum F, N, 3) long: colour, shape, size under each image token (0 = none)
 
 
 def make_batch(
@@ -155,11 +159,14 @@ def make_batch(
     frames: list[int],
     prompts: list[str | None],
 ) -> Batch:
-    seqs, patches = [], []
+    seqs, patches, labels = [], [], []
+    side = processor.image_size // (processor.patch * processor.merge)
+    grid = (side, side)
     for seed, n, prompt in zip(seeds, frames, prompts):
         clip = generate_clip(seed, WorldConfig(**{**asdict(world), "frames": n}))
         seqs.append(stream_layout(tok, gen, clip.captions, prompt))
         patches += [processor(f) for f in clip.frames]
+        labels += [token_labels(t, grid) for t in clip.truth]
     B, T, Fm = len(seqs), max(len(s.tokens) for s in seqs), max(frames)
     pad = tok.token_id("<|pad|>")
     tokens = torch.full((B, T), pad, dtype=torch.long)
@@ -176,11 +183,66 @@ def make_batch(
         insert_at,
         torch.tensor(frames),
         torch.stack(patches),
+        torch.stack(labels),
     )
 
 
-def caption_loss(model: CASAModel, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean cross-entropy over caption tokens; also token accuracy (teacher forced)."""
+def token_labels(truth: FrameTruth, grid: tuple[int, int]) -> torch.Tensor:
+    """(N, 3) long: the colour, shape and size class (1-based; 0 = background) of the object under
+    each merged image token: tokens whose centre lies inside the object's disc, and always the token
+    nearest to the object's centre."""
+    gh, gw = grid
+    out = torch.zeros(gh * gw, 3, dtype=torch.long)
+    ys = (torch.arange(gh, dtype=torch.float32) + 0.5) / gh
+    xs = (torch.arange(gw, dtype=torch.float32) + 0.5) / gw
+    dist = None
+    for obj in truth.objects:
+        dist = ((ys[:, None] - obj.cy) ** 2 + (xs[None, :] - obj.cx) ** 2).sqrt().reshape(-1)  # (N,)
+        inside = dist < obj.diameter / 2
+        inside[int(dist.argmin())] = True
+        cls = torch.tensor(
+            [COLOUR_IDS[obj.colour] + 1, SHAPE_IDS[obj.shape] + 1, SIZE_IDS[obj.size] + 1], dtype=torch.long
+        )
+        out[inside] = cls
+    return out
+
+
+class VisionProbe(torch.nn.Module):
+    """Training-only auxiliary head: dense supervision of the vision tower's image tokens.
+
+    A caption says an object's colour and shape in one or two tokens, so the vision tower, trained
+    from scratch through CASA attention alone, learns shapes slowly. This linear probe asks every
+    image token what lies under it (colour, shape, size), which gives the tower a direct signal. It
+    is not part of the model: the exported checkpoint never contains it.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.weight = 0.5
+        self.head = torch.nn.Linear(hidden, len(COLOUR_IDS) + 1 + len(SHAPE_IDS) + 1 + len(SIZE_IDS) + 1)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """images (sum F, N, hidden), labels (sum F, N, 3) -> mean CE over colour (every token),
+        shape and size (object tokens only)."""
+        logits = self.head(images.float())
+        c, s = len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1
+        lc, ls, lz = logits[..., :c], logits[..., c : c + s], logits[..., c + s :]
+        obj = labels[..., 0] > 0
+        loss = F.cross_entropy(lc.reshape(-1, c), labels[..., 0].reshape(-1))
+        if obj.any():
+            loss = (
+                loss
+                + F.cross_entropy(ls[obj], labels[..., 1][obj])
+                + F.cross_entropy(lz[obj], labels[..., 2][obj])
+            )
+        return loss
+
+
+def caption_loss(
+    model: CASAModel, batch: Batch, probe: VisionProbe | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean cross-entropy over caption tokens (plus the probe's auxiliary vision loss when given);
+    stats: caption token count, teacher-forced token accuracy, the two losses."""
     images = model.encode_images(batch.patches)  # (sum F, N, hidden)
     B, Fm = batch.insert_at.shape
     padded = images.new_zeros(B, Fm, *images.shape[1:])
@@ -193,7 +255,12 @@ def caption_loss(model: CASAModel, batch: Batch) -> tuple[torch.Tensor, dict[str
     labels = batch.tokens[:, 1:][pred_mask]
     loss = F.cross_entropy(logits, labels)
     acc = (logits.argmax(-1) == labels).float().mean().item()
-    return loss, {"tokens": int(labels.numel()), "acc": acc}
+    stats = {"tokens": int(labels.numel()), "acc": acc, "caption_loss": loss.item()}
+    if probe is not None:
+        aux = probe.loss(images, batch.token_labels)
+        stats["vision_loss"] = aux.item()
+        loss = loss + probe.weight * aux
+    return loss, stats
 
 
 # ---------------------------------------------------------------- the loop
@@ -220,6 +287,7 @@ class TrainConfig:
     val_every: int = 100
     val_clips: int = 16
     threads: int = 2
+    vision_probe: bool = True  # auxiliary dense vision loss (VisionProbe); training only
     time_budget_s: float | None = None  # stop (and export) after this much wall time
     world: dict = field(default_factory=dict)  # WorldConfig overrides (size follows the model)
 
@@ -282,20 +350,44 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens; the model's vocabulary is {mc.lm.vocab}")
     gen = generation_config()
     model = CASAModel.random(mc, seed=cfg.seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    probe = VisionProbe(mc.lm.hidden) if cfg.vision_probe else None
+    params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
+    # the probe is a third parameter group, so a run can switch it on or off and keep the model's
+    # optimizer moments
     start, elapsed_before = 0, 0.0
+    state = None
     if resume:
         if not state_path.exists():
             raise FileNotFoundError(f"--resume: {state_path} does not exist; train without --resume first")
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        saved = state["optimizer"]
+        if len(saved["param_groups"]) == 3:  # saved with a probe: keep only the model's groups
+            keep = set(saved["param_groups"][0]["params"]) | set(saved["param_groups"][1]["params"])
+            saved = {
+                "state": {k: v for k, v in saved["state"].items() if k in keep},
+                "param_groups": saved["param_groups"][:2],
+            }
+        opt.load_state_dict(saved)
+    if probe is not None:
+        opt.add_param_group({"params": list(probe.parameters()), "weight_decay": 0.0})
+        if state is not None and "probe" in state:
+            probe.load_state_dict(state["probe"])
+            full = state["optimizer"]
+            if len(full["param_groups"]) == 3:
+                ids = full["param_groups"][2]["params"]
+                for p, i in zip(opt.param_groups[2]["params"], ids):
+                    if i in full["state"]:
+                        opt.state[p] = full["state"][i]
+    if state is not None:
         start, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
         log.info("resumed from %s at step %d", state_path, start)
     tok.save(tok_path)
@@ -325,7 +417,13 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
 
     def save(step: int, elapsed: float) -> None:
         torch.save(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed},
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "elapsed_s": elapsed,
+                **({"probe": probe.state_dict()} if probe is not None else {}),
+            },
             out / "train_state.tmp",
         )
         (out / "train_state.tmp").replace(state_path)
@@ -348,10 +446,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
             g["lr"] = lr
         seeds, frames, prompts = step_clips(cfg, step)
         batch = make_batch(seeds, tok, gen, processor, world, frames, prompts)
-        loss, stats = caption_loss(model, batch)
+        loss, stats = caption_loss(model, batch, probe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         opt.step()
         step += 1
         dt = time.monotonic() - t0
@@ -359,7 +457,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         window["tokens"] += stats["tokens"]
         window["time"] += dt
         elapsed = elapsed_before + time.monotonic() - t_start
-        record = {"step": step, "loss": round(loss.item(), 4), "acc": round(stats["acc"], 4)}
+        record = {"step": step, "loss": round(stats["caption_loss"], 4), "acc": round(stats["acc"], 4)}
+        if "vision_loss" in stats:
+            record["vision_loss"] = round(stats["vision_loss"], 4)
         if step % cfg.log_every == 0 or step == cfg.steps:
             record |= {
                 "lr": round(lr, 6),
