@@ -17,9 +17,10 @@ pytestmark = pytest.mark.skipif(
 )
 SEEDS = (17, 29)  # held-out: below model.train.TRAIN_SEED_BASE
 FRAMES = 12
-MIN_EXACT = (
-    0.5  # exact-match rate over the clips' frames (the checkpoint's own evaluation is in docs/training.md)
-)
+# Mean token F1 against the ground truth over the clips' frames. An intermediate checkpoint of the default
+# model scored 0.63-0.85 in the soak benchmark; the bundled one is trained longer. Exact equality with
+# the engine's own captions is the strict check; this one says the captions are about the clip.
+MIN_F1 = 0.6
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,18 @@ def caption(app, messages: list[bytes], n: int) -> list[str]:
     return [s["text"] for s in segments]
 
 
-def exact_rate(pairs) -> float:  # type: ignore[no-untyped-def]
-    pairs = list(pairs)
-    return sum(a == b for a, b in pairs) / len(pairs)
+def token_f1(a: str, b: str) -> float:
+    x, y = a.split(), b.split()
+    common = sum(min(x.count(w), y.count(w)) for w in set(x))
+    if not x or not y or not common:
+        return float(x == y)
+    precision, recall = common / len(x), common / len(y)
+    return 2 * precision * recall / (precision + recall)
+
+
+def mean_f1(pairs) -> float:  # type: ignore[no-untyped-def]
+    scores = [token_f1(a, b) for a, b in pairs]
+    return sum(scores) / len(scores)
 
 
 def test_image_frames_match_the_engine_and_the_ground_truth(app, clips):
@@ -68,12 +78,14 @@ def test_image_frames_match_the_engine_and_the_ground_truth(app, clips):
     engine = Engine.from_checkpoint(BUNDLED, max_sessions=len(clips))
     direct = caption_clips(engine, clips)
     assert served == [[t.strip() for t in texts] for texts in direct]
-    rate = exact_rate((s, t) for c, texts in zip(clips, served) for s, t in zip(texts, c.captions))
-    assert rate >= MIN_EXACT, list(zip(served[0], clips[0].captions))
+    f1 = mean_f1((s, t) for c, texts in zip(clips, served) for s, t in zip(texts, c.captions))
+    assert f1 >= MIN_F1, list(zip(served[0], clips[0].captions))
 
 
 def test_webm_stream_matches_the_ground_truth(app, clips):
     clip = clips[0]
     data = encode_stream(clip.frames, "webm", "libvpx", fps=clip.config.fps)
     served = caption(app, container_messages(data, chunk=2000), len(clip.frames))
-    assert exact_rate(zip(served, clip.captions)) >= MIN_EXACT - 0.2, list(zip(served, clip.captions))
+    assert mean_f1(zip(served, clip.captions)) >= MIN_F1 - 0.1, list(
+        zip(served, clip.captions)
+    )  # VP8 is lossy
