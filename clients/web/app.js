@@ -292,7 +292,7 @@
     r.partial = "";
     r.latencies.push(latency);
     if (seg.ttft_ms !== undefined) r.ttfts.push(seg.ttft_ms);
-    r.segments.push({ frame: seg.frame, start: seg.start, end: seg.end, text: seg.text, latency_ms: latency });
+    r.segments.push({ frame: seg.frame, start: seg.start, end: seg.end, text: seg.text, reason: seg.reason, latency_ms: latency });
     showCaption(seg.start, seg.text, false);
 
     const li = document.createElement("li");
