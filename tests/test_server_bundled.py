@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 SEEDS = (17, 29)  # held-out: below model.train.TRAIN_SEED_BASE
 FRAMES = 12
 # Mean token F1 against the ground truth over the clips' frames. An intermediate checkpoint of the default
-# model scored 0.63-0.85 in the soak benchmark; the bundled one is trained longer. Exact equality with
+# model scored 0.59-0.85 per 40 frames in the soak benchmark; the bundled one is trained longer. Exact equality with
 # the engine's own captions is the strict check; this one says the captions are about the clip.
 MIN_F1 = 0.6
 
