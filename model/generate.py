@@ -163,7 +163,7 @@ class Engine:
             raise CapacityError(f"all {self.max_sessions} session slots are in use") from None
         settings = settings or SessionSettings()
         ids = self.prompt_ids(prompt)
-        limit = min(self.window_tokens, self.state.text.capacity // 2)
+        limit = self.max_prompt_tokens
         if len(ids) > limit:
             raise ValueError(f"prompt is {len(ids)} tokens; at most {limit} fit. Shorten the prompt.")
         self.state.reset(row)
@@ -196,10 +196,18 @@ class Engine:
     def kv_tokens(self, row: int) -> int:
         return int(self.state.text.length[row])
 
+    def row_has_work(self, row: int) -> bool:
+        """True when the next step() will feed tokens for this row."""
+        r = self.rows[row]
+        return r is not None and bool(r.pending or r.frame_patches is not None or r.decoding)
+
     def has_work(self) -> bool:
-        return any(
-            r is not None and (r.pending or r.frame_patches is not None or r.decoding) for r in self.rows
-        )
+        return any(self.row_has_work(i) for i in range(self.max_sessions))
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt (template included) that fits the first window and the cache sink."""
+        return min(self.window_tokens, self.state.text.capacity // 2)
 
     def submit_frame(self, row: int, image: np.ndarray | torch.Tensor, deadline: float | None = None) -> int:
         """Queue a frame (H, W, 3) uint8 for captioning; returns its frame index in the session."""

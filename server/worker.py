@@ -215,7 +215,7 @@ class Worker:
     def _check_prompt(self, prompt: str | None) -> None:
         engine = self.engine
         n = len(engine.prompt_ids(prompt))
-        limit = min(engine.window_tokens, engine.state.text.capacity // 2)
+        limit = engine.max_prompt_tokens
         if n > limit:
             raise InvalidSettings(
                 f"the prompt is {n} tokens; at most {limit} fit this model's context. Shorten it."
@@ -281,7 +281,7 @@ class Worker:
 
     def _step(self) -> None:
         engine = self.engine
-        with_work = [s for s in self._slots if _has_work(engine, s.row)]
+        with_work = [s for s in self._slots if engine.row_has_work(s.row)]
         self._vision_s = 0.0
         prefilling = any(s.inflight is not None and s.inflight.tokens == 0 for s in with_work)
         t0 = time.perf_counter()
@@ -367,8 +367,3 @@ class Worker:
         """Run a listener method on the event loop; a closed loop (shutdown) is not an error."""
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(getattr(slot.listener, method), *args)
-
-
-def _has_work(engine: Engine, row: int) -> bool:
-    r = engine.rows[row]
-    return r is not None and bool(r.pending or r.frame_patches is not None or r.decoding)
