@@ -233,14 +233,20 @@ def _default() -> ModelConfig:
             hidden=192,
             layers=4,
             heads=3,
-            kv_heads=1,
+            # one K/V head per query head: copying an object's shape from the caption history
+            # ("the green ..." -> "triangle") needs its own key space next to the image lookups
+            kv_heads=3,
             head_dim=64,
             mlp=576,
-            # M-RoPE gives the frame's columns the LOWEST frequencies: with theta 1e4 a whole 8-token
-            # row turns by < 0.03 rad, so left/centre/right are invisible to CASA attention (and the
-            # ViT has no absolute positions). theta 100 with most frequencies on the width keeps
-            # every column step >= 0.1 rad on the top width frequencies; text still spans ~500 tokens.
-            rope_theta=100.0,
+            # M-RoPE gives the frame's columns the LOWEST frequencies, so theta trades image
+            # resolution against text reach. theta 1e4 (with sections [8, 12, 12]) turns a whole
+            # 8-token row by < 0.03 rad: left/centre/right are invisible to CASA attention (the ViT
+            # has no absolute positions). theta 100 resolves columns but every text frequency
+            # turns >= 0.0115 rad per token, so no head can match "green" 100-300 tokens back by
+            # content: copying the shape of a leaving object from the history stayed near chance.
+            # theta 1000 with sections [2, 6, 24] keeps column steps of 0.06-0.18 rad on the top
+            # width frequencies and leaves six frequency pairs under 0.004 rad per token.
+            rope_theta=1000.0,
             mrope_section=[2, 6, 24],
         ),
         casa=CASAConfig(),

@@ -119,6 +119,9 @@ class Engine:
         self.window_tokens = window_tokens
         self.sampler = Sampler(max_sessions, lm.vocab, self.stop_ids)
         self.rows: list[_Row | None] = [None] * max_sessions
+        # seconds the last step() spent in the vision tower (0.0 when it started no frame): lets the
+        # server split a step's time into vision encode and language model
+        self.last_vision_seconds = 0.0
 
     @classmethod
     def from_checkpoint(
@@ -228,6 +231,7 @@ class Engine:
         feeds: dict[int, list[int | torch.Tensor]] = {}  # row -> items (token id or image token)
         sample_rows: list[int] = []
         starting: list[int] = []
+        self.last_vision_seconds = 0.0
         for i, r in enumerate(self.rows):
             if r is None:
                 continue
@@ -253,7 +257,9 @@ class Engine:
 
     def _start_frames(self, rows: list[int], feeds: dict[int, list[int | torch.Tensor]]) -> None:
         patches = torch.stack([self.rows[i].frame_patches for i in rows]).to(self.device, self.dtype)
+        t0 = time.perf_counter()
         image_tokens = self.model.encode_images(patches)  # (n, N, hidden)
+        self.last_vision_seconds = time.perf_counter() - t0
         if not self.insertion:
             idx = torch.tensor(rows, device=self.device)
             self.model.lm.set_frame(idx, image_tokens, self.model.grid, self.state)

@@ -273,7 +273,7 @@ class TrainConfig:
     steps: int = 2000
     batch: int = 8  # clips per step
     min_frames: int = 6
-    max_frames: int = 14
+    max_frames: int = 16  # = `casa eval`'s clip length
     lr: float = 1.5e-3
     min_lr_ratio: float = 0.1
     warmup: int = 100

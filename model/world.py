@@ -225,8 +225,10 @@ class World:
         n = int(self.rng.integers(0, self.config.max_initial + 1))
         events = []
         for _ in range(n):
-            obj = self._new_object()
-            self.objects.append(obj)
+            self.objects.append(self._new_object())
+        # The first caption lists objects in reading order (top to bottom, left to right): an order
+        # the model can see, where sampling order would make the first colour a coin toss.
+        for obj in sorted(self.objects, key=lambda o: (o.row, o.col)):
             events.append(Event("present", obj.colour, obj.shape, obj.size, obj.position))
         return tuple(events)
 

@@ -32,9 +32,10 @@ from fastapi.staticfiles import StaticFiles
 
 from model.generate import Engine
 from server import protocol as p
+from server.connection import serve_websocket
 from server.errors import Unauthorized, report
 from server.metrics import CONTENT_TYPE, Metrics
-from server.session import Session, serve_websocket
+from server.session import Session
 from server.settings import REPO_ROOT, Settings
 from server.worker import Worker
 

@@ -1,10 +1,9 @@
-"""One client stream, and the websocket loop that drives it.
+"""One client stream: parsing, decoding, feeding the worker, and the events it sends back.
 
 `Session` is transport-free: it parses client events, decodes media (off the event loop), feeds the
 inference worker, turns worker tokens into protocol events and keeps the per-session bookkeeping
-(stats, markers, lag). `serve_websocket` runs one connection as a receive task and an emit task joined
-by the session's bounded outbound queue (plus a small stats ticker); the upload endpoint
-(server/upload.py) drives a Session without a websocket.
+(stats, markers, lag). server/connection.py runs a Session over a websocket; the upload endpoint
+(server/upload.py) drives one without a websocket.
 
 Ordering guarantees:
 - frames get session indexes in input order; a frame's deltas come before its segment; segments come
@@ -33,7 +32,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from model.generate import SessionSettings as EngineSettings
 from server import protocol as p
@@ -51,7 +49,6 @@ from server.errors import (
     FrameTooLarge,
     InvalidSettings,
     RateLimited,
-    SessionTimeout,
     UnknownType,
     UnsupportedCodec,
     from_validation_error,
@@ -317,7 +314,7 @@ class Session:
         self.starved_at = 0
         self.awaiting_header = True
         self.container = ContainerDecoder(
-            chunk, self.limits, self.resampler.keep, _Sink(self), self.input.container
+            chunk, self.limits, self.resampler.keep, LoopSink(self), self.input.container
         )
         self.awaiting_header = False
 
@@ -447,7 +444,7 @@ class Session:
             self.slot = None
             self.finish("error", code)
 
-    # ---- container decode thread callbacks (hopped onto the loop by _Sink) ----------------------
+    # ---- container decode thread callbacks (hopped onto the loop by LoopSink) ----------------------
 
     def container_frame(self, image: np.ndarray, pts: float, decode_seconds: float, credited: bool) -> None:
         self._accept(image, pts, decode_seconds, credited)
@@ -505,7 +502,7 @@ class Session:
         self.emit(CloseRequest(code))
 
 
-class _Sink:
+class LoopSink:
     """ContainerDecoder callbacks: run on the decode thread, hop onto the event loop."""
 
     def __init__(self, session: Session) -> None:
@@ -555,112 +552,3 @@ def _loads_or_none(text: str) -> object:
         return json.loads(text)
     except ValueError:
         return None
-
-
-# ---------------------------------------------------------------------------------------------------
-# the websocket loop
-# ---------------------------------------------------------------------------------------------------
-
-
-async def serve_websocket(ws: WebSocket, ctx: ServerContext) -> None:
-    """Run one accepted websocket connection to its end."""
-    m = ctx.metrics
-    session = Session(ctx)
-    try:
-        await session.start()
-    except CasaError as exc:
-        event, code = report(exc, m, session_id=session.id)
-        m.sessions_rejected_total.labels("capacity").inc()
-        await ws.send_text(p.dump(event))
-        await ws.close(code or p.CloseCode.TRY_AGAIN)
-        return
-    m.sessions_active.inc()
-    ctx.sessions.add(session)
-    emitter = asyncio.create_task(_emit(ws, session))
-    ticker = asyncio.create_task(_tick(session, ctx.settings.stats_interval_seconds))
-    outcome = "disconnected"
-    try:
-        outcome = await _receive(ws, session, ctx)
-        if outcome == "closed":
-            session.finish("client", p.CloseCode.NORMAL)
-    except Exception as exc:  # the one mapping point (errors.report) decides what the client sees
-        outcome = "timeout" if isinstance(exc, SessionTimeout) else "error"
-        code = session.send_error(exc)
-        session.finish("session_timeout" if outcome == "timeout" else "error", code or p.CloseCode.INTERNAL)
-    except asyncio.CancelledError:
-        outcome = "shutdown"
-        raise
-    finally:
-        # synchronous bookkeeping first: a cancelled task (server shutdown) may not await anything
-        ticker.cancel()
-        ctx.sessions.discard(session)
-        session.close()
-        m.sessions_active.dec()
-        m.sessions_total.labels(outcome).inc()
-        log.info(
-            "session %s ended: %s (%d frames captioned, %d dropped)",
-            session.id,
-            outcome,
-            session.captioned,
-            session.dropped,
-        )
-        if outcome in ("closed", "timeout", "error"):  # let the last events and the close go out
-            with contextlib.suppress(asyncio.TimeoutError, Exception):
-                await asyncio.wait_for(asyncio.shield(emitter), 10.0)
-        emitter.cancel()
-
-
-async def _receive(ws: WebSocket, session: Session, ctx: ServerContext) -> str:
-    s = ctx.settings
-    started = time.monotonic()
-    while True:
-        left = s.max_session_seconds - (time.monotonic() - started)
-        if left <= 0:
-            raise SessionTimeout(
-                f"the session reached its maximum duration of {s.max_session_seconds:g} s; reconnect"
-            )
-        try:
-            message = await asyncio.wait_for(ws.receive(), min(s.idle_timeout_seconds, left))
-        except asyncio.TimeoutError:
-            if time.monotonic() - started >= s.max_session_seconds:
-                continue  # reported at the top of the loop
-            if session.unfinished or session.markers:
-                continue  # the client waits for captions of what it sent: not idle
-            raise SessionTimeout(
-                f"no message for {s.idle_timeout_seconds:g} s; the session was closed (send frames or a marker "
-                "to keep it open)"
-            ) from None
-        if message["type"] == "websocket.disconnect":
-            return "disconnected"
-        try:
-            if message.get("text") is not None:
-                close = await session.handle_text(message["text"])
-                if close is not None:
-                    await session.end_input()
-                    await session.flush()
-                    return "closed"
-            elif message.get("bytes") is not None:
-                await session.handle_binary(message["bytes"])
-        except CasaError as exc:
-            if exc.fatal:
-                raise
-            session.send_error(exc)
-
-
-async def _emit(ws: WebSocket, session: Session) -> None:
-    while True:
-        event = await session.out.get()
-        if isinstance(event, CloseRequest):
-            if ws.client_state == WebSocketState.CONNECTED:
-                await ws.close(event.code)
-            return
-        try:
-            await ws.send_text(p.dump(event))
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            return
-
-
-async def _tick(session: Session, interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        session.emit_stats_if_changed()

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from server import protocol as p
 from server.decode import decode_file
 from server.errors import CasaError, report
-from server.session import Session, _Sink
+from server.session import LoopSink, Session
 
 MAX_UPLOAD_BYTES = 512 << 20
 FORMATS = {"json", "srt", "vtt"}
@@ -91,7 +91,7 @@ async def caption_upload(ctx, request: Request) -> Response:  # type: ignore[no-
         # file takes, and live sessions' image decodes must not queue behind it
         with ThreadPoolExecutor(1, thread_name_prefix="casa-upload") as pool:
             warning = await asyncio.get_running_loop().run_in_executor(
-                pool, decode_file, data, session.limits, session.resampler.keep, _Sink(session)
+                pool, decode_file, data, session.limits, session.resampler.keep, LoopSink(session)
             )
         await asyncio.sleep(0)  # let the decode thread's last callbacks run
         await session.flush()

@@ -106,23 +106,7 @@ class Worker:
         )
         self._slots: list[Slot] = []
         self._stop = False
-        self._vision_s = 0.0
-        self._instrument()
         self._thread = threading.Thread(target=self._run, name="casa-worker", daemon=True)
-
-    def _instrument(self) -> None:
-        """Time the vision tower inside engine.step() (the engine does not report stage timings)."""
-        model = self.engine.model
-        encode = model.encode_images
-
-        def timed_encode(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return encode(*args, **kwargs)
-            finally:
-                self._vision_s += time.perf_counter() - t0
-
-        model.encode_images = timed_encode  # instance attribute shadows the method
 
     # ---- event-loop side API ------------------------------------------------------------------
 
@@ -282,7 +266,6 @@ class Worker:
     def _step(self) -> None:
         engine = self.engine
         with_work = [s for s in self._slots if engine.row_has_work(s.row)]
-        self._vision_s = 0.0
         prefilling = any(s.inflight is not None and s.inflight.tokens == 0 for s in with_work)
         t0 = time.perf_counter()
         try:
@@ -296,10 +279,11 @@ class Worker:
         m = self.metrics
         m.step_seconds.observe(dt)
         m.batch_size.observe(len(with_work))
-        if self._vision_s:
-            m.vision_encode_seconds.observe(self._vision_s)
+        vision_s = engine.last_vision_seconds
+        if vision_s:
+            m.vision_encode_seconds.observe(vision_s)
         if prefilling:
-            m.prefill_seconds.observe(max(0.0, dt - self._vision_s))
+            m.prefill_seconds.observe(max(0.0, dt - vision_s))
         by_row = {s.row: s for s in self._slots}
         outputs: dict[int, list[FrameOutput]] = {}
         for ev in events:

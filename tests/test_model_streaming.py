@@ -221,3 +221,16 @@ def test_bounded_text_cache_matches_restricted_reference() -> None:
     err = max_err(rec, rows, dense)
     assert err <= ATOL[torch.float32], f"max abs err {err:.3g}"
     assert max_err(rec, rows, unbounded) > 1e-3  # eviction really changed what the model saw
+
+
+def test_engine_reports_vision_time_only_for_steps_that_start_frames() -> None:
+    """Engine.last_vision_seconds is what the server's vision-encode histogram observes."""
+    engine = make_engine(max_sessions=2)
+    row = engine.open("hi", SessionSettings(max_new_tokens=3, min_new_tokens=3))
+    engine.step()  # the prompt
+    assert engine.last_vision_seconds == 0.0
+    engine.submit_frame(row, np.zeros((32, 32, 3), dtype=np.uint8))
+    engine.step()  # encodes the frame and samples the first token
+    assert engine.last_vision_seconds > 0.0
+    engine.step()  # a decode step: no vision work
+    assert engine.last_vision_seconds == 0.0
