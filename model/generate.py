@@ -88,6 +88,7 @@ class Engine:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
+        self.model.lm.fuse_projections()
         self.tokenizer, self.gen = tokenizer, gen
         self.device, self.dtype = torch.device(device), dtype
         cfg = model.config

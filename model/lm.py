@@ -96,6 +96,15 @@ class LanguageModel(nn.Module):
             if block.casa is not None:
                 block.casa.init_from(block.input_layernorm, block.self_attn)
 
+    def fuse_projections(self) -> None:
+        """Inference only (the Engine calls it): q/k/v and gate/up of every layer as single matmuls.
+        Parameters stay in place as views of the fused weights, so checkpoints are unchanged."""
+        for block in self.layers:
+            block.self_attn.fuse()
+            block.mlp.fuse()
+            if block.casa is not None and not block.casa.shared:
+                block.casa.proj.fuse()
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             return h @ self.embed_tokens.weight.t()
@@ -203,8 +212,7 @@ class LanguageModel(nn.Module):
         R = inp.rows
         text = state.text
         h = block.input_layernorm(x)
-        q = block.self_attn.q(h)  # (R, H, T, D)
-        k, v = block.self_attn.kv(h)  # (R, Hkv, T, D)
+        q, k, v = block.self_attn.qkv(h)  # (R, H, T, D), (R, Hkv, T, D) x 2
         qs, ks = rope_qk(q, k, inp.sa_cos, inp.sa_sin)  # one fused launch for q and k on CUDA
         write_rows(text.k[li], inp.sa_rows, ks, inp.b_idx, inp.t_idx)
         write_rows(text.v[li], inp.sa_rows, v, inp.b_idx, inp.t_idx)
@@ -245,9 +253,7 @@ class LanguageModel(nn.Module):
         assert cs is not None and block.casa is not None
         norm, proj = block.casa_parts()
         if not block.casa.shared:  # shared: reuse the self-attention's un-rotated q, k, v
-            hc = norm(x)
-            q = proj.q(hc)
-            k, v = proj.kv(hc)
+            q, k, v = proj.qkv(norm(x))
         seg_k = seg_v = seg_start = None
         if block.casa.use_rope:
             q, k = rope_qk(q, k, inp.ca_cos, inp.ca_sin)

@@ -184,3 +184,33 @@ def test_casa_caption_cli(tmp_path: Path) -> None:
         timeout=120,
     )
     assert bad.returncode == 2 and "config.json is missing" in bad.stderr
+
+
+def test_fused_projections_match_and_share_storage() -> None:
+    """Engine fuses q/k/v and gate/up into single matmuls; results must not change, and the
+    parameters must stay views of the fused weights (a later load_state_dict updates both)."""
+    from model.layers import Projections, SwiGLU
+
+    torch.manual_seed(0)
+    proj, mlp = Projections(32, 4, 2, 8), SwiGLU(32, 48)
+    x = torch.randn(2, 5, 32)
+    q0, (k0, v0), m0 = proj.q(x), proj.kv(x), mlp(x)
+    proj.fuse()
+    mlp.fuse()
+    q1, k1, v1 = proj.qkv(x)
+    torch.testing.assert_close((q1, k1, v1, mlp(x)), (q0, k0, v0, m0), rtol=1e-6, atol=1e-6)
+    new = {k: torch.randn_like(v) for k, v in proj.state_dict().items()}
+    proj.load_state_dict(new)  # copies into the views: the fused weight follows
+    q2, k2, v2 = proj.qkv(x)
+    torch.testing.assert_close(
+        q2,
+        torch.nn.functional.linear(x, new["q_proj.weight"], new["q_proj.bias"])
+        .view(2, 5, 4, 8)
+        .transpose(1, 2),
+    )
+    torch.testing.assert_close(
+        v2,
+        torch.nn.functional.linear(x, new["v_proj.weight"], new["v_proj.bias"])
+        .view(2, 5, 2, 8)
+        .transpose(1, 2),
+    )
