@@ -29,6 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="train without the auxiliary dense vision loss (a training-only head; see docs/training.md)",
     )
+    p.add_argument(
+        "--world",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a WorldConfig field for the training clips, e.g. change_prob=0.85 (repeatable); "
+        "validation and `casa eval` keep the default world",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.set_defaults(func=run)
 
@@ -58,7 +66,28 @@ def run(args: argparse.Namespace) -> int:
         val_every=args.val_every,
         vision_probe=not args.no_vision_probe,
         time_budget_s=None if args.minutes is None else args.minutes * 60.0,
+        world=world_overrides(args.world),
     )
     summary = train(cfg, args.out, resume=args.resume)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def world_overrides(items: list[str]) -> dict:
+    """["change_prob=0.85", ...] -> {"change_prob": 0.85}, typed by the WorldConfig field."""
+    import dataclasses
+
+    from model.world import WorldConfig
+
+    types = {f.name: type(f.default) for f in dataclasses.fields(WorldConfig)}
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in types or key in ("size", "frames"):
+            allowed = ", ".join(k for k in types if k not in ("size", "frames"))
+            raise SystemExit(f"--world {item!r}: expected KEY=VALUE with KEY one of {allowed}")
+        try:
+            out[key] = types[key](value)
+        except ValueError:
+            raise SystemExit(f"--world {item!r}: {value!r} is not a {types[key].__name__}") from None
+    return out

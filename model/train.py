@@ -403,9 +403,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         mc.image_tokens,
     )
 
+    # validation clips come from the default world (the one `casa eval` scores), whatever the
+    # training mix: runs that change --world stay comparable
     val_seeds = [VAL_SEED_BASE + i for i in range(cfg.val_clips)]
+    val_world = WorldConfig(size=mc.image_size)
     val_batch = make_batch(
-        val_seeds, tok, gen, processor, world, [cfg.max_frames] * cfg.val_clips, [None] * cfg.val_clips
+        val_seeds, tok, gen, processor, val_world, [cfg.max_frames] * cfg.val_clips, [None] * cfg.val_clips
     )
 
     def validate() -> dict[str, float]:

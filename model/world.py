@@ -68,6 +68,12 @@ class WorldConfig:
     max_objects: int = 3
     max_initial: int = 2  # objects present at frame 0 (keeps the first caption under 20 tokens)
     change_prob: float = 0.65  # probability that a frame t > 0 carries a change
+    # relative odds of the change kinds: appears (per free object slot, doubled in an empty scene),
+    # moves (per object with a free neighbour cell), leaves (per object). Training can raise the
+    # rarer kinds (`casa train --world leave_weight=0.6`); evaluation keeps these defaults.
+    appear_weight: float = 0.6
+    move_weight: float = 0.9
+    leave_weight: float = 0.3
     jitter: float = 0.08  # max object offset from its cell centre, fraction of a cell side
     noise_std: float = 4.0  # camera noise, in 8-bit levels
     flicker: float = 4.0  # max global brightness change per frame, in 8-bit levels
@@ -237,10 +243,11 @@ class World:
             return ()
         n = len(self.objects)
         movable = [o for o in self.objects if self._moves_for(o)]
+        c = self.config
         weights = {
-            "appears": float(self.config.max_objects - n) * (1.2 if n == 0 else 0.6),
-            "moves": 0.9 * len(movable),
-            "leaves": 0.3 * n,
+            "appears": float(c.max_objects - n) * c.appear_weight * (2.0 if n == 0 else 1.0),
+            "moves": c.move_weight * len(movable),
+            "leaves": c.leave_weight * n,
         }
         total = sum(weights.values())
         if total <= 0:

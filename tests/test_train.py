@@ -156,3 +156,28 @@ def test_other_fusions_train(fusion):
     loss, stats = caption_loss(model, batch)
     loss.backward()
     assert torch.isfinite(loss) and stats["tokens"] > 0
+
+
+def test_world_overrides_change_the_training_mix_only_where_asked():
+    from collections import Counter
+
+    from cli.train import world_overrides
+    from model.world import World, WorldConfig
+
+    over = world_overrides(["change_prob=0.9", "leave_weight=0.9"])
+    assert over == {"change_prob": 0.9, "leave_weight": 0.9}
+    with pytest.raises(SystemExit, match="KEY one of"):
+        world_overrides(["size=64"])  # the model decides the frame size
+    with pytest.raises(SystemExit, match="not a float"):
+        world_overrides(["change_prob=lots"])
+
+    def kinds(cfg: WorldConfig) -> Counter:
+        c: Counter = Counter()
+        for seed in range(100):
+            w = World(seed, cfg)
+            for _ in range(16):
+                c.update(e.kind for e in w.step().events)
+        return c
+
+    base, rich = kinds(WorldConfig()), kinds(WorldConfig(**over))
+    assert rich["leaves"] > 1.5 * base["leaves"]
