@@ -251,7 +251,8 @@ class Engine:
         h = self._forward(feeds)
         if not sample_rows:
             return []
-        last = torch.stack([h[i, len(feeds[i]) - 1] for i in sample_rows])
+        # the last fed position: an inserted frame is one feed item but N positions
+        last = torch.stack([h[i, _feed_length(feeds[i]) - 1] for i in sample_rows])
         no_stop = [len(self.rows[i].generated) < self.rows[i].settings.min_new_tokens for i in sample_rows]
         tokens = self.sampler.sample(sample_rows, self.model.lm.logits(last), no_stop)
         return [self._advance(i, tok) for i, tok in zip(sample_rows, tokens)]
@@ -276,10 +277,7 @@ class Engine:
         """Build the padded batch for rows [0, R) and run LanguageModel.step; returns hidden (R, T, D)."""
         lm = self.model.lm
         R = max(feeds) + 1
-        lengths = {
-            i: sum(it.shape[0] if isinstance(it, torch.Tensor) else 1 for it in items)
-            for i, items in feeds.items()
-        }
+        lengths = {i: _feed_length(items) for i, items in feeds.items()}
         T = max(lengths.values())
         x = torch.zeros(R, T, lm.cfg.hidden, dtype=self.dtype, device=self.device)
         n_valid = torch.zeros(R, dtype=torch.long)
@@ -360,3 +358,8 @@ class Engine:
                     yield ev
                     if ev.done:
                         return
+
+
+def _feed_length(items: list[int | torch.Tensor]) -> int:
+    """Positions a row's feed takes: one per token id, N per inserted frame (N, hidden)."""
+    return sum(it.shape[0] if isinstance(it, torch.Tensor) else 1 for it in items)

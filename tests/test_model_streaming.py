@@ -113,8 +113,20 @@ def max_err(rec: Recorder, rows: list[int], logits: torch.Tensor) -> float:
 def test_streaming_matches_dense_reference(fusion: str, shared: bool) -> None:
     engine = make_engine(fusion, shared, max_sessions=3, max_context_tokens=512)
     rec = Recorder(engine)
+    # the sampler must see the logits of each row's LAST fed position (an inserted frame is one
+    # feed item but N positions: sampling at the item count once read an image token's logits)
+    sampled_err: list[float] = []
+    sample = engine.sampler.sample
+
+    def spy(rows_, logits, no_stop):  # type: ignore[no-untyped-def]
+        for j, r in enumerate(rows_):
+            sampled_err.append(float((logits[j].float() - rec.logits[r][-1]).abs().max()))
+        return sample(rows_, logits, no_stop)
+
+    engine.sampler.sample = spy
     lengths = [[3, 1, 5, 2, 4], [2, 4, 1, 3, 6]]
     rows = run_session(engine, 5, lengths, ["red circle", "what do you see now in the video"])
+    assert len(sampled_err) >= 30 and max(sampled_err) <= ATOL[torch.float32]
     batch = rec.batch(rows)
     assert (batch.n_frames == 5).all()
     assert batch.text_len[0] != batch.text_len[1]
