@@ -23,6 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     p.add_argument("--show", type=int, default=5, help="print this many wrong captions")
+    p.add_argument(
+        "--slots",
+        action="store_true",
+        help="also print teacher-forced accuracy per caption word and event kind (where it fails)",
+    )
     p.add_argument("--min-f1", type=float, default=None, help="exit 1 if attribute F1 is below this")
     p.add_argument("--min-recall", type=float, default=None, help="exit 1 if event recall is below this")
     p.set_defaults(func=run)
@@ -64,6 +69,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {'frames per second (streaming, batched)':<42} {m['frames_per_s']:.1f}")
     for seed, frame, pred, true in result.mistakes(args.show):
         print(f"  seed {seed} frame {frame}: got {pred!r}, expected {true!r}")
+    if args.slots:
+        from model.evaluate import slot_accuracy
+
+        print("teacher-forced accuracy (true history), per caption kind and word index:")
+        for line in slot_accuracy(engine.model, engine.tokenizer, engine.gen, seeds, args.frames).table():
+            print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     ok = (args.min_f1 is None or m["attribute_f1"] >= args.min_f1) and (

@@ -181,3 +181,54 @@ def test_world_overrides_change_the_training_mix_only_where_asked():
 
     base, rich = kinds(WorldConfig()), kinds(WorldConfig(**over))
     assert rich["leaves"] > 1.5 * base["leaves"]
+
+
+def test_slot_accuracy_scores_each_caption_word(tok):
+    """An oracle that predicts every next token scores 1.0 everywhere; one that gets word 1 of
+    every "moves" caption wrong scores 0 exactly there and nowhere else."""
+    import torch.nn.functional as F
+
+    from model.evaluate import slot_accuracy
+    from model.toy import toy_model
+    from model.train import generation_config
+    from model.world import WorldConfig, generate_clip
+
+    model = toy_model("test-tiny", seed=0)
+    model.config.lm.vocab = max(model.config.lm.vocab, tok.vocab_size)
+    gen = generation_config()
+    seeds = [5, 6, 7]
+    moves_colour: set[int] = set()  # token positions of word 1 of every "moves" caption
+
+    def oracle(batch):  # logits (1, T, V) whose argmax at t is token t + 1
+        nxt = torch.cat([batch.tokens[0, 1:], batch.tokens[0, :1]])
+        logits = F.one_hot(nxt, tok.vocab_size).float()[None]
+        for t in moves_colour:
+            logits[0, t - 1] = logits[0, t - 1].roll(1)
+        return logits
+
+    model.forward_dense = oracle
+    perfect = slot_accuracy(model, tok, gen, seeds, frames=12)
+    assert sum(perfect.captions.values()) == 3 * 12
+    assert all(perfect.correct[k] == n for k, n in perfect.total.items())
+
+    from model.train import stream_layout
+
+    # mark word 1 of "moves" captions, clip by clip (slot_accuracy runs clips in seed order)
+    results = []
+    for seed in seeds:
+        clip = generate_clip(seed, WorldConfig(frames=12, size=model.config.image_size))
+        seq = stream_layout(tok, gen, clip.captions, None)
+        moves_colour.clear()
+        frame, word = -1, 0
+        for t in range(1, len(seq.tokens)):
+            if not seq.target[t]:
+                continue
+            if not seq.target[t - 1]:
+                frame, word = frame + 1, 0
+            ev = clip.truth[frame].events
+            if frame > 0 and ev and ev[0].kind == "moves" and word == 1:
+                moves_colour.add(t)
+            word += 1
+        results.append(slot_accuracy(model, tok, gen, [seed], frames=12))
+    wrong = {k for r in results for k, n in r.total.items() if r.correct[k] != n}
+    assert wrong == {("moves", 1)}
