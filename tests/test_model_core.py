@@ -201,7 +201,7 @@ def test_fused_projections_match_and_share_storage() -> None:
     torch.testing.assert_close((q1, k1, v1, mlp(x)), (q0, k0, v0, m0), rtol=1e-6, atol=1e-6)
     new = {k: torch.randn_like(v) for k, v in proj.state_dict().items()}
     proj.load_state_dict(new)  # copies into the views: the fused weight follows
-    q2, k2, v2 = proj.qkv(x)
+    q2, _, v2 = proj.qkv(x)
     torch.testing.assert_close(
         q2,
         torch.nn.functional.linear(x, new["q_proj.weight"], new["q_proj.bias"])
