@@ -217,46 +217,43 @@ class SlotAccuracy:
 
 
 def slot_accuracy(
-    model: torch.nn.Module, tok: Tokenizer, gen: GenerationConfig, seeds: Iterable[int], frames: int = 16
+    model: torch.nn.Module,
+    tok: Tokenizer,
+    gen: GenerationConfig,
+    seeds: Iterable[int],
+    frames: int = 16,
+    clips_per_batch: int = 8,
 ) -> SlotAccuracy:
-    """Teacher-forced accuracy of every caption word on held-out clips (dense CASA forward)."""
+    """Teacher-forced accuracy of every caption word on held-out clips (dense CASA forward, the
+    training batch of model/train.py)."""
     from model.processor import ImageProcessor
-    from model.reference import Interleaved
-    from model.train import stream_layout
+    from model.train import batch_from_clips, dense_logits
 
     processor = ImageProcessor.for_config(model.config)
     cfg = WorldConfig(frames=frames, size=model.config.image_size)
+    clips = [generate_clip(s, cfg) for s in seeds]
     out = SlotAccuracy()
-    for seed in seeds:
-        clip = generate_clip(seed, cfg)
-        seq = stream_layout(tok, gen, clip.captions, None)
-        patches = torch.stack([processor(f) for f in clip.frames])
+    for start in range(0, len(clips), clips_per_batch):
+        chunk = clips[start : start + clips_per_batch]
+        batch = batch_from_clips(chunk, tok, gen, processor, [None] * len(chunk))
         with torch.no_grad():
-            images = model.encode_images(patches)[None]  # (1, F, N, hidden)
-            T = len(seq.tokens)
-            batch = Interleaved(
-                torch.tensor([seq.tokens]),
-                torch.tensor([T]),
-                images,
-                torch.tensor([frames]),
-                torch.tensor([seq.insert_at]),
-                model.grid,
-            )
-            pred = model.forward_dense(batch)[0].argmax(-1)  # (T,): prediction for token t + 1
-        frame, word, whole = -1, 0, True
-        for t in range(1, T):
-            if not seq.target[t]:
-                continue
-            if not seq.target[t - 1]:  # a caption starts
-                frame, word, whole = frame + 1, 0, True
-                events = clip.truth[frame].events
-                kind = "first" if frame == 0 else (events[0].kind if events else "none")
-            ok = int(pred[t - 1]) == seq.tokens[t]
-            out.correct[kind, word] += ok
-            out.total[kind, word] += 1
-            whole = whole and ok
-            word += 1
-            if t + 1 == T or not seq.target[t + 1]:  # its stop token: the caption ends
-                out.captions[kind] += 1
-                out.captions_ok[kind] += whole
+            pred = dense_logits(model, batch)[0].argmax(-1)  # (B, T): prediction for token t + 1
+        for b, clip in enumerate(chunk):
+            target, tokens, T = batch.target[b], batch.tokens[b], int(batch.text_len[b])
+            frame, word, whole = -1, 0, True
+            for t in range(1, T):
+                if not target[t]:
+                    continue
+                if not target[t - 1]:  # a caption starts
+                    frame, word, whole = frame + 1, 0, True
+                    events = clip.truth[frame].events
+                    kind = "first" if frame == 0 else (events[0].kind if events else "none")
+                ok = int(pred[b, t - 1]) == int(tokens[t])
+                out.correct[kind, word] += ok
+                out.total[kind, word] += 1
+                whole = whole and ok
+                word += 1
+                if t + 1 == T or not target[t + 1]:  # its stop token: the caption ends
+                    out.captions[kind] += 1
+                    out.captions_ok[kind] += whole
     return out

@@ -39,7 +39,7 @@ from model.reference import Interleaved
 from model.tokenizer import Tokenizer
 from model.vlm import CASAModel
 from model.weights import save_checkpoint
-from model.world import COLOURS, SHAPES, SIZES, FrameTruth, World, WorldConfig, generate_clip
+from model.world import COLOURS, SHAPES, SIZES, Clip, FrameTruth, World, WorldConfig, generate_clip
 
 log = logging.getLogger("casa.train")
 
@@ -159,14 +159,28 @@ def make_batch(
     frames: list[int],
     prompts: list[str | None],
 ) -> Batch:
+    clips = [
+        generate_clip(seed, WorldConfig(**{**asdict(world), "frames": n})) for seed, n in zip(seeds, frames)
+    ]
+    return batch_from_clips(clips, tok, gen, processor, prompts)
+
+
+def batch_from_clips(
+    clips: list[Clip],
+    tok: Tokenizer,
+    gen: GenerationConfig,
+    processor: ImageProcessor,
+    prompts: list[str | None],
+) -> Batch:
+    """The padded training batch of these clips in the engine's stream layout."""
     seqs, patches, labels = [], [], []
     side = processor.image_size // (processor.patch * processor.merge)
     grid = (side, side)
-    for seed, n, prompt in zip(seeds, frames, prompts):
-        clip = generate_clip(seed, WorldConfig(**{**asdict(world), "frames": n}))
+    for clip, prompt in zip(clips, prompts):
         seqs.append(stream_layout(tok, gen, clip.captions, prompt))
         patches += [processor(f) for f in clip.frames]
         labels += [token_labels(t, grid) for t in clip.truth]
+    frames = [len(c.truth) for c in clips]
     B, T, Fm = len(seqs), max(len(s.tokens) for s in seqs), max(frames)
     pad = tok.token_id("<|pad|>")
     tokens = torch.full((B, T), pad, dtype=torch.long)
@@ -238,18 +252,24 @@ class VisionProbe(torch.nn.Module):
         return loss
 
 
-def caption_loss(
-    model: CASAModel, batch: Batch, probe: VisionProbe | None = None
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean cross-entropy over caption tokens (plus the probe's auxiliary vision loss when given);
-    stats: caption token count, teacher-forced token accuracy, the two losses."""
+def dense_logits(model: CASAModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced logits (B, T, V) of the batch's text (the dense CASA semantics), and the image
+    tokens (sum F, N, hidden) of its real frames."""
     images = model.encode_images(batch.patches)  # (sum F, N, hidden)
     B, Fm = batch.insert_at.shape
     padded = images.new_zeros(B, Fm, *images.shape[1:])
     real = torch.arange(Fm)[None, :] < batch.n_frames[:, None]  # (B, F)
     padded[real] = images
     inter = Interleaved(batch.tokens, batch.text_len, padded, batch.n_frames, batch.insert_at, model.grid)
-    logits = model.forward_dense(inter)  # (B, T, V)
+    return model.forward_dense(inter), images
+
+
+def caption_loss(
+    model: CASAModel, batch: Batch, probe: VisionProbe | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean cross-entropy over caption tokens (plus the probe's auxiliary vision loss when given);
+    stats: caption token count, teacher-forced token accuracy, the two losses."""
+    logits, images = dense_logits(model, batch)
     pred_mask = batch.target[:, 1:]  # logits at t predict token t + 1
     logits = logits[:, :-1][pred_mask].float()
     labels = batch.tokens[:, 1:][pred_mask]

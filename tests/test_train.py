@@ -199,10 +199,9 @@ def test_slot_accuracy_scores_each_caption_word(tok):
     seeds = [5, 6, 7]
     moves_colour: set[int] = set()  # token positions of word 1 of every "moves" caption
 
-    def oracle(batch):  # logits (1, T, V) whose argmax at t is token t + 1
-        nxt = torch.cat([batch.tokens[0, 1:], batch.tokens[0, :1]])
-        logits = F.one_hot(nxt, tok.vocab_size).float()[None]
-        for t in moves_colour:
+    def oracle(batch):  # logits (B, T, V) whose argmax at t is token t + 1
+        logits = F.one_hot(batch.tokens.roll(-1, dims=1), tok.vocab_size).float()
+        for t in moves_colour:  # set for one-clip calls only
             logits[0, t - 1] = logits[0, t - 1].roll(1)
         return logits
 
