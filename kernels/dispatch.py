@@ -89,6 +89,93 @@ def prefix_causal_attention(
     )
 
 
+def decode_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    cache_k: torch.Tensor | None,
+    cache_v: torch.Tensor | None,
+    cache_len: torch.Tensor | None,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_len: torch.Tensor | None,
+    scale: float,
+    span: int | None = None,
+) -> torch.Tensor:
+    """One query per row over [prefix[:prefix_len] ; cache[:cache_len] ; its own new key].
+
+    The decode step's pattern (model/decode.py): the same keys as `prefix_causal_attention` at
+    T = 1 with seg = cache + the new token, but the new key is passed in instead of written first,
+    so the step reads the caches without mutating them (a pure graph compiles and captures well).
+    q (B, H, 1, D); k_new/v_new (B, Hkv, 1, D) or None; cache_k/v (B, Hkv, C, D), every slot
+    including the scratch slot that idle rows' cache_len points at, with cache_len (B,) valid
+    slots; span: slots the torch path reads (> every working row's cache_len; default all);
+    prefix_k/v (B, Hkv, P, D) with prefix_len (B,). Returns (B, H, 1, D).
+    """
+    if backend_for(q) == "triton" and cache_k is not None and k_new is not None:
+        # the Triton kernel reads the new key from the segment, and bounds its loop by each row's
+        # own length (the view's size costs nothing): write the key at slot cache_len first. The
+        # caller writes the same values again when it commits the step (idempotent).
+        b = torch.arange(cache_k.shape[0], device=q.device)
+        cache_k[b, :, cache_len] = k_new[:, :, 0]
+        cache_v[b, :, cache_len] = v_new[:, :, 0]
+        return prefix_causal_attention(q, prefix_k, prefix_v, prefix_len, cache_k, cache_v, cache_len, scale)
+    if cache_k is not None and span is not None:
+        cache_k, cache_v = cache_k[:, :, :span], cache_v[:, :, :span]
+    return decode_attention_torch(
+        q, k_new, v_new, cache_k, cache_v, cache_len, prefix_k, prefix_v, prefix_len, scale
+    )
+
+
+def decode_attention_torch(
+    q: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    cache_k: torch.Tensor | None,
+    cache_v: torch.Tensor | None,
+    cache_len: torch.Tensor | None,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_len: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Reference: scores of each key group as a batched mat-vec, one softmax over their
+    concatenation (small: (B, Hkv, G, P+S+1)), then the weighted sums. No K/V is copied, which is
+    what matters at T = 1 (SDPA's CPU kernel costs ~0.5 ms a call here, mostly setup)."""
+    B, H, _, D = q.shape
+    ref = k_new if k_new is not None else (cache_k if cache_k is not None else prefix_k)
+    assert ref is not None, "decode_attention needs at least one key group"
+    Hkv = ref.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D): GQA without repeating keys
+    scores, values = [], []
+    visible = None  # (B,) any key visible, tracked only when the new key is absent
+    for k, v, n in ((prefix_k, prefix_v, prefix_len), (cache_k, cache_v, cache_len)):
+        if k is None:
+            continue
+        m = torch.arange(k.shape[2], device=q.device)[None, :] < n[:, None]  # (B, P|S)
+        scores.append((qg @ k.transpose(-1, -2)).masked_fill(~m[:, None, None, :], float("-inf")))
+        values.append(v)
+        if k_new is None:
+            visible = m.any(-1) if visible is None else visible | m.any(-1)
+    if k_new is not None:
+        scores.append((qg * k_new).sum(-1, keepdim=True))  # (B, Hkv, G, 1)
+        values.append(v_new)
+    s = torch.cat(scores, dim=-1).float() * scale
+    if visible is not None:  # a row that sees nothing gets zeros, not NaN
+        s = s.masked_fill(~visible[:, None, None, None], 0.0)
+    p = torch.softmax(s, dim=-1).to(q.dtype)
+    out = None
+    start = 0
+    for v in values:
+        n = v.shape[2]
+        part = p[..., start : start + n] @ v  # (B, Hkv, G, D)
+        out = part if out is None else out + part
+        start += n
+    if visible is not None:
+        out = out * visible[:, None, None, None].to(out.dtype)
+    return out.reshape(B, H, 1, D)
+
+
 def attention_mask(
     prefix_len: torch.Tensor | None, P: int, q_start: torch.Tensor | None, T: int, S: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

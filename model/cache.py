@@ -1,6 +1,6 @@
 """Preallocated streaming state, one batch row per session.
 
-TextCache: the self-attention KV cache of every layer, (L, B, Hkv, C, D), bounded by C =
+TextCache: the self-attention KV cache of every layer, (L, B, Hkv, C + 1, D), bounded by C =
 max_context_tokens. Keys are stored rotated by their slot position. When a row would overflow, the
 oldest non-sink tokens are evicted in one chunk: the rest of the row is moved down and its keys are
 re-rotated by -n, so slot == position always holds and positions stay < C (StreamingLLM's "positions
@@ -8,7 +8,8 @@ by cache slot"). Each key is re-rotated at most C / chunk times before it is its
 rounding does not accumulate.
 
 CASAState: per CASA layer, the current frame's image K/V (overwritten in place at each frame) and the
-current window's text K/V (reset at each frame), (Lc, B, Hkv, N|W, D).
+current window's text K/V (reset at each frame), (Lc, B, Hkv, N, D) and (Lc, B, Hkv, W + 1, D).
+The last slot of each text buffer is scratch (see model/decode.py) and never holds a valid token.
 
 Lengths are host-side int64 tensors: the engine needs them to build positions anyway, and a row's
 bookkeeping never forces a device sync.
@@ -49,7 +50,9 @@ class TextCache:
         device: torch.device | str,
         evict_chunk: int | None = None,
     ) -> None:
-        shape = (layers, batch, kv_heads, capacity, head_dim)
+        # one scratch slot past the capacity: idle rows of a fixed-shape decode step write there
+        # (model/decode.py), so a step never needs to know which rows are working
+        shape = (layers, batch, kv_heads, capacity + 1, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
@@ -105,7 +108,8 @@ class CASAState:
             (layers, batch, kv_heads, image_tokens, head_dim), dtype=dtype, device=device
         )
         self.img_v = torch.zeros_like(self.img_k)
-        self.win_k = torch.zeros((layers, batch, kv_heads, window, head_dim), dtype=dtype, device=device)
+        # window + 1: the scratch slot of idle rows in a decode step (as TextCache)
+        self.win_k = torch.zeros((layers, batch, kv_heads, window + 1, head_dim), dtype=dtype, device=device)
         self.win_v = torch.zeros_like(self.win_k)
         self.window = window
         self.n_img = torch.zeros(batch, dtype=torch.long)  # image tokens of the current frame (0 = none yet)

@@ -1,24 +1,25 @@
-"""The streaming engine: many sessions, one batched step function, Kyutai's per-frame procedure.
+"""The streaming engine: many sessions, one batched step, Kyutai's per-frame procedure.
 
-Each session is a batch row of a preallocated StreamState. The whole stream is one never-ending
-assistant turn:
-- open:  feed template.prefix(prompt) + pre_image into the image-less first window;
-- frame: vision tower -> image tokens -> the row's CASA image K/V (new window); feed post_image
-         (+ caption_prefix on frame 0); decode until a stop token, max_new_tokens, or the frame's
-         deadline (its real-time budget);
-- close: feed the emitted stop token (or the first stop token when generation was cut short) and
-         the next frame's pre_image tokens, in the window that is ending.
+Three parts, one file each:
+- model/scheduler.py: every session row's state machine (plain Python) and the plan of one tick;
+- model/runner.py: executes a plan with static shapes (frames, varlen prefill, the fixed-shape
+  decode step of model/decode.py, optionally compiled) and returns logits and timings;
+- model/vision_pipeline.py: optional; frames are preprocessed and encoded on their own thread.
+The Engine joins them with the sampler (model/sampling.py) and turns sampled tokens into
+TokenEvents. Sessions are batch rows of a preallocated StreamState.
 
-`step()` advances every row with work by one forward: frame prefills, token decodes and closes of
-different sessions go through `LanguageModel.step` together, each row with its own token count.
-Token-insertion models feed the frame's image tokens into the text stream instead (the baseline).
+Observers (`engine.observers`, called with each tick's StepResult) see what was fed and, with
+`engine.record_logits = True`, the logits of every fed token: that is how the tests compare
+streaming with the dense reference.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,25 +28,18 @@ import torch
 from model.cache import CASAState, StreamState, TextCache
 from model.config import GenerationConfig
 from model.processor import ImageProcessor, QwenImageProcessor
-from model.rope import image_positions, text_positions
+from model.runner import Runner, StepResult
 from model.sampling import Sampler, SamplingParams
-from model.tokenizer import StreamDecoder, Tokenizer
+from model.scheduler import Plan, RowState, Scheduler, SessionSettings
+from model.tokenizer import Tokenizer
+from model.vision_pipeline import VisionPipeline
 from model.vlm import CASAModel
+
+__all__ = ["CapacityError", "Engine", "SessionSettings", "StepResult", "TokenEvent"]
 
 
 class CapacityError(RuntimeError):
     """Every batch row is taken."""
-
-
-@dataclass
-class SessionSettings:
-    max_new_tokens: int | None = None  # None: the model's generation_config default
-    min_new_tokens: int = 0  # stop tokens are banned until the caption has this many tokens
-    temperature: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    no_repeat_ngram: int | None = None
-    seed: int = 0
 
 
 @dataclass
@@ -55,24 +49,7 @@ class TokenEvent:
     token: int | None  # the emitted caption token; None on a final event that carries no token
     text: str  # decoded text delta
     done: bool = False
-    reason: str | None = None  # when done: "stop" | "length" | "deadline"
-
-
-@dataclass
-class _Row:
-    """Generation state machine of one session row."""
-
-    settings: SessionSettings
-    max_new_tokens: int
-    detok: StreamDecoder
-    pending: list[int] = field(default_factory=list)  # text tokens to feed at the next step
-    frame_patches: torch.Tensor | None = None  # submitted frame waiting to start
-    frame_deadline: float | None = None
-    decoding: bool = False  # between a frame's prefill and its last token
-    next_token: int | None = None  # sampled token to feed at the next step
-    frames: int = 0  # frames started
-    generated: list[int] = field(default_factory=list)
-    position: int = 0  # next absolute position (token insertion only)
+    reason: str | None = None  # when done: "stop" | "length" | "deadline" | "error"
 
 
 class Engine:
@@ -86,6 +63,9 @@ class Engine:
         window_tokens: int = 256,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        compile: bool = False,
+        vision_thread: bool = False,
+        prefill_min: int = 3,
     ) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.model.lm.fuse_projections()
@@ -117,12 +97,19 @@ class Engine:
         self.pre_ids = tokenizer.encode(t.pre_image)
         self.post_ids = tokenizer.encode(t.post_image)
         self.caption_prefix_ids = tokenizer.encode(t.caption_prefix)
+        if not self.insertion and not self.post_ids:
+            # the first caption token is sampled at the first position that sees the frame
+            raise ValueError("the template needs post_image tokens after the frame (e.g. <|vision_end|>)")
         self.window_tokens = window_tokens
         self.sampler = Sampler(max_sessions, lm.vocab, self.stop_ids)
-        self.rows: list[_Row | None] = [None] * max_sessions
-        # seconds the last step() spent in the vision tower (0.0 when it started no frame): lets the
-        # server split a step's time into vision encode and language model
-        self.last_vision_seconds = 0.0
+        self.scheduler = Scheduler(max_sessions, prefill_min)
+        self.runner = Runner(self.model, self.state, max_sessions, compile=compile)
+        self.observers: list[Callable[[StepResult], None]] = []
+        self.last_result = StepResult()
+        self._tickets = itertools.count(1)
+        self._failed: list[TokenEvent] = []  # frames whose encoding failed, reported at the next step
+        # one intra-op thread for the vision thread: with the decode thread it fills two cores
+        self.pipeline = VisionPipeline(self._encode_frames, threads=1) if vision_thread else None
 
     @classmethod
     def from_checkpoint(
@@ -132,6 +119,37 @@ class Engine:
 
         model, tok, gen = load_checkpoint(path, device, dtype)
         return cls(model, tok, gen, device=device, dtype=dtype, **kw)
+
+    @property
+    def rows(self) -> list[RowState | None]:
+        return self.scheduler.rows
+
+    @property
+    def record_logits(self) -> bool:
+        return self.runner.record
+
+    @record_logits.setter
+    def record_logits(self, value: bool) -> None:
+        self.runner.record = value
+
+    @property
+    def last_vision_seconds(self) -> float:
+        """Seconds the last step() spent in the vision tower (0.0 when it started no frame); with
+        the vision pipeline, the encode time of the frames that started in that step."""
+        return self.last_result.vision_s
+
+    def set_frame_ready_callback(self, fn: Callable[[], None] | None) -> None:
+        """Called on the vision thread when encoded frames are ready (the server wakes its worker)."""
+        if self.pipeline is not None:
+            self.pipeline.notify = fn
+
+    def shutdown(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.stop()
+
+    def warmup(self) -> None:
+        """Run every decode bucket once (compiles them when compiled); touches only scratch slots."""
+        self.runner.warmup()
 
     # ---- sessions ---------------------------------------------------------------------------
 
@@ -161,10 +179,9 @@ class Engine:
 
     def open(self, prompt: str | None = None, settings: SessionSettings | None = None) -> int:
         """Claim a free row, queue its prompt; returns the row. CapacityError when full."""
-        try:
-            row = self.rows.index(None)
-        except ValueError:
-            raise CapacityError(f"all {self.max_sessions} session slots are in use") from None
+        row = self.scheduler.free_row()
+        if row is None:
+            raise CapacityError(f"all {self.max_sessions} session slots are in use")
         settings = settings or SessionSettings()
         ids = self.prompt_ids(prompt)
         limit = self.max_prompt_tokens
@@ -172,8 +189,11 @@ class Engine:
             raise ValueError(f"prompt is {len(ids)} tokens; at most {limit} fit. Shorten the prompt.")
         self.state.reset(row)
         self.state.text.sink[row] = len(ids)  # the prompt is the attention sink: never evicted
+        self.runner.positions[row] = 0
         self.sampler.reset(row, self._params(settings))
-        self.rows[row] = _Row(settings, self._max_new(settings), self.tokenizer.stream(), pending=ids)
+        self.rows[row] = RowState(
+            settings, self._max_new(settings), self.tokenizer.stream(), forced=collections.deque(ids)
+        )
         return row
 
     def close(self, row: int) -> None:
@@ -186,7 +206,7 @@ class Engine:
         r.max_new_tokens = self._max_new(settings)
         self.sampler.set_params(row, self._params(settings))
 
-    def _row(self, row: int) -> _Row:
+    def _row(self, row: int) -> RowState:
         r = self.rows[row]
         if r is None:
             raise KeyError(f"row {row} has no open session")
@@ -194,18 +214,18 @@ class Engine:
 
     def busy(self, row: int) -> bool:
         """True while a submitted frame is waiting or being captioned."""
-        r = self._row(row)
-        return r.frame_patches is not None or r.decoding
+        return self._row(row).busy
 
     def kv_tokens(self, row: int) -> int:
         return int(self.state.text.length[row])
 
     def row_has_work(self, row: int) -> bool:
-        """True when the next step() will feed tokens for this row."""
-        r = self.rows[row]
-        return r is not None and bool(r.pending or r.frame_patches is not None or r.decoding)
+        """True when the next step() will feed tokens for this row (a frame still in the vision
+        pipeline is not work yet: the pipeline's callback says when it is)."""
+        return self.scheduler.has_work(row, self._frame_ready(row))
 
     def has_work(self) -> bool:
+        self._collect_vision()
         return any(self.row_has_work(i) for i in range(self.max_sessions))
 
     @property
@@ -216,113 +236,113 @@ class Engine:
     def submit_frame(self, row: int, image: np.ndarray | torch.Tensor, deadline: float | None = None) -> int:
         """Queue a frame (H, W, 3) uint8 for captioning; returns its frame index in the session."""
         r = self._row(row)
-        if self.busy(row):
-            raise ValueError(
-                f"row {row} is still captioning frame {r.frames - 1}; wait until busy() is False"
-            )
-        r.frame_patches = self.processor(image)
+        if r.busy:
+            raise ValueError(f"row {row} is still captioning frame {r.frames - 1}; wait until busy() is False")
+        shape = tuple(image.shape)
+        if len(shape) != 3 or shape[-1] != 3:
+            raise ValueError(f"expected an (H, W, 3) RGB image, got shape {shape}")
         r.frame_deadline = deadline
+        r.frame_ticket = next(self._tickets)
+        r.image_tokens = r.frame_kv = None
+        if self.pipeline is not None:
+            r.frame_patches = torch.empty(0)  # marks the frame as waiting; the pipeline has it
+            self.pipeline.submit(row, r.frame_ticket, image)
+        else:
+            r.frame_patches = self.processor(image)
         return r.frames
+
+    # ---- frames -----------------------------------------------------------------------------
+
+    def _encode_frames(self, images: list) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Vision thread: preprocess and encode frames; (n, N, hidden) and their CASA K/V."""
+        return self.runner.encode(torch.stack([self.processor(im) for im in images]))
+
+    def _frame_ready(self, row: int) -> bool:
+        r = self.rows[row]
+        return r is not None and r.frame_waiting and (self.pipeline is None or r.image_tokens is not None)
+
+    def _collect_vision(self) -> list[TokenEvent]:
+        """Attach finished encodings to their rows; a failed one ends its frame with an error."""
+        if self.pipeline is None:
+            return []
+        failed = []
+        for enc in self.pipeline.take():
+            r = self.rows[enc.row]
+            if r is None or r.frame_ticket != enc.ticket or not r.frame_waiting:
+                continue  # the row was closed or reopened meanwhile
+            if enc.tokens is None:
+                r.frame_patches = None
+                failed.append(TokenEvent(enc.row, r.frames, None, "", done=True, reason="error"))
+                r.frames += 1
+                continue
+            r.image_tokens, r.frame_kv = enc.tokens, enc.kv
+            r.vision_s = enc.seconds
+        self._failed.extend(failed)
+        return failed
+
+    def _start_frames(self, plan: Plan, res: StepResult) -> None:
+        rows = plan.frames
+        if self.pipeline is None:
+            patches = torch.stack([self.rows[i].frame_patches for i in rows])
+            t0 = time.perf_counter()
+            tokens, kv = self.runner.encode(patches)
+            res.vision_s = time.perf_counter() - t0
+        else:
+            tokens = torch.stack([self.rows[i].image_tokens for i in rows])
+            kv = None
+            if not self.insertion:
+                kv = (
+                    torch.stack([self.rows[i].frame_kv[0] for i in rows], dim=1),
+                    torch.stack([self.rows[i].frame_kv[1] for i in rows], dim=1),
+                )
+            res.vision_s = sum(self.rows[i].vision_s for i in rows)
+        if kv is not None:
+            self.runner.start_frames(rows, kv)
+        for j, i in enumerate(rows):
+            r = self.rows[i]
+            res.frames[i] = tokens[j]
+            post = self.post_ids + (self.caption_prefix_ids if r.frames == 0 else [])
+            r.forced.extend(([tokens[j]] if self.insertion else []) + post)
+            r.sample_after_forced = True
+            r.frame_patches = r.image_tokens = r.frame_kv = None
+            r.decoding, r.generated = True, []
+            r.frames += 1
+            r.detok.reset()
+            self.scheduler.assign(plan, i)
 
     # ---- the batched step -------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
-        """One forward for every row with work; returns the caption tokens it produced."""
-        feeds: dict[int, list[int | torch.Tensor]] = {}  # row -> items (token id or image token)
-        sample_rows: list[int] = []
-        starting: list[int] = []
-        self.last_vision_seconds = 0.0
-        for i, r in enumerate(self.rows):
-            if r is None:
-                continue
-            if r.pending:  # prompt or close of the previous frame: no sampling
-                feeds[i], r.pending = list(r.pending), []
-            elif r.decoding:
-                feeds[i] = [r.next_token]
-                sample_rows.append(i)
-            elif r.frame_patches is not None:
-                starting.append(i)
-                sample_rows.append(i)
-        if starting:
-            self._start_frames(starting, feeds)
-        if not feeds:
-            return []
-        h = self._forward(feeds)
-        if not sample_rows:
-            return []
-        # the last fed position: an inserted frame is one feed item but N positions
-        last = torch.stack([h[i, _feed_length(feeds[i]) - 1] for i in sample_rows])
-        no_stop = [len(self.rows[i].generated) < self.rows[i].settings.min_new_tokens for i in sample_rows]
-        tokens = self.sampler.sample(sample_rows, self.model.lm.logits(last), no_stop)
-        return [self._advance(i, tok) for i, tok in zip(sample_rows, tokens)]
-
-    def _start_frames(self, rows: list[int], feeds: dict[int, list[int | torch.Tensor]]) -> None:
-        patches = torch.stack([self.rows[i].frame_patches for i in rows]).to(self.device, self.dtype)
-        t0 = time.perf_counter()
-        image_tokens = self.model.encode_images(patches)  # (n, N, hidden)
-        self.last_vision_seconds = time.perf_counter() - t0
-        if not self.insertion:
-            idx = torch.tensor(rows, device=self.device)
-            self.model.lm.set_frame(idx, image_tokens, self.model.grid, self.state)
-        for j, i in enumerate(rows):
-            r = self.rows[i]
-            post = self.post_ids + (self.caption_prefix_ids if r.frames == 0 else [])
-            feeds[i] = ([image_tokens[j]] if self.insertion else []) + post
-            r.frame_patches, r.decoding, r.generated = None, True, []
-            r.frames += 1
-            r.detok.reset()
-
-    def _forward(self, feeds: dict[int, list[int | torch.Tensor]]) -> torch.Tensor:
-        """Build the padded batch for rows [0, R) and run LanguageModel.step; returns hidden (R, T, D)."""
-        lm = self.model.lm
-        R = max(feeds) + 1
-        lengths = {i: _feed_length(items) for i, items in feeds.items()}
-        T = max(lengths.values())
-        x = torch.zeros(R, T, lm.cfg.hidden, dtype=self.dtype, device=self.device)
-        n_valid = torch.zeros(R, dtype=torch.long)
-        sa_pos = torch.zeros(R, T, 3, dtype=torch.long)
-        for i, items in feeds.items():
-            n_valid[i] = lengths[i]
-            if not self.insertion:
-                self.state.text.make_room(i, lengths[i], lm.freqs)
-            ids = [it for it in items if not isinstance(it, torch.Tensor)]
-            emb = lm.embed_tokens(torch.tensor(ids, device=self.device)) if ids else None
-            parts, k = [], 0
-            for it in items:
-                if isinstance(it, torch.Tensor):
-                    parts.append(it)
-                else:
-                    parts.append(emb[k : k + 1])
-                    k += 1
-            x[i, : lengths[i]] = torch.cat(parts)
-            if self.insertion:
-                sa_pos[i, : lengths[i]] = self._insertion_positions(i, items)
-        if not self.insertion:
-            sa_pos = text_positions(self.state.text.length[:R], T)
-        ca_pos = text_positions(self.state.casa.win_len[:R], T) if self.state.casa is not None else None
-        return lm.step(
-            x, n_valid, self.state, sa_pos.to(self.device), None if ca_pos is None else ca_pos.to(self.device)
-        )
-
-    def _insertion_positions(self, i: int, items: list[int | torch.Tensor]) -> torch.Tensor:
-        """Absolute Qwen2.5-VL positions for the insertion baseline (see model/reference.py)."""
-        r = self.rows[i]
-        gh, gw = self.model.grid
-        out = []
-        for it in items:
-            if isinstance(it, torch.Tensor):
-                out.append(image_positions(torch.tensor([r.position]), (gh, gw))[0])
-                r.position += max(gh, gw)
-            else:
-                out.append(torch.tensor([[r.position] * 3]))
-                r.position += 1
-        return torch.cat(out)
+        """One tick for every row with work; returns the caption tokens it produced."""
+        self._collect_vision()
+        events, self._failed = list(self._failed), []
+        ready = None if self.pipeline is None else {i for i in range(self.max_sessions) if self._frame_ready(i)}
+        plan = self.scheduler.plan(ready)
+        res = StepResult()
+        if plan.frames:
+            self._start_frames(plan, res)
+        if plan.empty():
+            self.last_result = res
+            if not events and self.pipeline is not None and self.pipeline.pending:
+                self.pipeline.wait(1.0)  # single-stream use: nothing to do until a frame is encoded
+            return events
+        self.runner.run(plan.prefill, plan.decode, plan.sample, res)
+        self.last_result = res
+        for fn in self.observers:
+            fn(res)
+        rows = [i for i in plan.sample if i in res.sample_logits]
+        if not rows:
+            return events
+        logits = torch.stack([res.sample_logits[i] for i in rows])
+        no_stop = [len(self.rows[i].generated) < self.rows[i].settings.min_new_tokens for i in rows]
+        tokens = self.sampler.sample(rows, logits, no_stop)
+        self.sampler.observe_many(rows, tokens)
+        return events + [self._advance(i, tok) for i, tok in zip(rows, tokens)]
 
     def _advance(self, i: int, tok: int) -> TokenEvent:
         r = self.rows[i]
         frame = r.frames - 1
-        self.sampler.observe(i, tok)
         if tok in self.stop_ids:
             self._finish(r, [tok])
             return TokenEvent(i, frame, None, "", done=True, reason="stop")
@@ -339,10 +359,10 @@ class Engine:
         r.next_token = tok
         return TokenEvent(i, frame, tok, text)
 
-    def _finish(self, r: _Row, tokens: list[int]) -> None:
-        """End the frame: the stop token (and the next frame's pre-image tokens) go in next step."""
+    def _finish(self, r: RowState, tokens: list[int]) -> None:
+        """End the frame: the stop token (and the next frame's pre-image tokens) are forced next."""
         r.decoding, r.next_token = False, None
-        r.pending = tokens + self.pre_ids
+        r.forced.extend(tokens + self.pre_ids)
 
     # ---- convenience ------------------------------------------------------------------------
 
@@ -358,8 +378,3 @@ class Engine:
                     yield ev
                     if ev.done:
                         return
-
-
-def _feed_length(items: list[int | torch.Tensor]) -> int:
-    """Positions a row's feed takes: one per token id, N per inserted frame (N, hidden)."""
-    return sum(it.shape[0] if isinstance(it, torch.Tensor) else 1 for it in items)

@@ -116,30 +116,43 @@ class LanguageModel(nn.Module):
     # ---- streaming -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def set_frame(
-        self, rows: torch.Tensor, image_tokens: torch.Tensor, grid: tuple[int, int], state: StreamState
-    ) -> None:
-        """Start a new window on `rows` with their frame's image tokens (n, N, hidden).
-
-        Image K/V of every CASA layer are computed once and written in place; the window's text
-        K/V is reset. Image keys sit at window-local positions (0, row, col).
-        """
-        cs = state.casa
-        assert cs is not None, "set_frame needs CASA layers (insertion feeds image tokens as text)"
+    def frame_kv(self, image_tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image K/V of every CASA layer for frames' image tokens (n, N, hidden): (Lc, n, Hkv, N, D)
+        x 2. Image keys sit at window-local positions (0, row, col). Reads weights only, so the
+        vision pipeline can run it on its own thread."""
         n, N, _ = image_tokens.shape
         cos = sin = None
         if self.fusion == "casa":
             pos = image_positions(torch.zeros(n, dtype=torch.long, device=image_tokens.device), grid)
             cos, sin = self.cos_sin(pos)
-        for li, block_id in enumerate(self.casa_ids):
+        ks, vs = [], []
+        for block_id in self.casa_ids:
             norm, proj = self.layers[block_id].casa_parts()
             k, v = proj.kv(norm(image_tokens))  # (n, Hkv, N, D)
             if cos is not None:
                 k = rope_qk(k, None, cos, sin)[0]
-            cs.img_k[li, rows, :, :N] = k
-            cs.img_v[li, rows, :, :N] = v
+            ks.append(k)
+            vs.append(v)
+        return torch.stack(ks), torch.stack(vs)
+
+    @torch.no_grad()
+    def write_frame(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: StreamState) -> None:
+        """Start a new window on `rows` with their frames' image K/V ((Lc, n, Hkv, N, D) x 2):
+        written in place over the previous frame's; the window's text K/V is reset."""
+        cs = state.casa
+        assert cs is not None, "write_frame needs CASA layers (insertion feeds image tokens as text)"
+        N = k.shape[3]
+        cs.img_k[:, rows, :, :N] = k.to(cs.img_k.dtype)
+        cs.img_v[:, rows, :, :N] = v.to(cs.img_v.dtype)
         cs.n_img[rows.cpu()] = N
         cs.win_len[rows.cpu()] = 0
+
+    def set_frame(
+        self, rows: torch.Tensor, image_tokens: torch.Tensor, grid: tuple[int, int], state: StreamState
+    ) -> None:
+        """Start a new window on `rows` with their frame's image tokens (n, N, hidden)."""
+        k, v = self.frame_kv(image_tokens, grid)
+        self.write_frame(rows, k, v, state)
 
     @torch.no_grad()
     def step(
@@ -190,9 +203,9 @@ class LanguageModel(nn.Module):
                 assert ca_positions is not None
                 inp.ca_cos, inp.ca_sin = self.cos_sin(ca_positions)
         kvh = self.cfg.kv_heads
-        inp.sa_rows = flat_rows(inp.b_idx, inp.sa_slots, kvh, text.capacity)
+        inp.sa_rows = flat_rows(inp.b_idx, inp.sa_slots, kvh, text.k.shape[3])  # slots incl. scratch
         if inp.ca_slots is not None:
-            inp.ca_rows = flat_rows(inp.b_idx, inp.ca_slots, kvh, cs.window)
+            inp.ca_rows = flat_rows(inp.b_idx, inp.ca_slots, kvh, cs.win_k.shape[3])
         if backend_for(x) == "torch":
             inp.sa_mask = attention_mask(None, 0, inp.sa_start, T, inp.sa_len)
             if inp.n_img is not None:

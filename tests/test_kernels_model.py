@@ -41,20 +41,13 @@ def make_engine(fusion: str) -> Engine:
 def stream_logits(engine: Engine, backend: str) -> tuple[list[torch.Tensor], list[int]]:
     """Logits of every fed token (in feed order) and every emitted token id."""
     logits: list[torch.Tensor] = []
-    orig = engine._forward
 
-    def forward(feeds):
-        h = orig(feeds)
-        for r, items in sorted(feeds.items()):
-            j = 0
-            for it in items:
-                n = it.shape[0] if isinstance(it, torch.Tensor) else 1
-                if not isinstance(it, torch.Tensor):
-                    logits.append(engine.model.lm.logits(h[r, j]).float().cpu())
-                j += n
-        return h
+    def observe(res):  # type: ignore[no-untyped-def]
+        for r in sorted(res.fed):
+            logits.extend(x.cpu() for x in res.fed_logits[r])
 
-    engine._forward = forward
+    engine.record_logits = True
+    engine.observers.append(observe)
     rng = np.random.default_rng(0)
     tokens: list[int] = []
     with dispatch.force(backend), torch.no_grad():

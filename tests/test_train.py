@@ -54,17 +54,13 @@ def test_stream_layout_is_what_the_engine_feeds(tok):
     engine = Engine(CASAModel.random(cfg), tok, gen, max_sessions=1)
     fed: list[int] = []
     frame_at: list[int] = []
-    orig_forward, orig_start = engine._forward, engine._start_frames
 
-    def forward(feeds):
-        fed.extend(int(t) for t in feeds[0] if not isinstance(t, torch.Tensor))
-        return orig_forward(feeds)
+    def observe(res):  # type: ignore[no-untyped-def]
+        if 0 in res.frames:  # a frame starts before the tokens of its tick are fed
+            frame_at.append(len(fed))
+        fed.extend(int(t) for t in res.fed.get(0, []) if not isinstance(t, torch.Tensor))
 
-    def start(rows, feeds):
-        frame_at.append(len(fed))
-        return orig_start(rows, feeds)
-
-    engine._forward, engine._start_frames = forward, start
+    engine.observers.append(observe)
     row = engine.open("What is happening?")
     generated = []
     for _ in range(3):

@@ -1,0 +1,151 @@
+"""The fixed-shape decode step: one text token for each of B batch rows, as one graph.
+
+`decode_step` is what the engine runs almost every tick, so it is written to be compiled
+(`torch.compile` on CPU, CUDA graphs on GPU; model/runner.py owns that choice):
+- static shapes: the step covers batch rows [0, B) (B is padded to a bucket by the runner) and
+  attends over the first S slots of the text cache and the first Wb slots of the CASA window
+  (both rounded up by the runner, so few distinct shapes occur);
+- every per-row quantity is a tensor on the model's device: the token, its cache slot, its
+  positions, its window slot. The step reads no host value and has no `nonzero()`;
+- the step is a pure function of the caches: it returns the new K/V and `commit` writes them for
+  all layers in one op per buffer;
+- rows of [0, B) without a token this tick ("idle": padding, or a row waiting for a frame) still go
+  through the same arithmetic, but their K/V goes into a scratch slot past the cache's capacity
+  (TextCache and CASAState allocate one) and their outputs are ignored. Their state is untouched.
+
+The math is `LanguageModel.step` at T = 1 (same modules, same summation order), so streaming ==
+dense holds through either path; tests/test_runner.py checks decode == eager step == compiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.dispatch import apply_rope, decode_attention
+from model.cache import StreamState
+from model.lm import LanguageModel
+
+
+@dataclass
+class DecodeInputs:
+    """Per-row inputs of one decode step, all (B,) int64 tensors on the model's device.
+
+    tokens:   token id to feed (any id for idle rows).
+    sa_slot:  text-cache slot the token's K/V goes to (the row's length before the step); the
+              scratch slot `capacity` for idle rows. The query sees slots < sa_slot and itself.
+    sa_pos:   its RoPE position in self-attention (== sa_slot for CASA models, whose positions are
+              cache slots; the absolute position for the token-insertion baseline).
+    ca_slot:  CASA window slot (== window-local position); the scratch slot `window` for idle rows.
+    n_img:    image tokens of the row's current frame (0 = no frame yet).
+    """
+
+    tokens: torch.Tensor
+    sa_slot: torch.Tensor
+    sa_pos: torch.Tensor
+    ca_slot: torch.Tensor
+    n_img: torch.Tensor
+
+
+@dataclass
+class NewKV:
+    """The K/V the step computed for its tokens, to be written by `commit` in one op per buffer:
+    sa (L, B, Hkv, D) for the text cache, ca (Lc, B, Hkv, D) for the CASA windows (None without)."""
+
+    sa_k: torch.Tensor
+    sa_v: torch.Tensor
+    ca_k: torch.Tensor | None
+    ca_v: torch.Tensor | None
+
+
+def _text_cos_sin(lm: LanguageModel, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) text positions -> cos, sin (B, 1, D). Text is (p, p, p) in M-RoPE, i.e. plain RoPE."""
+    angles = pos.to(torch.float32)[:, None] * lm.freqs  # (B, D/2)
+    emb = torch.cat([angles, angles], dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def decode_step(
+    lm: LanguageModel, state: StreamState, inp: DecodeInputs, S: int, Wb: int
+) -> tuple[torch.Tensor, NewKV]:
+    """Feed one token to each row of [0, B); returns logits (B, V) float32 and the new K/V.
+
+    Pure: the caches are read, never written (the new token's key is attended to directly), so
+    the graph has no mutation for the compiler to handle. S: text-cache slots read (> max sa_slot
+    over working rows); Wb: CASA window slots read (> max ca_slot over working rows).
+    """
+    B = inp.tokens.shape[0]
+    text, cs = state.text, state.casa
+    x = lm.embed_tokens(inp.tokens)[:, None]  # (B, 1, hidden)
+    cos, sin = _text_cos_sin(lm, inp.sa_pos)
+    casa_index = {blk: i for i, blk in enumerate(lm.casa_ids)}
+    ca_cos = ca_sin = None
+    if cs is not None and lm.casa_ids and lm.fusion == "casa":
+        ca_cos, ca_sin = _text_cos_sin(lm, inp.ca_slot)
+    N = cs.img_k.shape[3] if cs is not None else 0
+    sa_k, sa_v, ca_k, ca_v = [], [], [], []
+    for li, block in enumerate(lm.layers):
+        h = block.input_layernorm(x)
+        q, k, v = block.self_attn.qkv(h)  # (B, H, 1, D), (B, Hkv, 1, D) x 2
+        qs, ks = apply_rope(q, k, cos, sin)
+        sa_k.append(ks[:, :, 0])
+        sa_v.append(v[:, :, 0])
+        o = decode_attention(
+            qs, ks, v, text.k[li, :B], text.v[li, :B], inp.sa_slot, None, None, None, lm.scale, S
+        )
+        a = block.self_attn.out(o)
+        ci = casa_index.get(li)
+        if ci is not None:
+            assert cs is not None and block.casa is not None
+            norm, proj = block.casa_parts()
+            cq, ck, cv = (q, k, v) if block.casa.shared else proj.qkv(norm(x))
+            if block.casa.use_rope:
+                cq, ck = apply_rope(cq, ck, ca_cos, ca_sin)
+            if block.casa.text_keys:
+                ca_k.append(ck[:, :, 0])
+                ca_v.append(cv[:, :, 0])
+                c = decode_attention(
+                    cq, ck, cv, cs.win_k[ci, :B], cs.win_v[ci, :B], inp.ca_slot,
+                    cs.img_k[ci, :B, :, :N], cs.img_v[ci, :B, :, :N], inp.n_img, lm.scale, Wb,
+                )  # fmt: skip
+            else:  # plain cross-attention: the frame's image tokens only
+                c = decode_attention(
+                    cq, None, None, None, None, None,
+                    cs.img_k[ci, :B, :, :N], cs.img_v[ci, :B, :, :N], inp.n_img, lm.scale,
+                )  # fmt: skip
+            x, a = x + a, proj.out(c)  # (x + sa) + casa: the summation order of the dense reference
+        n, out = block.post_attention_layernorm.add_forward(a, x)
+        x = out + block.mlp(n)
+    new = NewKV(
+        torch.stack(sa_k),
+        torch.stack(sa_v),
+        torch.stack(ca_k) if ca_k else None,
+        torch.stack(ca_v) if ca_v else None,
+    )
+    return lm.logits(lm.norm(x)[:, 0]).float(), new
+
+
+def _flat_rows(layers: int, B: int, heads: int, slots: int, slot: torch.Tensor, bmax: int) -> torch.Tensor:
+    """Row indices into a (L*Bmax*Hkv*C, D) view of an (L, Bmax, Hkv, C, D) buffer for every
+    (layer, row b < B, head) at slot[b]: (L*B*Hkv,), in the order of an (L, B, Hkv, D) source."""
+    dev = slot.device
+    li = torch.arange(layers, device=dev)[:, None, None]
+    b = torch.arange(B, device=dev)[None, :, None]
+    h = torch.arange(heads, device=dev)[None, None, :]
+    return (((li * bmax + b) * heads + h) * slots + slot[None, :, None]).reshape(-1)
+
+
+def commit(state: StreamState, inp: DecodeInputs, new: NewKV) -> None:
+    """Write the step's K/V into the caches: one index_copy_ per buffer for all layers. Idle rows
+    write into the scratch slot. Lengths are the caller's (host-side) business."""
+    text, cs = state.text, state.casa
+    L, B, Hkv, D = new.sa_k.shape
+    rows = _flat_rows(L, B, Hkv, text.k.shape[3], inp.sa_slot, text.k.shape[1])
+    text.k.view(-1, D).index_copy_(0, rows, new.sa_k.reshape(-1, D))
+    text.v.view(-1, D).index_copy_(0, rows, new.sa_v.reshape(-1, D))
+    if new.ca_k is not None and cs is not None:
+        Lc = new.ca_k.shape[0]
+        rows = _flat_rows(Lc, B, Hkv, cs.win_k.shape[3], inp.ca_slot, cs.win_k.shape[1])
+        cs.win_k.view(-1, D).index_copy_(0, rows, new.ca_k.reshape(-1, D))
+        cs.win_v.view(-1, D).index_copy_(0, rows, new.ca_v.reshape(-1, D))

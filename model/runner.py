@@ -1,0 +1,249 @@
+"""The runner: executes one tick's Plan on the model with static shapes, returns logits and timings.
+
+Per tick, in this order:
+1. frames: write each starting frame's CASA image K/V into its row (computed by the vision
+   pipeline, model/vision_pipeline.py, or here when none runs);
+2. prefill: one varlen forward (`LanguageModel.step`) over the rows that feed several items;
+3. decode: the fixed-shape step (model/decode.py) over rows [0, B), B the smallest bucket above
+   the highest decoding row; every other row of [0, B) is idle and writes to the scratch slot.
+
+Decode shapes: B is padded to `buckets` (1, 2, 4, ... max_sessions), the text-cache span S and the
+window span Wb are rounded up to multiples of `span_round`. Inputs are built on the host from the
+host-side lengths (no device sync) and copied once.
+
+Compilation (`compile=True`): `torch.compile` of the decode step; on CUDA with mode
+"reduce-overhead", i.e. CUDA graphs captured per shape (static shapes by construction). `warmup()`
+runs every bucket once so the first session does not pay for it. On this project's 2-core CPU the
+eager step is the default: docs/engine.md has the measurements that decided it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from model.cache import StreamState
+from model.decode import DecodeInputs, commit, decode_step
+from model.rope import image_positions, text_positions
+from model.scheduler import Item
+from model.vlm import CASAModel
+
+
+def buckets_for(max_rows: int) -> list[int]:
+    """Powers of two up to max_rows, and max_rows itself."""
+    out, b = [], 1
+    while b < max_rows:
+        out.append(b)
+        b *= 2
+    return [*out, max_rows]
+
+
+@dataclass
+class StepResult:
+    """What one tick fed and computed, for the engine (sampling) and for observers (tests)."""
+
+    fed: dict[int, list[Item]] = field(default_factory=dict)  # row -> items fed, in order
+    frames: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> image tokens started
+    sample_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> (V,) last position
+    fed_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> (n_text, V) if recorded
+    decode_rows: int = 0  # B of the decode step (0: none ran)
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+class Runner:
+    def __init__(
+        self,
+        model: CASAModel,
+        state: StreamState,
+        max_sessions: int,
+        compile: bool = False,
+        span_round: int = 32,
+    ) -> None:
+        self.model, self.state = model, state
+        self.lm = model.lm
+        self.insertion = model.config.casa.fusion == "insertion"
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.buckets = buckets_for(max_sessions)
+        self.span_round = span_round
+        self.record = False  # observers asked for the logits of every fed token
+        self.compiled = compile
+        self._decode: Callable[..., tuple[torch.Tensor, object]] = decode_step
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._decode = torch.compile(decode_step, mode=mode, dynamic=self.device.type != "cuda")
+        self.positions = [0] * max_sessions  # insertion baseline: next absolute position per row
+
+    # ---- frames -----------------------------------------------------------------------------
+
+    def encode(self, patches: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """patches (n, P, C*P*P) -> image tokens (n, N, hidden) and, for CASA models, their
+        per-layer image K/V ((Lc, n, Hkv, N, D) x 2). Thread-safe: reads weights only."""
+        tokens = self.model.encode_images(patches.to(self.device, self.dtype))
+        kv = None if self.insertion else self.lm.frame_kv(tokens, self.model.grid)
+        return tokens, kv
+
+    def start_frames(self, rows: list[int], kv: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Write the frames' image K/V ((Lc, n, Hkv, N, D) x 2) into `rows`; new windows start."""
+        self.lm.write_frame(torch.tensor(rows, device=self.device), kv[0], kv[1], self.state)
+
+    # ---- the tick ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, prefill: dict[int, list[Item]], decode: dict[int, int], sample: list[int], res: StepResult) -> None:
+        sample_set = set(sample)
+        if prefill:
+            t0 = time.perf_counter()
+            self._prefill(prefill, sample_set, res)
+            res.prefill_s = time.perf_counter() - t0
+        if decode:
+            t0 = time.perf_counter()
+            self._decode_step(decode, sample_set, res)
+            res.decode_s = time.perf_counter() - t0
+
+    def _prefill(self, feeds: dict[int, list[Item]], sample: set[int], res: StepResult) -> None:
+        """One varlen forward over rows [0, R): each row its own item count."""
+        lm = self.lm
+        R = max(feeds) + 1
+        lengths = {i: _feed_length(items) for i, items in feeds.items()}
+        T = max(lengths.values())
+        x = torch.zeros(R, T, lm.cfg.hidden, dtype=self.dtype, device=self.device)
+        n_valid = torch.zeros(R, dtype=torch.long)
+        sa_pos = torch.zeros(R, T, 3, dtype=torch.long)
+        for i, items in feeds.items():
+            n_valid[i] = lengths[i]
+            if not self.insertion:
+                self.state.text.make_room(i, lengths[i], lm.freqs)
+            ids = [it for it in items if not isinstance(it, torch.Tensor)]
+            emb = lm.embed_tokens(torch.tensor(ids, device=self.device)) if ids else None
+            parts, k = [], 0
+            for it in items:
+                if isinstance(it, torch.Tensor):
+                    parts.append(it.to(self.device, self.dtype))
+                else:
+                    parts.append(emb[k : k + 1])
+                    k += 1
+            x[i, : lengths[i]] = torch.cat(parts)
+            if self.insertion:
+                sa_pos[i, : lengths[i]] = self._insertion_positions(i, items)
+        if not self.insertion:
+            sa_pos = text_positions(self.state.text.length[:R], T)
+        ca_pos = text_positions(self.state.casa.win_len[:R], T) if self.state.casa is not None else None
+        h = lm.step(
+            x, n_valid, self.state, sa_pos.to(self.device), None if ca_pos is None else ca_pos.to(self.device)
+        )
+        for i, items in feeds.items():
+            res.fed.setdefault(i, []).extend(items)
+            if i in sample:
+                res.sample_logits[i] = lm.logits(h[i, lengths[i] - 1]).float()
+            if self.record:
+                at = _text_offsets(items)
+                res.fed_logits[i] = lm.logits(h[i, at]).float()
+
+    def _insertion_positions(self, i: int, items: list[Item]) -> torch.Tensor:
+        """Absolute Qwen2.5-VL positions for the insertion baseline (see model/reference.py)."""
+        gh, gw = self.model.grid
+        out = []
+        for it in items:
+            p = self.positions[i]
+            if isinstance(it, torch.Tensor):
+                out.append(image_positions(torch.tensor([p]), (gh, gw))[0])
+                self.positions[i] += max(gh, gw)
+            else:
+                out.append(torch.tensor([[p] * 3]))
+                self.positions[i] += 1
+        return torch.cat(out)
+
+    def decode_inputs(self, decode: dict[int, int]) -> tuple[DecodeInputs, int, int]:
+        """Host-side: the (B,) inputs of a decode step over [0, B), and its spans S, Wb."""
+        text, cs = self.state.text, self.state.casa
+        B = next(b for b in self.buckets if b > max(decode))
+        tokens = torch.zeros(B, dtype=torch.long)
+        sa_slot = torch.full((B,), text.capacity, dtype=torch.long)  # idle rows: the scratch slot
+        sa_pos = torch.zeros(B, dtype=torch.long)
+        ca_slot = torch.full((B,), cs.window if cs is not None else 0, dtype=torch.long)
+        n_img = torch.zeros(B, dtype=torch.long)
+        rows = torch.tensor(sorted(decode))
+        if not self.insertion:
+            for i in rows.tolist():
+                text.make_room(i, 1, self.lm.freqs)
+        tokens[rows] = torch.tensor([decode[i] for i in rows.tolist()])
+        sa_slot[rows] = text.length[rows]
+        if self.insertion:
+            sa_pos[rows] = torch.tensor([self.positions[i] for i in rows.tolist()])
+            for i in rows.tolist():
+                self.positions[i] += 1
+        else:
+            sa_pos[rows] = text.length[rows]
+        if int(sa_slot[rows].max()) >= text.capacity:
+            raise ValueError("text cache overflow: a row has no room for one more token")
+        S = _round_up(int(sa_slot[rows].max()) + 1, self.span_round, text.capacity)
+        Wb = 1
+        if cs is not None:
+            ca_slot[rows] = cs.win_len[rows]
+            n_img[rows] = cs.n_img[rows]
+            if int(ca_slot[rows].max()) >= cs.window:
+                raise ValueError(f"CASA window overflow: a window holds at most {cs.window} text tokens")
+            Wb = _round_up(int(ca_slot[rows].max()) + 1, self.span_round, cs.window)
+        dev = self.device
+        inp = DecodeInputs(*(t.to(dev, non_blocking=True) for t in (tokens, sa_slot, sa_pos, ca_slot, n_img)))
+        return inp, S, Wb
+
+    def _decode_step(self, decode: dict[int, int], sample: set[int], res: StepResult) -> None:
+        inp, S, Wb = self.decode_inputs(decode)
+        logits, new = self._decode(self.lm, self.state, inp, S, Wb)
+        commit(self.state, inp, new)
+        rows = torch.tensor(sorted(decode))
+        self.state.text.length[rows] += 1
+        if self.state.casa is not None:
+            self.state.casa.win_len[rows] += 1
+        res.decode_rows = inp.tokens.shape[0]
+        for i, tok in decode.items():
+            res.fed.setdefault(i, []).append(tok)
+            if i in sample:
+                res.sample_logits[i] = logits[i]
+            if self.record:
+                res.fed_logits[i] = logits[i : i + 1]
+
+    def warmup(self) -> None:
+        """Run the decode step once per bucket with every row idle (only scratch slots change)."""
+        text, cs = self.state.text, self.state.casa
+        for B in self.buckets:
+            z = torch.zeros(B, dtype=torch.long, device=self.device)
+            inp = DecodeInputs(
+                z,
+                torch.full((B,), text.capacity, dtype=torch.long, device=self.device),
+                z,
+                torch.full((B,), cs.window if cs is not None else 0, dtype=torch.long, device=self.device),
+                z,
+            )
+            with torch.no_grad():
+                for S in {self.span_round, text.capacity}:
+                    logits, new = self._decode(self.lm, self.state, inp, S, min(self.span_round, cs.window) if cs else 1)
+                    commit(self.state, inp, new)
+
+
+def _round_up(n: int, multiple: int, cap: int) -> int:
+    return min(cap, -(-n // multiple) * multiple)
+
+
+def _feed_length(items: list[Item]) -> int:
+    """Positions a row's feed takes: one per token id, N per inserted frame (N, hidden)."""
+    return sum(it.shape[0] if isinstance(it, torch.Tensor) else 1 for it in items)
+
+
+def _text_offsets(items: list[Item]) -> list[int]:
+    """Step positions of the token ids among the items (inserted frames take N positions)."""
+    out, j = [], 0
+    for it in items:
+        if isinstance(it, torch.Tensor):
+            j += it.shape[0]
+        else:
+            out.append(j)
+            j += 1
+    return out

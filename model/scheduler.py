@@ -1,0 +1,141 @@
+"""The scheduler: each session row's state machine, in plain Python, and the plan of one tick.
+
+The whole stream is one never-ending assistant turn (Kyutai's live-captioning procedure):
+- open:  force template.prefix(prompt) + pre_image into the image-less first window;
+- frame: the frame's image tokens start a new CASA window; force post_image (+ caption_prefix on
+         frame 0), then sample until a stop token, max_new_tokens, or the frame's deadline;
+- close: force the emitted stop token (or, when cut short, the cut token and the first stop token)
+         and the next frame's pre_image tokens, in the window that is ending.
+
+Each tick `Scheduler.plan()` says, for every row with work, what the runner feeds it:
+- `decode`: one token in the fixed-shape batched step (model/decode.py). Sampled tokens and short
+  forced runs (the close, the one-token post_image) go this way, one token a tick: a token costs
+  the batched step almost nothing more, where a second forward costs a whole step;
+- `prefill`: a run of >= `prefill_min` forced items in one varlen forward (the prompt at open; an
+  inserted frame for the token-insertion baseline);
+- `frames`: rows whose frame starts this tick (its image tokens are written before the forward);
+- `sample`: rows whose last fed position is sampled.
+Rows, plans and positions are host data; the runner turns them into device tensors.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import torch
+
+from model.tokenizer import StreamDecoder
+
+
+@dataclass
+class SessionSettings:
+    max_new_tokens: int | None = None  # None: the model's generation_config default
+    min_new_tokens: int = 0  # stop tokens are banned until the caption has this many tokens
+    temperature: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram: int | None = None
+    seed: int = 0
+
+
+Item = int | torch.Tensor  # a token id, or an inserted frame's image tokens (N, hidden)
+
+
+@dataclass
+class RowState:
+    """Generation state machine of one session row."""
+
+    settings: SessionSettings
+    max_new_tokens: int
+    detok: StreamDecoder
+    forced: collections.deque[Item] = field(default_factory=collections.deque)  # fed before sampling
+    sample_after_forced: bool = False  # the last forced item's output is the caption's first token
+    frame_patches: torch.Tensor | None = None  # submitted frame: preprocessed patches
+    frame_ticket: int = 0  # which submission the vision pipeline is working on
+    image_tokens: torch.Tensor | None = None  # its image tokens once encoded (N, hidden)
+    frame_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # CASA image K/V (Lc, Hkv, N, D) x 2
+    vision_s: float = 0.0  # encode time of the waiting frame (vision pipeline)
+    frame_deadline: float | None = None
+    decoding: bool = False  # between a frame's start and its last token
+    next_token: int | None = None  # sampled token to feed at the next tick
+    frames: int = 0  # frames started
+    generated: list[int] = field(default_factory=list)
+    position: int = 0  # next absolute position (token insertion only)
+
+    @property
+    def frame_waiting(self) -> bool:
+        return self.frame_patches is not None
+
+    @property
+    def busy(self) -> bool:
+        """A submitted frame is waiting or being captioned."""
+        return self.frame_waiting or self.decoding
+
+
+@dataclass
+class Plan:
+    frames: list[int] = field(default_factory=list)
+    prefill: dict[int, list[Item]] = field(default_factory=dict)
+    decode: dict[int, int] = field(default_factory=dict)
+    sample: list[int] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.prefill or self.decode)
+
+
+class Scheduler:
+    def __init__(self, max_sessions: int, prefill_min: int = 3) -> None:
+        self.rows: list[RowState | None] = [None] * max_sessions
+        self.prefill_min = prefill_min
+
+    def free_row(self) -> int | None:
+        try:
+            return self.rows.index(None)
+        except ValueError:
+            return None
+
+    def has_work(self, i: int, frame_ready: bool | None = None) -> bool:
+        """True when the next plan() feeds tokens for row i. frame_ready: whether a waiting frame
+        can start (its image tokens exist); None = it can."""
+        r = self.rows[i]
+        if r is None:
+            return False
+        if r.forced or r.decoding:
+            return True
+        return r.frame_waiting and (frame_ready is None or frame_ready)
+
+    def plan(self, ready: set[int] | None = None) -> Plan:
+        """ready: rows whose waiting frame may start now (None: every waiting frame)."""
+        plan = Plan()
+        for i, r in enumerate(self.rows):
+            if r is None:
+                continue
+            if not r.forced and not r.decoding and r.frame_waiting and (ready is None or i in ready):
+                plan.frames.append(i)
+                continue  # the engine starts the frame (forcing post_image), then assigns it below
+            self._assign(plan, i, r)
+        return plan
+
+    def assign(self, plan: Plan, i: int) -> None:
+        r = self.rows[i]
+        assert r is not None
+        self._assign(plan, i, r)
+
+    def _assign(self, plan: Plan, i: int, r: RowState) -> None:
+        if r.forced:
+            has_frame = any(isinstance(it, torch.Tensor) for it in r.forced)
+            if has_frame or len(r.forced) >= self.prefill_min:
+                plan.prefill[i] = list(r.forced)
+                r.forced.clear()
+            else:
+                tok = r.forced.popleft()
+                assert isinstance(tok, int)
+                plan.decode[i] = tok
+            if not r.forced and r.sample_after_forced:
+                r.sample_after_forced = False
+                plan.sample.append(i)
+        elif r.decoding:
+            assert r.next_token is not None
+            plan.decode[i] = r.next_token
+            plan.sample.append(i)

@@ -1,0 +1,113 @@
+"""The vision pipeline: frames are encoded on their own thread while the language model decodes.
+
+On a CPU the vision tower of a newly arrived frame is a few milliseconds of dense compute, the
+decode step a few milliseconds of mostly op dispatch: run on one thread they add up; on two threads
+(each with one intra-op thread, so each owns a core) they overlap, and a frame's image tokens are
+usually ready by the time its row has finished closing the previous caption. The measurements are
+in docs/engine.md.
+
+Jobs are (row, ticket, frame); the encoder preprocesses and encodes a list of frames; a result carries the ticket back, so the engine discards the
+result of a frame whose row was closed or resubmitted meanwhile. All pending jobs are encoded as
+one batch. The thread only reads model weights (the vision tower and the CASA k/v projections), so
+it needs no lock with the decode thread; the engine writes the K/V into the cache itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger("casa.vision")
+
+Encoder = Callable[[list[Any]], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]
+
+
+@dataclass
+class Encoded:
+    row: int
+    ticket: int
+    tokens: torch.Tensor | None  # (N, hidden); None when encoding failed
+    kv: tuple[torch.Tensor, torch.Tensor] | None  # CASA image K/V (Lc, Hkv, N, D) x 2
+    seconds: float = 0.0  # this frame's share of its batch's encode time
+    error: BaseException | None = None
+
+
+class VisionPipeline:
+    def __init__(
+        self, encode: Encoder, threads: int = 1, notify: Callable[[], None] | None = None, max_batch: int = 16
+    ) -> None:
+        self._encode = encode
+        self._threads = threads
+        self.notify = notify  # called (on the vision thread) after results are added
+        self.max_batch = max_batch
+        self._cv = threading.Condition()
+        self._jobs: collections.deque[tuple[int, int, Any]] = collections.deque()
+        self._done: list[Encoded] = []
+        self._busy = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="casa-vision", daemon=True)
+        self._thread.start()
+
+    def submit(self, row: int, ticket: int, frame: Any) -> None:
+        """Queue a frame (whatever the encoder takes: here an (H, W, 3) image) for `row`."""
+        with self._cv:
+            self._jobs.append((row, ticket, frame))
+            self._cv.notify_all()
+
+    def take(self) -> list[Encoded]:
+        """Results ready so far (non-blocking)."""
+        with self._cv:
+            done, self._done = self._done, []
+        return done
+
+    def wait(self, timeout: float) -> None:
+        """Block until a result is ready, nothing is pending, or the timeout passes."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._done or not (self._jobs or self._busy), timeout)
+
+    @property
+    def pending(self) -> bool:
+        with self._cv:
+            return bool(self._jobs or self._busy or self._done)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(5.0)
+
+    def _run(self) -> None:
+        import time
+
+        torch.set_num_threads(self._threads)  # per thread: this one owns its core
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._stop or self._jobs)
+                if self._stop:
+                    return
+                batch = [self._jobs.popleft() for _ in range(min(self.max_batch, len(self._jobs)))]
+                self._busy = len(batch)
+            t0 = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    tokens, kv = self._encode([f for _, _, f in batch])
+                dt = (time.perf_counter() - t0) / len(batch)
+                out = [
+                    Encoded(row, ticket, tokens[j], None if kv is None else (kv[0][:, j], kv[1][:, j]), dt)
+                    for j, (row, ticket, _) in enumerate(batch)
+                ]
+            except Exception as exc:  # reported per frame; the thread keeps serving
+                log.exception("vision tower failed on %d frames", len(batch))
+                out = [Encoded(row, ticket, None, None, 0.0, exc) for row, ticket, _ in batch]
+            with self._cv:
+                self._done.extend(out)
+                self._busy = 0
+                self._cv.notify_all()
+            if self.notify is not None:
+                self.notify()
