@@ -1,19 +1,28 @@
 """Load test: N concurrent real websocket clients at 2 fps against `casa serve` on loopback.
 
-Each client streams the synthetic world as JPEG frames (kind 0x01) paced by the wall clock, like a
-camera, in live mode. Measured per N:
-- client-side frame latency (frame sent -> its caption.segment received) p50/p95/p99, which includes
-  the socket, decode, queueing and generation; and the server's own `latency_ms` p95;
-- lag: the largest `lag_ms` any session's `stats` reported;
-- drops: frames the server dropped as stale (latest-frame-wins), from each session's final stats;
-- the server process's CPU (% of one core, from /proc) and RSS.
+Each client streams its own clip of the synthetic world as JPEG frames (kind 0x01) paced by the
+wall clock, like a camera, in live mode. The world knows the true caption of every frame, so
+quality is measured, not assumed. Per N:
+- quality: the fraction of captions cut short (ended by `deadline` or `length` instead of a stop
+  token), exact match and mean token F1 of every caption against the ground truth of its frame;
+- client-side frame latency (frame sent -> its caption.segment received) p50/p95/p99, which
+  includes the socket, decode, queueing and generation; and the server's own `latency_ms` p95;
+- lag: the largest `lag_ms` any session's `stats` reported; drops: frames the server dropped as
+  stale (latest-frame-wins);
+- the server's CPU (% of one core) and CPU ms per captioned frame, and a per-thread profile from
+  /proc (the decode worker, the vision thread, the event loop, the decode pool), with the
+  engine's own stage timings scraped from /metrics (vision ms/frame, decode step ms, batch size).
 
-    python -m benchmarks.loadtest                        # N = 1, 4, 8, 16, 32 for 60 s each
+**Capacity** is the largest N for which, over the whole level: <= 1% of captions cut short, no
+frame dropped, max lag < 500 ms, and exact match within 2 points of N = 1 (the first level when
+N = 1 is not run). It is printed as one line after the tables.
+
+    python -m benchmarks.loadtest                        # N = 1, 8, 16, 24, 32, 40 for 60 s each
     python -m benchmarks.loadtest --clients 1,16 --duration 20 --model-dir /tmp/toy
-    python -m benchmarks.loadtest --server ws://host:8000  # an already running server (no CPU column)
+    python -m benchmarks.loadtest --server ws://host:8000  # an already running server (no CPU columns)
+    python -m benchmarks.loadtest --serve-args="--no-vision-thread"   # flags for `casa serve`
 
-The target (DESIGN §6): 16 concurrent streams for 60 s with lag < 500 ms and no drops, on this 2-core
-machine with the bundled model. The load generator shares the machine: its own CPU use is reported.
+The load generator shares the machine: its own CPU use is reported.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ class ServerProcess:
     """`casa serve` in a subprocess on loopback, with /proc-based CPU and memory readings."""
 
     def __init__(self, model_dir: str | None, max_sessions: int, extra: list[str] | None = None) -> None:
+        self.started = time.monotonic()
         self.port = free_port()
         cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(self.port), "--max-sessions",
                str(max_sessions), "--log-level", "warning", *(extra or [])]  # fmt: skip
@@ -77,6 +87,9 @@ class ServerProcess:
     def cpu_seconds(self) -> float:
         return proc_cpu_seconds(self.proc.pid)
 
+    def thread_cpu(self) -> dict[str, float]:
+        return thread_cpu_seconds(self.proc.pid)
+
     def rss_mb(self) -> float:
         return proc_rss_mb(self.proc.pid)
 
@@ -95,6 +108,31 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds per thread group of a process, by OS thread name: the server names its threads
+    (casa-worker, casa-vision), the event loop is the main thread, the rest are pools."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        group = "event loop" if task.name == str(pid) else _thread_group(name)
+        out[group] = out.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def _thread_group(name: str) -> str:
+    if name.startswith("casa-"):
+        return name[5:]  # worker, vision
+    if name.startswith("asyncio") or name.startswith("ThreadPool"):
+        return "decode pool"
+    return "other"
+
+
 def proc_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -105,19 +143,43 @@ def proc_rss_mb(pid: int) -> float:
 # ---------------------------------------------------------------------------------------------- clients
 
 
-def synthetic_jpegs(n: int, seed: int, size: int = 256, quality: int = 90) -> list[bytes]:
-    """The synthetic world's frames as JPEG, encoded once up front (the client does no work per send)."""
+@dataclass
+class Clip:
+    jpegs: list[bytes]  # one per frame, encoded up front (the client does no work per send)
+    truth: list[str]  # the world's caption of each frame
+
+
+def synthetic_clip(n: int, seed: int, size: int = 256, quality: int = 90) -> Clip:
+    """n frames of one continuous synthetic world (a clip never loops: its captions describe
+    changes from frame to frame, so a jump back to frame 0 would have no true caption)."""
     from PIL import Image
 
     from model.world import World, WorldConfig
 
     world = World(seed, WorldConfig(size=size))
-    out = []
+    jpegs, truth = [], []
     for _ in range(n):
+        t = world.step()
         buf = io.BytesIO()
-        Image.fromarray(world.render(world.step())).save(buf, format="JPEG", quality=quality)
-        out.append(buf.getvalue())
-    return out
+        Image.fromarray(world.render(t)).save(buf, format="JPEG", quality=quality)
+        jpegs.append(buf.getvalue())
+        truth.append(t.caption)
+    return Clip(jpegs, truth)
+
+
+def synthetic_jpegs(n: int, seed: int, size: int = 256, quality: int = 90) -> list[bytes]:
+    return synthetic_clip(n, seed, size, quality).jpegs
+
+
+def token_f1(a: str, b: str) -> float:
+    x, y = a.split(), b.split()
+    if not x and not y:
+        return 1.0
+    common = sum(min(x.count(w), y.count(w)) for w in set(x))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(x), common / len(y)
+    return 2 * precision * recall / (precision + recall)
 
 
 @dataclass
@@ -128,12 +190,14 @@ class ClientResult:
     max_lag_ms: float = 0.0
     dropped: int = 0
     captioned: int = 0
+    segments: int = 0
+    cut: int = 0  # captions ended by deadline or length instead of a stop token
+    exact: int = 0
+    f1: float = 0.0  # sum over segments
     errors: list[str] = field(default_factory=list)
 
 
-async def run_client(
-    uri: str, frames: list[bytes], duration: float, fps: float, token: str | None
-) -> ClientResult:
+async def run_client(uri: str, clip: Clip, duration: float, fps: float, token: str | None) -> ClientResult:
     import websockets
 
     from server import protocol as p
@@ -157,6 +221,11 @@ async def run_client(
                     if event["frame"] in sent_at:
                         result.latencies.append(now - sent_at[event["frame"]])
                     result.server_latencies.append(event["latency_ms"] / 1000)
+                    result.segments += 1
+                    result.cut += event["reason"] != "stop"
+                    truth = clip.truth[event["frame"]]
+                    result.exact += event["text"].strip() == truth
+                    result.f1 += token_f1(event["text"], truth)
                 elif kind == "stats":
                     result.max_lag_ms = max(result.max_lag_ms, event["lag_ms"])
                 elif kind == "error":
@@ -173,7 +242,7 @@ async def run_client(
         while (t := start + i * period) < start + duration:
             await asyncio.sleep(max(0.0, t - time.monotonic()))
             sent_at[i] = time.monotonic()  # frame index == session frame index: one frame per slot
-            await ws.send(p.pack_image(frames[i % len(frames)], round(i * period * 1e6)))
+            await ws.send(p.pack_image(clip.jpegs[i], round(i * period * 1e6)))
             result.sent += 1
             i += 1
         await ws.send(json.dumps({"type": "session.close"}))
@@ -187,8 +256,9 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-async def run_level(uri: str, n: int, duration: float, fps: float, token: str | None) -> list[ClientResult]:
-    clips = [synthetic_jpegs(40, seed=100 + k) for k in range(min(n, 8))]
+async def run_level(
+    uri: str, n: int, duration: float, fps: float, token: str | None, clips: list[Clip]
+) -> list[ClientResult]:
     starts = []
     for k in range(n):  # stagger the starts over one frame period, like independent cameras
         starts.append(
@@ -204,79 +274,191 @@ async def _delayed(delay: float, coro):  # type: ignore[no-untyped-def]
     return await coro
 
 
+STAGES = {  # histogram -> what the profile calls it
+    "casa_frame_decode_seconds": "JPEG decode",
+    "casa_vision_encode_seconds": "vision",
+    "casa_step_seconds": "LM step",
+    "casa_batch_size": "batch",
+}
+
+
+def scrape(http: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the engine's stage histograms, from the server's /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, tuple[float, float]] = {}
+    text = httpx.get(http + "/metrics", timeout=10).text
+    for fam in text_string_to_metric_families(text):
+        if fam.name not in STAGES:
+            continue
+        total = count = 0.0
+        for sample in fam.samples:
+            if sample.name.endswith("_sum"):
+                total += sample.value
+            elif sample.name.endswith("_count"):
+                count += sample.value
+        out[fam.name] = (total, count)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", default="1,4,8,16,32", help="comma-separated N values")
+    ap.add_argument("--clients", default="1,8,16,24,32,40", help="comma-separated N values")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per level")
     ap.add_argument("--fps", type=float, default=2.0)
     ap.add_argument("--model-dir", default=None, help="default: the bundled checkpoints/default")
     ap.add_argument("--server", default=None, help="ws:// URL of a running server (skips starting one)")
+    ap.add_argument("--serve-args", default="", help="extra `casa serve` flags, one string")
     ap.add_argument("--token", default=os.environ.get("CASA_TOKEN"))
-    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--out", default=None, help="also write the markdown tables here")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.clients.split(",")]
 
+    frames = int(args.duration * args.fps) + 2
+    clips = [synthetic_clip(frames, seed=100 + k) for k in range(min(max(levels), 8))]
     server = None
     if args.server:
         uri = args.server.rstrip("/") + ("" if args.server.endswith("/v1/stream") else "/v1/stream")
     else:
-        server = ServerProcess(args.model_dir, max_sessions=max(levels))
+        server = ServerProcess(args.model_dir, max_sessions=max(levels), extra=args.serve_args.split())
         server.wait_ready()
+        print(f"server ready in {time.monotonic() - server.started:.1f} s", flush=True)
         uri = server.ws
     rows = []
     try:
         for n in levels:
             cpu0, own0, t0 = (server.cpu_seconds() if server else 0.0), time.process_time(), time.monotonic()
-            results = asyncio.run(run_level(uri, n, args.duration, args.fps, args.token))
+            threads0 = server.thread_cpu() if server else {}
+            stages0 = scrape(server.http) if server else {}
+            results = asyncio.run(run_level(uri, n, args.duration, args.fps, args.token, clips))
             wall = time.monotonic() - t0
-            cpu = (server.cpu_seconds() - cpu0) / wall * 100 if server else float("nan")
-            own = (time.process_time() - own0) / wall * 100
-            lat = [x for r in results for x in r.latencies]
-            srv = [x for r in results for x in r.server_latencies]
-            row = {
-                "N": n,
-                "sent": sum(r.sent for r in results),
-                "captioned": sum(r.captioned for r in results),
-                "dropped": sum(r.dropped for r in results),
-                "p50_ms": percentile(lat, 50) * 1000,
-                "p95_ms": percentile(lat, 95) * 1000,
-                "p99_ms": percentile(lat, 99) * 1000,
-                "server_p95_ms": percentile(srv, 95) * 1000,
-                "max_lag_ms": max((r.max_lag_ms for r in results), default=0.0),
-                "server_cpu_pct": cpu,
-                # CPU time per captioned frame: the capacity figure that survives a shared machine
-                "cpu_ms_per_frame": cpu / 100 * wall / max(1, sum(r.captioned for r in results)) * 1000,
-                "loadgen_cpu_pct": own,
-                "rss_mb": server.rss_mb() if server else float("nan"),
-                "errors": sorted({e for r in results for e in r.errors}),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append(level_row(n, results, wall, own0, cpu0, threads0, stages0, server))
+            print(json.dumps(rows[-1]), flush=True)
     finally:
         if server:
             server.stop()
-    table = format_table(rows, args)
-    print(table)
+    tables = format_table(rows, args) + "\n\n" + format_profile(rows) + "\n\n" + capacity_line(rows)
+    print(tables)
     if args.out:
-        Path(args.out).write_text(table + "\n")
+        Path(args.out).write_text(tables + "\n")
     return 0
+
+
+def level_row(
+    n: int,
+    results: list[ClientResult],
+    wall: float,
+    own0: float,
+    cpu0: float,
+    threads0: dict[str, float],
+    stages0: dict[str, tuple[float, float]],
+    server: ServerProcess | None,
+) -> dict:
+    cpu = (server.cpu_seconds() - cpu0) / wall * 100 if server else float("nan")
+    own = (time.process_time() - own0) / wall * 100
+    lat = [x for r in results for x in r.latencies]
+    srv = [x for r in results for x in r.server_latencies]
+    segments = sum(r.segments for r in results)
+    captioned = sum(r.captioned for r in results)
+    row = {
+        "N": n,
+        "sent": sum(r.sent for r in results),
+        "captioned": captioned,
+        "dropped": sum(r.dropped for r in results),
+        "cut_pct": 100 * sum(r.cut for r in results) / max(1, segments),
+        "exact": sum(r.exact for r in results) / max(1, segments),
+        "f1": sum(r.f1 for r in results) / max(1, segments),
+        "p50_ms": percentile(lat, 50) * 1000,
+        "p95_ms": percentile(lat, 95) * 1000,
+        "p99_ms": percentile(lat, 99) * 1000,
+        "server_p95_ms": percentile(srv, 95) * 1000,
+        "max_lag_ms": max((r.max_lag_ms for r in results), default=0.0),
+        "server_cpu_pct": cpu,
+        # CPU time per captioned frame: the capacity figure that survives a shared machine
+        "cpu_ms_per_frame": cpu / 100 * wall / max(1, captioned) * 1000,
+        "loadgen_cpu_pct": own,
+        "rss_mb": server.rss_mb() if server else float("nan"),
+        "errors": sorted({e for r in results for e in r.errors}),
+    }
+    if server:
+        threads = server.thread_cpu()
+        row["threads_pct"] = {k: (v - threads0.get(k, 0.0)) / wall * 100 for k, v in sorted(threads.items())}
+        stages = scrape(server.http)
+        for name, label in STAGES.items():
+            s1, c1 = stages.get(name, (0.0, 0.0))
+            s0, c0 = stages0.get(name, (0.0, 0.0))
+            row[label] = {"mean": (s1 - s0) / max(1.0, c1 - c0), "count": c1 - c0}
+    return row
 
 
 def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     head = (
-        "| N | frames sent | captioned | dropped | latency p50 / p95 / p99 (ms) | server p95 (ms) | max lag (ms) "
-        "| server CPU (% of 1 core) | server CPU ms / captioned frame | load generator CPU | server RSS (MB) "
-        "| errors |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| N | frames sent | captioned | dropped | cut short | exact match | token F1 "
+        "| latency p50 / p95 / p99 (ms) | server p95 (ms) | max lag (ms) | server CPU (% of 1 core) "
+        "| server CPU ms / captioned frame | load generator CPU | server RSS (MB) | errors |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [
-        f"| {r['N']} | {r['sent']} | {r['captioned']} | {r['dropped']} | {r['p50_ms']:.0f} / {r['p95_ms']:.0f} / "
-        f"{r['p99_ms']:.0f} | {r['server_p95_ms']:.0f} | {r['max_lag_ms']:.0f} | {r['server_cpu_pct']:.0f} "
-        f"| {r['cpu_ms_per_frame']:.0f} | {r['loadgen_cpu_pct']:.0f} | {r['rss_mb']:.0f} | {', '.join(r['errors']) or '-'} |"
+        f"| {r['N']} | {r['sent']} | {r['captioned']} | {r['dropped']} | {r['cut_pct']:.1f}% | {r['exact']:.3f} "
+        f"| {r['f1']:.3f} | {r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f} | {r['server_p95_ms']:.0f} "
+        f"| {r['max_lag_ms']:.0f} | {r['server_cpu_pct']:.0f} | {r['cpu_ms_per_frame']:.1f} "
+        f"| {r['loadgen_cpu_pct']:.0f} | {r['rss_mb']:.0f} | {', '.join(r['errors']) or '-'} |"
         for r in rows
     ]
     note = f"\n{args.duration:g} s per level at {args.fps:g} fps, JPEG frames (0x01), live mode."
     return "\n".join([head, *lines]) + note
+
+
+def format_profile(rows: list[dict]) -> str:
+    """Where the server's time goes, per level: CPU % of one core by thread, and stage timings."""
+    if not rows or "threads_pct" not in rows[0]:
+        return ""
+    groups = sorted({g for r in rows for g in r["threads_pct"]})
+    head = (
+        "| N | "
+        + " | ".join(f"{g} CPU %" for g in groups)
+        + " | JPEG decode ms/frame | vision ms/frame | LM step ms (mean) | steps/s | mean batch |\n"
+        + "|---" * (len(groups) + 6)
+        + "|"
+    )
+    lines = []
+    for r in rows:
+        wall_steps = r["LM step"]["count"]
+        cells = " | ".join(f"{r['threads_pct'].get(g, 0.0):.0f}" for g in groups)
+        dur = r["sent"] / max(1, r["N"]) / 2.0  # seconds of video per client (2 fps)
+        lines.append(
+            f"| {r['N']} | {cells} | {r['JPEG decode']['mean'] * 1000:.2f} | {r['vision']['mean'] * 1000:.2f} "
+            f"| {r['LM step']['mean'] * 1000:.2f} | {wall_steps / max(dur, 1e-9):.0f} | {r['batch']['mean']:.1f} |"
+        )
+    return "\n".join([head, *lines])
+
+
+def meets(r: dict, base: dict) -> bool:
+    return (
+        r["cut_pct"] <= 1.0
+        and r["dropped"] == 0
+        and not r["errors"]
+        and r["max_lag_ms"] < 500
+        and r["exact"] >= base["exact"] - 0.02
+    )
+
+
+def capacity_line(rows: list[dict]) -> str:
+    """The largest N whose level met every condition (levels above a failing one are reported too)."""
+    if not rows:
+        return "capacity: no level ran"
+    base = next((r for r in rows if r["N"] == 1), rows[0])
+    ok = [r["N"] for r in rows if meets(r, base)]
+    if not ok:
+        return f"capacity at full quality: below {min(r['N'] for r in rows)} streams (no level met the bar)"
+    failing = [r["N"] for r in rows if not meets(r, base)]
+    above = [n for n in failing if n > max(ok)]
+    limit = f"; N = {min(above)} failed" if above else f"; every level run met it (largest run: {max(ok)})"
+    return (
+        f"capacity at full quality: {max(ok)} streams (<= 1% cut short, 0 dropped, max lag < 500 ms, "
+        f"exact match >= {base['exact']:.3f} - 0.02 of N = {base['N']}){limit}"
+    )
 
 
 if __name__ == "__main__":

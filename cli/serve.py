@@ -59,6 +59,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "e.g. https://example.com",
     )
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up caption at start")
+    p.add_argument(
+        "--no-vision-thread",
+        action="store_true",
+        help="encode frames on the decode thread (one core) instead of a thread of their own",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (CUDA graphs on a GPU); slower start, see docs/engine.md",
+    )
     p.set_defaults(func=run)
 
 
@@ -73,6 +83,10 @@ def settings_from_args(args: argparse.Namespace):  # -> server.settings.Settings
         overrides["allowed_origins"] = args.allowed_origin
     if args.no_warmup:
         overrides["warmup"] = False
+    if args.no_vision_thread:
+        overrides["vision_thread"] = False
+    if args.compile:
+        overrides["compile"] = True
     return Settings(**overrides)
 
 

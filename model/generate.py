@@ -237,7 +237,9 @@ class Engine:
         """Queue a frame (H, W, 3) uint8 for captioning; returns its frame index in the session."""
         r = self._row(row)
         if r.busy:
-            raise ValueError(f"row {row} is still captioning frame {r.frames - 1}; wait until busy() is False")
+            raise ValueError(
+                f"row {row} is still captioning frame {r.frames - 1}; wait until busy() is False"
+            )
         shape = tuple(image.shape)
         if len(shape) != 3 or shape[-1] != 3:
             raise ValueError(f"expected an (H, W, 3) RGB image, got shape {shape}")
@@ -317,7 +319,9 @@ class Engine:
         """One tick for every row with work; returns the caption tokens it produced."""
         self._collect_vision()
         events, self._failed = list(self._failed), []
-        ready = None if self.pipeline is None else {i for i in range(self.max_sessions) if self._frame_ready(i)}
+        ready = (
+            None if self.pipeline is None else {i for i in range(self.max_sessions) if self._frame_ready(i)}
+        )
         plan = self.scheduler.plan(ready)
         res = StepResult()
         if plan.frames:

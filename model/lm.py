@@ -116,11 +116,13 @@ class LanguageModel(nn.Module):
     # ---- streaming -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def frame_kv(self, image_tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def frame_kv(
+        self, image_tokens: torch.Tensor, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image K/V of every CASA layer for frames' image tokens (n, N, hidden): (Lc, n, Hkv, N, D)
         x 2. Image keys sit at window-local positions (0, row, col). Reads weights only, so the
         vision pipeline can run it on its own thread."""
-        n, N, _ = image_tokens.shape
+        n = image_tokens.shape[0]
         cos = sin = None
         if self.fusion == "casa":
             pos = image_positions(torch.zeros(n, dtype=torch.long, device=image_tokens.device), grid)

@@ -95,7 +95,9 @@ class Runner:
     # ---- the tick ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, prefill: dict[int, list[Item]], decode: dict[int, int], sample: list[int], res: StepResult) -> None:
+    def run(
+        self, prefill: dict[int, list[Item]], decode: dict[int, int], sample: list[int], res: StepResult
+    ) -> None:
         sample_set = set(sample)
         if prefill:
             t0 = time.perf_counter()
@@ -224,7 +226,9 @@ class Runner:
             )
             with torch.no_grad():
                 for S in {self.span_round, text.capacity}:
-                    logits, new = self._decode(self.lm, self.state, inp, S, min(self.span_round, cs.window) if cs else 1)
+                    _, new = self._decode(
+                        self.lm, self.state, inp, S, min(self.span_round, cs.window) if cs else 1
+                    )
                     commit(self.state, inp, new)
 
 

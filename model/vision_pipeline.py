@@ -17,11 +17,14 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from model.threads import name_this_thread
 
 log = logging.getLogger("casa.vision")
 
@@ -83,8 +86,7 @@ class VisionPipeline:
         self._thread.join(5.0)
 
     def _run(self) -> None:
-        import time
-
+        name_this_thread("casa-vision")
         torch.set_num_threads(self._threads)  # per thread: this one owns its core
         while True:
             with self._cv:

@@ -94,13 +94,17 @@ def load_engine(settings: Settings) -> Engine:
         dtype=dtype,
         max_sessions=settings.max_sessions,
         max_context_tokens=settings.max_context_tokens,
+        vision_thread=settings.vision_thread,
+        compile=settings.compile,
     )
 
 
 def warm_up(engine: Engine, threads: int = 0) -> None:
-    """Caption two frames in one row (first-frame and next-frame paths), then free the row."""
+    """Run every decode bucket once (compiling them when compiled), then caption two frames in one
+    row (first-frame and next-frame paths) and free the row."""
     if threads:
         torch.set_num_threads(threads)
+    engine.warmup()
     row = engine.open()
     try:
         grey = np.full((engine.image_size, engine.image_size, 3), 128, np.uint8)

@@ -37,6 +37,16 @@ class Settings(BaseSettings):
     max_sessions: int = Field(default=32, ge=1, description="concurrent streams = engine batch rows")
     max_context_tokens: int = Field(default=1024, ge=64, description="text KV cache bound per session")
     warmup: bool = True
+    vision_thread: bool = Field(
+        default=True,
+        description="encode frames on their own thread beside the decode thread (two cores busy); "
+        "see docs/engine.md",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the fixed-shape decode step (CUDA: CUDA graphs); warmed up at start. "
+        "Off by default on CPU: docs/engine.md has the measurements",
+    )
     threads: int = Field(
         default=1,
         ge=0,

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from model.generate import CapacityError, Engine, SessionSettings, TokenEvent
+from model.threads import name_this_thread
 from server.errors import Capacity, CasaError, FrameFailed, InternalError, InvalidSettings
 from server.metrics import Metrics
 
@@ -205,9 +206,23 @@ class Worker:
                 f"the prompt is {n} tokens; at most {limit} fit this model's context. Shorten it."
             )
 
+    def _wake(self) -> None:
+        """The vision pipeline's callback (vision thread): an encoded frame can start."""
+        with self._cv:
+            self._cv.notify_all()
+
     def _run(self) -> None:
+        name_this_thread("casa-worker")
         if self.threads:
             torch.set_num_threads(self.threads)
+        self.engine.set_frame_ready_callback(self._wake)
+        try:
+            self._loop()
+        finally:
+            self.engine.set_frame_ready_callback(None)
+            self.engine.shutdown()
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
                 while not self._stop and not self._commands and not self._ready():
@@ -266,7 +281,6 @@ class Worker:
     def _step(self) -> None:
         engine = self.engine
         with_work = [s for s in self._slots if engine.row_has_work(s.row)]
-        prefilling = any(s.inflight is not None and s.inflight.tokens == 0 for s in with_work)
         t0 = time.perf_counter()
         try:
             events = engine.step()
@@ -279,16 +293,27 @@ class Worker:
         m = self.metrics
         m.step_seconds.observe(dt)
         m.batch_size.observe(len(with_work))
-        vision_s = engine.last_vision_seconds
-        if vision_s:
-            m.vision_encode_seconds.observe(vision_s)
-        if prefilling:
-            m.prefill_seconds.observe(max(0.0, dt - vision_s))
+        res = engine.last_result
+        if res.vision_s:  # with the vision pipeline: encode time of the frames that started now
+            m.vision_encode_seconds.observe(res.vision_s)
+        if res.prefill_s:
+            m.prefill_seconds.observe(res.prefill_s)
         by_row = {s.row: s for s in self._slots}
         outputs: dict[int, list[FrameOutput]] = {}
         for ev in events:
             slot = by_row.get(ev.row)
             if slot is None or slot.inflight is None:
+                continue
+            if ev.reason == "error":  # the frame could not be encoded; the session goes on
+                job, slot.inflight = slot.inflight.job, None
+                self._notify(
+                    slot,
+                    "worker_failed",
+                    job,
+                    FrameFailed(
+                        f"frame {job.index} could not be captioned (internal error); the session continues"
+                    ),
+                )
                 continue
             out = self._account(slot, ev, now)
             outputs.setdefault(ev.row, []).append(out)

@@ -200,7 +200,9 @@ def test_bounded_text_cache_matches_restricted_reference() -> None:
     lengths = [[5, 6, 4, 6, 5, 6, 5, 6, 6, 5]] * 2
     rows = run_session(engine, 10, lengths, ["red circle", "blue square at the top"])
     assert max(sizes) <= capacity
-    assert engine.state.text.k.data_ptr() == k_before and engine.state.text.k.shape[3] == capacity + 1  # + scratch
+    assert (
+        engine.state.text.k.data_ptr() == k_before and engine.state.text.k.shape[3] == capacity + 1
+    )  # + scratch
     for r in rows:
         assert engine.state.text.evicted[r] > 0, "the stream must have outgrown the cache"
         assert sum(rec.feed_sizes[r]) > capacity
