@@ -8,7 +8,8 @@ by cache slot"). Each key is re-rotated at most C / chunk times before it is its
 rounding does not accumulate.
 
 CASAState: per CASA layer, the current frame's image K/V (overwritten in place at each frame) and the
-current window's text K/V (reset at each frame), (Lc, B, Hkv, N, D) and (Lc, B, Hkv, W + 1, D).
+current window's text K/V (reset at each frame), side by side in one (Lc, B, Hkv, N + W + 1, D)
+buffer.
 The last slot of each text buffer is scratch (see model/decode.py) and never holds a valid token.
 
 Lengths are host-side int64 tensors: the engine needs them to build positions anyway, and a row's
@@ -104,13 +105,15 @@ class CASAState:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        self.img_k = torch.zeros(
-            (layers, batch, kv_heads, image_tokens, head_dim), dtype=dtype, device=device
-        )
-        self.img_v = torch.zeros_like(self.img_k)
-        # window + 1: the scratch slot of idle rows in a decode step (as TextCache)
-        self.win_k = torch.zeros((layers, batch, kv_heads, window + 1, head_dim), dtype=dtype, device=device)
-        self.win_v = torch.zeros_like(self.win_k)
+        # One buffer per layer holds [image tokens (N) | window text (W) | scratch (1)], so the
+        # decode step attends to a frame and its window with one matmul (model/decode.py);
+        # img_* and win_* are views of it.
+        shape = (layers, batch, kv_heads, image_tokens + window + 1, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.image_tokens = image_tokens
+        self.img_k, self.img_v = self.k[:, :, :, :image_tokens], self.v[:, :, :, :image_tokens]
+        self.win_k, self.win_v = self.k[:, :, :, image_tokens:], self.v[:, :, :, image_tokens:]
         self.window = window
         self.n_img = torch.zeros(batch, dtype=torch.long)  # image tokens of the current frame (0 = none yet)
         self.win_len = torch.zeros(batch, dtype=torch.long)  # text tokens in the current window
@@ -120,7 +123,7 @@ class CASAState:
         self.win_len[row] = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.img_k, self.img_v, self.win_k, self.win_v))
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
 
 
 class StreamState:

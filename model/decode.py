@@ -22,8 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from kernels.dispatch import apply_rope, decode_attention
+from kernels.dispatch import apply_rope, decode_attention, rms_norm_torch
 from model.cache import StreamState
 from model.lm import LanguageModel
 
@@ -146,6 +147,110 @@ def commit(state: StreamState, inp: DecodeInputs, new: NewKV) -> None:
     text.v.view(-1, D).index_copy_(0, rows, new.sa_v.reshape(-1, D))
     if new.ca_k is not None and cs is not None:
         Lc = new.ca_k.shape[0]
-        rows = _flat_rows(Lc, B, Hkv, cs.win_k.shape[3], inp.ca_slot, cs.win_k.shape[1])
-        cs.win_k.view(-1, D).index_copy_(0, rows, new.ca_k.reshape(-1, D))
-        cs.win_v.view(-1, D).index_copy_(0, rows, new.ca_v.reshape(-1, D))
+        rows = _flat_rows(Lc, B, Hkv, cs.k.shape[3], inp.ca_slot + cs.image_tokens, cs.k.shape[1])
+        cs.k.view(-1, D).index_copy_(0, rows, new.ca_k.reshape(-1, D))
+        cs.v.view(-1, D).index_copy_(0, rows, new.ca_v.reshape(-1, D))
+
+
+# ---- the hand-fused CPU step ---------------------------------------------------------------------
+
+
+def _rope_tables(lm: LanguageModel, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) positions -> cos, signed sin (B, 1, 1, D) such that RoPE(x) = x * cos + roll(x, D/2) *
+    sin: roll(x, D/2) = [x2, x1] and sin = [-s, s] give exactly rotate_half(x) * [s, s]."""
+    ang = pos.to(torch.float32)[:, None] * lm.freqs  # (B, D/2)
+    c, s = ang.cos(), ang.sin()
+    B, D = pos.shape[0], 2 * ang.shape[1]
+    return torch.cat([c, c], -1).view(B, 1, 1, D), torch.cat([-s, s], -1).view(B, 1, 1, D)
+
+
+def _bias(visible: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool -> (B, 1, 1, K) additive attention bias (0 visible, -inf hidden)."""
+    bias = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
+    return bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+
+
+def fused_decode_step(
+    lm: LanguageModel, state: StreamState, inp: DecodeInputs, S: int, Wb: int
+) -> tuple[torch.Tensor, None]:
+    """`decode_step` for fp32 on the CPU, with about a third of its ops (the step is bound by op
+    dispatch, not arithmetic: docs/engine.md). Same inputs and results; the differences are
+    how, not what:
+    - K/V are written into the caches as each layer computes them (two index_copy_ per layer into
+      precomputed flat rows) and attention reads them back, instead of a separate new-key term;
+    - visibility is an additive bias built once per step and shared by every layer;
+    - RoPE of q and k is one pass over the fused projection (see `_rope_tables`);
+    - a CASA layer attends to its frame and window with one matmul over the [image | window]
+      buffer of CASAState.
+    Supports fusion "casa" (separate or shared) and the insertion baseline; "ca" uses decode_step.
+    """
+    cfg = lm.cfg
+    B = inp.tokens.shape[0]
+    H, Hkv, D = cfg.heads, cfg.kv_heads, cfg.head_dim
+    G, half, qk_width = H // Hkv, D // 2, (H + Hkv) * D
+    text, cs = state.text, state.casa
+    dev = inp.tokens.device
+    heads = torch.arange(Hkv, device=dev)
+    rows_b = torch.arange(B, device=dev)[:, None] * Hkv + heads[None, :]  # (B, Hkv)
+    sa_stride = text.k.shape[1] * Hkv * text.k.shape[3]  # one layer of the flat text buffer
+    sa_rows = (rows_b * text.k.shape[3] + inp.sa_slot[:, None]).reshape(-1)  # (B*Hkv,) in layer 0
+    sa_cos, sa_sin = _rope_tables(lm, inp.sa_pos)
+    sa_bias = _bias(torch.arange(S, device=dev)[None, :] <= inp.sa_slot[:, None])  # (B, 1, 1, S)
+    casa_index = {blk: i for i, blk in enumerate(lm.casa_ids)}
+    if casa_index:
+        assert cs is not None and lm.fusion == "casa"
+        N = cs.image_tokens
+        ca_slots = cs.k.shape[3]
+        ca_stride = cs.k.shape[1] * Hkv * ca_slots
+        ca_rows = (rows_b * ca_slots + (N + inp.ca_slot)[:, None]).reshape(-1)
+        ca_cos, ca_sin = _rope_tables(lm, inp.ca_slot)
+        j = torch.arange(N + Wb, device=dev)[None, :]
+        ca_bias = _bias(torch.where(j < N, j < inp.n_img[:, None], j - N <= inp.ca_slot[:, None]))
+    k_flat, v_flat = text.k.view(-1, D), text.v.view(-1, D)
+    scale = lm.scale
+
+    def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # q (B, H, 1, D) -> (B, Hkv, G, D) grouped; keys/values (B, Hkv, K, D); -> (B, H*D)
+        s = torch.add(bias, torch.matmul(q.reshape(B, Hkv, G, D), keys.transpose(-1, -2)), alpha=scale)
+        return torch.matmul(torch.softmax(s, dim=-1), values).reshape(B, H * D)
+
+    def qkv_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # y (B, (H + 2 Hkv) D) from the fused projection -> q (B, H, 1, D), k, v (B, Hkv, D)
+        qk = y[:, :qk_width].view(B, H + Hkv, 1, D)
+        qk = qk * cos + qk.roll(half, -1) * sin
+        return qk[:, :H], qk[:, H:].reshape(B * Hkv, D), y[:, qk_width:].reshape(B * Hkv, D)
+
+    x = lm.embed_tokens(inp.tokens)  # (B, hidden)
+    for li, block in enumerate(lm.layers):
+        sa = block.self_attn
+        h = rms_norm_torch(x, block.input_layernorm.weight, block.input_layernorm.eps)[0]
+        y = F.linear(h, *sa._qkv)
+        q, k, v = qkv_rope(y, sa_cos, sa_sin)
+        rows = sa_rows + li * sa_stride
+        k_flat.index_copy_(0, rows, k)
+        v_flat.index_copy_(0, rows, v)
+        a = sa.o_proj(attend(q, text.k[li, :B, :, :S], text.v[li, :B, :, :S], sa_bias))  # (B, hidden)
+        ci = casa_index.get(li)
+        if ci is not None:
+            norm, proj = block.casa_parts()
+            if block.casa.shared:
+                yc = y  # the self-attention's un-rotated projections
+            else:
+                yc = F.linear(rms_norm_torch(x, norm.weight, norm.eps)[0], *proj._qkv)
+            cq, ck, cv = qkv_rope(yc, ca_cos, ca_sin)
+            rows = ca_rows + ci * ca_stride
+            cs.k.view(-1, D).index_copy_(0, rows, ck)
+            cs.v.view(-1, D).index_copy_(0, rows, cv)
+            keys, values = cs.k[ci, :B, :, : N + Wb], cs.v[ci, :B, :, : N + Wb]
+            x, a = x + a, proj.o_proj(attend(cq, keys, values, ca_bias))
+        mlp = block.mlp
+        n, x = rms_norm_torch(a, block.post_attention_layernorm.weight, block.post_attention_layernorm.eps, x)
+        gate, up = F.linear(n, *mlp._gate_up).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+    return lm.logits(lm.norm(x)).float(), None
+
+
+def can_fuse(lm: LanguageModel, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `fused_decode_step` applies: fp32 on the CPU, fused projections, no plain-CA layers."""
+    fused = all(b.self_attn._qkv is not None and b.mlp._gate_up is not None for b in lm.layers)
+    return device.type == "cpu" and dtype == torch.float32 and fused and lm.fusion in ("casa", "insertion")

@@ -207,7 +207,8 @@ class LanguageModel(nn.Module):
         kvh = self.cfg.kv_heads
         inp.sa_rows = flat_rows(inp.b_idx, inp.sa_slots, kvh, text.k.shape[3])  # slots incl. scratch
         if inp.ca_slots is not None:
-            inp.ca_rows = flat_rows(inp.b_idx, inp.ca_slots, kvh, cs.win_k.shape[3])
+            # window slots sit after the image tokens in the CASA buffer
+            inp.ca_rows = flat_rows(inp.b_idx, inp.ca_slots + cs.image_tokens, kvh, cs.k.shape[3])
         if backend_for(x) == "torch":
             inp.sa_mask = attention_mask(None, 0, inp.sa_start, T, inp.sa_len)
             if inp.n_img is not None:
@@ -273,8 +274,8 @@ class LanguageModel(nn.Module):
         if block.casa.use_rope:
             q, k = rope_qk(q, k, inp.ca_cos, inp.ca_sin)
         if block.casa.text_keys:
-            write_rows(cs.win_k[ci], inp.ca_rows, k, inp.b_idx, inp.t_idx)
-            write_rows(cs.win_v[ci], inp.ca_rows, v, inp.b_idx, inp.t_idx)
+            write_rows(cs.k[ci], inp.ca_rows, k, inp.b_idx, inp.t_idx)
+            write_rows(cs.v[ci], inp.ca_rows, v, inp.b_idx, inp.t_idx)
             seg_k, seg_v = cs.win_k[ci, :R, :, : inp.ca_len], cs.win_v[ci, :R, :, : inp.ca_len]
             seg_start = inp.ca_start
         N = max(inp.img_len, 1)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.cache import StreamState
-from model.decode import DecodeInputs, commit, decode_step
+from model.decode import DecodeInputs, can_fuse, commit, decode_step, fused_decode_step
 from model.rope import image_positions, text_positions
 from model.scheduler import Item
 from model.vlm import CASAModel
@@ -74,6 +74,8 @@ class Runner:
         self.record = False  # observers asked for the logits of every fed token
         self.compiled = compile
         self._decode: Callable[..., tuple[torch.Tensor, object]] = decode_step
+        if not compile and can_fuse(self.lm, self.device, self.dtype):
+            self._decode = fused_decode_step
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._decode = torch.compile(decode_step, mode=mode, dynamic=self.device.type != "cuda")
@@ -199,7 +201,8 @@ class Runner:
     def _decode_step(self, decode: dict[int, int], sample: set[int], res: StepResult) -> None:
         inp, S, Wb = self.decode_inputs(decode)
         logits, new = self._decode(self.lm, self.state, inp, S, Wb)
-        commit(self.state, inp, new)
+        if new is not None:  # the fused step writes its K/V as it goes
+            commit(self.state, inp, new)
         rows = torch.tensor(sorted(decode))
         self.state.text.length[rows] += 1
         if self.state.casa is not None:
