@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 
+# Incoming messages the websocket layer holds per connection before the session reads them (the
+# library's default is 32): with the session's own bounded input, this bounds a session's memory.
+WS_MAX_QUEUE = 4
+
 # flag -> (Settings field, type, help)
 FLAGS: dict[str, tuple[str, type, str]] = {
     "--host": ("host", str, "interface to listen on (default 127.0.0.1; 0.0.0.0 for all)"),
@@ -115,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         ws_per_message_deflate=False,  # JPEG / video payloads do not compress; deflate only costs CPU
         ws_max_size=settings.transport_max_bytes,
+        ws_max_queue=WS_MAX_QUEUE,  # messages the websocket layer buffers per connection, before the session
     )
     install_redaction()  # keys and cookies never reach the log, at any level
     uvicorn.Server(config).run()
