@@ -183,6 +183,13 @@ class Session:
             raise InvalidSettings(f"settings unchanged: {exc}") from None
 
     async def update(self, event: p.SessionUpdate) -> None:
+        try:
+            await self._update(event)
+        except CasaError as exc:  # every error an update causes echoes its event_id
+            exc.event_id = event.event_id
+            raise
+
+    async def _update(self, event: p.SessionUpdate) -> None:
         new = self._merge(event.session) if event.session is not None else self.settings
         new_input = self.input
         if event.input is not None:
@@ -204,9 +211,8 @@ class Session:
             engine_settings = self._engine_settings()
             assert self.slot is not None
             await self.ctx.worker.update(self.slot, new.prompt, engine_settings, new.mode == "live")
-        except CasaError as exc:
+        except CasaError:
             self.settings = old
-            exc.event_id = event.event_id
             raise
         self.input = new_input
         assert self.ingest is not None

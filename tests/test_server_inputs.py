@@ -207,7 +207,7 @@ def test_out_of_range_pts_is_refused_for_every_kind_with_one():
 def test_pillow_limits_are_left_alone():
     import server.ingest  # noqa: F401  (importing the server must not change process-wide state)
 
-    assert PIL.Image.MAX_IMAGE_PIXELS == int(1024 * 1024 * 1024 // 4 // 3)
+    assert PIL.Image.MAX_IMAGE_PIXELS == (1024 * 1024 * 1024 // 4 // 3)
 
 
 @pytest.fixture(scope="module")
