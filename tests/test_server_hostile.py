@@ -220,7 +220,22 @@ def upload(clip):
 
 QUERY_KEYS = st.sampled_from([*PROTOCOL_BOUNDS, "fps", "prompt", "mode", "format", "token", "junk"])
 QUERY_VALUES = st.text(max_size=30) | st.sampled_from(
-    ["1e-30", "nan", "inf", "-1", str(2**64), str(2**63), "0.01", "0.5", "1", "2", "srt", "vtt", "json", "\u0000"]
+    [
+        "1e-30",
+        "nan",
+        "inf",
+        "-1",
+        str(2**64),
+        str(2**63),
+        "0.01",
+        "0.5",
+        "1",
+        "2",
+        "srt",
+        "vtt",
+        "json",
+        "\u0000",
+    ]
 )
 
 

@@ -179,7 +179,8 @@ def test_upload_body_is_capped(server):
     with socket.create_connection((host, int(port)), timeout=10) as raw:  # declares 1 GiB, sends 10 bytes
         raw.sendall(
             f"POST /v1/captions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Length: {1 << 30}\r\n\r\n".encode() + b"x" * 10
+            f"Content-Length: {1 << 30}\r\n\r\n".encode()
+            + b"x" * 10
         )
         answer = b""
         while b"frame_too_large" not in answer and (part := raw.recv(65536)):  # answered at once
