@@ -34,7 +34,7 @@ from model.generate import Engine
 from server import protocol as p
 from server.connection import serve_websocket
 from server.context import ServerContext
-from server.errors import Unauthorized, report
+from server.errors import Capacity, Unauthorized, report
 from server.logs import install_redaction
 from server.metrics import CONTENT_TYPE
 from server.settings import REPO_ROOT, Settings
@@ -230,7 +230,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             m.sessions_rejected_total.labels("unavailable").inc()
             if ctx.ready:
                 log.error("websocket refused: the inference worker thread is not running")
-            await ws.close(p.CloseCode.TRY_AGAIN)
+            event, code = report(
+                Capacity(
+                    "the server cannot caption now (the model is loading or its worker stopped); retry later"
+                ),
+                m,
+            )
+            await ws.send_text(p.dump(event))
+            await ws.close(code)
             return
         await serve_websocket(ws, ctx)
 

@@ -387,8 +387,11 @@ def test_the_websocket_is_refused_with_1013_when_the_worker_is_down(model_dir):
         deadline = time.monotonic() + 5
         while c.app.state.ctx.worker.alive and time.monotonic() < deadline:
             time.sleep(0.05)
-        with pytest.raises(WebSocketDisconnect) as refused, c.websocket_connect(p.STREAM_PATH) as ws:
-            ws.receive_json()
+        with c.websocket_connect(p.STREAM_PATH) as ws:
+            event = ws.receive_json()
+            assert event["code"] == "capacity" and event["fatal"] and "retry" in event["message"]
+            with pytest.raises(WebSocketDisconnect) as refused:
+                ws.receive_json()
         assert refused.value.code == 1013
         assert c.get("/readyz").status_code == 503
         assert 'casa_sessions_rejected_total{reason="unavailable"} 1.0' in c.get("/metrics").text
