@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from server.errors import BadFrame, CasaError, FrameFailed
+from server.errors import BadFrame, CasaError, FrameFailed, InternalError
 from server.ingest.container import ContainerStream, decode_file, sniff_container, starts_stream
 from server.ingest.frames import FrameLimits, Resampler
 from server.ingest.image import decode_image
@@ -176,9 +176,12 @@ class Ingest:
             self._queued_bytes + item.size > self.max_buffered_bytes or self._queued >= INPUT_MESSAGES
         ):
             self._room.clear()
-            await self._room.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._room.wait(), 1.0)
             if self._closed:
                 return
+            if not self._thread.is_alive():
+                raise InternalError("the session's input thread stopped; reconnect")
         self._queued += 1
         self._queued_bytes += item.size
         with self._in_cv:
@@ -267,12 +270,16 @@ class Ingest:
         return item
 
     def _run(self) -> None:
-        with contextlib.suppress(_Stopped):
+        try:
             while not self._stopping.is_set():
                 item = self._next()
                 if item is _STOP:
                     break
                 self._handle(item)
+        except _Stopped:
+            pass
+        except Exception:  # _handle catches everything an input can cause: this is a bug
+            log.exception("ingest thread failed")
         for ack in self._end_acks:
             self._post("ack", ack, None, None)
 
