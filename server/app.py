@@ -202,6 +202,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         if not ctx.ready or not ctx.worker_alive:
             ctx.metrics.sessions_rejected_total.labels("unavailable").inc()
+            ctx.metrics.errors_total.labels("capacity").inc()
             return JSONResponse(
                 {"error": {"code": "capacity", "message": "the model is not serving now; retry later"}},
                 status_code=503,

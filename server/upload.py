@@ -89,9 +89,12 @@ async def caption_upload(ctx: ServerContext, request: Request) -> Response:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
-            return _error(400, "bad_frame", "the Content-Length header is not a byte count")
-        if int(declared) > cap:  # refused before a byte of the body is read
-            return _too_large(ctx, f"the body declares {declared} bytes")
+            ctx.metrics.errors_total.labels("bad_frame").inc()
+            return _error(
+                400, "bad_frame", "the Content-Length header is not a byte count: send the body's size"
+            )
+        if len(declared) > 18 or int(declared) > cap:  # refused before a byte of the body is read
+            return _too_large(ctx, f"the body declares {clip(declared, 40)} bytes")
     m = ctx.metrics
     if ctx.uploads >= ctx.settings.max_concurrent_uploads:
         m.sessions_rejected_total.labels("capacity").inc()
@@ -117,6 +120,7 @@ async def _caption(
             return _too_large(ctx, "the body is larger")
         data += part
     if not data:
+        ctx.metrics.errors_total.labels("bad_frame").inc()
         return _error(
             400, "bad_frame", "empty body: POST the video file's bytes (curl --data-binary @clip.mp4)"
         )
