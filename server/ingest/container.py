@@ -153,10 +153,17 @@ class ChunkReader(io.RawIOBase):
 
     def _fail(self, need: int | None) -> None:
         declared = f"declares {need} bytes" if need else f"is over {len(self._buf)} bytes"
-        self.failed = FrameTooLarge(
-            f"the MP4 init segment (ftyp + moov) {declared}; this server buffers at most {self._cap} bytes "
-            "of a container stream per session (max_buffered_bytes): send a smaller init segment"
+        self.fail(
+            FrameTooLarge(
+                f"the MP4 init segment (ftyp + moov) {declared}; this server buffers at most {self._cap} "
+                "bytes of a container stream per session (max_buffered_bytes): send a smaller init segment"
+            )
         )
+
+    def fail(self, exc: CasaError) -> None:
+        """End the stream now (EOF to the demuxer), for `exc`; what is buffered is dropped."""
+        if self.failed is None:
+            self.failed = exc
         self._buf = bytearray()
         self._eof = True
 
@@ -218,7 +225,9 @@ class ContainerStream:
             source, cap, self._on_read, mp4_init_bytes if self.format == "mp4" else None
         )
         self.reader.feed(first_chunk)
+        self.cap = cap
         self.frames = 0
+        self._consumed_at_frame = 0  # bytes handed to the demuxer when the last frame came out
         self._last_end = 0  # stream byte offset where the last packet that gave a frame ended
         self._largest_gap = 0  # most bytes between two such packets, so far
         self._stalled = False
@@ -255,7 +264,21 @@ class ContainerStream:
 
     def _on_read(self, consumed: int) -> None:
         """Garbage makes demuxers skip or swallow data without a word: many bytes without a frame. The
-        demuxer reads ahead up to its 32 KiB buffer, hence the slack."""
+        demuxer reads ahead up to its 32 KiB buffer, hence the slack.
+
+        The hard bound: FFmpeg buffers a packet whole before it decodes it, and a container may declare
+        a packet of any size (an IVF frame header says 1 GiB, then megabytes follow). So the demuxer
+        may consume at most `cap` bytes (max_buffered_bytes) without giving a frame; past that the
+        stream ends with frame_too_large, and what FFmpeg held is freed with it."""
+        if consumed - self._consumed_at_frame > self.cap + READ_AHEAD:
+            self.reader.fail(
+                FrameTooLarge(
+                    f"{consumed - self._consumed_at_frame} bytes of the {self.format} stream gave no frame; this "
+                    f"server holds at most {self.cap} bytes of a container stream per session "
+                    "(max_buffered_bytes): send frames smaller than that, or a new stream starting with its header"
+                )
+            )
+            return
         gap = consumed - self._last_end
         if self.frames and self._last_end and not self._stalled and gap > READ_AHEAD + self._stall_limit():
             self._stalled = True
@@ -302,6 +325,7 @@ class ContainerStream:
                 decode_s = time.perf_counter() - t0
                 if frames:
                     self._frame_seen(packet)
+                    self._consumed_at_frame = self.reader.consumed
                 for frame in frames:
                     self.frames += 1
                     pts = (
