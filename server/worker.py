@@ -273,8 +273,10 @@ class Worker:
     def _step(self) -> None:
         engine = self.engine
         for slot in self._slots:  # per row, before the batch: a row the sampler cannot compute never joins it
-            if engine.row_has_work(slot.row) and not _computable(slot.settings):
-                self._restore_defaults(slot)
+            if slot.__dict__.get("_checked") is not slot.settings and engine.row_has_work(slot.row):
+                if not _computable(slot.settings):
+                    self._restore_defaults(slot)
+                slot.__dict__["_checked"] = slot.settings  # checked once per settings object
         with_work = [s for s in self._slots if engine.row_has_work(s.row)]
         prefilling = any(s.inflight is not None and s.inflight.tokens == 0 for s in with_work)
         t0 = time.perf_counter()

@@ -7,6 +7,8 @@ pulls the session's next input from the ingest (`pull`), so images, packets, set
 sent meanwhile are handled in order on the same thread, and the buffer holds at most one chunk. The
 one exception is a fragmented MP4's init segment (`ftyp` + `moov`), which FFmpeg needs in one read:
 it is buffered whole, up to the session's byte cap (`max_buffered_bytes`); a larger one is refused.
+FFmpeg itself buffers a packet whole before decoding it, so the demuxer may also consume at most that
+cap without giving a frame (`ContainerStream._on_read`).
 
 The container format is recognised from the first chunk's header; a first chunk without one is a late
 join and a clear `bad_frame`. A chunk that starts with a header while a stream runs ends that stream
