@@ -19,6 +19,7 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from server import protocol as p
 from server.context import ServerContext
@@ -115,10 +116,13 @@ async def _caption(
     ctx: ServerContext, request: Request, settings: p.SessionSettings, fmt: str, cap: int
 ) -> Response:
     data = bytearray()
-    async for part in request.stream():  # streamed with a cap: the body is never held past it
-        if len(data) + len(part) > cap:
-            return _too_large(ctx, "the body is larger")
-        data += part
+    try:
+        async for part in request.stream():  # streamed with a cap: the body is never held past it
+            if len(data) + len(part) > cap:
+                return _too_large(ctx, "the body is larger")
+            data += part
+    except ClientDisconnect:
+        return _error(400, "bad_frame", "the client went away before the body was complete")
     if not data:
         ctx.metrics.errors_total.labels("bad_frame").inc()
         return _error(

@@ -59,6 +59,8 @@ def client_texts() -> st.SearchStrategy[str]:
         st.text(ANY_CHAR, max_size=200),
         depth.map(lambda n: "[" * n + "]" * n),
         depth.map(lambda n: '{"type": "session.update", "session": ' * n + "1" + "}" * n),
+        st.integers(0, 70_000).map(lambda n: json.dumps({"type": "input.marker", "id": "m" * n})),
+        st.integers(0, 70_000).map(lambda n: json.dumps({"type": "session.update", "event_id": "e" * n})),
     )
 
 
