@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 
+# Incoming messages the websocket layer holds per connection before the session reads them (the
+# library's default is 32): with the session's own bounded input, this bounds a session's memory.
+WS_MAX_QUEUE = 4
+
 # flag -> (Settings field, type, help)
 FLAGS: dict[str, tuple[str, type, str]] = {
     "--host": ("host", str, "interface to listen on (default 127.0.0.1; 0.0.0.0 for all)"),
@@ -30,6 +34,17 @@ FLAGS: dict[str, tuple[str, type, str]] = {
         "close a session after this long without a message (default 30 s)",
     ),
     "--max-input-rate": ("max_input_rate", float, "binary messages per second per session (default 120)"),
+    "--max-buffered-bytes": (
+        "max_buffered_bytes",
+        int,
+        "input bytes a session may hold before decoding, e.g. an MP4 init segment (default 16 MiB)",
+    ),
+    "--max-upload-bytes": ("max_upload_bytes", int, "largest upload to /v1/captions (default 512 MiB)"),
+    "--max-concurrent-uploads": (
+        "max_concurrent_uploads",
+        int,
+        "uploads received or captioned at once; more get 503 (default 2)",
+    ),
     "--log-level": ("log_level", str, "debug | info | warning | error (default info)"),
 }
 
@@ -96,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
-    from server.logs import redact_tokens
+    from server.logs import install_redaction
 
     settings = settings_from_args(args)
     logging.basicConfig(
@@ -118,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         ws_per_message_deflate=False,  # JPEG / video payloads do not compress; deflate only costs CPU
         ws_max_size=settings.transport_max_bytes,
+        ws_max_queue=WS_MAX_QUEUE,  # messages the websocket layer buffers per connection, before the session
     )
-    redact_tokens()  # after uvicorn configured its loggers: ?token=KEY never reaches the log
+    install_redaction()  # keys and cookies never reach the log, at any level
     uvicorn.Server(config).run()
     return 0

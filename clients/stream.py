@@ -11,7 +11,7 @@ Design:
 - Shutdown: end of source or Ctrl-C -> `session.close` -> wait (bounded) for the in-flight captions
   and `session.closed`. Writers flush after every segment, so even a second Ctrl-C or a lost
   connection leaves valid files.
-- Only the documented protocol is spoken (DESIGN §3, server/protocol.py).
+- Only the documented protocol is spoken (docs/protocol.md, server/protocol.py).
 """
 
 from __future__ import annotations

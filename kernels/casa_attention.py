@@ -51,7 +51,8 @@ __all__ = [
     "prefix_causal_attention_varlen_torch",
 ]
 
-# Read once, like triton does at decoration time (research/kernels.md §2 #3).
+# Read once, at import: triton itself reads TRITON_INTERPRET when a kernel is decorated, so a later
+# change of the variable would not switch the kernels either.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 # Tests set this: split-K workspaces start as NaN, so a partial the kernel forgot to write shows up.

@@ -214,7 +214,7 @@ def _test_tiny() -> ModelConfig:
 def _default() -> ModelConfig:
     return ModelConfig(
         # Vision width 64: the tower is the largest training cost (256 patches per frame, every
-        # frame of every clip), and flat-coloured shapes need no more (issue 4 training budget).
+        # frame of every clip), and flat-coloured shapes need no more (docs/training.md: the CPU budget).
         vision=VisionConfig(
             depth=4,
             hidden=64,
@@ -256,7 +256,8 @@ def _default() -> ModelConfig:
 
 
 def _mid() -> ModelConfig:
-    # The benchmark shape of DESIGN §6: hidden 512, 8 layers, 256 image tokens per frame.
+    # The benchmark shape: hidden 512, 8 layers, 256 image tokens per frame (a mid-size model whose
+    # per-step cost the benchmarks and kernels are measured at).
     return ModelConfig(
         vision=VisionConfig(
             depth=4,

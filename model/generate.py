@@ -30,12 +30,20 @@ from model.config import GenerationConfig
 from model.processor import ImageProcessor, QwenImageProcessor
 from model.runner import Runner, StepResult
 from model.sampling import Sampler, SamplingParams
-from model.scheduler import Plan, RowState, Scheduler, SessionSettings
+from model.scheduler import MIN_TEMPERATURE, SETTING_BOUNDS, Plan, RowState, Scheduler, SessionSettings
 from model.tokenizer import Tokenizer
 from model.vision_pipeline import VisionPipeline
 from model.vlm import CASAModel
 
-__all__ = ["CapacityError", "Engine", "SessionSettings", "StepResult", "TokenEvent"]
+__all__ = [
+    "MIN_TEMPERATURE",
+    "SETTING_BOUNDS",
+    "CapacityError",
+    "Engine",
+    "SessionSettings",
+    "StepResult",
+    "TokenEvent",
+]
 
 
 class CapacityError(RuntimeError):

@@ -27,6 +27,20 @@ import torch
 
 from model.tokenizer import StreamDecoder
 
+# The ranges the sampler computes safely (server/protocol.py bounds client settings to the same numbers).
+# Below MIN_TEMPERATURE the division of the logits overflows float32 and multinomial raises; seeds must
+# fit torch's 64-bit generator; the penalty**count factor (count <= clamp) must stay finite.
+SETTING_BOUNDS: dict[str, tuple[float, float]] = {
+    "max_new_tokens": (1, 256),
+    "min_new_tokens": (0, 256),
+    "temperature": (0.0, 5.0),
+    "top_k": (0, 1 << 20),
+    "repetition_penalty": (1.0, 10.0),
+    "no_repeat_ngram": (0, 16),
+    "seed": (0, (1 << 63) - 1),
+}
+MIN_TEMPERATURE = 0.01  # temperature is 0 (greedy) or at least this
+
 
 @dataclass
 class SessionSettings:
@@ -37,6 +51,22 @@ class SessionSettings:
     repetition_penalty: float | None = None
     no_repeat_ngram: int | None = None
     seed: int = 0
+
+    def validate(self) -> SessionSettings:
+        """Raise ValueError (naming the range) for a value the sampler cannot compute; returns self."""
+        for name, (lo, hi) in SETTING_BOUNDS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+            if not lo <= value <= hi:  # also False for NaN
+                raise ValueError(f"{name} is {value!r}; it must be between {lo:g} and {hi:g}")
+        if self.temperature is not None and 0.0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature is {self.temperature!r}; it must be 0 (greedy) or at least {MIN_TEMPERATURE}"
+            )
+        return self
 
 
 Item = int | torch.Tensor  # a token id, or an inserted frame's image tokens (N, hidden)

@@ -8,7 +8,7 @@ Design choices:
   Frame f is inserted right before its post_image tokens; the stop token and the next pre_image
   close frame f's window (the engine feeds them before the next frame resets the CASA state).
 - The forward is `CASAModel.forward_dense` (the dense block-mask semantics of CASA windows, or the
-  token-insertion baseline for --fusion insertion), so training uses the lead's model code unchanged.
+  token-insertion baseline for --fusion insertion), so training runs the serving model's code unchanged.
 - Loss: next-token cross-entropy on caption tokens and their stop token only.
 - Data is generated on the fly from seeds >= TRAIN_SEED_BASE; evaluation uses seeds below it, so a
   held-out clip can never be a training clip. Step s always sees the same clips (resume-safe).

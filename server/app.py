@@ -33,9 +33,10 @@ from fastapi.staticfiles import StaticFiles
 from model.generate import Engine
 from server import protocol as p
 from server.connection import serve_websocket
-from server.errors import Unauthorized, report
-from server.metrics import CONTENT_TYPE, Metrics
-from server.session import Session
+from server.context import ServerContext
+from server.errors import Capacity, Unauthorized, report
+from server.logs import install_redaction
+from server.metrics import CONTENT_TYPE
 from server.settings import REPO_ROOT, Settings
 from server.worker import Worker
 
@@ -45,38 +46,6 @@ WEB_DIR = REPO_ROOT / "clients" / "web"
 PLACEHOLDER = """<!doctype html><html><head><meta charset="utf-8"><title>casa-live</title></head>
 <body><h1>casa-live</h1><p>The demo page (clients/web/index.html) is not installed.
 Stream to <code>ws://HOST/v1/stream</code>; see docs/protocol.md.</p></body></html>"""
-
-
-class ServerContext:
-    """What routes and sessions share: settings, metrics, the engine and its worker."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.metrics = Metrics()
-        self.engine: Engine | None = None  # set by the lifespan
-        self.worker: Worker | None = None
-        self.model_name = ""
-        self.ready = False
-        self.sessions: set[Session] = set()
-
-    def default_settings(self) -> p.SessionSettings:
-        gen = self.engine.gen
-        return p.SessionSettings(
-            prompt=gen.template.default_prompt,
-            fps=min(gen.fps, self.settings.max_fps),
-            max_new_tokens=gen.max_new_tokens,
-            min_new_tokens=getattr(gen, "min_new_tokens", 0),
-            temperature=gen.temperature,
-            top_k=gen.top_k,
-            repetition_penalty=gen.repetition_penalty,
-            no_repeat_ngram=gen.no_repeat_ngram,
-            seed=0,
-            mode="live",
-        )
-
-    def max_lag(self) -> float:
-        now = time.monotonic()
-        return max((s.current_lag(now) for s in list(self.sessions)), default=0.0)
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -144,6 +113,7 @@ def _key_ok(key: str | None, settings: Settings) -> bool:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    install_redaction()  # keys and cookies never reach a log line, at any level
     ctx = ServerContext(settings)
 
     @asynccontextmanager
@@ -234,6 +204,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse(
                 {"error": {"code": "unauthorized", "message": "missing or wrong API key"}}, status_code=401
             )
+        if not ctx.ready or not ctx.worker_alive:
+            ctx.metrics.sessions_rejected_total.labels("unavailable").inc()
+            ctx.metrics.errors_total.labels("capacity").inc()
+            return JSONResponse(
+                {"error": {"code": "capacity", "message": "the model is not serving now; retry later"}},
+                status_code=503,
+            )
         return await caption_upload(ctx, request)
 
     @app.websocket(p.STREAM_PATH)
@@ -253,8 +230,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await ws.send_text(p.dump(event))
             await ws.close(code)
             return
-        if not ctx.ready:
-            await ws.close(p.CloseCode.TRY_AGAIN)
+        if not ctx.ready or not ctx.worker_alive:
+            # no inference thread to serve the session: try again later (another replica, a restart)
+            m.sessions_rejected_total.labels("unavailable").inc()
+            if ctx.ready:
+                log.error("websocket refused: the inference worker thread is not running")
+            event, code = report(
+                Capacity(
+                    "the server cannot caption now (the model is loading or its worker stopped); retry later"
+                ),
+                m,
+            )
+            await ws.send_text(p.dump(event))
+            await ws.close(code)
             return
         await serve_websocket(ws, ctx)
 

@@ -21,7 +21,7 @@ from server.errors import CasaError, SessionTimeout, report
 from server.session import CloseRequest, Session
 
 if TYPE_CHECKING:
-    from server.app import ServerContext
+    from server.context import ServerContext
 
 log = logging.getLogger("casa.session")
 

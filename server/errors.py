@@ -14,7 +14,7 @@ from typing import ClassVar
 from pydantic import ValidationError
 
 from server.metrics import Metrics
-from server.protocol import CLIENT_EVENT_TYPES, CloseCode, Error, ErrorCode
+from server.protocol import CLIENT_EVENT_TYPES, MAX_EVENT_ID_CHARS, CloseCode, Error, ErrorCode
 
 log = logging.getLogger("casa.server")
 
@@ -88,23 +88,61 @@ class InternalError(CasaError):
     close_code = CloseCode.INTERNAL
 
 
+MAX_ECHO_CHARS = 120  # client-provided text quoted in an error message is cut to this
+
+
+def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """Client text made safe to quote: valid UTF-8 (lone surrogates escaped) and at most `limit` chars."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def echo_id(raw: object) -> str | None:
+    """The event_id of a raw client event, if it can be echoed as is (a valid string within the schema's
+    limit); otherwise None: an echo never makes the error event itself invalid."""
+    if not isinstance(raw, dict):
+        return None
+    value = raw.get("event_id")
+    if not isinstance(value, str) or len(value) > MAX_EVENT_ID_CHARS:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
 def from_validation_error(exc: ValidationError, *, raw: object = None) -> CasaError:
     """Classify a failed client-event parse: bad JSON, an unknown `type`, or invalid content."""
-    errors = exc.errors(include_url=False)
+    try:
+        return _classify(exc, raw)
+    except Exception:  # classification must never turn a client mistake into a server error
+        log.exception("could not classify a client event's validation error")
+        return BadJSON("the text message is not a valid client event; see docs/protocol.md")
+
+
+def _classify(exc: ValidationError, raw: object) -> CasaError:
+    errors = exc.errors(include_url=False, include_input=False, include_context=True)
     kinds = {e["type"] for e in errors}
     expected = ", ".join(CLIENT_EVENT_TYPES)
     if "json_invalid" in kinds:
-        return BadJSON(f"text messages must be JSON objects with a 'type': {errors[0]['msg']}")
+        return BadJSON(f"text messages must be JSON objects with a 'type': {clip(errors[0]['msg'])}")
     if kinds & {"model_attributes_type", "model_type", "dict_type"} and all(not e["loc"] for e in errors):
         return BadJSON("text messages must be JSON objects with a 'type' field")
     if "union_tag_invalid" in kinds:
         tag = errors[0].get("ctx", {}).get("tag", "?")
-        return UnknownType(f"unknown event type {tag!r}; the server accepts {expected}")
+        return UnknownType(f"unknown event type {clip(tag)!r}; the server accepts {expected}")
     if "union_tag_not_found" in kinds:
         return UnknownType(f"the event has no 'type' field; the server accepts {expected}")
-    event_type = errors[0]["loc"][0] if errors and errors[0]["loc"] else None
-    detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or '(event)'}: {e['msg']}" for e in errors)
-    event_id = raw.get("event_id") if isinstance(raw, dict) and isinstance(raw.get("event_id"), str) else None
+    event_type = clip(errors[0]["loc"][0], 40) if errors and errors[0]["loc"] else None
+    detail = "; ".join(
+        f"{'.'.join(clip(p, 40) for p in e['loc'][1:]) or '(event)'}: {clip(e['msg'], 300)}"
+        for e in errors[:8]
+    )
+    if len(errors) > 8:
+        detail += f"; and {len(errors) - 8} more"
+    event_id = echo_id(raw)
     if event_type == "session.update":
         return InvalidSettings(f"session.update rejected, settings unchanged: {detail}", event_id=event_id)
     return BadJSON(f"malformed {event_type} event: {detail}", event_id=event_id)
@@ -121,5 +159,8 @@ def report(
         level = logging.WARNING if exc.fatal else logging.INFO
         log.log(level, "session %s: %s: %s", session_id, exc.code.value, exc.message)
     metrics.errors_total.labels(exc.code.value).inc()
-    event = Error(code=exc.code, message=exc.message, fatal=exc.fatal, event_id=exc.event_id)
+    try:
+        event = Error(code=exc.code, message=clip(exc.message, 2000), fatal=exc.fatal, event_id=exc.event_id)
+    except ValidationError:  # an event_id the schema refuses: drop the echo, keep the error
+        event = Error(code=exc.code, message=clip(exc.message, 2000), fatal=exc.fatal)
     return event, (exc.close_code if exc.fatal else None)

@@ -1,4 +1,4 @@
-"""Prometheus metrics of DESIGN §4, in one place.
+"""Prometheus metrics, in one place (docs/operations.md describes each one).
 
 Choices:
 - One `Metrics` object per app, on its own `CollectorRegistry` (no global state, so tests can build
@@ -25,7 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from server.protocol import ErrorCode
 
 SESSION_OUTCOMES = ("closed", "disconnected", "timeout", "error", "shutdown")
-REJECT_REASONS = ("capacity", "unauthorized", "origin")
+REJECT_REASONS = ("capacity", "unauthorized", "origin", "unavailable")
 DROP_REASONS = ("stale", "resample", "rate_limited", "closed")
 
 # seconds

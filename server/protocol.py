@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 PROTOCOL_VERSION = 1
 STREAM_PATH = "/v1/stream"
@@ -65,6 +65,9 @@ class BinaryKind(IntEnum):
 
 
 _PTS = struct.Struct(">q")
+# |pts| above this is refused (bad_frame): 2**53 us (about 285 years) is exact as a float in seconds and
+# leaves the decoder's int64 time arithmetic (rescaling to other time bases) far from overflow.
+MAX_PTS_US = 1 << 53
 HEADER_BYTES = {BinaryKind.IMAGE: 1 + _PTS.size, BinaryKind.CONTAINER: 1, BinaryKind.PACKET: 1 + _PTS.size}
 
 
@@ -121,6 +124,11 @@ def unpack(message: bytes) -> BinaryMessage:
             "(kind + 8-byte big-endian pts in microseconds where the kind has one) and a non-empty payload"
         )
     pts_us = None if kind == BinaryKind.CONTAINER else _PTS.unpack_from(message, 1)[0]
+    if pts_us is not None and abs(pts_us) > MAX_PTS_US:
+        raise BinaryMessageError(
+            f"binary message of kind 0x{kind:02x} has pts {pts_us} us; |pts| must be at most {MAX_PTS_US} us "
+            "(2**53): send timestamps in microseconds from the start of the stream"
+        )
     return BinaryMessage(kind, pts_us, bytes(message[header:]))
 
 
@@ -129,30 +137,71 @@ def unpack(message: bytes) -> BinaryMessage:
 # ---------------------------------------------------------------------------------------------------
 
 
+# Bounds of every session setting: the ranges the sampler computes safely (model/generate.py checks
+# the same numbers at the engine boundary, SessionSettings.validate). Below MIN_TEMPERATURE the division
+# of the logits by the temperature overflows float32; seeds must fit torch's 64-bit generator.
+MAX_PROMPT_CHARS = 2000
+MIN_FPS = 0.01  # one frame per 100 s
+MAX_FPS = 1000.0  # the schema's ceiling; the server's own max_fps is checked as well
+MAX_NEW_TOKENS = 256
+MIN_TEMPERATURE = 0.01  # temperature is 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE]
+MAX_TEMPERATURE = 5.0
+MAX_TOP_K = 1 << 20
+MAX_REPETITION_PENALTY = 10.0
+MAX_NO_REPEAT_NGRAM = 16
+MAX_SEED = (1 << 63) - 1
+MAX_EVENT_ID_CHARS = 128
+MAX_MARKER_ID_CHARS = 256
+
+
+def _utf8(value: str | None) -> str | None:
+    """Strings must be valid Unicode: a lone surrogate (JSON "\\ud800") cannot be tokenized or echoed."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the string holds a lone UTF-16 surrogate; send valid Unicode text") from None
+    return value
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    event_id: str | None = Field(default=None, max_length=128, description="optional client-chosen id")
+    event_id: str | None = Field(
+        default=None, max_length=MAX_EVENT_ID_CHARS, description="optional client-chosen id"
+    )
+
+    _check_event_id = field_validator("event_id")(_utf8)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SessionSettings(_Strict):
     """Per-session settings. In session.update every field is optional (None = keep the current value);
-    session.created and session.updated echo the full effective settings."""
+    session.created and session.updated echo the full effective settings. Every field is bounded to the
+    range the sampler can compute (the constants above; docs/protocol.md lists them)."""
 
-    prompt: str | None = Field(default=None, max_length=2000, description="user prompt for the stream")
-    fps: float | None = Field(default=None, gt=0, description="frames captioned per second of video")
-    max_new_tokens: int | None = Field(default=None, ge=1, le=256)
-    min_new_tokens: int | None = Field(
-        default=None, ge=0, le=256, description="stop tokens banned before this"
+    prompt: str | None = Field(
+        default=None, max_length=MAX_PROMPT_CHARS, description="user prompt for the stream"
     )
-    temperature: float | None = Field(default=None, ge=0.0, le=5.0, description="0 = greedy")
-    top_k: int | None = Field(default=None, ge=0, description="0 = no top-k filter")
-    repetition_penalty: float | None = Field(default=None, ge=1.0, le=10.0)
-    no_repeat_ngram: int | None = Field(default=None, ge=0, le=16)
-    seed: int | None = Field(default=None, ge=0, description="sampling seed (temperature > 0)")
+    fps: float | None = Field(
+        default=None, ge=MIN_FPS, le=MAX_FPS, description="frames captioned per second of video"
+    )
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    min_new_tokens: int | None = Field(
+        default=None, ge=0, le=MAX_NEW_TOKENS, description="stop tokens banned before this"
+    )
+    temperature: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=MAX_TEMPERATURE,
+        description=f"0 = greedy, else {MIN_TEMPERATURE}-{MAX_TEMPERATURE}",
+    )
+    top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="0 = no top-k filter")
+    repetition_penalty: float | None = Field(default=None, ge=1.0, le=MAX_REPETITION_PENALTY)
+    no_repeat_ngram: int | None = Field(default=None, ge=0, le=MAX_NO_REPEAT_NGRAM)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="sampling seed (temperature > 0)")
     mode: Literal["live", "offline"] | None = Field(
         default=None,
         description="live: latest frame wins, stale frames are dropped, each frame's generation stops when "
@@ -160,13 +209,27 @@ class SessionSettings(_Strict):
         "(backpressure instead of drops), for files and evaluation",
     )
 
+    _check_prompt = field_validator("prompt")(_utf8)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float | None) -> float | None:
+        if value is not None and 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}; "
+                f"below {MIN_TEMPERATURE} the sampler's division overflows"
+            )
+        return value
+
 
 class InputSettings(_Strict):
     """How binary media is to be read. `codec` is required before 0x03 packets; `container` optionally
     names the 0x02 container format (otherwise it is recognised from the first chunk's header)."""
 
-    codec: str | None = Field(default=None, description="h264 | vp8 | vp9, for 0x03 packets")
-    container: str | None = Field(default=None, description="webm | matroska | mp4 | mpegts | ivf, for 0x02")
+    codec: str | None = Field(default=None, max_length=32, description="h264 | vp8 | vp9, for 0x03 packets")
+    container: str | None = Field(
+        default=None, max_length=32, description="webm | matroska | mp4 | mpegts | ivf, for 0x02"
+    )
 
 
 class Limits(BaseModel):
@@ -177,6 +240,9 @@ class Limits(BaseModel):
     max_session_seconds: float
     idle_timeout_seconds: float
     max_input_rate: float = Field(description="binary messages per second before rate_limited")
+    max_buffered_bytes: int | None = Field(
+        default=None, description="input bytes held per session before decoding (an MP4 init segment's cap)"
+    )
 
 
 # --- client -> server ---
@@ -191,8 +257,11 @@ class SessionUpdate(_Event):
 class InputMarker(_Event):
     type: Literal["input.marker"] = "input.marker"
     id: str = Field(
-        max_length=256, description="echoed in a `marker` event once all input before it is captioned"
+        max_length=MAX_MARKER_ID_CHARS,
+        description="echoed in a `marker` event once all input before it is captioned",
     )
+
+    _check_id = field_validator("id")(_utf8)
 
 
 class SessionClose(_Event):

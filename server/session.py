@@ -1,8 +1,10 @@
-"""One client stream: parsing, decoding, feeding the worker, and the events it sends back.
+"""One client stream: its events, settings, markers and output.
 
-`Session` is transport-free: it parses client events, decodes media (off the event loop), feeds the
-inference worker, turns worker tokens into protocol events and keeps the per-session bookkeeping
-(stats, markers, lag). server/connection.py runs a Session over a websocket; the upload endpoint
+`Session` is transport-free and lives on the event loop: it parses client events, checks sizes and
+rates, hands media to its `Ingest` (server/ingest/: one thread per session owns the decoders, the
+resampler and the byte and credit budgets), offers the frames the ingest returns to the inference
+worker, turns worker tokens into protocol events and keeps the per-session bookkeeping (stats,
+markers, lag). server/connection.py runs a Session over a websocket; the upload endpoint
 (server/upload.py) drives one without a websocket.
 
 Ordering guarantees:
@@ -14,7 +16,8 @@ Ordering guarantees:
 - `session.close` flushes the same way, then `session.closed`, then close 1000.
 
 Backpressure: deltas are dropped when the outbound queue is nearly full (a segment repeats the whole
-caption); segments, markers and errors are never dropped. In offline mode at most `OFFLINE_CREDITS`
+caption); segments, markers and errors are never dropped. The ingest's input is bounded
+(`max_buffered_bytes`): past it the receive loop waits. In offline mode at most `OFFLINE_CREDITS`
 frames are in flight and decoding waits for credits, so nothing is dropped.
 """
 
@@ -23,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,16 +38,9 @@ from pydantic import BaseModel, ValidationError
 
 from model.generate import SessionSettings as EngineSettings
 from server import protocol as p
-from server.decode import (
-    ContainerDecoder,
-    FrameLimits,
-    PacketDecoder,
-    Resampler,
-    decode_image,
-    sniff_container,
-)
 from server.errors import (
     BadFrame,
+    BadJSON,
     CasaError,
     FrameTooLarge,
     InvalidSettings,
@@ -54,15 +50,15 @@ from server.errors import (
     from_validation_error,
     report,
 )
+from server.ingest import FrameLimits, Ingest
 from server.worker import FrameJob, FrameOutput, Slot
 
 if TYPE_CHECKING:
-    from server.app import ServerContext
+    from server.context import ServerContext
 
 log = logging.getLogger("casa.session")
 
 OUT_QUEUE = 1024  # outbound events; deltas are dropped above 3/4 of it
-OFFLINE_CREDITS = 4  # frames in flight per offline session
 BARRIER_TIMEOUT = 60.0
 
 
@@ -96,23 +92,17 @@ class Session:
         self.settings = ctx.default_settings()
         self.input = p.InputSettings()
         self.limits = FrameLimits(ctx.engine.image_size, s.max_frame_width, s.max_frame_height)
-        self.resampler = Resampler(self.settings.fps or 2.0)
         self.bucket = _Bucket(s.max_input_rate)
         self.out: asyncio.Queue[BaseModel | CloseRequest] = asyncio.Queue(OUT_QUEUE)
         self.slot: Slot | None = None
-        self.container: ContainerDecoder | None = None
-        self.packets: PacketDecoder | None = None
-        self.credits: threading.Semaphore | None = None
-        self.closing = threading.Event()
+        self.ingest: Ingest | None = None  # started with the session (start)
+        self.closing = False
         # frame bookkeeping (event loop only)
         self.next_index = 0
         self.unfinished: dict[int, float] = {}  # frame index -> received (time.monotonic)
         self.credited: set[int] = set()
         self.markers: collections.deque[tuple[int, str]] = collections.deque()
         self.finished = asyncio.Event()  # set whenever a frame finishes
-        self.decoder_progress = asyncio.Event()
-        self.starved_at = 0  # container bytes consumed when the demuxer last ran dry
-        self.awaiting_header = False  # a container stream failed to start: skip chunks until a header
         self.texts: dict[int, list[str]] = {}
         self.received = self.skipped = self.captioned = self.dropped = 0
         self.kv_tokens = 0
@@ -127,11 +117,20 @@ class Session:
         """Claim a model slot (Capacity when full). Optional initial settings (the upload endpoint)."""
         if settings is not None:
             self.settings = self._merge(settings)
-        self._apply_mode()
         self.slot = await self.ctx.worker.open(
             self, self.settings.prompt, self._engine_settings(), self.settings.mode == "live"
         )
-        self.resampler.fps = self.settings.fps or 2.0
+        self.ingest = Ingest(
+            self,
+            self.loop,
+            self.limits,
+            max_buffered_bytes=max(self.ctx.settings.max_buffered_bytes, self.ctx.settings.max_message_bytes),
+            fps=self.settings.fps or 2.0,
+            offline=self.settings.mode == "offline",
+            codec=self.input.codec,
+            container=self.input.container,
+            name=f"casa-ingest-{self.id[5:13]}",
+        )
         created = p.SessionCreated(
             session_id=self.id,
             model=self.ctx.model_name,
@@ -144,12 +143,11 @@ class Session:
         return created
 
     def close(self) -> None:
-        """Release everything now, without awaiting (safe inside a cancelled task): the model slot, the
-        decode thread (EOF; it exits on its own); frames still pending count as dropped (closed)."""
-        self.closing.set()
-        if self.container is not None:
-            self.container.reader.end()
-            self.container = None
+        """Release everything now, without awaiting (safe inside a cancelled task): the ingest thread
+        (it stops on its own), the model slot; frames still pending count as dropped (closed)."""
+        self.closing = True
+        if self.ingest is not None:
+            self.ingest.close()
         if self.slot is not None:
             self.ctx.worker.close(self.slot)
             self.slot = None
@@ -170,7 +168,7 @@ class Session:
 
     def _engine_settings(self) -> EngineSettings:
         s = self.settings
-        return EngineSettings(
+        settings = EngineSettings(
             max_new_tokens=s.max_new_tokens,
             min_new_tokens=min(s.min_new_tokens or 0, s.max_new_tokens or 0),
             temperature=s.temperature,
@@ -179,15 +177,19 @@ class Session:
             no_repeat_ngram=s.no_repeat_ngram,
             seed=s.seed or 0,
         )
-
-    def _apply_mode(self) -> None:
-        offline = self.settings.mode == "offline"
-        if offline and self.credits is None:
-            self.credits = threading.Semaphore(OFFLINE_CREDITS)
-        elif not offline:
-            self.credits = None
+        try:
+            return settings.validate()  # the protocol's bounds already hold; this is the engine's own check
+        except ValueError as exc:
+            raise InvalidSettings(f"settings unchanged: {exc}") from None
 
     async def update(self, event: p.SessionUpdate) -> None:
+        try:
+            await self._update(event)
+        except CasaError as exc:  # every error an update causes echoes its event_id
+            exc.event_id = event.event_id
+            raise
+
+    async def _update(self, event: p.SessionUpdate) -> None:
         new = self._merge(event.session) if event.session is not None else self.settings
         new_input = self.input
         if event.input is not None:
@@ -206,29 +208,29 @@ class Session:
         old = self.settings
         self.settings = new
         try:
+            engine_settings = self._engine_settings()
             assert self.slot is not None
-            await self.ctx.worker.update(self.slot, new.prompt, self._engine_settings(), new.mode == "live")
-        except CasaError as exc:
+            await self.ctx.worker.update(self.slot, new.prompt, engine_settings, new.mode == "live")
+        except CasaError:
             self.settings = old
-            exc.event_id = event.event_id
             raise
-        self._apply_mode()
-        self.resampler.fps = new.fps or 2.0
-        if new_input.codec != self.input.codec:
-            self.packets = None  # a new codec starts a new decoder at the next packet
         self.input = new_input
+        assert self.ingest is not None
+        await self.ingest.configure(
+            fps=new.fps or 2.0,
+            offline=new.mode == "offline",
+            codec=new_input.codec,
+            container=new_input.container,
+        )
         self.emit(p.SessionUpdated(settings=self.settings, input=self.input, event_id=event.event_id))
 
     # ---- input ----------------------------------------------------------------------------------
 
     async def handle_text(self, text: str) -> p.SessionClose | None:
         """Apply one client event; returns the SessionClose event when the client asked to close."""
-        if len(text.encode()) > self.ctx.settings.max_message_bytes:
+        if len(text.encode("utf-8", "surrogatepass")) > self.ctx.settings.max_message_bytes:
             raise FrameTooLarge(f"text message above {self.ctx.settings.max_message_bytes} bytes")
-        try:
-            event = p.parse_client_event(text)
-        except ValidationError as exc:
-            raise from_validation_error(exc, raw=_loads_or_none(text)) from None
+        event = _parse(text)
         if isinstance(event, p.SessionUpdate):
             await self.update(event)
         elif isinstance(event, p.InputMarker):
@@ -259,87 +261,19 @@ class Session:
             msg = p.unpack(data)
         except p.BinaryMessageError as exc:
             raise (UnknownType if exc.unknown_kind else BadFrame)(str(exc)) from None
+        ingest = self.ingest
+        assert ingest is not None
         if msg.kind == p.BinaryKind.IMAGE:
-            await self._image(msg.payload, msg.pts or 0.0)
+            await ingest.image(msg.payload, msg.pts_us or 0)
         elif msg.kind == p.BinaryKind.CONTAINER:
-            await self._container(msg.payload)
+            await ingest.chunk(msg.payload)
         else:
-            await self._packet(msg.payload, msg.pts or 0.0)
-
-    async def _image(self, payload: bytes, pts: float) -> None:
-        self.received += 1
-        self.ctx.metrics.frames_received_total.inc()
-        if not self.resampler.keep(pts):
-            self._skip()
-            return
-        credited = await self._take_credit()
-        t0 = time.perf_counter()
-        try:
-            image = await asyncio.to_thread(decode_image, payload, self.limits)
-        except BaseException:
-            self._give_credit(credited)
-            self.resampler.undo()
-            raise
-        self._accept(image, pts, time.perf_counter() - t0, credited)
-
-    async def _packet(self, payload: bytes, pts: float) -> None:
-        if self.input.codec is None:
-            raise BadFrame(
-                '0x03 packets need a codec: send session.update {"input": {"codec": "h264"}} first'
-            )
-        if self.packets is None:
-            self.packets = PacketDecoder(self.input.codec, self.limits)
-        t0 = time.perf_counter()
-        frames, n = await asyncio.to_thread(self.packets.decode, payload, pts, self.resampler.keep)
-        dt = time.perf_counter() - t0
-        self.received += n
-        self.ctx.metrics.frames_received_total.inc(n)
-        for _ in range(n - len(frames)):
-            self._skip()
-        for image, t in frames:
-            self._accept(image, t, dt, await self._take_credit())
-
-    async def _container(self, chunk: bytes) -> None:
-        if self.container is not None and _starts_stream(chunk):
-            # a recorder restart: finish the old stream, start a new one
-            old, self.container = self.container, None
-            await asyncio.to_thread(old.end, 5.0)
-        if self.container is not None and self.container.alive:
-            self.container.feed(chunk)
-            return
-        if self.awaiting_header and sniff_container(chunk) is None:
-            return  # the error was reported once: skip chunks until one starts a new stream
-        self.container = None
-        self.resampler.reset()
-        self.starved_at = 0
-        self.awaiting_header = True
-        self.container = ContainerDecoder(
-            chunk, self.limits, self.resampler.keep, LoopSink(self), self.input.container
-        )
-        self.awaiting_header = False
-
-    async def _take_credit(self) -> bool:
-        credits = self.credits
-        if credits is None:
-            return False
-        while True:  # everything below runs on the loop: clear, try, wait cannot miss a release
-            self.finished.clear()
-            if credits.acquire(blocking=False):
-                return True
-            await self.finished.wait()
-
-    def _give_credit(self, credited: bool) -> None:
-        if credited and self.credits is not None:
-            self.credits.release()
-
-    def _skip(self) -> None:
-        self.skipped += 1
-        self.ctx.metrics.frames_dropped_total.labels("resample").inc()
+            await ingest.packet(msg.payload, msg.pts_us or 0)
 
     def _accept(self, image: np.ndarray, pts: float, decode_seconds: float, credited: bool) -> None:
         """A decoded, sampled frame: give it an index and offer it to the worker (event loop)."""
         self.ctx.metrics.frame_decode_seconds.observe(decode_seconds)
-        if self.slot is None or self.closing.is_set():
+        if self.slot is None or self.closing:
             self._give_credit(credited)
             return
         index = self.next_index
@@ -352,27 +286,39 @@ class Session:
         deadline = now + 1.0 / (self.settings.fps or 2.0) if live else None
         self.ctx.worker.offer(self.slot, FrameJob(index, pts, image, now, deadline))
 
+    def _give_credit(self, credited: bool) -> None:
+        if credited and self.ingest is not None:
+            self.ingest.release_credit()
+
+    # ---- ingest callbacks (event loop) ------------------------------------------------------------
+
+    def ingest_frame(self, image: np.ndarray, pts: float, decode_seconds: float, credited: bool) -> None:
+        self._accept(image, pts, decode_seconds, credited)
+
+    def ingest_counts(self, received: int, skipped: int) -> None:
+        if received:
+            self.received += received
+            self.ctx.metrics.frames_received_total.inc(received)
+        if skipped:
+            self.skipped += skipped
+            self.ctx.metrics.frames_dropped_total.labels("resample").inc(skipped)
+
+    def ingest_error(self, exc: CasaError) -> None:
+        self.send_error(exc)
+
     # ---- flush barrier --------------------------------------------------------------------------
 
     async def barrier(self) -> int:
         """Wait until all input received so far is decoded; return the index the next frame will get."""
-        container = self.container
-        if container is not None:
-            fed = container.reader.fed
-            deadline = time.monotonic() + BARRIER_TIMEOUT
-            while time.monotonic() < deadline:
-                self.decoder_progress.clear()
-                if not container.alive or self.starved_at >= fed:
-                    break
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.decoder_progress.wait(), 0.5)
+        if self.ingest is not None:
+            await self.ingest.barrier()
         return self.next_index
 
     async def end_input(self) -> None:
         """The client sends nothing more: EOF to a running container stream, so that the demuxer and
         decoder release the frames they hold back (MPEG-TS keeps the last PES until the next starts)."""
-        if self.container is not None and self.container.alive:
-            await asyncio.to_thread(self.container.end, BARRIER_TIMEOUT)
+        if self.ingest is not None:
+            await self.ingest.end()
 
     async def flush(self) -> None:
         """Wait until every frame received so far is captioned or dropped."""
@@ -444,20 +390,6 @@ class Session:
             self.slot = None
             self.finish("error", code)
 
-    # ---- container decode thread callbacks (hopped onto the loop by LoopSink) ----------------------
-
-    def container_frame(self, image: np.ndarray, pts: float, decode_seconds: float, credited: bool) -> None:
-        self._accept(image, pts, decode_seconds, credited)
-
-    def container_progress(self, frames: int, skipped: int, starved_at: int | None) -> None:
-        self.received += frames
-        self.ctx.metrics.frames_received_total.inc(frames)
-        for _ in range(skipped):
-            self._skip()
-        if starved_at is not None:
-            self.starved_at = starved_at
-        self.decoder_progress.set()
-
     # ---- output ---------------------------------------------------------------------------------
 
     def emit(self, event: BaseModel | CloseRequest) -> None:
@@ -502,53 +434,23 @@ class Session:
         self.emit(CloseRequest(code))
 
 
-class LoopSink:
-    """ContainerDecoder callbacks: run on the decode thread, hop onto the event loop."""
-
-    def __init__(self, session: Session) -> None:
-        self.s = session
-        self._skipped = 0
-
-    def _call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
-        with contextlib.suppress(RuntimeError):  # loop closed: the server is shutting down
-            self.s.loop.call_soon_threadsafe(fn, *args)
-
-    def on_frame(self, image: np.ndarray, pts: float, decode_seconds: float) -> None:
-        credited = False
-        credits = self.s.credits
-        if credits is not None:  # offline: wait for a free credit (backpressure on the demuxer)
-            while not self.s.closing.is_set():
-                if credits.acquire(timeout=0.2):
-                    credited = True
-                    break
-        skipped, self._skipped = self._skipped, 0
-        self._call(self.s.container_progress, 1 + skipped, skipped, None)
-        self._call(self.s.container_frame, image, pts, decode_seconds, credited)
-
-    def on_skipped(self) -> None:
-        self._skipped += 1
-
-    def on_error(self, exc: BaseException) -> None:
-        self._call(self.s.send_error, exc)
-
-    def on_starved(self, consumed: int) -> None:
-        skipped, self._skipped = self._skipped, 0
-        self._call(self.s.container_progress, skipped, skipped, consumed)
-
-    def on_end(self) -> None:
-        skipped, self._skipped = self._skipped, 0
-        self._call(self.s.container_progress, skipped, skipped, None)
-
-
-def _starts_stream(chunk: bytes) -> bool:
-    """A chunk that begins a new stream (MPEG-TS chunks all look alike, so TS never restarts)."""
-    return sniff_container(chunk) in ("matroska", "mp4", "ivf")
+def _parse(text: str) -> p.SessionUpdate | p.InputMarker | p.SessionClose:
+    """A client event, or a typed error: any failure to parse a client message is the client's
+    (bad_json, unknown_type, invalid_settings), never an internal error, whatever the input."""
+    try:
+        return p.parse_client_event(text)
+    except ValidationError as exc:
+        raise from_validation_error(exc, raw=_loads_or_none(text)) from None
+    except Exception:  # e.g. RecursionError or MemoryError on pathological input
+        raise BadJSON(
+            "text messages must be JSON objects with a 'type' (this one could not be parsed)"
+        ) from None
 
 
 def _loads_or_none(text: str) -> object:
-    import json
-
+    """The raw JSON, only to echo its event_id; None when the stdlib cannot read it either (deep
+    nesting raises RecursionError, which is not a ValueError)."""
     try:
         return json.loads(text)
-    except ValueError:
+    except Exception:
         return None

@@ -70,6 +70,17 @@ class Settings(BaseSettings):
     max_session_seconds: float = Field(default=4 * 3600.0, gt=0)
     idle_timeout_seconds: float = Field(default=30.0, gt=0)
     max_input_rate: float = Field(default=120.0, gt=0, description="binary messages per second per session")
+    max_buffered_bytes: int = Field(
+        default=16 << 20,
+        ge=1024,
+        description="input bytes a session may hold before they are decoded (queued messages, a container "
+        "stream's init segment); past it the receive loop waits, and a larger MP4 init segment is "
+        "frame_too_large",
+    )
+    max_upload_bytes: int = Field(default=512 << 20, ge=1024, description="largest POST /v1/captions body")
+    max_concurrent_uploads: int = Field(
+        default=2, ge=1, description="uploads received or captioned at once; more get 503 (capacity)"
+    )
     stats_interval_seconds: float = Field(default=1.0, gt=0)
     log_level: str = "info"
 
@@ -92,6 +103,7 @@ class Settings(BaseSettings):
             max_session_seconds=self.max_session_seconds,
             idle_timeout_seconds=self.idle_timeout_seconds,
             max_input_rate=self.max_input_rate,
+            max_buffered_bytes=max(self.max_buffered_bytes, self.max_message_bytes),
         )
 
     @property

@@ -5,25 +5,27 @@ Query parameters: `format=json|srt|vtt` (default json) and any session setting (
 `max_new_tokens`, `temperature`, `top_k`, `repetition_penalty`, `no_repeat_ngram`, `seed`).
 
 It runs exactly the streaming path: a `Session` in offline mode (every sampled frame captioned in full,
-no real-time budget, backpressure instead of drops) fed by a seekable PyAV decode in a thread, so an
-upload holds one model slot like a websocket session and batches with them.
+no real-time budget, backpressure instead of drops) whose ingest thread runs a seekable PyAV decode,
+so an upload holds one model slot like a websocket session and batches with them.
+
+Memory is bounded before anything is decoded: a `Content-Length` above `max_upload_bytes` is refused
+(413) before the body is read; the body is streamed and refused at the cap when it is not declared;
+at most `max_concurrent_uploads` bodies are held at once (503 `capacity` past it, counted in
+`casa_sessions_rejected_total`).
 """
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
-
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from server import protocol as p
-from server.decode import decode_file
-from server.errors import CasaError, report
-from server.session import LoopSink, Session
+from server.context import ServerContext
+from server.errors import CasaError, clip, report
+from server.session import Session
 
-MAX_UPLOAD_BYTES = 512 << 20
 FORMATS = {"json", "srt", "vtt"}
 
 
@@ -54,27 +56,78 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-async def caption_upload(ctx, request: Request) -> Response:  # type: ignore[no-untyped-def]
+def _invalid(ctx: ServerContext, message: str) -> JSONResponse:
+    ctx.metrics.errors_total.labels("invalid_settings").inc()
+    return _error(400, "invalid_settings", message)
+
+
+def _too_large(ctx: ServerContext, what: str) -> JSONResponse:
+    cap = ctx.settings.max_upload_bytes
+    ctx.metrics.errors_total.labels("frame_too_large").inc()
+    return _error(
+        413,
+        "frame_too_large",
+        f"{what}; uploads are limited to {cap} bytes ({cap / (1 << 20):g} MiB): send a shorter or smaller file, "
+        "or stream it over the websocket",
+    )
+
+
+async def caption_upload(ctx: ServerContext, request: Request) -> Response:
     query = dict(request.query_params)
     query.pop("token", None)
     fmt = query.pop("format", "json")
     if fmt not in FORMATS:
-        return _error(400, "invalid_settings", f"format must be one of {sorted(FORMATS)}")
+        return _invalid(ctx, f"format is {clip(fmt, 40)!r}; it must be one of {sorted(FORMATS)}")
     try:
         settings = p.SessionSettings.model_validate({**query, "mode": "offline"})
     except ValidationError as exc:
         detail = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
+            f"{'.'.join(clip(part, 40) for part in e['loc'])}: {clip(e['msg'], 300)}"
+            for e in exc.errors(include_url=False, include_input=False)[:8]
         )
-        ctx.metrics.errors_total.labels("invalid_settings").inc()
-        return _error(400, "invalid_settings", detail)
-    data = await request.body()
+        return _invalid(ctx, f"upload rejected: {detail}")
+    cap = ctx.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            ctx.metrics.errors_total.labels("bad_frame").inc()
+            return _error(
+                400, "bad_frame", "the Content-Length header is not a byte count: send the body's size"
+            )
+        if len(declared) > 18 or int(declared) > cap:  # refused before a byte of the body is read
+            return _too_large(ctx, f"the body declares {clip(declared, 40)} bytes")
+    m = ctx.metrics
+    if ctx.uploads >= ctx.settings.max_concurrent_uploads:
+        m.sessions_rejected_total.labels("capacity").inc()
+        m.errors_total.labels("capacity").inc()
+        return _error(
+            503,
+            "capacity",
+            f"{ctx.settings.max_concurrent_uploads} uploads are already in progress; retry later",
+        )
+    ctx.uploads += 1
+    try:
+        return await _caption(ctx, request, settings, fmt, cap)
+    finally:
+        ctx.uploads -= 1
+
+
+async def _caption(
+    ctx: ServerContext, request: Request, settings: p.SessionSettings, fmt: str, cap: int
+) -> Response:
+    data = bytearray()
+    try:
+        async for part in request.stream():  # streamed with a cap: the body is never held past it
+            if len(data) + len(part) > cap:
+                return _too_large(ctx, "the body is larger")
+            data += part
+    except ClientDisconnect:
+        return _error(400, "bad_frame", "the client went away before the body was complete")
     if not data:
+        ctx.metrics.errors_total.labels("bad_frame").inc()
         return _error(
             400, "bad_frame", "empty body: POST the video file's bytes (curl --data-binary @clip.mp4)"
         )
-    if len(data) > MAX_UPLOAD_BYTES:
-        return _error(413, "frame_too_large", f"uploads are limited to {MAX_UPLOAD_BYTES >> 20} MiB")
 
     session = Session(ctx, record=True)
     m = ctx.metrics
@@ -82,23 +135,21 @@ async def caption_upload(ctx, request: Request) -> Response:  # type: ignore[no-
         await session.start(settings)
     except CasaError as exc:
         event, _ = report(exc, m, session_id=session.id)
-        status = 503 if exc.code == p.ErrorCode.CAPACITY else 400
-        return _error(status, event.code.value, event.message)
+        if exc.code == p.ErrorCode.CAPACITY:
+            m.sessions_rejected_total.labels("capacity").inc()
+            return _error(503, event.code.value, event.message)
+        return _error(400, event.code.value, event.message)
     m.sessions_active.inc()
     outcome = "error"
     try:
-        # its own thread, not the shared pool: the decoder blocks on backpressure for as long as the
-        # file takes, and live sessions' image decodes must not queue behind it
-        with ThreadPoolExecutor(1, thread_name_prefix="casa-upload") as pool:
-            warning = await asyncio.get_running_loop().run_in_executor(
-                pool, decode_file, data, session.limits, session.resampler.keep, LoopSink(session)
-            )
-        await asyncio.sleep(0)  # let the decode thread's last callbacks run
+        assert session.ingest is not None
+        warning = await session.ingest.decode_file(data)  # on the session's own ingest thread
+        del data
         await session.flush()
         outcome = "closed"
-    except CasaError as exc:
+    except Exception as exc:  # typed errors are 400; anything else is ours, answered as JSON all the same
         event, _ = report(exc, m, session_id=session.id)
-        return _error(400, event.code.value, event.message)
+        return _error(400 if isinstance(exc, CasaError) else 500, event.code.value, event.message)
     finally:
         session.close()
         m.sessions_active.dec()

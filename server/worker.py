@@ -94,6 +94,7 @@ class Slot:
     inflight: _InFlight | None = None
     reset_to: tuple[str | None, SessionSettings] | None = None  # prompt change at the next frame
     closed: bool = False
+    checked: SessionSettings | None = None  # the settings object last found computable
 
 
 class Worker:
@@ -141,7 +142,11 @@ class Worker:
             self._slots.append(slot)
             return slot
 
-        return await self._call(do)
+        try:
+            return await self._call(do)
+        except asyncio.CancelledError:  # the caller went away: if the open ran after all, free its row
+            self.close(slot)
+            raise
 
     async def update(self, slot: Slot, prompt: str | None, settings: SessionSettings, live: bool) -> None:
         """New sampling settings apply now; a new prompt reopens the row before the next frame."""
@@ -161,13 +166,14 @@ class Worker:
         """Release the slot (fire and forget: the row is recycled on the worker thread)."""
 
         def do() -> None:
-            if slot.closed:
+            if slot.closed or slot not in self._slots:  # already closed, or never opened
+                slot.closed = True
                 return
             slot.closed = True
             self._slots.remove(slot)
             self.engine.close(slot.row)
             # the step loop sets this gauge only when a step runs: without this, the last session's
-            # tokens would stay on the dashboard after it leaves (ops engineer's fix)
+            # tokens would stay on the dashboard after it leaves
             self.metrics.kv_cache_tokens.set(sum(self.engine.kv_tokens(s.row) for s in self._slots))
 
         with self._cv:
@@ -232,6 +238,8 @@ class Worker:
                 commands = list(self._commands)
                 self._commands.clear()
             for fn, future in commands:
+                if not future.set_running_or_notify_cancel():
+                    continue  # cancelled before it ran (the caller gave up): do nothing, claim nothing
                 try:
                     future.set_result(fn())
                 except Exception as exc:
@@ -280,6 +288,11 @@ class Worker:
 
     def _step(self) -> None:
         engine = self.engine
+        for slot in self._slots:  # per row, before the batch: a row the sampler cannot compute never joins it
+            if slot.checked is not slot.settings and engine.row_has_work(slot.row):
+                if not _computable(slot.settings):
+                    self._restore_defaults(slot)
+                slot.checked = slot.settings  # checked once per settings object
         with_work = [s for s in self._slots if engine.row_has_work(s.row)]
         t0 = time.perf_counter()
         try:
@@ -356,6 +369,19 @@ class Worker:
                 slot, "worker_failed", None, InternalError("the session lost its model slot; reconnect")
             )
 
+    def _restore_defaults(self, slot: Slot) -> None:
+        """Settings out of the sampler's range reached the worker (the server validates them first, so
+        this guards other callers): the row keeps its context and goes on with default sampling."""
+        log.error("row %d: sampling settings out of range; using the defaults", slot.row)
+        slot.settings = SessionSettings()
+        self.engine.update(slot.row, slot.settings)
+        self._notify(
+            slot,
+            "worker_failed",
+            None,
+            FrameFailed("this session's sampling settings were out of range; the defaults apply now"),
+        )
+
     def _reset_after_failure(self, slots: list[Slot]) -> None:
         for slot in slots:
             job = slot.inflight.job if slot.inflight else None
@@ -376,3 +402,11 @@ class Worker:
         """Run a listener method on the event loop; a closed loop (shutdown) is not an error."""
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(getattr(slot.listener, method), *args)
+
+
+def _computable(settings: SessionSettings) -> bool:
+    try:
+        settings.validate()
+    except ValueError:
+        return False
+    return True

@@ -46,7 +46,7 @@ def test_qwen_preset_shape() -> None:
 
 
 def test_default_preset_size() -> None:
-    # issue 3 asks for "about 3-10M"; the trained default sits at the small end (a lean LM for the
+    # the default preset is meant to have about 3-10M parameters; the trained one sits at the small end (a lean LM for the
     # per-step CPU budget, a narrow vision tower for the training budget)
     n = sum(p.numel() for p in toy_model("default").parameters())
     assert 2.5e6 <= n <= 10e6, n

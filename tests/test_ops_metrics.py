@@ -4,8 +4,8 @@
   the alert rules exists in the /metrics output of a live `casa serve` process.
 - Debian's `prometheus` (installed by .ci/run when missing) is started here on 127.0.0.1 with a free
   port, a temporary data dir and the shipped docker/prometheus/prometheus.yml, rewritten to point at
-  that `casa serve` and at the shipped rules. After a synthetic websocket session (JPEG frames, DESIGN
-  §3), PromQL through the HTTP API returns the frame count and a frame latency quantile that agrees
+  that `casa serve` and at the shipped rules. After a synthetic websocket session (JPEG frames, see
+  docs/protocol.md), PromQL through the HTTP API returns the frame count and a frame latency quantile that agrees
   with the latencies the client saw; every dashboard query returns data; every alert rule loads.
 - `promtool` (same package) checks the config and rules and runs the rules' unit tests.
 
@@ -407,7 +407,7 @@ class SessionResult:
 
 
 def _session(server: CasaServer) -> SessionResult:
-    """One websocket session per DESIGN §3: FRAMES JPEG frames (kind 0x01, pts 1/FPS apart, offline mode
+    """One websocket session as docs/protocol.md describes it: FRAMES JPEG frames (kind 0x01, pts 1/FPS apart, offline mode
     so that each is captioned in full), one corrupt frame (a non-fatal bad_frame error), a marker to
     wait for the captions, then session.close."""
     from websockets.sync.client import connect

@@ -11,7 +11,6 @@ from pydantic import ValidationError
 from server_helpers import encode_stream, jpeg, png, world_frames
 
 from server import protocol as p
-from server.decode import FrameLimits, Resampler, decode_image, sniff_container, sniff_image
 from server.errors import (
     BadFrame,
     BadJSON,
@@ -22,6 +21,7 @@ from server.errors import (
     from_validation_error,
     report,
 )
+from server.ingest import FrameLimits, Resampler, decode_image, sniff_container, sniff_image
 from server.metrics import Metrics
 from server.settings import Settings
 

@@ -6,7 +6,7 @@ Two config.json layouts exist in the wild and both are read:
   with `in_chans`;
 - transformers 5.x `save_pretrained`: text keys under `text_config`, `rope_parameters`.
 
-The generation config follows Kyutai's live-captioning procedure (research/paper.md §2): the whole
+The generation config follows Kyutai's live-captioning procedure (docs/checkpoints.md): the whole
 stream is one never-ending assistant turn of Qwen's chat format, `<|vision_start|>`/`<|vision_end|>`
 around each frame, stop on any id of `generation_config.json`'s `eos_token_id`, and the sampling
 defaults of the LiveCC scripts (2 fps, 20 tokens, temperature 0.4, top-k 256, repetition penalty
@@ -23,7 +23,7 @@ from model.config import CASAConfig, GenerationConfig, LMConfig, ModelConfig, Pr
 from model.tokenizer import Tokenizer
 from model.weights import CheckpointError
 
-# Kyutai's newer live-captioning prompts (R-NEW live_captioner.py, research/paper.md §2.2).
+# Kyutai's newer live-captioning prompts (their live_captioner.py; docs/checkpoints.md).
 SYSTEM_PROMPT = "You are an expert video commentator providing real-time factual and neutral commentary on visual content."
 USER_PROMPT = "Please describe what you see in the video in real-time. Stick to the visual facts. "  # sic: trailing space
 CAPTION_PREFIX = "In this video"

@@ -1,0 +1,52 @@
+"""`ServerContext`: what the routes, connections and sessions share (settings, metrics, the engine and
+its worker, the live sessions, the upload budget). Its own module so that app, connection, session and
+upload import it and not each other."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from server import protocol as p
+from server.metrics import Metrics
+from server.settings import Settings
+
+if TYPE_CHECKING:
+    from model.generate import Engine
+    from server.session import Session
+    from server.worker import Worker
+
+
+class ServerContext:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine: Engine | None = None  # set by the lifespan
+        self.worker: Worker | None = None
+        self.model_name = ""
+        self.ready = False
+        self.sessions: set[Session] = set()
+        self.uploads = 0  # uploads receiving or captioning now (at most settings.max_concurrent_uploads)
+
+    @property
+    def worker_alive(self) -> bool:
+        return self.worker is not None and self.worker.alive
+
+    def default_settings(self) -> p.SessionSettings:
+        gen = self.engine.gen
+        return p.SessionSettings(
+            prompt=gen.template.default_prompt,
+            fps=min(gen.fps, self.settings.max_fps),
+            max_new_tokens=gen.max_new_tokens,
+            min_new_tokens=getattr(gen, "min_new_tokens", 0),
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            repetition_penalty=gen.repetition_penalty,
+            no_repeat_ngram=gen.no_repeat_ngram,
+            seed=0,
+            mode="live",
+        )
+
+    def max_lag(self) -> float:
+        now = time.monotonic()
+        return max((s.current_lag(now) for s in list(self.sessions)), default=0.0)
