@@ -1,0 +1,170 @@
+"""The runner's decode paths agree with each other and leave idle rows alone; buckets; the vision
+pipeline changes nothing but where frames are encoded; the compiled step equals the eager one.
+
+Streaming == dense through the runner is tests/test_model_streaming.py; here every fast path is
+compared with the generic decode step (model/decode.py `decode_step`), which is `LanguageModel.step`
+at T = 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.decode import DecodeInputs, commit, decode_step, fused_decode_step
+from model.generate import Engine, SessionSettings
+from model.runner import buckets_for
+from model.toy import toy_generation_config, toy_model, word_tokenizer
+
+ATOL = {torch.float32: 1e-5}
+
+
+def make_engine(fusion: str = "casa", shared: bool = False, **kw) -> Engine:
+    model = toy_model("test-tiny", seed=1, fusion=fusion, shared=shared)
+    with torch.no_grad():  # larger weights than the default init: attention far from uniform
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(std=0.15)
+        model.lm.init_casa_from_self_attention()
+    return Engine(model, word_tokenizer(model.config.lm.vocab), toy_generation_config(), **kw)
+
+
+def stream(engine: Engine, prompts: list[str], frames: int, rows_first: int = 0):
+    """Ragged captions over several frames; returns every fed token's logits and every emitted
+    token, each in order per row (rows may be batched differently by different paths).
+
+    rows_first: rows opened and left idle before the real ones, so the real rows sit higher in
+    the batch (a larger decode bucket with idle rows below them)."""
+    logits: dict[int, list[torch.Tensor]] = {}
+    tokens: dict[int, list[int]] = {}
+
+    def observe(res):  # type: ignore[no-untyped-def]
+        for r in res.fed:
+            logits.setdefault(r, []).extend(x.clone() for x in res.fed_logits[r])
+
+    engine.record_logits = True
+    engine.observers.append(observe)
+    idle = [engine.open("hi") for _ in range(rows_first)]
+    while engine.has_work():
+        engine.step()
+    rng = np.random.default_rng(0)
+    rows = [engine.open(p, SessionSettings(max_new_tokens=2)) for p in prompts]
+    for f in range(frames):
+        for i, row in enumerate(rows):
+            engine.update(row, SessionSettings(max_new_tokens=1 + (f + 2 * i) % 4))
+            engine.submit_frame(row, rng.integers(0, 256, (30, 41, 3), dtype=np.uint8))
+        while any(engine.busy(r) for r in rows):
+            for ev in engine.step():
+                tokens.setdefault(ev.row, []).append(ev.token)
+    while engine.has_work():
+        engine.step()
+    assert all(engine.kv_tokens(r) == engine.kv_tokens(idle[0]) for r in idle)
+    for r in idle + rows:
+        engine.close(r)
+    engine.observers.remove(observe)
+    return logits, tokens
+
+
+def max_err(a: dict[int, list[torch.Tensor]], b: dict[int, list[torch.Tensor]]) -> float:
+    assert a.keys() == b.keys()
+    assert all(len(a[r]) == len(b[r]) for r in a) and sum(len(v) for v in a.values()) > 10
+    return max(float((x - y).abs().max()) for r in a for x, y in zip(a[r], b[r]))
+
+
+@pytest.mark.parametrize(("fusion", "shared"), [("casa", False), ("casa", True), ("insertion", False)])
+def test_fused_step_matches_generic_step(fusion: str, shared: bool) -> None:
+    """The hand-fused CPU step == the generic step, over frames, ragged captions, idle rows."""
+    ref_engine = make_engine(fusion, shared, max_sessions=6)
+    ref_engine.runner._decode = decode_step
+    fast_engine = make_engine(fusion, shared, max_sessions=6)
+    assert fast_engine.runner._decode is fused_decode_step
+    ref, ref_tokens = stream(ref_engine, ["red circle", "what now", "a"], 4, rows_first=2)
+    out, out_tokens = stream(fast_engine, ["red circle", "what now", "a"], 4, rows_first=2)
+    assert out_tokens == ref_tokens
+    err = max_err(out, ref)
+    assert err <= ATOL[torch.float32], f"max abs err {err:.3g}"
+
+
+@pytest.mark.parametrize("path", [decode_step, fused_decode_step])
+def test_decode_step_leaves_idle_rows_untouched(path) -> None:  # type: ignore[no-untyped-def]
+    """Rows of the bucket without a token write only their scratch slots."""
+    engine = make_engine(max_sessions=4)
+    rows = [engine.open(p) for p in ("red circle", "blue", "what now")]
+    rng = np.random.default_rng(1)
+    for r in rows:
+        engine.submit_frame(r, rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    while engine.has_work():
+        engine.step()
+    state = engine.state
+    text_k, ca_k = state.text.k.clone(), state.casa.k.clone()
+    lengths = state.text.length.clone()
+    # row 2 decodes; rows 0, 1 and 3 are idle in a bucket of 4
+    inp = DecodeInputs(
+        torch.tensor([0, 0, 7, 0]),
+        torch.tensor([state.text.capacity, state.text.capacity, int(lengths[2]), state.text.capacity]),
+        torch.tensor([0, 0, int(lengths[2]), 0]),
+        torch.tensor([state.casa.window, state.casa.window, int(state.casa.win_len[2]), state.casa.window]),
+        state.casa.n_img[:4].clone(),
+    )
+    with torch.no_grad():
+        _, new = path(engine.model.lm, state, inp, 64, 16)
+        if new is not None:
+            commit(state, inp, new)
+    changed = (state.text.k != text_k).any(-1)  # (L, B, Hkv, C + 1)
+    for b in (0, 1, 3):
+        assert not changed[:, b, :, : state.text.capacity].any()
+    assert changed[:, 2, :, int(lengths[2])].all()  # the working row wrote its slot
+    changed = (state.casa.k != ca_k).any(-1)
+    for b in (0, 1, 3):
+        assert not changed[:, b, :, :-1].any()
+
+
+def test_buckets() -> None:
+    assert buckets_for(1) == [1]
+    assert buckets_for(6) == [1, 2, 4, 6]
+    assert buckets_for(32) == [1, 2, 4, 8, 16, 32]
+
+
+def test_vision_pipeline_gives_the_same_captions_and_logits() -> None:
+    """Frames encoded on the vision thread: same logits, same tokens as encoding inline."""
+    inline = make_engine(max_sessions=4)
+    piped = make_engine(max_sessions=4, vision_thread=True)
+    try:
+        ref, ref_tokens = stream(inline, ["red circle", "what now"], 4)
+        out, out_tokens = stream(piped, ["red circle", "what now"], 4)
+    finally:
+        piped.shutdown()
+    assert out_tokens == ref_tokens
+    assert max_err(out, ref) <= ATOL[torch.float32]
+
+
+def test_vision_pipeline_discards_frames_of_a_closed_row() -> None:
+    engine = make_engine(max_sessions=2, vision_thread=True)
+    try:
+        row = engine.open("red circle")
+        engine.submit_frame(row, np.zeros((24, 24, 3), np.uint8))
+        engine.close(row)
+        again = engine.open("blue")
+        assert again == row
+        engine.pipeline.wait(5.0)
+        while engine.has_work():  # only the new prompt: the old frame must not start
+            engine.step()
+        assert not engine.busy(again) and engine.rows[again].frames == 0
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager() -> None:
+    """torch.compile'd decode step == eager, over frames, ragged rows and two bucket sizes
+    (3 working rows above 1 idle row: buckets 4; then a lone row: bucket 1)."""
+    eager = make_engine(max_sessions=4)
+    compiled = make_engine(max_sessions=4, compile=True)
+    ref, ref_tokens = stream(eager, ["red circle", "what now", "a"], 3, rows_first=1)
+    out, out_tokens = stream(compiled, ["red circle", "what now", "a"], 3, rows_first=1)
+    assert out_tokens == ref_tokens
+    assert max_err(out, ref) <= ATOL[torch.float32]
+    ref, _ = stream(eager, ["blue"], 2)
+    out, _ = stream(compiled, ["blue"], 2)
+    assert max_err(out, ref) <= ATOL[torch.float32]
