@@ -232,7 +232,8 @@ class Runner:
                     _, new = self._decode(
                         self.lm, self.state, inp, S, min(self.span_round, cs.window) if cs else 1
                     )
-                    commit(self.state, inp, new)
+                    if new is not None:
+                        commit(self.state, inp, new)
 
 
 def _round_up(n: int, multiple: int, cap: int) -> int:
