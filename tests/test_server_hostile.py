@@ -355,6 +355,12 @@ class _StubEngine:
     def has_work(self):
         return False
 
+    def set_frame_ready_callback(self, fn):
+        pass
+
+    def shutdown(self):
+        pass
+
     def close(self, row):
         pass
 
