@@ -46,9 +46,7 @@ Dir::Cache::srcpkgcache "";
 """,
     "etc/apt/apt.conf.d/docker-no-languages": 'Acquire::Languages "none";\n',
     "etc/apt/apt.conf.d/docker-gzip-indexes": 'Acquire::GzipIndexes "true";\n',
-    "etc/apt/apt.conf.d/docker-autoremove-suggests": (
-        'Apt::AutoRemove::SuggestsImportant "false";\n'
-    ),
+    "etc/apt/apt.conf.d/docker-autoremove-suggests": ('Apt::AutoRemove::SuggestsImportant "false";\n'),
     "etc/dpkg/dpkg.cfg.d/docker": """path-exclude /usr/share/doc/*
 path-include /usr/share/doc/*/copyright
 path-exclude /usr/share/groff/*
@@ -73,7 +71,9 @@ def podman(*args: str, timeout: float = 120, check: bool = True, **kw) -> subpro
         ["podman", *args], env=env(), capture_output=True, text=True, timeout=timeout, **kw
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+        raise AssertionError(
+            f"podman {' '.join(args)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+        )
     return result
 
 
