@@ -141,6 +141,18 @@ def _slim(root: Path) -> None:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
+def image_id(name: str) -> str | None:
+    result = podman("image", "inspect", name, "--format", "{{.Id}}", check=False, timeout=60)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def drop_replaced(name: str, previous: str | None) -> None:
+    """Remove the image a rebuild has just untagged, so that storage holds one build of each tag and the
+    layer cache, not one image per source change. Kept when a container still uses it."""
+    if previous and previous != image_id(name):
+        podman("rmi", previous, check=False, timeout=120)
+
+
 def free_port() -> int:
     import socket
 

@@ -129,6 +129,7 @@ def image(request) -> Built:
         _say(request, f"made {oci.BASE_IMAGE} with debootstrap in {base_seconds:.0f} s")
     with tempfile.TemporaryDirectory(prefix="casa-build-") as tmp:
         flags, said = build_args(Path(tmp))
+        previous = oci.image_id(IMAGE)
         t0 = time.monotonic()
         result = subprocess.run(
             ["nice", "-n", "19", "podman", "build", "--format", "docker", "--layers", "-t", IMAGE, *flags,
@@ -137,6 +138,7 @@ def image(request) -> Built:
         )  # fmt: skip
         seconds = time.monotonic() - t0
     assert result.returncode == 0, f"podman build failed:\n{result.stdout[-6000:]}{result.stderr[-3000:]}"
+    oci.drop_replaced(IMAGE, previous)
     cached = result.stdout.count("Using cache")
     size = int(oci.podman("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip())
     _say(request, f"built {IMAGE} in {seconds:.0f} s ({cached} cached steps; {said})")
@@ -317,6 +319,7 @@ def _podman_compose() -> list[str]:
 
 @pytest.fixture(scope="module")
 def prometheus_image(request) -> str:
+    previous = oci.image_id(PROMETHEUS_IMAGE)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="casa-prom-") as tmp:
         result = subprocess.run(
@@ -328,6 +331,7 @@ def prometheus_image(request) -> str:
     assert result.returncode == 0, (
         f"prometheus stand-in build failed:\n{result.stdout[-4000:]}{result.stderr}"
     )
+    oci.drop_replaced(PROMETHEUS_IMAGE, previous)
     _say(request, f"built {PROMETHEUS_IMAGE} (Debian's prometheus) in {time.monotonic() - t0:.0f} s")
     return PROMETHEUS_IMAGE
 
