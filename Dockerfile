@@ -6,69 +6,111 @@
 #   docker build -t casa-live:cuda --build-arg TORCH_VARIANT=cu128 .   # CUDA torch wheel + Triton kernels
 #   docker run --rm -p 8000:8000 casa-live                        # demo page on http://127.0.0.1:8000
 #   docker run --rm -p 8000:8000 -v "$PWD/my-model:/models/my-model:ro" \
-#       casa-live casa serve --host 0.0.0.0 --model-dir /models/my-model
+#       -e CASA_MODEL_DIR=/models/my-model casa-live
 #
-# Layers go from least to most often changed: system packages, torch, the other dependencies
-# (read from pyproject.toml alone, so editing code does not reinstall them), then the source.
+# The base is Debian's slim image with Debian's own python3 in a venv at /opt/venv. An image built
+# from a plain `debootstrap --variant=minbase bookworm` root is the same system, so the image can be
+# built and tested where no image registry is reachable (BASE_IMAGE, see docs/operations.md).
+#
+# Stages: `python` (the OS and an empty venv), `wheel` (builds the casa-live wheel from the context),
+# and the runtime image. The runtime layers go from least to most often changed: system packages
+# and user, torch, the other dependencies (read from pyproject.toml alone, so editing code does not
+# reinstall them), then the wheel. The image has no source tree: the package, the demo page and the
+# bundled model are installed from the wheel, as `pip install casa-live` would.
 
-ARG PYTHON_VERSION=3.11
+ARG BASE_IMAGE=debian:bookworm-slim
 
-FROM python:${PYTHON_VERSION}-slim-bookworm
+FROM ${BASE_IMAGE} AS python
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# Debian's python3 (3.11 on bookworm) is the interpreter; its packages stay untouched and the
+# server's live in the venv. The versions come with the base release, hence unpinned.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+
+FROM python AS wheel
+
+# The same wheel `pip wheel .` builds anywhere; setuptools comes from the package index (build
+# isolation), at the version pyproject.toml's build-system asks for.
+COPY . /src
+RUN pip wheel --no-deps --wheel-dir /dist /src
+
+
+FROM python
 
 LABEL org.opencontainers.image.title="casa-live" \
       org.opencontainers.image.description="Streaming video captioning server on CASA vision-language models" \
       org.opencontainers.image.licenses="MIT"
 
-# cpu: the CPU wheel (about 200 MB; a plain `pip install torch` would pull a multi-GB CUDA build).
-# cu126, cu128, ...: the CUDA wheel of the same release; it bundles the CUDA runtime, so the host needs
-# only the NVIDIA driver and the container toolkit (`docker run --gpus all`).
+# Where torch comes from. TORCH_VARIANT picks the PyTorch index: cpu is the CPU wheel (a plain
+# `pip install torch` would pull a multi-GB CUDA build); cu126, cu128, ... the CUDA wheel of the same
+# release, which bundles the CUDA runtime, so the host needs only the NVIDIA driver and the container
+# toolkit (`docker run --gpus all`). TORCH_INDEX_URL replaces the index and TORCH_FIND_LINKS adds a
+# directory (or page) of wheels, e.g. a wheel directory mounted into the build where the PyTorch
+# index cannot be reached; the other steps do not change.
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
+ARG TORCH_FIND_LINKS=
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-
-# Triton builds its small CUDA launcher with the system C compiler the first time a kernel runs, so
-# the CUDA image carries gcc. The CPU image never imports Triton and stays without a compiler.
-# PyAV's wheel bundles FFmpeg: no apt ffmpeg in either image. The compiler is left unpinned on
-# purpose: any bookworm gcc builds the launcher, and a pinned version breaks at each point release.
+# Triton builds its small CUDA launcher (a Python C extension) with the system compiler the first
+# time a kernel runs, so the CUDA image carries gcc and the Python headers. The CPU image never
+# imports Triton and stays without a compiler. PyAV's wheel bundles FFmpeg: no apt ffmpeg in either
+# image. Unpinned on purpose: any bookworm gcc builds the launcher, and a pinned version breaks at
+# each point release.
 # hadolint ignore=DL3008
 RUN if [ "${TORCH_VARIANT}" != "cpu" ]; then \
         apt-get update \
-        && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && apt-get install -y --no-install-recommends gcc libc6-dev python3-dev \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
     && useradd --no-log-init --uid 10001 --user-group --create-home --home-dir /home/casa \
         --shell /usr/sbin/nologin casa \
     && install -d -o 10001 -g 10001 /models
 
-WORKDIR /app
-
-# The CUDA wheels depend on their matching Triton build, which comes along here.
-RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
-        "torch==${TORCH_VERSION}"
+# The CUDA wheels depend on their matching Triton build, which comes along here. The wheel's C++
+# headers, test binaries and test data (about 200 MB) serve building extensions and testing torch;
+# the server never loads them (no torch.compile, no C++ extensions), so they go in the same layer.
+RUN PIP_FIND_LINKS="${TORCH_FIND_LINKS}" pip install --index-url "${TORCH_INDEX_URL}" \
+        "torch==${TORCH_VERSION}" \
+    && torch_dir="$(python -c 'import os, torch; print(os.path.dirname(torch.__file__))')" \
+    && rm -rf "${torch_dir}/include" "${torch_dir}/test" \
+    && find "${torch_dir}/bin" -mindepth 1 -not -name torch_shm_manager -delete
 
 # The remaining runtime dependencies, straight from pyproject.toml (torch is already satisfied).
-COPY pyproject.toml ./
-RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]["dependencies"]))' \
         > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt /tmp/pyproject.toml
 
-# The source and the bundled model (checkpoints/default). The editable install keeps the code in
-# /app, where `casa serve` finds checkpoints/default by default.
-COPY . .
-RUN pip install --no-cache-dir --no-deps -e .
+# casa-live itself, from the wheel stage; `pip check` fails the build if anything it needs is missing.
+# The wheel is the one built above, so there is no version to pin.
+COPY --from=wheel /dist/ /tmp/dist/
+# hadolint ignore=DL3013
+RUN pip install --no-deps /tmp/dist/*.whl \
+    && rm -rf /tmp/dist \
+    && pip check
 
 # Mount other models under /models (read-only is enough) and set CASA_MODEL_DIR=/models/NAME
-# (or pass --model-dir).
+# (or pass --model-dir). Unset, the server loads the bundled model from the installed package.
 # No VOLUME instruction: it would create an anonymous volume on every run for a directory that
 # is only ever bind-mounted.
 USER 10001:10001
 ENV HOME=/home/casa
+WORKDIR /home/casa
 
 EXPOSE 8000
 

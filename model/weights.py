@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.assets import default_model_dir as default_model_dir
 from model.config import GenerationConfig, ModelConfig
 from model.tokenizer import Tokenizer
 from model.vlm import CASAModel
@@ -23,11 +24,6 @@ CONFIG, WEIGHTS, TOKENIZER, GENERATION = (
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model it is loaded into."""
-
-
-def default_model_dir() -> Path:
-    """The bundled default model shipped in the repository (checkpoints/default)."""
-    return Path(__file__).resolve().parent.parent / "checkpoints" / "default"
 
 
 def save_checkpoint(path: str | Path, model: CASAModel, tokenizer: Tokenizer, gen: GenerationConfig) -> None:

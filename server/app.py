@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from clients.demo import WEB_DIR
 from model.generate import Engine
 from server import protocol as p
 from server.connection import serve_websocket
@@ -37,11 +38,10 @@ from server.context import ServerContext
 from server.errors import Capacity, Unauthorized, report
 from server.logs import install_redaction
 from server.metrics import CONTENT_TYPE
-from server.settings import REPO_ROOT, Settings
+from server.settings import Settings
 from server.worker import Worker
 
 log = logging.getLogger("casa.server")
-WEB_DIR = REPO_ROOT / "clients" / "web"
 
 PLACEHOLDER = """<!doctype html><html><head><meta charset="utf-8"><title>casa-live</title></head>
 <body><h1>casa-live</h1><p>The demo page (clients/web/index.html) is not installed.

@@ -14,10 +14,10 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.assets import default_model_dir
 from server.protocol import Limits
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL_DIR = REPO_ROOT / "checkpoints" / "default"
+DEFAULT_MODEL_DIR = default_model_dir()
 
 
 def _split(value: object) -> object:
@@ -27,7 +27,9 @@ def _split(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CASA_", extra="ignore")
+    # An empty variable means the default: compose files pass `CASA_MODEL_DIR: ${CASA_MODEL_DIR:-}`
+    # through, and an unset one must still serve the bundled model.
+    model_config = SettingsConfigDict(env_prefix="CASA_", extra="ignore", env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

