@@ -1,7 +1,8 @@
 """Load test: N concurrent real websocket clients at 2 fps against `casa serve` on loopback.
 
-Each client streams its own clip of the synthetic world as JPEG frames (kind 0x01) paced by the
-wall clock, like a camera, in live mode. The world knows the true caption of every frame, so
+Each client streams a clip of the synthetic world as JPEG frames (kind 0x01) paced by the wall
+clock, like a camera, in live mode, starting 1/(N fps) after the previous client. By default every
+client streams the same clip, so that a level's quality differs from N = 1 only by what load does. The world knows the true caption of every frame, so
 quality is measured, not assumed. Per N:
 - quality: the fraction of captions cut short (ended by `deadline` or `length` instead of a stop
   token), exact match and mean token F1 of every caption against the ground truth of its frame;
@@ -311,12 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server", default=None, help="ws:// URL of a running server (skips starting one)")
     ap.add_argument("--serve-args", default="", help="extra `casa serve` flags, one string")
     ap.add_argument("--token", default=os.environ.get("CASA_TOKEN"))
+    ap.add_argument(
+        "--clips",
+        type=int,
+        default=1,
+        help="distinct world clips the clients cycle through (default 1: every client streams the same "
+        "clip, so exact match at N is comparable with N = 1; more clips mix content into the figure)",
+    )
     ap.add_argument("--out", default=None, help="also write the markdown tables here")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.clients.split(",")]
 
     frames = int(args.duration * args.fps) + 2
-    clips = [synthetic_clip(frames, seed=100 + k) for k in range(min(max(levels), 8))]
+    clips = [synthetic_clip(frames, seed=100 + k) for k in range(max(1, args.clips))]
     server = None
     if args.server:
         uri = args.server.rstrip("/") + ("" if args.server.endswith("/v1/stream") else "/v1/stream")

@@ -47,6 +47,10 @@ class DecodeInputs:
     sa_pos: torch.Tensor
     ca_slot: torch.Tensor
     n_img: torch.Tensor
+    # fused step only: entry j is batch row rows[j], and the entries are the concatenation of the
+    # contiguous batch-row ranges `segments` (host ints). None: entry j is batch row j.
+    rows: torch.Tensor | None = None
+    segments: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -181,17 +185,22 @@ def fused_decode_step(
     - visibility is an additive bias built once per step and shared by every layer;
     - RoPE of q and k is one pass over the fused projection (see `_rope_tables`);
     - a CASA layer attends to its frame and window with one matmul over the [image | window]
-      buffer of CASAState.
+      buffer of CASAState;
+    - only the rows in `inp.segments` are computed: attention reads each segment's rows of the
+      caches in place, so idle rows cost nothing unless a segment spans them (model/runner.py
+      merges segments across short gaps to bound the number of matmuls).
     Supports fusion "casa" (separate or shared) and the insertion baseline; "ca" uses decode_step.
     """
     cfg = lm.cfg
-    B = inp.tokens.shape[0]
+    B = inp.tokens.shape[0]  # entries (working rows, and idle rows inside a segment)
     H, Hkv, D = cfg.heads, cfg.kv_heads, cfg.head_dim
     G, half, qk_width = H // Hkv, D // 2, (H + Hkv) * D
     text, cs = state.text, state.casa
     dev = inp.tokens.device
     heads = torch.arange(Hkv, device=dev)
-    rows_b = torch.arange(B, device=dev)[:, None] * Hkv + heads[None, :]  # (B, Hkv)
+    batch_rows = inp.rows if inp.rows is not None else torch.arange(B, device=dev)
+    segments = inp.segments if inp.segments is not None else [(0, B)]
+    rows_b = batch_rows[:, None] * Hkv + heads[None, :]  # (B, Hkv)
     sa_stride = text.k.shape[1] * Hkv * text.k.shape[3]  # one layer of the flat text buffer
     sa_rows = (rows_b * text.k.shape[3] + inp.sa_slot[:, None]).reshape(-1)  # (B*Hkv,) in layer 0
     sa_cos, sa_sin = _rope_tables(lm, inp.sa_pos)
@@ -210,9 +219,16 @@ def fused_decode_step(
     scale = lm.scale
 
     def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        # q (B, H, 1, D) -> (B, Hkv, G, D) grouped; keys/values (B, Hkv, K, D); -> (B, H*D)
-        s = torch.add(bias, torch.matmul(q.reshape(B, Hkv, G, D), keys.transpose(-1, -2)), alpha=scale)
-        return torch.matmul(torch.softmax(s, dim=-1), values).reshape(B, H * D)
+        # q (B, H, 1, D) -> (n, Hkv, G, D) grouped per segment; keys/values (Bmax, Hkv, K, D) are
+        # a layer's whole buffer, read in place for each segment's rows; -> (B, H*D)
+        outs, j = [], 0
+        for a, b in segments:
+            n = b - a
+            qg = q[j : j + n].reshape(n, Hkv, G, D)
+            s = torch.add(bias[j : j + n], torch.matmul(qg, keys[a:b].transpose(-1, -2)), alpha=scale)
+            outs.append(torch.matmul(torch.softmax(s, dim=-1), values[a:b]).reshape(n, H * D))
+            j += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def qkv_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # y (B, (H + 2 Hkv) D) from the fused projection -> q (B, H, 1, D), k, v (B, Hkv, D)
@@ -229,7 +245,7 @@ def fused_decode_step(
         rows = sa_rows + li * sa_stride
         k_flat.index_copy_(0, rows, k)
         v_flat.index_copy_(0, rows, v)
-        a = sa.o_proj(attend(q, text.k[li, :B, :, :S], text.v[li, :B, :, :S], sa_bias))  # (B, hidden)
+        a = sa.o_proj(attend(q, text.k[li, :, :, :S], text.v[li, :, :, :S], sa_bias))  # (B, hidden)
         ci = casa_index.get(li)
         if ci is not None:
             norm, proj = block.casa_parts()
@@ -241,7 +257,7 @@ def fused_decode_step(
             rows = ca_rows + ci * ca_stride
             cs.k.view(-1, D).index_copy_(0, rows, ck)
             cs.v.view(-1, D).index_copy_(0, rows, cv)
-            keys, values = cs.k[ci, :B, :, : N + Wb], cs.v[ci, :B, :, : N + Wb]
+            keys, values = cs.k[ci, :, :, : N + Wb], cs.v[ci, :, :, : N + Wb]
             x, a = x + a, proj.o_proj(attend(cq, keys, values, ca_bias))
         mlp = block.mlp
         n, x = rms_norm_torch(a, block.post_attention_layernorm.weight, block.post_attention_layernorm.eps, x)

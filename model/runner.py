@@ -72,14 +72,29 @@ class Runner:
         self.buckets = buckets_for(max_sessions)
         self.span_round = span_round
         self.record = False  # observers asked for the logits of every fed token
-        self.compiled = compile
         self._decode: Callable[..., tuple[torch.Tensor, object]] = decode_step
-        if not compile and can_fuse(self.lm, self.device, self.dtype):
-            self._decode = fused_decode_step
+        self.fused = False
         if compile:
+            self.use("compiled")
+        elif can_fuse(self.lm, self.device, self.dtype):
+            self.use("fused")
+        self.positions = [0] * max_sessions  # insertion baseline: next absolute position per row
+
+    def use(self, step: str) -> None:
+        """Which decode step runs: "generic" (model/decode.py decode_step, eager), "fused" (the
+        hand-fused CPU step) or "compiled" (torch.compile of the generic step; CUDA graphs on a
+        GPU)."""
+        self.fused = step == "fused"
+        if step == "fused":
+            self._decode = fused_decode_step
+        elif step == "compiled":
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._decode = torch.compile(decode_step, mode=mode, dynamic=self.device.type != "cuda")
-        self.positions = [0] * max_sessions  # insertion baseline: next absolute position per row
+        elif step == "generic":
+            self._decode = decode_step
+        else:
+            raise ValueError(f"unknown decode step {step!r}: generic, fused or compiled")
+        self.step_kind = step
 
     # ---- frames -----------------------------------------------------------------------------
 
@@ -163,44 +178,58 @@ class Runner:
                 self.positions[i] += 1
         return torch.cat(out)
 
-    def decode_inputs(self, decode: dict[int, int]) -> tuple[DecodeInputs, int, int]:
-        """Host-side: the (B,) inputs of a decode step over [0, B), and its spans S, Wb."""
+    def decode_inputs(self, decode: dict[int, int]) -> tuple[DecodeInputs, int, int, list[int]]:
+        """Host-side: the inputs of a decode step, its spans S and Wb, and the batch row of each
+        entry. Static (compiled, generic) steps cover rows [0, B) with B a bucket; the fused step
+        covers only the segments of rows it needs (working rows and short gaps between them)."""
         text, cs = self.state.text, self.state.casa
-        B = next(b for b in self.buckets if b > max(decode))
+        segments = None
+        if self.fused:
+            segments = segments_for(sorted(decode))
+            entries = [i for a, b in segments for i in range(a, b)]
+        else:
+            entries = list(range(next(b for b in self.buckets if b > max(decode))))
+        B = len(entries)
         tokens = torch.zeros(B, dtype=torch.long)
         sa_slot = torch.full((B,), text.capacity, dtype=torch.long)  # idle rows: the scratch slot
         sa_pos = torch.zeros(B, dtype=torch.long)
         ca_slot = torch.full((B,), cs.window if cs is not None else 0, dtype=torch.long)
         n_img = torch.zeros(B, dtype=torch.long)
-        rows = torch.tensor(sorted(decode))
+        working = sorted(decode)
         if not self.insertion:
-            for i in rows.tolist():
+            for i in working:
                 text.make_room(i, 1, self.lm.freqs)
-        tokens[rows] = torch.tensor([decode[i] for i in rows.tolist()])
-        sa_slot[rows] = text.length[rows]
+        at = {i: j for j, i in enumerate(entries)}
+        rows = torch.tensor(working)  # batch rows
+        idx = torch.tensor([at[i] for i in working])  # their entries
+        tokens[idx] = torch.tensor([decode[i] for i in working])
+        sa_slot[idx] = text.length[rows]
         if self.insertion:
-            sa_pos[rows] = torch.tensor([self.positions[i] for i in rows.tolist()])
-            for i in rows.tolist():
+            sa_pos[idx] = torch.tensor([self.positions[i] for i in working])
+            for i in working:
                 self.positions[i] += 1
         else:
-            sa_pos[rows] = text.length[rows]
-        if int(sa_slot[rows].max()) >= text.capacity:
+            sa_pos[idx] = text.length[rows]
+        if int(sa_slot[idx].max()) >= text.capacity:
             raise ValueError("text cache overflow: a row has no room for one more token")
-        S = _round_up(int(sa_slot[rows].max()) + 1, self.span_round, text.capacity)
+        S = _round_up(int(sa_slot[idx].max()) + 1, self.span_round, text.capacity)
         Wb = 1
         if cs is not None:
-            ca_slot[rows] = cs.win_len[rows]
-            n_img[rows] = cs.n_img[rows]
-            if int(ca_slot[rows].max()) >= cs.window:
+            ca_slot[idx] = cs.win_len[rows]
+            n_img[idx] = cs.n_img[rows]
+            if int(ca_slot[idx].max()) >= cs.window:
                 raise ValueError(f"CASA window overflow: a window holds at most {cs.window} text tokens")
-            Wb = _round_up(int(ca_slot[rows].max()) + 1, self.span_round, cs.window)
+            Wb = _round_up(int(ca_slot[idx].max()) + 1, self.span_round, cs.window)
         dev = self.device
         inp = DecodeInputs(*(t.to(dev, non_blocking=True) for t in (tokens, sa_slot, sa_pos, ca_slot, n_img)))
-        return inp, S, Wb
+        if segments is not None:
+            inp.rows, inp.segments = torch.tensor(entries, device=dev), segments
+        return inp, S, Wb, entries
 
     def _decode_step(self, decode: dict[int, int], sample: set[int], res: StepResult) -> None:
-        inp, S, Wb = self.decode_inputs(decode)
+        inp, S, Wb, entries = self.decode_inputs(decode)
         logits, new = self._decode(self.lm, self.state, inp, S, Wb)
+        at = {i: j for j, i in enumerate(entries)}
         if new is not None:  # the fused step writes its K/V as it goes
             commit(self.state, inp, new)
         rows = torch.tensor(sorted(decode))
@@ -211,9 +240,9 @@ class Runner:
         for i, tok in decode.items():
             res.fed.setdefault(i, []).append(tok)
             if i in sample:
-                res.sample_logits[i] = logits[i]
+                res.sample_logits[i] = logits[at[i]]
             if self.record:
-                res.fed_logits[i] = logits[i : i + 1]
+                res.fed_logits[i] = logits[at[i] : at[i] + 1]
 
     def warmup(self) -> None:
         """Run the decode step once per bucket with every row idle (only scratch slots change)."""
@@ -234,6 +263,23 @@ class Runner:
                     )
                     if new is not None:
                         commit(self.state, inp, new)
+
+
+def segments_for(rows: list[int], max_gap: int = 2, max_segments: int = 4) -> list[tuple[int, int]]:
+    """Contiguous batch-row ranges [a, b) covering the sorted working `rows`: runs of consecutive
+    rows, joined across gaps of <= max_gap idle rows (computing a few idle rows is cheaper than
+    another round of attention ops), then across the smallest gaps until <= max_segments remain."""
+    segs: list[list[int]] = []
+    for r in rows:
+        if segs and r - segs[-1][1] <= max_gap:
+            segs[-1][1] = r + 1
+        else:
+            segs.append([r, r + 1])
+    while len(segs) > max_segments:
+        j = min(range(len(segs) - 1), key=lambda k: segs[k + 1][0] - segs[k][1])
+        segs[j][1] = segs[j + 1][1]
+        del segs[j + 1]
+    return [(a, b) for a, b in segs]
 
 
 def _round_up(n: int, multiple: int, cap: int) -> int:

@@ -5,9 +5,13 @@ token are consecutive, groups in raster order over the merged grid. Patch rows a
 one frame (588 for P=14); Qwen's Conv3d over 2 identical temporal copies is the same linear map with
 its two temporal slices summed (the importer folds them).
 
-Windowed blocks restrict attention to windows of `window_units` x `window_units` merged tokens;
-Qwen reorders tokens so each window is contiguous, we keep raster order and use a block mask, which
-is the same function (attention is permutation-equivariant given per-token positions).
+Windowed blocks restrict attention to windows of `window_units` x `window_units` merged tokens.
+When the grid divides into whole windows (every preset), tokens are reordered window by window, as
+Qwen does: a windowed block is then attention over (F * windows, window tokens) with no mask, a
+quarter of the work of a masked full-frame attention for 4 windows, and the merged tokens are put
+back in raster order at the end. Otherwise (ragged windows) tokens stay in Qwen order and a block
+mask restricts attention: the same function, since attention is permutation-equivariant given
+per-token positions.
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ class VisionTower(nn.Module):
         # (head_dim/4,) frequencies shared by the row and the column halves of the 2D rotary table
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float) / rot_dim))
         self.register_buffer("inv_freq", inv, persistent=False)
+        self._cache: dict = {}  # grid -> rotary tables and window order (see _tables)
 
     def rotary(self, grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (N, head_dim): first quarter rows, second quarter cols, then repeated (rotate-half)."""
@@ -106,12 +111,48 @@ class VisionTower(nn.Module):
         wid = (coords[:, 0] // unit) * 10_000 + coords[:, 1] // unit
         return wid[:, None] == wid[None, :]
 
+    def window_order(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        """(N,) permutation that makes each window contiguous (Qwen order kept inside a window, so
+        merge groups stay consecutive), or None when the grid has ragged windows."""
+        unit = self.cfg.merge * self.cfg.window_units  # window side in patches
+        if grid[0] % unit or grid[1] % unit:
+            return None
+        coords = patch_coords(grid, self.cfg.merge, device)
+        wid = (coords[:, 0] // unit) * (grid[1] // unit) + coords[:, 1] // unit
+        return torch.sort(wid, stable=True).indices
+
+    def _tables(self, grid: tuple[int, int], device: torch.device):  # type: ignore[no-untyped-def]
+        """(cos, sin, window order) for a grid, computed once: they depend on the grid only."""
+        key = (grid, str(device))
+        if key not in self._cache:
+            with torch.no_grad():
+                self._cache[key] = (*self.rotary(grid, device), self.window_order(grid, device))
+        return self._cache[key]
+
     def forward(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """patches (F, gh*gw, C*P*P) -> image tokens (F, gh*gw/merge^2, out_hidden)."""
         x = self.patch_embed(patches.to(self.patch_embed.weight.dtype))
-        cos, sin = self.rotary(grid, x.device)
-        wmask = self.window_mask(grid, x.device)
+        cos, sin, order = self._tables(grid, x.device)
         full = set(self.cfg.fullatt_blocks)
+        if order is None:
+            wmask = self.window_mask(grid, x.device)
+            for i, block in enumerate(self.blocks):
+                x = block(x, cos, sin, None if i in full else wmask)
+            return self.merger(x)
+        F_, N, C = x.shape
+        unit = self.cfg.merge * self.cfg.window_units
+        W = unit * unit  # patches per window
+        x, cos, sin = x[:, order], cos[order], sin[order]
+        wcos, wsin = cos.view(N // W, 1, W, -1), sin.view(N // W, 1, W, -1)  # (windows, 1, W, hd)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, None if i in full else wmask)
-        return self.merger(x)
+            if i in full:
+                x = block(x, cos, sin, None)
+            else:  # (F * windows, W, C): each window is a batch entry
+                x = block(
+                    x.reshape(F_ * (N // W), W, C), wcos.repeat(F_, 1, 1, 1), wsin.repeat(F_, 1, 1, 1), None
+                )
+                x = x.reshape(F_, N, C)
+        y = self.merger(x)  # (F, N / merge^2, out) in window order
+        group = self.cfg.merge * self.cfg.merge
+        raster = torch.argsort(order[::group] // group)  # window-order index of each raster token
+        return y[:, raster]

@@ -14,7 +14,7 @@ import torch
 
 from model.decode import DecodeInputs, commit, decode_step, fused_decode_step
 from model.generate import Engine, SessionSettings
-from model.runner import buckets_for
+from model.runner import buckets_for, segments_for
 from model.toy import toy_generation_config, toy_model, word_tokenizer
 
 ATOL = {torch.float32: 1e-5}
@@ -76,7 +76,7 @@ def max_err(a: dict[int, list[torch.Tensor]], b: dict[int, list[torch.Tensor]]) 
 def test_fused_step_matches_generic_step(fusion: str, shared: bool) -> None:
     """The hand-fused CPU step == the generic step, over frames, ragged captions, idle rows."""
     ref_engine = make_engine(fusion, shared, max_sessions=6)
-    ref_engine.runner._decode = decode_step
+    ref_engine.runner.use("generic")
     fast_engine = make_engine(fusion, shared, max_sessions=6)
     assert fast_engine.runner._decode is fused_decode_step
     ref, ref_tokens = stream(ref_engine, ["red circle", "what now", "a"], 4, rows_first=2)
@@ -118,6 +118,14 @@ def test_decode_step_leaves_idle_rows_untouched(path) -> None:  # type: ignore[n
     changed = (state.casa.k != ca_k).any(-1)
     for b in (0, 1, 3):
         assert not changed[:, b, :, :-1].any()
+
+
+def test_segments_cover_working_rows_with_few_matmuls() -> None:
+    assert segments_for([3]) == [(3, 4)]
+    assert segments_for([0, 1, 2, 5, 6]) == [(0, 7)]  # a gap of 2 idle rows is joined
+    assert segments_for([0, 1, 9, 10, 20]) == [(0, 2), (9, 11), (20, 21)]
+    segs = segments_for([0, 4, 8, 12, 16, 20, 24])  # 7 runs -> at most 4 segments
+    assert len(segs) <= 4 and all(any(a <= r < b for a, b in segs) for r in [0, 4, 8, 12, 16, 20, 24])
 
 
 def test_buckets() -> None:
