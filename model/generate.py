@@ -73,7 +73,7 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         compile: bool = False,
         vision_thread: bool = False,
-        prefill_min: int = 3,
+        prefill_min: int = 8,
     ) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.model.lm.fuse_projections()
@@ -200,7 +200,11 @@ class Engine:
         self.runner.positions[row] = 0
         self.sampler.reset(row, self._params(settings))
         self.rows[row] = RowState(
-            settings, self._max_new(settings), self.tokenizer.stream(), forced=collections.deque(ids)
+            settings,
+            self._max_new(settings),
+            self.tokenizer.stream(),
+            forced=collections.deque(ids),
+            prefill_forced=True,
         )
         return row
 
@@ -297,6 +301,7 @@ class Engine:
             t0 = time.perf_counter()
             tokens, kv = self.runner.encode(patches)
             res.vision_s = time.perf_counter() - t0
+            res.frame_vision_s = [res.vision_s / len(rows)] * len(rows)
         else:
             tokens = torch.stack([self.rows[i].image_tokens for i in rows])
             kv = None
@@ -305,7 +310,8 @@ class Engine:
                     torch.stack([self.rows[i].frame_kv[0] for i in rows], dim=1),
                     torch.stack([self.rows[i].frame_kv[1] for i in rows], dim=1),
                 )
-            res.vision_s = sum(self.rows[i].vision_s for i in rows)
+            res.frame_vision_s = [self.rows[i].vision_s for i in rows]
+            res.vision_s = sum(res.frame_vision_s)
         if kv is not None:
             self.runner.start_frames(rows, kv)
         for j, i in enumerate(rows):

@@ -32,6 +32,17 @@ from model.scheduler import Item
 from model.vlm import CASAModel
 
 
+class _Vision(torch.nn.Module):
+    """encode_images as a module of one tensor argument, for tracing."""
+
+    def __init__(self, model: CASAModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_images(patches)
+
+
 def buckets_for(max_rows: int) -> list[int]:
     """Powers of two up to max_rows, and max_rows itself."""
     out, b = [], 1
@@ -50,7 +61,8 @@ class StepResult:
     sample_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> (V,) last position
     fed_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> (n_text, V) if recorded
     decode_rows: int = 0  # B of the decode step (0: none ran)
-    vision_s: float = 0.0
+    vision_s: float = 0.0  # encode time of the frames started (summed)
+    frame_vision_s: list[float] = field(default_factory=list)  # ... and of each of them
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -79,6 +91,12 @@ class Runner:
         elif can_fuse(self.lm, self.device, self.dtype):
             self.use("fused")
         self.positions = [0] * max_sessions  # insertion baseline: next absolute position per row
+        # TorchScript-traced vision tower per batch size (CPU: see _traced_vision)
+        self.trace_vision = self.device.type == "cpu"
+        self._vision: dict[int, torch.nn.Module] = {}
+        vcfg = model.config.vision
+        gh, gw = model.patch_grid
+        self._patch_shape = (gh * gw, vcfg.patch_dim)
 
     def use(self, step: str) -> None:
         """Which decode step runs: "generic" (model/decode.py decode_step, eager), "fused" (the
@@ -101,9 +119,22 @@ class Runner:
     def encode(self, patches: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """patches (n, P, C*P*P) -> image tokens (n, N, hidden) and, for CASA models, their
         per-layer image K/V ((Lc, n, Hkv, N, D) x 2). Thread-safe: reads weights only."""
-        tokens = self.model.encode_images(patches.to(self.device, self.dtype))
+        patches = patches.to(self.device, self.dtype)
+        traced = self._traced_vision(patches.shape[0]) if self.trace_vision else None
+        tokens = traced(patches) if traced is not None else self.model.encode_images(patches)
         kv = None if self.insertion else self.lm.frame_kv(tokens, self.model.grid)
         return tokens, kv
+
+    def _traced_vision(self, n: int) -> torch.nn.Module | None:
+        """The vision tower traced for batches of n frames (TorchScript, weights frozen in): one
+        call runs the whole tower in C++, so it never waits for the GIL between its ~200 ops while
+        the decode thread and the event loop run Python (docs/engine.md). Traced on first use."""
+        if n not in self._vision:
+            example = torch.zeros(n, *self._patch_shape, device=self.device, dtype=self.dtype)
+            with torch.no_grad():
+                traced = torch.jit.trace(_Vision(self.model).eval(), example, check_trace=False)
+                self._vision[n] = torch.jit.freeze(traced)
+        return self._vision[n]
 
     def start_frames(self, rows: list[int], kv: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Write the frames' image K/V ((Lc, n, Hkv, N, D) x 2) into `rows`; new windows start."""
@@ -244,8 +275,12 @@ class Runner:
             if self.record:
                 res.fed_logits[i] = logits[at[i] : at[i] + 1]
 
-    def warmup(self) -> None:
-        """Run the decode step once per bucket with every row idle (only scratch slots change)."""
+    def warmup(self, vision_batches: int = 4) -> None:
+        """Trace the vision tower for 1..vision_batches frames, and run the decode step once per
+        bucket with every row idle (only scratch slots change)."""
+        if self.trace_vision:
+            for n in range(1, vision_batches + 1):
+                self._traced_vision(n)
         text, cs = self.state.text, self.state.casa
         for B in self.buckets:
             z = torch.zeros(B, dtype=torch.long, device=self.device)

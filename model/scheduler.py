@@ -9,10 +9,13 @@ The whole stream is one never-ending assistant turn (Kyutai's live-captioning pr
 
 Each tick `Scheduler.plan()` says, for every row with work, what the runner feeds it:
 - `decode`: one token in the fixed-shape batched step (model/decode.py). Sampled tokens and short
-  forced runs (the close, the one-token post_image) go this way, one token a tick: a token costs
-  the batched step almost nothing more, where a second forward costs a whole step;
-- `prefill`: a run of >= `prefill_min` forced items in one varlen forward (the prompt at open; an
-  inserted frame for the token-insertion baseline);
+  forced runs (the close, the one-token post_image, a cut caption's close) go this way, one token
+  a tick: a token costs the batched step a fraction of a row, where a second (varlen) forward
+  costs a whole eager step, which under load turns into a cycle (more cut captions, more
+  prefills);
+- `prefill`: the prompt at open, a run of >= `prefill_min` forced items, or an inserted frame (the
+  token-insertion baseline), in one varlen forward: the prompt must be in before frame 0 can
+  start, so it does not go a token a tick;
 - `frames`: rows whose frame starts this tick (its image tokens are written before the forward);
 - `sample`: rows whose last fed position is sampled.
 Rows, plans and positions are host data; the runner turns them into device tensors.
@@ -81,6 +84,7 @@ class RowState:
     detok: StreamDecoder
     forced: collections.deque[Item] = field(default_factory=collections.deque)  # fed before sampling
     sample_after_forced: bool = False  # the last forced item's output is the caption's first token
+    prefill_forced: bool = False  # feed the forced run in one varlen forward (the prompt at open)
     frame_patches: torch.Tensor | None = None  # submitted frame: preprocessed patches
     frame_ticket: int = 0  # which submission the vision pipeline is working on
     image_tokens: torch.Tensor | None = None  # its image tokens once encoded (N, hidden)
@@ -115,7 +119,7 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, max_sessions: int, prefill_min: int = 3) -> None:
+    def __init__(self, max_sessions: int, prefill_min: int = 8) -> None:
         self.rows: list[RowState | None] = [None] * max_sessions
         self.prefill_min = prefill_min
 
@@ -155,7 +159,8 @@ class Scheduler:
     def _assign(self, plan: Plan, i: int, r: RowState) -> None:
         if r.forced:
             has_frame = any(isinstance(it, torch.Tensor) for it in r.forced)
-            if has_frame or len(r.forced) >= self.prefill_min:
+            if has_frame or r.prefill_forced or len(r.forced) >= self.prefill_min:
+                r.prefill_forced = False
                 plan.prefill[i] = list(r.forced)
                 r.forced.clear()
             else:

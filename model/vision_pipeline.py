@@ -43,7 +43,7 @@ class Encoded:
 
 class VisionPipeline:
     def __init__(
-        self, encode: Encoder, threads: int = 1, notify: Callable[[], None] | None = None, max_batch: int = 16
+        self, encode: Encoder, threads: int = 1, notify: Callable[[], None] | None = None, max_batch: int = 4
     ) -> None:
         self._encode = encode
         self._threads = threads

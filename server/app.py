@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -119,11 +120,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         t0 = time.perf_counter()
+        # Several threads run Python here (event loop, ingest, decode worker, vision). Each torch op
+        # releases the GIL, and getting it back can wait a whole switch interval (5 ms by default)
+        # behind another thread's Python: hundreds of ops per step turn that into seconds. A short
+        # interval bounds the wait (docs/engine.md, "Threads and the GIL").
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
         engine = await asyncio.to_thread(load_engine, settings)
         if settings.warmup:
             await asyncio.to_thread(warm_up, engine, settings.threads)
         ctx.engine, ctx.model_name = engine, engine.model.config.name
-        ctx.worker = Worker(engine, ctx.metrics, asyncio.get_running_loop(), settings.threads)
+        ctx.worker = Worker(
+            engine,
+            ctx.metrics,
+            asyncio.get_running_loop(),
+            settings.threads,
+            pace_per_session=settings.step_pacing_ms / 1000,
+            max_interval=settings.max_step_interval_ms / 1000,
+        )
         ctx.worker.start()
         ctx.metrics.stream_lag_seconds.set_function(ctx.max_lag)
         ctx.metrics.sessions_active.set(0)
@@ -140,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             ctx.ready = False
             await asyncio.to_thread(ctx.worker.stop)
+            sys.setswitchinterval(switch)
 
     app = FastAPI(title="casa-live", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx

@@ -88,7 +88,7 @@ class Metrics:
         )
         self.vision_encode_seconds = Histogram(
             "casa_vision_encode_seconds",
-            "Vision tower time per engine step that encoded new frames (all frames of the batch together).",
+            "Vision tower time per frame (a batch of frames encoded together counts its share for each).",
             buckets=_MODEL,
             registry=r,
         )

@@ -44,6 +44,19 @@ class Settings(BaseSettings):
         description="encode frames on their own thread beside the decode thread (two cores busy); "
         "see docs/engine.md",
     )
+    step_pacing_ms: float = Field(
+        default=0.4,
+        ge=0,
+        description="under load, space decode steps by this many ms per open session (capped by "
+        "max_step_interval_ms) so each step serves a larger batch; 0 = step as fast as possible",
+    )
+    max_step_interval_ms: float = Field(default=12.0, ge=0, description="cap of the step pacing")
+    gil_switch_interval_ms: float = Field(
+        default=0.2,
+        gt=0,
+        description="Python's thread switch interval while serving (sys.setswitchinterval); "
+        "short, so the decode and vision threads never wait long for the GIL",
+    )
     compile: bool = Field(
         default=False,
         description="torch.compile the fixed-shape decode step (CUDA: CUDA graphs); warmed up at start. "

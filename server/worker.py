@@ -99,15 +99,23 @@ class Slot:
 
 class Worker:
     def __init__(
-        self, engine: Engine, metrics: Metrics, loop: asyncio.AbstractEventLoop, threads: int = 0
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        loop: asyncio.AbstractEventLoop,
+        threads: int = 0,
+        pace_per_session: float = 0.0,
+        max_interval: float = 0.0,
     ) -> None:
         self.engine, self.metrics, self.loop, self.threads = engine, metrics, loop, threads
+        self.pace_per_session, self.max_interval = pace_per_session, max_interval
         self._cv = threading.Condition()
         self._commands: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
             collections.deque()
         )
         self._slots: list[Slot] = []
         self._stop = False
+        self._last_step = 0.0
         self._thread = threading.Thread(target=self._run, name="casa-worker", daemon=True)
 
     # ---- event-loop side API ------------------------------------------------------------------
@@ -247,10 +255,34 @@ class Worker:
             try:
                 self._admit()
                 if self.engine.has_work():
+                    self._pace()
                     self._step()
             except Exception:  # a bug here must not stop the one thread every session depends on
                 log.exception("inference worker tick failed; continuing")
                 time.sleep(0.01)
+
+    def _pace(self) -> None:
+        """Under load, space step starts by `pace_per_session` seconds per open session (at most
+        `max_interval`): the rows that become ready meanwhile join the step, so each forward
+        serves a larger batch, and the vision thread and the event loop get the CPU while the
+        worker waits. A lone stream is not delayed (its interval is a fraction of a step).
+        docs/engine.md has the measurements behind the defaults."""
+        interval = min(self.max_interval, self.pace_per_session * len(self._slots))
+        wait = self._last_step + interval - time.perf_counter()
+        if wait > 0.0005:
+            time.sleep(wait)
+            self._admit()  # frames that arrived while waiting start in this step
+        self._last_step = time.perf_counter()
+
+    def _urgent(self) -> bool:
+        """A live frame in flight has spent 30% of its budget (received -> deadline)."""
+        now = time.monotonic()
+        for slot in self._slots:
+            job = slot.inflight.job if slot.inflight is not None else None
+            budget = None if job is None or job.deadline is None else job.deadline - job.received
+            if budget is not None and now - job.received > 0.3 * budget:
+                return True
+        return False
 
     def _ready(self) -> bool:
         """Anything to do without a command: engine work, or a frame for a free row (lock held)."""
@@ -307,8 +339,8 @@ class Worker:
         m.step_seconds.observe(dt)
         m.batch_size.observe(len(with_work))
         res = engine.last_result
-        if res.vision_s:  # with the vision pipeline: encode time of the frames that started now
-            m.vision_encode_seconds.observe(res.vision_s)
+        for seconds in res.frame_vision_s:  # per frame (with the pipeline: its share of a batch)
+            m.vision_encode_seconds.observe(seconds)
         if res.prefill_s:
             m.prefill_seconds.observe(res.prefill_s)
         by_row = {s.row: s for s in self._slots}

@@ -176,3 +176,19 @@ def test_compiled_step_matches_eager() -> None:
     ref, _ = stream(eager, ["blue"], 2)
     out, _ = stream(compiled, ["blue"], 2)
     assert max_err(out, ref) <= ATOL[torch.float32]
+
+
+def test_traced_vision_tower_matches_eager() -> None:
+    engine = make_engine(max_sessions=2)
+    runner = engine.runner
+    assert runner.trace_vision
+    rng = np.random.default_rng(2)
+    for n in (1, 3):
+        patches = torch.stack(
+            [engine.processor(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)) for _ in range(n)]
+        )
+        with torch.no_grad():
+            traced, _ = runner.encode(patches)
+            eager = engine.model.encode_images(patches)
+        torch.testing.assert_close(traced, eager, rtol=0, atol=ATOL[torch.float32])
+    assert set(runner._vision) == {1, 3}  # one trace per batch size
