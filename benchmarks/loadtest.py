@@ -180,13 +180,16 @@ def offline_reference(clips: list[Clip], model_dir: str | None) -> list[float]:
     score on each clip; a level is compared with the mean over the clips its clients streamed."""
     import torch
 
-    from model.assets import default_model_dir
     from model.generate import Engine
-    from server.ingest.frames import FrameLimits
-    from server.ingest.image import decode_image
+
+    try:
+        from server.ingest.frames import FrameLimits
+        from server.ingest.image import decode_image
+    except ImportError:  # a tree from before server/ingest/ (the script also measures old commits)
+        from server.decode import FrameLimits, decode_image  # type: ignore[no-redef]
 
     torch.set_num_threads(1)
-    engine = Engine.from_checkpoint(model_dir or default_model_dir(), max_sessions=len(clips))
+    engine = Engine.from_checkpoint(model_dir or ROOT / "checkpoints" / "default", max_sessions=len(clips))
     limits = FrameLimits(engine.image_size, 1 << 14, 1 << 14)
     rows = [engine.open() for _ in clips]
     exact = [0] * len(clips)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.dispatch import backend_for
 from model.cache import StreamState
 from model.decode import DecodeInputs, can_fuse, commit, decode_step, fused_decode_step
 from model.rope import image_positions, text_positions
@@ -120,7 +121,12 @@ class Runner:
         """patches (n, P, C*P*P) -> image tokens (n, N, hidden) and, for CASA models, their
         per-layer image K/V ((Lc, n, Hkv, N, D) x 2). Thread-safe: reads weights only."""
         patches = patches.to(self.device, self.dtype)
-        traced = self._traced_vision(patches.shape[0]) if self.trace_vision else None
+        # traced only on the torch backend: a trace would bake Triton launch arguments in as tensors
+        traced = (
+            self._traced_vision(patches.shape[0])
+            if self.trace_vision and backend_for(patches) == "torch"
+            else None
+        )
         tokens = traced(patches) if traced is not None else self.model.encode_images(patches)
         kv = None if self.insertion else self.lm.frame_kv(tokens, self.model.grid)
         return tokens, kv

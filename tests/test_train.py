@@ -66,7 +66,8 @@ def test_stream_layout_is_what_the_engine_feeds(tok):
     for _ in range(3):
         events = list(engine.caption(row, np.zeros((24, 24, 3), np.uint8)))
         generated.append([ev.token for ev in events if ev.token is not None])
-    engine.step()  # the last frame's stop token and the next pre_image go in now
+    while engine.has_work():  # the last frame's stop token and the next pre_image go in now
+        engine.step()
     seq = layout_ids(tok, gen, generated, "What is happening?")
     assert fed == seq.tokens + tok.encode(gen.template.pre_image)
     assert frame_at == seq.insert_at
