@@ -19,7 +19,9 @@ eager step is the default: docs/engine.md has the measurements that decided it.
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +33,8 @@ from model.decode import DecodeInputs, can_fuse, commit, decode_step, fused_deco
 from model.rope import image_positions, text_positions
 from model.scheduler import Item
 from model.vlm import CASAModel
+
+log = logging.getLogger("casa.runner")
 
 
 class _Vision(torch.nn.Module):
@@ -137,9 +141,17 @@ class Runner:
         the decode thread and the event loop run Python (docs/engine.md). Traced on first use."""
         if n not in self._vision:
             example = torch.zeros(n, *self._patch_shape, device=self.device, dtype=self.dtype)
-            with torch.no_grad():
-                traced = torch.jit.trace(_Vision(self.model).eval(), example, check_trace=False)
-                self._vision[n] = torch.jit.freeze(traced)
+            try:
+                with torch.no_grad(), warnings.catch_warnings():
+                    # TorchScript is deprecated in torch 2.13 but still the only way to run the
+                    # tower as one call without a compile step (docs/engine.md)
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    traced = torch.jit.trace(_Vision(self.model).eval(), example, check_trace=False)
+                    self._vision[n] = torch.jit.freeze(traced)
+            except Exception:  # a torch without TorchScript: the eager tower computes the same
+                log.warning("could not trace the vision tower; it runs eagerly", exc_info=True)
+                self.trace_vision = False
+                return None
         return self._vision[n]
 
     def start_frames(self, rows: list[int], kv: tuple[torch.Tensor, torch.Tensor]) -> None:
