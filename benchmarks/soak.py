@@ -11,7 +11,7 @@ stretch:
     python -m benchmarks.soak                           # 1 h of video at 2 fps (7200 frames)
     python -m benchmarks.soak --video-seconds 600 --model-dir /tmp/toy
 
-Targets (DESIGN §6, issue 6): RSS at the end within 5% of its value at minute 5 of video; KV tokens
+Targets (results in benchmarks/RESULTS.md): RSS at the end within 5% of its value at minute 5 of video; KV tokens
 bounded; captions still correct at the end.
 """
 
@@ -25,18 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.loadtest import ServerProcess
-
-
-def token_f1(a: str, b: str) -> float:
-    x, y = a.split(), b.split()
-    if not x and not y:
-        return 1.0
-    common = sum(min(x.count(w), y.count(w)) for w in set(x))
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(x), common / len(y)
-    return 2 * precision * recall / (precision + recall)
+from benchmarks.loadtest import ServerProcess, token_f1
 
 
 async def soak(uri: str, server: ServerProcess | None, args: argparse.Namespace) -> list[dict]:

@@ -309,14 +309,7 @@ class Worker:
                 slot.inflight = _InFlight(job)
             except Exception:
                 log.exception("frame %d could not be submitted", job.index)
-                self._notify(
-                    slot,
-                    "worker_failed",
-                    job,
-                    FrameFailed(
-                        f"frame {job.index} could not be captioned (internal error); the session continues"
-                    ),
-                )
+                self._frame_failed(slot, job)
 
     def _step(self) -> None:
         engine = self.engine
@@ -351,14 +344,7 @@ class Worker:
                 continue
             if ev.reason == "error":  # the frame could not be encoded; the session goes on
                 job, slot.inflight = slot.inflight.job, None
-                self._notify(
-                    slot,
-                    "worker_failed",
-                    job,
-                    FrameFailed(
-                        f"frame {job.index} could not be captioned (internal error); the session continues"
-                    ),
-                )
+                self._frame_failed(slot, job)
                 continue
             out = self._account(slot, ev, now)
             outputs.setdefault(ev.row, []).append(out)
@@ -429,6 +415,15 @@ class Worker:
                     "the model step failed (internal error); this session's caption context was reset and it continues"
                 ),
             )
+
+    def _frame_failed(self, slot: Slot, job: FrameJob) -> None:
+        """One frame is lost to an internal error; its session is told and goes on."""
+        self._notify(
+            slot,
+            "worker_failed",
+            job,
+            FrameFailed(f"frame {job.index} could not be captioned (internal error); the session continues"),
+        )
 
     def _notify(self, slot: Slot, method: str, *args: Any) -> None:
         """Run a listener method on the event loop; a closed loop (shutdown) is not an error."""
