@@ -258,11 +258,11 @@ class Engine:
         r.frame_deadline = deadline
         r.frame_ticket = next(self._tickets)
         r.image_tokens = r.frame_kv = None
-        if self.pipeline is not None:
-            r.frame_patches = torch.empty(0)  # marks the frame as waiting; the pipeline has it
+        if self.pipeline is not None:  # preprocessed and encoded on the vision thread
             self.pipeline.submit(row, r.frame_ticket, image)
         else:
             r.frame_patches = self.processor(image)
+        r.frame_waiting = True
         return r.frames
 
     # ---- frames -----------------------------------------------------------------------------
@@ -285,7 +285,7 @@ class Engine:
             if r is None or r.frame_ticket != enc.ticket or not r.frame_waiting:
                 continue  # the row was closed or reopened meanwhile
             if enc.tokens is None:
-                r.frame_patches = None
+                r.frame_waiting = False
                 failed.append(TokenEvent(enc.row, r.frames, None, "", done=True, reason="error"))
                 r.frames += 1
                 continue
@@ -321,6 +321,7 @@ class Engine:
             r.forced.extend(([tokens[j]] if self.insertion else []) + post)
             r.sample_after_forced = True
             r.frame_patches = r.image_tokens = r.frame_kv = None
+            r.frame_waiting = False
             r.decoding, r.generated = True, []
             r.frames += 1
             r.detok.reset()

@@ -85,7 +85,8 @@ class RowState:
     forced: collections.deque[Item] = field(default_factory=collections.deque)  # fed before sampling
     sample_after_forced: bool = False  # the last forced item's output is the caption's first token
     prefill_forced: bool = False  # feed the forced run in one varlen forward (the prompt at open)
-    frame_patches: torch.Tensor | None = None  # submitted frame: preprocessed patches
+    frame_waiting: bool = False  # a submitted frame has not started yet
+    frame_patches: torch.Tensor | None = None  # its preprocessed patches (no vision pipeline)
     frame_ticket: int = 0  # which submission the vision pipeline is working on
     image_tokens: torch.Tensor | None = None  # its image tokens once encoded (N, hidden)
     frame_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # CASA image K/V (Lc, Hkv, N, D) x 2
@@ -96,10 +97,6 @@ class RowState:
     frames: int = 0  # frames started
     generated: list[int] = field(default_factory=list)
     position: int = 0  # next absolute position (token insertion only)
-
-    @property
-    def frame_waiting(self) -> bool:
-        return self.frame_patches is not None
 
     @property
     def busy(self) -> bool:

@@ -85,6 +85,20 @@ class VisionPipeline:
             self._cv.notify_all()
         self._thread.join(5.0)
 
+    def _encode_batch(self, batch: list[tuple[int, int, Any]]) -> list[Encoded]:
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                tokens, kv = self._encode([f for _, _, f in batch])
+        except Exception as exc:  # reported per frame; the thread keeps serving
+            log.exception("vision tower failed on %d frames", len(batch))
+            return [Encoded(row, ticket, None, None, 0.0, exc) for row, ticket, _ in batch]
+        dt = (time.perf_counter() - t0) / len(batch)
+        return [
+            Encoded(row, ticket, tokens[j], None if kv is None else (kv[0][:, j], kv[1][:, j]), dt)
+            for j, (row, ticket, _) in enumerate(batch)
+        ]
+
     def _run(self) -> None:
         name_this_thread("casa-vision")
         torch.set_num_threads(self._threads)  # per thread: this one owns its core
@@ -95,18 +109,10 @@ class VisionPipeline:
                     return
                 batch = [self._jobs.popleft() for _ in range(min(self.max_batch, len(self._jobs)))]
                 self._busy = len(batch)
-            t0 = time.perf_counter()
-            try:
-                with torch.no_grad():
-                    tokens, kv = self._encode([f for _, _, f in batch])
-                dt = (time.perf_counter() - t0) / len(batch)
-                out = [
-                    Encoded(row, ticket, tokens[j], None if kv is None else (kv[0][:, j], kv[1][:, j]), dt)
-                    for j, (row, ticket, _) in enumerate(batch)
-                ]
-            except Exception as exc:  # reported per frame; the thread keeps serving
-                log.exception("vision tower failed on %d frames", len(batch))
-                out = [Encoded(row, ticket, None, None, 0.0, exc) for row, ticket, _ in batch]
+            out = self._encode_batch(batch)
+            if len(batch) > 1 and any(e.error is not None for e in out):
+                # one bad frame must not cost the others theirs: encode them one by one
+                out = [e for job in batch for e in self._encode_batch([job])]
             with self._cv:
                 self._done.extend(out)
                 self._busy = 0

@@ -192,3 +192,28 @@ def test_traced_vision_tower_matches_eager() -> None:
             eager = engine.model.encode_images(patches)
         torch.testing.assert_close(traced, eager, rtol=0, atol=ATOL[torch.float32])
     assert set(runner._vision) == {1, 3}  # one trace per batch size
+
+
+def test_a_frame_the_vision_thread_cannot_encode_fails_alone() -> None:
+    """An image that passes submit_frame's checks but not preprocessing: its frame ends with an
+    error event, the neighbour submitted with it is captioned as if alone."""
+    alone = make_engine(max_sessions=2)
+    row = alone.open("red circle")
+    img = np.random.default_rng(4).integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    expected = [ev.token for ev in alone.caption(row, img)]
+    engine = make_engine(max_sessions=2, vision_thread=True)
+    try:
+        bad, good = engine.open("blue"), engine.open("red circle")
+        while engine.has_work():
+            engine.step()
+        engine.submit_frame(bad, np.zeros((0, 5, 3), np.uint8))
+        engine.submit_frame(good, img)
+        events: dict[int, list] = {bad: [], good: []}
+        while engine.busy(bad) or engine.busy(good):
+            for ev in engine.step():
+                events[ev.row].append(ev)
+        assert [ev.reason for ev in events[bad]] == ["error"]
+        assert [ev.token for ev in events[good]] == expected
+        assert not engine.busy(bad)  # the session can submit its next frame
+    finally:
+        engine.shutdown()
