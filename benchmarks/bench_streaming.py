@@ -49,7 +49,7 @@ def fast_forward(engine: Engine, row: int, frame: int, prompt_len: int, per_fram
     text.length[row] = length
     if engine.insertion:
         gh, gw = engine.model.grid
-        engine.rows[row].position = prompt_len + (frame - 1) * (max(gh, gw) + tokens + 3)
+        engine.runner.positions[row] = prompt_len + (frame - 1) * (max(gh, gw) + tokens + 3)
 
 
 def used_kv_bytes(engine: Engine, row: int) -> int:

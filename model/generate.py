@@ -275,10 +275,11 @@ class Engine:
         r = self.rows[row]
         return r is not None and r.frame_waiting and (self.pipeline is None or r.image_tokens is not None)
 
-    def _collect_vision(self) -> list[TokenEvent]:
-        """Attach finished encodings to their rows; a failed one ends its frame with an error."""
+    def _collect_vision(self) -> None:
+        """Attach finished encodings to their rows; a failed one ends its frame with an error
+        event, reported at the next step."""
         if self.pipeline is None:
-            return []
+            return
         failed = []
         for enc in self.pipeline.take():
             r = self.rows[enc.row]
@@ -292,7 +293,6 @@ class Engine:
             r.image_tokens, r.frame_kv = enc.tokens, enc.kv
             r.vision_s = enc.seconds
         self._failed.extend(failed)
-        return failed
 
     def _start_frames(self, plan: Plan, res: StepResult) -> None:
         rows = plan.frames

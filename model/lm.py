@@ -149,13 +149,6 @@ class LanguageModel(nn.Module):
         cs.n_img[rows.cpu()] = N
         cs.win_len[rows.cpu()] = 0
 
-    def set_frame(
-        self, rows: torch.Tensor, image_tokens: torch.Tensor, grid: tuple[int, int], state: StreamState
-    ) -> None:
-        """Start a new window on `rows` with their frame's image tokens (n, N, hidden)."""
-        k, v = self.frame_kv(image_tokens, grid)
-        self.write_frame(rows, k, v, state)
-
     @torch.no_grad()
     def step(
         self,

@@ -117,7 +117,6 @@ class Runner:
             self._decode = decode_step
         else:
             raise ValueError(f"unknown decode step {step!r}: generic, fused or compiled")
-        self.step_kind = step
 
     # ---- frames -----------------------------------------------------------------------------
 
@@ -227,10 +226,11 @@ class Runner:
                 self.positions[i] += 1
         return torch.cat(out)
 
-    def decode_inputs(self, decode: dict[int, int]) -> tuple[DecodeInputs, int, int, list[int]]:
-        """Host-side: the inputs of a decode step, its spans S and Wb, and the batch row of each
-        entry. Static (compiled, generic) steps cover rows [0, B) with B a bucket; the fused step
-        covers only the segments of rows it needs (working rows and short gaps between them)."""
+    def decode_inputs(self, decode: dict[int, int]) -> tuple[DecodeInputs, int, int, dict[int, int]]:
+        """Host-side: the inputs of a decode step, its spans S and Wb, and each working row's
+        entry in the step. Static (compiled, generic) steps cover rows [0, B) with B a bucket;
+        the fused step covers only the segments of rows it needs (working rows and short gaps
+        between them)."""
         text, cs = self.state.text, self.state.casa
         segments = None
         if self.fused:
@@ -273,12 +273,11 @@ class Runner:
         inp = DecodeInputs(*(t.to(dev, non_blocking=True) for t in (tokens, sa_slot, sa_pos, ca_slot, n_img)))
         if segments is not None:
             inp.rows, inp.segments = torch.tensor(entries, device=dev), segments
-        return inp, S, Wb, entries
+        return inp, S, Wb, at
 
     def _decode_step(self, decode: dict[int, int], sample: set[int], res: StepResult) -> None:
-        inp, S, Wb, entries = self.decode_inputs(decode)
+        inp, S, Wb, at = self.decode_inputs(decode)
         logits, new = self._decode(self.lm, self.state, inp, S, Wb)
-        at = {i: j for j, i in enumerate(entries)}
         if new is not None:  # the fused step writes its K/V as it goes
             commit(self.state, inp, new)
         rows = torch.tensor(sorted(decode))

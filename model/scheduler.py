@@ -96,7 +96,6 @@ class RowState:
     next_token: int | None = None  # sampled token to feed at the next tick
     frames: int = 0  # frames started
     generated: list[int] = field(default_factory=list)
-    position: int = 0  # next absolute position (token insertion only)
 
     @property
     def busy(self) -> bool:
