@@ -190,7 +190,7 @@ def offline_reference(clips: list[Clip], model_dir: str | None) -> list[float]:
 
     torch.set_num_threads(1)
     engine = Engine.from_checkpoint(model_dir or ROOT / "checkpoints" / "default", max_sessions=len(clips))
-    limits = FrameLimits(engine.image_size, 1 << 14, 1 << 14)
+    limits = FrameLimits.for_processor(engine.processor, engine.image_size, 1 << 14, 1 << 14)
     rows = [engine.open() for _ in clips]
     exact = [0] * len(clips)
     for f in range(len(clips[0].jpegs)):

@@ -32,7 +32,7 @@ from model.runner import Runner, StepResult
 from model.sampling import Sampler, SamplingParams
 from model.scheduler import MIN_TEMPERATURE, SETTING_BOUNDS, Plan, RowState, Scheduler, SessionSettings
 from model.tokenizer import Tokenizer
-from model.vision_pipeline import VisionPipeline
+from model.vision_pipeline import Encoding, VisionPipeline
 from model.vlm import CASAModel
 
 __all__ = [
@@ -74,13 +74,20 @@ class Engine:
         compile: bool = False,
         vision_thread: bool = False,
         prefill_min: int = 8,
+        max_pixels: int | None = None,
     ) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.model.lm.fuse_projections()
         self.tokenizer, self.gen = tokenizer, gen
         self.device, self.dtype = torch.device(device), dtype
         cfg = model.config
-        self.processor = (QwenImageProcessor if cfg.processor == "qwen" else ImageProcessor).for_config(cfg)
+        # Qwen-family models keep the frame's aspect ratio within a pixel budget (max_pixels; None:
+        # image_size^2), so frames have varying image-token counts; the bundled model is square
+        self.processor: ImageProcessor | QwenImageProcessor = (
+            QwenImageProcessor.for_config(cfg, image_size=None, max_pixels=max_pixels)
+            if cfg.processor == "qwen"
+            else ImageProcessor.for_config(cfg)
+        )
         self.image_size = cfg.image_size
         self.insertion = cfg.casa.fusion == "insertion"
         self.max_sessions = max_sessions
@@ -94,7 +101,7 @@ class Engine:
                 max_sessions,
                 lm.kv_heads,
                 lm.head_dim,
-                cfg.image_tokens,
+                self.processor.max_tokens,  # the largest frame the pixel budget allows
                 window_tokens,
                 dtype,
                 device,
@@ -261,15 +268,29 @@ class Engine:
         if self.pipeline is not None:  # preprocessed and encoded on the vision thread
             self.pipeline.submit(row, r.frame_ticket, image)
         else:
-            r.frame_patches = self.processor(image)
+            r.frame_patches, r.frame_grid = self.processor.process(image)
         r.frame_waiting = True
         return r.frames
 
     # ---- frames -----------------------------------------------------------------------------
 
-    def _encode_frames(self, images: list) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Vision thread: preprocess and encode frames; (n, N, hidden) and their CASA K/V."""
-        return self.runner.encode(torch.stack([self.processor(im) for im in images]))
+    def _encode_frames(self, images: list) -> list[Encoding]:
+        """Vision thread: preprocess and encode frames; per frame its image tokens (N, hidden),
+        CASA K/V ((Lc, Hkv, N, D) x 2) and patch grid."""
+        return self._encode_patches([self.processor.process(im) for im in images])
+
+    def _encode_patches(self, frames: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[Encoding]:
+        """Encode (patches, patch grid) per frame, one vision batch per grid (a camera's frames
+        all share one, so batching is kept; aspect-preserving resizes make grids differ)."""
+        out: list[Encoding | None] = [None] * len(frames)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, (_, grid) in enumerate(frames):
+            groups.setdefault(grid, []).append(j)
+        for grid, idx in groups.items():
+            tokens, kv = self.runner.encode(torch.stack([frames[j][0] for j in idx]), grid)
+            for n, j in enumerate(idx):
+                out[j] = (tokens[n], None if kv is None else (kv[0][:, n], kv[1][:, n]), grid)
+        return out  # type: ignore[return-value]
 
     def _frame_ready(self, row: int) -> bool:
         r = self.rows[row]
@@ -290,32 +311,33 @@ class Engine:
                 failed.append(TokenEvent(enc.row, r.frames, None, "", done=True, reason="error"))
                 r.frames += 1
                 continue
-            r.image_tokens, r.frame_kv = enc.tokens, enc.kv
+            r.image_tokens, r.frame_kv, r.frame_grid = enc.tokens, enc.kv, enc.grid
             r.vision_s = enc.seconds
         self._failed.extend(failed)
 
     def _start_frames(self, plan: Plan, res: StepResult) -> None:
         rows = plan.frames
         if self.pipeline is None:
-            patches = torch.stack([self.rows[i].frame_patches for i in rows])
             t0 = time.perf_counter()
-            tokens, kv = self.runner.encode(patches)
+            enc = self._encode_patches([(self.rows[i].frame_patches, self.rows[i].frame_grid) for i in rows])
             res.vision_s = time.perf_counter() - t0
             res.frame_vision_s = [res.vision_s / len(rows)] * len(rows)
+            for i, (tok, kv, _) in zip(rows, enc):
+                self.rows[i].image_tokens, self.rows[i].frame_kv = tok, kv
         else:
-            tokens = torch.stack([self.rows[i].image_tokens for i in rows])
-            kv = None
-            if not self.insertion:
-                kv = (
-                    torch.stack([self.rows[i].frame_kv[0] for i in rows], dim=1),
-                    torch.stack([self.rows[i].frame_kv[1] for i in rows], dim=1),
-                )
             res.frame_vision_s = [self.rows[i].vision_s for i in rows]
             res.vision_s = sum(res.frame_vision_s)
-        if kv is not None:
-            self.runner.start_frames(rows, kv)
+        tokens = [self.rows[i].image_tokens for i in rows]
+        if not self.insertion:  # one write per image-token count (frames of one grid share it)
+            by_n: dict[int, list[int]] = {}
+            for j, i in enumerate(rows):
+                by_n.setdefault(tokens[j].shape[0], []).append(i)
+            for group in by_n.values():
+                kv = tuple(torch.stack([self.rows[i].frame_kv[s] for i in group], dim=1) for s in (0, 1))
+                self.runner.start_frames(group, kv)
         for j, i in enumerate(rows):
             r = self.rows[i]
+            self.runner.grids[i] = self._merged(r.frame_grid)
             res.frames[i] = tokens[j]
             post = self.post_ids + (self.caption_prefix_ids if r.frames == 0 else [])
             r.forced.extend(([tokens[j]] if self.insertion else []) + post)
@@ -326,6 +348,13 @@ class Engine:
             r.frames += 1
             r.detok.reset()
             self.scheduler.assign(plan, i)
+
+    def _merged(self, patch_grid: tuple[int, int] | None) -> tuple[int, int]:
+        """Image-token grid of a frame from its patch grid (the model's default when unknown)."""
+        if patch_grid is None:
+            return self.model.grid
+        m = self.model.config.vision.merge
+        return patch_grid[0] // m, patch_grid[1] // m
 
     # ---- the batched step -------------------------------------------------------------------
 

@@ -31,6 +31,12 @@ class Interleaved:
     n_frames: torch.Tensor  # (B,) long
     insert_at: torch.Tensor  # (B, F) long: frame f comes right before text token insert_at[b, f]
     grid: tuple[int, int]  # merged token grid of every frame: N == gh * gw
+    # per row, per frame: its own merged grid, for frames of varying sizes (aspect-preserving
+    # processors); images are then padded to the largest, frame f's tokens are the first gh*gw
+    frame_grids: list[list[tuple[int, int]]] | None = None
+
+    def grid_of(self, b: int, f: int) -> tuple[int, int]:
+        return self.grid if self.frame_grids is None else self.frame_grids[b][f]
 
 
 def windows(batch: Interleaved) -> torch.Tensor:
@@ -82,13 +88,22 @@ def dense_forward(
     Fm, N = batch.images.shape[1], batch.images.shape[2]
     frame_of_key = torch.arange(Fm, device=dev).repeat_interleave(N)  # (F*N,)
     real_frame = frame_of_key[None, :] < batch.n_frames[:, None]  # (B, F*N)
+    if batch.frame_grids is None:
+        img_pos = torch.cat(
+            [image_positions(batch.insert_at[:, f], batch.grid) for f in range(Fm)], dim=1
+        )  # (B, F*N, 3)
+    else:  # frames of their own sizes: frame f's keys are its first gh*gw of the padded N
+        img_pos = torch.zeros(B, Fm * N, 3, dtype=torch.long, device=dev)
+        for b in range(B):
+            for f in range(int(batch.n_frames[b])):
+                gh, gw = batch.grid_of(b, f)
+                at = batch.insert_at[b, f : f + 1]
+                img_pos[b, f * N : f * N + gh * gw] = image_positions(at, (gh, gw))[0]
+                real_frame[b, f * N + gh * gw : (f + 1) * N] = False
     img_mask = (frame_of_key[None, None, :] == (win[:, :, None] - 1)) & real_frame[:, None, :]  # (B, T, F*N)
     txt_mask = (
         (win[:, :, None] == win[:, None, :]) & (t[None, :, None] >= t[None, None, :]) & key_ok[:, None, :]
     )
-    img_pos = torch.cat(
-        [image_positions(batch.insert_at[:, f], batch.grid) for f in range(Fm)], dim=1
-    )  # (B, F*N, 3)
     img_cos, img_sin = lm.cos_sin(img_pos)
     images = batch.images.reshape(B, Fm * N, -1)
 
@@ -149,8 +164,7 @@ def insertion_layout(batch: Interleaved) -> tuple[list[list[tuple[str, int]]], l
     Qwen2.5-VL positions: text advances by 1; a frame at position p takes (p, p+row, p+col) and the
     next text starts at p + max(gh, gw).
     """
-    gh, gw = batch.grid
-    N = gh * gw
+    N = batch.images.shape[2]  # padded tokens per frame; frame f has gh*gw of its own grid
     layouts, positions = [], []
     for b in range(batch.tokens.shape[0]):
         inserts = {int(batch.insert_at[b, f]): f for f in range(int(batch.n_frames[b]))}
@@ -160,8 +174,9 @@ def insertion_layout(batch: Interleaved) -> tuple[list[list[tuple[str, int]]], l
         for ti in range(int(batch.text_len[b]) + 1):
             if ti in inserts:
                 f = inserts[ti]
-                items += [("i", f * N + n) for n in range(N)]
-                pos.append(image_positions(torch.tensor([p]), batch.grid)[0])
+                gh, gw = batch.grid_of(b, f)
+                items += [("i", f * N + n) for n in range(gh * gw)]
+                pos.append(image_positions(torch.tensor([p]), (gh, gw))[0])
                 p += max(gh, gw)
             if ti < int(batch.text_len[b]):
                 items.append(("t", ti))

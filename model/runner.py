@@ -40,12 +40,12 @@ log = logging.getLogger("casa.runner")
 class _Vision(torch.nn.Module):
     """encode_images as a module of one tensor argument, for tracing."""
 
-    def __init__(self, model: CASAModel) -> None:
+    def __init__(self, model: CASAModel, grid: tuple[int, int]) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.grid = model, grid
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_images(patches)
+        return self.model.encode_images(patches, self.grid)
 
 
 def buckets_for(max_rows: int) -> list[int]:
@@ -96,12 +96,12 @@ class Runner:
         elif can_fuse(self.lm, self.device, self.dtype):
             self.use("fused")
         self.positions = [0] * max_sessions  # insertion baseline: next absolute position per row
-        # TorchScript-traced vision tower per batch size (CPU: see _traced_vision)
+        self.grids: dict[int, tuple[int, int]] = {}  # row -> image-token grid of its latest frame
+        # TorchScript-traced vision tower per (batch size, patch grid) (CPU: see _traced_vision)
         self.trace_vision = self.device.type == "cpu"
-        self._vision: dict[int, torch.nn.Module] = {}
+        self._vision: dict[tuple[int, tuple[int, int]], torch.nn.Module] = {}
         vcfg = model.config.vision
-        gh, gw = model.patch_grid
-        self._patch_shape = (gh * gw, vcfg.patch_dim)
+        self._patch_dim = vcfg.patch_dim
 
     def use(self, step: str) -> None:
         """Which decode step runs: "generic" (model/decode.py decode_step, eager), "fused" (the
@@ -120,38 +120,46 @@ class Runner:
 
     # ---- frames -----------------------------------------------------------------------------
 
-    def encode(self, patches: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """patches (n, P, C*P*P) -> image tokens (n, N, hidden) and, for CASA models, their
-        per-layer image K/V ((Lc, n, Hkv, N, D) x 2). Thread-safe: reads weights only."""
+    def encode(
+        self, patches: torch.Tensor, patch_grid: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """patches (n, P, C*P*P) of frames of one patch grid (default: the config's square) ->
+        image tokens (n, N, hidden) and, for CASA models, their per-layer image K/V
+        ((Lc, n, Hkv, N, D) x 2). Thread-safe: reads weights only."""
+        grid = patch_grid or self.model.patch_grid
         patches = patches.to(self.device, self.dtype)
         # traced only on the torch backend: a trace would bake Triton launch arguments in as tensors
         traced = (
-            self._traced_vision(patches.shape[0])
+            self._traced_vision(patches.shape[0], grid)
             if self.trace_vision and backend_for(patches) == "torch"
             else None
         )
-        tokens = traced(patches) if traced is not None else self.model.encode_images(patches)
-        kv = None if self.insertion else self.lm.frame_kv(tokens, self.model.grid)
+        tokens = traced(patches) if traced is not None else self.model.encode_images(patches, grid)
+        m = self.model.config.vision.merge
+        kv = None if self.insertion else self.lm.frame_kv(tokens, (grid[0] // m, grid[1] // m))
         return tokens, kv
 
-    def _traced_vision(self, n: int) -> torch.nn.Module | None:
-        """The vision tower traced for batches of n frames (TorchScript, weights frozen in): one
-        call runs the whole tower in C++, so it never waits for the GIL between its ~200 ops while
-        the decode thread and the event loop run Python (docs/engine.md). Traced on first use."""
-        if n not in self._vision:
-            example = torch.zeros(n, *self._patch_shape, device=self.device, dtype=self.dtype)
+    def _traced_vision(self, n: int, grid: tuple[int, int] | None = None) -> torch.nn.Module | None:
+        """The vision tower traced for batches of n frames of one patch grid (TorchScript, weights
+        frozen in): one call runs the whole tower in C++, so it never waits for the GIL between its
+        ~200 ops while the decode thread and the event loop run Python (docs/engine.md). Traced on
+        first use (a camera's frames share one grid, so that is once per stream size)."""
+        grid = grid or self.model.patch_grid
+        key = (n, grid)
+        if key not in self._vision:
+            example = torch.zeros(n, grid[0] * grid[1], self._patch_dim, device=self.device, dtype=self.dtype)
             try:
                 with torch.no_grad(), warnings.catch_warnings():
                     # TorchScript is deprecated in torch 2.13 but still the only way to run the
                     # tower as one call without a compile step (docs/engine.md)
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    traced = torch.jit.trace(_Vision(self.model).eval(), example, check_trace=False)
-                    self._vision[n] = torch.jit.freeze(traced)
+                    traced = torch.jit.trace(_Vision(self.model, grid).eval(), example, check_trace=False)
+                    self._vision[key] = torch.jit.freeze(traced)
             except Exception:  # a torch without TorchScript: the eager tower computes the same
                 log.warning("could not trace the vision tower; it runs eagerly", exc_info=True)
                 self.trace_vision = False
                 return None
-        return self._vision[n]
+        return self._vision[key]
 
     def start_frames(self, rows: list[int], kv: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Write the frames' image K/V ((Lc, n, Hkv, N, D) x 2) into `rows`; new windows start."""
@@ -214,7 +222,7 @@ class Runner:
 
     def _insertion_positions(self, i: int, items: list[Item]) -> torch.Tensor:
         """Absolute Qwen2.5-VL positions for the insertion baseline (see model/reference.py)."""
-        gh, gw = self.model.grid
+        gh, gw = self.grids.get(i, self.model.grid)
         out = []
         for it in items:
             p = self.positions[i]

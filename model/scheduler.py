@@ -87,6 +87,7 @@ class RowState:
     prefill_forced: bool = False  # feed the forced run in one varlen forward (the prompt at open)
     frame_waiting: bool = False  # a submitted frame has not started yet
     frame_patches: torch.Tensor | None = None  # its preprocessed patches (no vision pipeline)
+    frame_grid: tuple[int, int] | None = None  # ... and their patch grid (gh, gw)
     frame_ticket: int = 0  # which submission the vision pipeline is working on
     image_tokens: torch.Tensor | None = None  # its image tokens once encoded (N, hidden)
     frame_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # CASA image K/V (Lc, Hkv, N, D) x 2

@@ -28,7 +28,10 @@ from model.threads import name_this_thread
 
 log = logging.getLogger("casa.vision")
 
-Encoder = Callable[[list[Any]], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]
+# per frame: image tokens (N, hidden), CASA image K/V ((Lc, Hkv, N, D) x 2) or None, patch grid;
+# N varies with the grid (aspect-preserving processors), so frames are not stacked
+Encoding = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, tuple[int, int]]
+Encoder = Callable[[list[Any]], list[Encoding]]
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Encoded:
     kv: tuple[torch.Tensor, torch.Tensor] | None  # CASA image K/V (Lc, Hkv, N, D) x 2
     seconds: float = 0.0  # this frame's share of its batch's encode time
     error: BaseException | None = None
+    grid: tuple[int, int] | None = None  # patch grid of the frame
 
 
 class VisionPipeline:
@@ -89,14 +93,14 @@ class VisionPipeline:
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
-                tokens, kv = self._encode([f for _, _, f in batch])
+                encoded = self._encode([f for _, _, f in batch])
         except Exception as exc:  # reported per frame; the thread keeps serving
             log.exception("vision tower failed on %d frames", len(batch))
             return [Encoded(row, ticket, None, None, 0.0, exc) for row, ticket, _ in batch]
         dt = (time.perf_counter() - t0) / len(batch)
         return [
-            Encoded(row, ticket, tokens[j], None if kv is None else (kv[0][:, j], kv[1][:, j]), dt)
-            for j, (row, ticket, _) in enumerate(batch)
+            Encoded(row, ticket, tokens, kv, dt, grid=grid)
+            for (row, ticket, _), (tokens, kv, grid) in zip(batch, encoded)
         ]
 
     def _run(self) -> None:

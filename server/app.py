@@ -66,6 +66,7 @@ def load_engine(settings: Settings) -> Engine:
         max_context_tokens=settings.max_context_tokens,
         vision_thread=settings.vision_thread,
         compile=settings.compile,
+        max_pixels=settings.max_pixels,
     )
 
 

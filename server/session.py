@@ -91,7 +91,9 @@ class Session:
         s = ctx.settings
         self.settings = ctx.default_settings()
         self.input = p.InputSettings()
-        self.limits = FrameLimits(ctx.engine.image_size, s.max_frame_width, s.max_frame_height)
+        self.limits = FrameLimits.for_processor(
+            ctx.engine.processor, ctx.engine.image_size, s.max_frame_width, s.max_frame_height
+        )
         self.bucket = _Bucket(s.max_input_rate)
         self.out: asyncio.Queue[BaseModel | CloseRequest] = asyncio.Queue(OUT_QUEUE)
         self.slot: Slot | None = None

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_sessions: int = Field(default=32, ge=1, description="concurrent streams = engine batch rows")
     max_context_tokens: int = Field(default=1024, ge=64, description="text KV cache bound per session")
+    max_pixels: int | None = Field(
+        default=None,
+        ge=1,
+        description="Qwen-family models: the pixel budget of one frame, resized with its aspect ratio kept "
+        "to multiples of 28 (smart-resize); sizes the CASA image buffer. None = the config's image_size^2 "
+        "(448^2: at most 256 image tokens). The bundled model's input is square and ignores it",
+    )
     warmup: bool = True
     vision_thread: bool = Field(
         default=True,

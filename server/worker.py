@@ -47,7 +47,7 @@ log = logging.getLogger("casa.worker")
 class FrameJob:
     index: int  # frame index in the session (sampled frames, from 0)
     pts: float  # seconds
-    image: np.ndarray  # (S, S, 3) uint8, S = engine.image_size
+    image: np.ndarray  # (h, w, 3) uint8 at the engine processor's size (server/ingest/frames.py)
     received: float  # time.monotonic() when the frame was decoded
     deadline: float | None  # time.monotonic() after which its generation stops (live mode)
 

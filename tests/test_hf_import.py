@@ -222,7 +222,13 @@ def test_insertion_fusion_matches_transformers_with_an_image(hf_dir) -> None:
 
 @pytest.mark.parametrize(
     ("shape", "image_size", "max_pixels"),
-    [((73, 211), None, 28 * 28 * 1280), ((300, 200), None, 112 * 112), ((200, 200), 112, 112 * 112 + 100)],
+    [
+        ((73, 211), None, 28 * 28 * 1280),
+        ((300, 200), None, 112 * 112),
+        ((200, 200), 112, 112 * 112 + 100),
+        ((360, 640), None, 448 * 448),  # a 16:9 camera at the engine's default budget (256 tokens)
+        ((1080, 1920), None, 448 * 448),
+    ],
 )
 def test_image_processor_matches_transformers(shape, image_size, max_pixels) -> None:
     rng = np.random.default_rng(4)

@@ -44,17 +44,19 @@ class Recorder:
                 self.logits.setdefault(r, []).append(next(logits))
                 self.feed_sizes[r][-1] += 1
 
-    def batch(self, rows: list[int]) -> Interleaved:
+    def batch(self, rows: list[int], grids: dict[int, list[tuple[int, int]]] | None = None) -> Interleaved:
+        """grids: per row, each frame's merged grid (frames of varying sizes; padded to the largest)."""
         T = max(len(self.tokens[r]) for r in rows)
         Fm = max(len(self.frames[r]) for r in rows)
-        N, D = self.frames[rows[0]][0][1].shape
+        N = max(img.shape[0] for r in rows for _, img in self.frames[r])
+        D = self.frames[rows[0]][0][1].shape[1]
         tokens = torch.zeros(len(rows), T, dtype=torch.long)
         images = torch.zeros(len(rows), Fm, N, D)
         insert_at = torch.zeros(len(rows), Fm, dtype=torch.long)
         for b, r in enumerate(rows):
             tokens[b, : len(self.tokens[r])] = torch.tensor(self.tokens[r])
             for f, (at, img) in enumerate(self.frames[r]):
-                insert_at[b, f], images[b, f] = at, img
+                insert_at[b, f], images[b, f, : img.shape[0]] = at, img
         return Interleaved(
             tokens=tokens,
             text_len=torch.tensor([len(self.tokens[r]) for r in rows]),
@@ -62,11 +64,15 @@ class Recorder:
             n_frames=torch.tensor([len(self.frames[r]) for r in rows]),
             insert_at=insert_at,
             grid=self.engine.model.grid,
+            frame_grids=None if grids is None else [grids[r] for r in rows],
         )
 
 
-def make_engine(fusion: str = "casa", shared: bool = False, std: float = 0.15, **kw) -> Engine:
+def make_engine(
+    fusion: str = "casa", shared: bool = False, std: float = 0.15, processor: str = "casa", **kw
+) -> Engine:
     model = toy_model("test-tiny", seed=1, fusion=fusion, shared=shared)
+    model.config.processor = processor
     with torch.no_grad():  # larger weights than the default init, so attention patterns are far from uniform
         for p in model.parameters():
             if p.dim() >= 2:
@@ -132,6 +138,55 @@ def test_streaming_matches_dense_reference(fusion: str, shared: bool) -> None:
         with torch.no_grad():
             blind = engine.model.forward_dense(batch)
         assert max_err(rec, rows, blind) > 1e-3
+
+
+@pytest.mark.parametrize(("fusion", "vision_thread"), [("casa", False), ("casa", True), ("insertion", True)])
+def test_aspect_preserving_frames_match_dense_reference(fusion: str, vision_thread: bool) -> None:
+    """A Qwen-style processor keeps each frame's aspect ratio within a pixel budget, so frames
+    have their own grids and image-token counts: streaming them (the CASA image buffer sized for
+    the budget) equals the dense reference over the same frames."""
+    budget = 32 * 32  # test-tiny's unit is 8 pixels: at most 16 image tokens
+    engine = make_engine(
+        fusion,
+        processor="qwen",
+        max_sessions=2,
+        max_context_tokens=512,
+        max_pixels=budget,
+        vision_thread=vision_thread,
+    )
+    assert engine.processor.max_tokens == 16
+    if engine.state.casa is not None:
+        assert engine.state.casa.image_tokens == 16
+    rec = Recorder(engine)
+    shapes = [[(30, 41), (20, 20), (40, 24), (24, 64)], [(40, 24), (33, 33), (20, 20), (30, 41)]]
+    grids: dict[int, list[tuple[int, int]]] = {}
+    rng = np.random.default_rng(5)
+    rows = [engine.open(p, SessionSettings(max_new_tokens=3)) for p in ("red circle", "blue square")]
+    for f in range(4):
+        for i, row in enumerate(rows):
+            h, w = shapes[i][f]
+            th, tw = engine.processor.target_size(h, w)
+            grids.setdefault(row, []).append((th // 8, tw // 8))
+            engine.submit_frame(row, rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        while any(engine.busy(r) for r in rows):
+            engine.step()
+    while engine.has_work():
+        engine.step()
+    counts = {img.shape[0] for r in rows for _, img in rec.frames[r]}
+    assert len(counts) >= 3 and max(counts) <= 16  # the frames really differ in size
+    for r in rows:
+        assert [img.shape[0] for _, img in rec.frames[r]] == [gh * gw for gh, gw in grids[r]]
+    batch = rec.batch(rows, grids)
+    with torch.no_grad():
+        dense = engine.model.forward_dense(batch)
+    err = max_err(rec, rows, dense)
+    assert err <= ATOL[torch.float32], f"max abs err {err:.3g}"
+    # teeth: the same frames read with the wrong grids (one square per count) disagree
+    batch.frame_grids = [[(1, gh * gw) for gh, gw in grids[r]] for r in rows]
+    with torch.no_grad():
+        wrong = engine.model.forward_dense(batch)
+    assert max_err(rec, rows, wrong) > 1e-3
+    engine.shutdown()
 
 
 def test_casa_locality() -> None:

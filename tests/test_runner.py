@@ -191,7 +191,8 @@ def test_traced_vision_tower_matches_eager() -> None:
             traced, _ = runner.encode(patches)
             eager = engine.model.encode_images(patches)
         torch.testing.assert_close(traced, eager, rtol=0, atol=ATOL[torch.float32])
-    assert set(runner._vision) == {1, 3}  # one trace per batch size
+    grid = engine.model.patch_grid
+    assert set(runner._vision) == {(1, grid), (3, grid)}  # one trace per batch size and grid
 
 
 def test_a_frame_the_vision_thread_cannot_encode_fails_alone() -> None:

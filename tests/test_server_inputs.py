@@ -4,6 +4,7 @@ image payloads, the container reader's byte cap. Hypothesis example counts are k
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 
@@ -283,3 +284,73 @@ def test_an_undeclared_init_segment_stops_at_the_cap():
     reader.feed(free)
     assert reader.read(4096) == b"" and reader.failed is not None
     assert source.pulled == 0
+
+
+# ---- frame preprocessing: the server decodes, the model's processor resizes -------------------------
+
+
+def _scene(h: int, w: int, seed: int) -> np.ndarray:
+    """A smooth gradient with noise: JPEG-friendly, and its resize is not trivially uniform."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) % 256], -1)
+    return np.clip(base + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("h", "w"), [(360, 640), (480, 200), (97, 301)])
+def test_server_frames_are_the_qwen_processors_resize(h, w):
+    """Non-square frames keep their aspect ratio: what the ingest decoders hand the engine is the
+    processor's own resize of the decoded image, so preprocessing it again changes nothing and
+    equals preprocessing the original."""
+    import av
+
+    from model.processor import QwenImageProcessor
+    from server.ingest import to_rgb
+
+    proc = QwenImageProcessor(14, 2, image_size=None, min_pixels=56 * 56, max_pixels=448 * 448)
+    limits = FrameLimits.for_processor(proc, 448, 4096, 4096)
+    assert limits.resize is not None
+    original = _scene(h, w, h + w)
+    th, tw = proc.target_size(h, w)
+    assert th % 28 == 0 and tw % 28 == 0 and th * tw <= 448 * 448
+    assert abs(th / tw - h / w) < 0.25 * h / w  # the aspect ratio is kept (to the 28-pixel grid)
+    expected, grid = proc.process(original)
+    assert grid == (th // 14, tw // 14)
+    # images (PNG is lossless: the original's pixels; JPEG: Pillow's full decode, no draft mode)
+    jpeg_bytes = jpeg(original)
+    for payload, source in ((png(original), original), (jpeg_bytes, None)):
+        frame = decode_image(payload, limits)
+        if source is None:
+            source = np.asarray(PIL.Image.open(io.BytesIO(jpeg_bytes)).convert("RGB"))
+        assert frame.shape == (th, tw, 3) and frame.dtype == np.uint8
+        assert np.array_equal(frame, proc.resize(source))
+        torch.testing.assert_close(proc(frame), proc(source), rtol=0, atol=0)
+    torch.testing.assert_close(proc(decode_image(png(original), limits)), expected, rtol=0, atol=0)
+    # decoded video (containers and packets share to_rgb): converted at full size, then resized
+    vf = av.VideoFrame.from_ndarray(original, format="rgb24").reformat(format="yuv420p")
+    frame = to_rgb(vf, limits)
+    assert frame.shape == (th, tw, 3)
+    rgb = vf.reformat(format="rgb24").to_ndarray()
+    torch.testing.assert_close(proc(frame), proc(rgb), rtol=0, atol=0)
+    # the square processor of the bundled model keeps its square input
+    square = FrameLimits(24, 4096, 4096)
+    assert decode_image(png(original), square).shape == (24, 24, 3)
+    assert to_rgb(vf, square).shape == (24, 24, 3)
+
+
+def test_engine_sizes_the_image_buffer_for_the_pixel_budget():
+    from model.generate import Engine
+    from model.toy import toy_generation_config, toy_model, word_tokenizer
+
+    model = toy_model("test-tiny", seed=0)
+    model.config.processor = "qwen"
+    tok = word_tokenizer(model.config.lm.vocab)
+    engine = Engine(model, tok, toy_generation_config(), max_sessions=1, max_pixels=40 * 40)
+    assert engine.processor.max_tokens == 25  # 40^2 pixels in 8-pixel units
+    assert engine.state.casa.image_tokens == 25
+    h, w = engine.processor.target_size(30, 200)  # wide: the budget, not a square, bounds it
+    assert w > h and h * w <= 40 * 40
+    row = engine.open("red circle")
+    events = list(engine.caption(row, _scene(30, 200, 1)))
+    assert events[-1].done and events[-1].reason in ("stop", "length")
+    assert int(engine.state.casa.n_img[row]) == (h // 8) * (w // 8)

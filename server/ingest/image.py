@@ -4,7 +4,8 @@ The format is sniffed from magic bytes: JPEG/PNG/WebP are accepted, other image 
 `unsupported_codec`, anything else is `bad_frame`. `Image.open` reads only the header, so the
 dimensions are checked against the server's limits before any pixel is decoded; Pillow's own
 decompression-bomb guard stays in place (it is process-wide state, not ours to change). JPEG draft mode
-decodes at reduced size when the target is small. Any exception Pillow raises on a payload is
+decodes at reduced size when the target is the bundled model's small square (a processor that
+resizes itself gets the full image: see server/ingest/frames.py). Any exception Pillow raises on a payload is
 `bad_frame`: an image is client data, never a server error.
 """
 
@@ -46,7 +47,8 @@ def sniff_image(payload: bytes) -> str | None:
 
 
 def decode_image(payload: bytes, limits: FrameLimits) -> np.ndarray:
-    """One JPEG/PNG/WebP -> (size, size, 3) uint8. Raises BadFrame, FrameTooLarge, UnsupportedCodec."""
+    """One JPEG/PNG/WebP -> the model's uint8 RGB input (see FrameLimits). Raises BadFrame,
+    FrameTooLarge, UnsupportedCodec."""
     kind = sniff_image(payload)
     if kind is None:
         raise BadFrame("0x01 payload is not an image (expected JPEG, PNG or WebP after the 9-byte header)")
@@ -57,6 +59,10 @@ def decode_image(payload: bytes, limits: FrameLimits) -> np.ndarray:
         if img.format is None or img.format.lower() != kind:
             raise BadFrame(f"the payload starts like {kind.upper()} but is not one")
         limits.check(*img.size)
+        if limits.resize is not None:
+            # the processor resizes the full decoded image (no draft mode: its output must equal
+            # the processor's own on the original)
+            return np.array(limits.resize(np.asarray(img.convert("RGB"))), dtype=np.uint8)
         if kind == "jpeg":
             img.draft("RGB", (limits.size, limits.size))  # DCT scaling: decode at >= the target size
         img = img.convert("RGB")
