@@ -7,6 +7,17 @@ re-rotated by -n, so slot == position always holds and positions stay < C (Strea
 by cache slot"). Each key is re-rotated at most C / chunk times before it is itself evicted, so
 rounding does not accumulate.
 
+InsertionSpans: the bounded policy of token-insertion models (the benchmark baseline, and a plain
+Qwen2.5-VL imported with `--fusion insertion`), StreamingVLM-style: the prompt is the attention
+sink, and the rest of the cache is a sliding window of the most recent items (whole frames and text
+tokens), oldest evicted first, a whole frame at a time. Insertion keys sit at Qwen2.5-VL's absolute
+positions (a frame spans max(gh, gw) positions over gh*gw slots, so slot != position); on eviction
+the kept tokens are re-positioned contiguously after the sink: every key moves down by the
+position span d of what was evicted (re-rotated by -d in every M-RoPE section: an image token at
+(p, p+row, p+col) goes to (p-d, p-d+row, p-d+col), a valid Qwen position again) and the row's next
+position drops by d. The sink keeps its positions. So a stream's positions stay bounded and every
+kept token sits where a fresh Qwen2.5-VL layout of [sink | kept items] would put it.
+
 CASAState: per CASA layer, the current frame's image K/V (overwritten in place at each frame) and the
 current window's text K/V (reset at each frame), side by side in one (Lc, B, Hkv, N + W + 1, D)
 buffer.
@@ -17,6 +28,9 @@ bookkeeping never forces a device sync.
 """
 
 from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
 
 import torch
 
@@ -37,6 +51,29 @@ def plan_eviction(length: int, n_new: int, capacity: int, sink: int, chunk: int)
             "raise max_context_tokens or shorten the prompt"
         )
     return n
+
+
+def plan_span_eviction(
+    spans: Sequence[tuple[int, int]], length: int, n_new: int, capacity: int, sink: int, chunk: int
+) -> tuple[int, int, int]:
+    """Token insertion: how many whole items to drop (oldest first, after the sink) before
+    appending n_new slots; spans are the items' (slots, positions). Returns (items, slots,
+    positions) dropped. At least `chunk` slots go once eviction starts (as plan_eviction), rounded
+    up to whole items. Shared by InsertionSpans and the dense reference of the bounded test."""
+    if length + n_new <= capacity:
+        return 0, 0, 0
+    need = min(max(length + n_new - capacity, chunk), length - sink)
+    k = slots = positions = 0
+    while slots < need and k < len(spans):
+        slots += spans[k][0]
+        positions += spans[k][1]
+        k += 1
+    if length - slots + n_new > capacity:
+        raise ValueError(
+            f"cannot fit {n_new} new tokens in a text cache of {capacity} with a {sink}-token sink; "
+            "raise max_context_tokens (a token-insertion model keeps whole frames in it) or shorten the prompt"
+        )
+    return k, slots, positions
 
 
 class TextCache:
@@ -76,10 +113,19 @@ class TextCache:
         n = plan_eviction(length, n_new, self.capacity, sink, self.chunk)
         if n == 0:
             return 0
+        self.evict(row, n, n, freqs)
+        return n
+
+    def evict(self, row: int, n: int, shift: int, freqs: torch.Tensor) -> None:
+        """Drop the n oldest non-sink slots of `row`: the rest move down n slots and their keys
+        are re-rotated by -shift positions (n for CASA's slot positions; the evicted position span
+        for token insertion). freqs: (D/2,) rotary frequencies; one angle per frequency shifts
+        every M-RoPE section alike."""
+        length, sink = int(self.length[row]), int(self.sink[row])
         keep = slice(sink + n, length)
         dst = slice(sink, length - n)
-        # Re-rotate moved keys by -n: R(p - n) = R(-n) R(p). (L, Hkv, len, D)
-        ang = -float(n) * freqs.to(self.k.device, torch.float32)
+        # Re-rotate moved keys by -shift: R(p - s) = R(-s) R(p). (L, Hkv, len, D)
+        ang = -float(shift) * freqs.to(self.k.device, torch.float32)
         emb = torch.cat([ang, ang])
         cos, sin = emb.cos(), emb.sin()
         moved = self.k[:, row, :, keep].float()
@@ -87,7 +133,6 @@ class TextCache:
         self.v[:, row, :, dst] = self.v[:, row, :, keep].clone()
         self.length[row] = length - n
         self.evicted[row] += n
-        return n
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
@@ -126,17 +171,47 @@ class CASAState:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v))
 
 
+class InsertionSpans:
+    """Host bookkeeping of a token-insertion model's bounded cache (see the module docstring): per
+    row, the (slots, positions) of every item fed after the sink, oldest first."""
+
+    def __init__(self, batch: int) -> None:
+        self.items: list[collections.deque[tuple[int, int]]] = [collections.deque() for _ in range(batch)]
+
+    def reset(self, row: int) -> None:
+        self.items[row].clear()
+
+    def push(self, row: int, slots: int, positions: int) -> None:
+        self.items[row].append((slots, positions))
+
+    def make_room(self, text: TextCache, row: int, n_new: int, freqs: torch.Tensor) -> int:
+        """Evict whole oldest items before appending n_new slots to `row`; returns the position
+        shift d: the caller's next position for the row drops by d."""
+        items = self.items[row]
+        length, sink = int(text.length[row]), int(text.sink[row])
+        k, n, d = plan_span_eviction(items, length, n_new, text.capacity, sink, text.chunk)
+        if k == 0:
+            return 0
+        for _ in range(k):
+            items.popleft()
+        text.evict(row, n, d, freqs)
+        return d
+
+
 class StreamState:
     """Everything the streaming model keeps per session row."""
 
-    def __init__(self, text: TextCache, casa: CASAState | None) -> None:
+    def __init__(self, text: TextCache, casa: CASAState | None, spans: InsertionSpans | None = None) -> None:
         self.text = text
         self.casa = casa
+        self.spans = spans  # token insertion only
 
     def reset(self, row: int) -> None:
         self.text.reset(row)
         if self.casa is not None:
             self.casa.reset(row)
+        if self.spans is not None:
+            self.spans.reset(row)
 
     def nbytes(self) -> int:
         return self.text.nbytes() + (self.casa.nbytes() if self.casa is not None else 0)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.cache import CASAState, StreamState, TextCache
+from model.cache import CASAState, InsertionSpans, StreamState, TextCache
 from model.config import GenerationConfig
 from model.processor import ImageProcessor, QwenImageProcessor
 from model.runner import Runner, StepResult
@@ -106,6 +106,7 @@ class Engine:
                 dtype,
                 device,
             ),
+            InsertionSpans(max_sessions) if self.insertion else None,
         )
         self.stop_ids = [tokenizer.token_id(t) for t in gen.stop_tokens]
         t = gen.template

@@ -61,16 +61,22 @@ def _attend(
 
 
 def dense_forward(
-    lm: LanguageModel, batch: Interleaved, sa_visible: torch.Tensor | None = None
+    lm: LanguageModel,
+    batch: Interleaved,
+    sa_visible: torch.Tensor | None = None,
+    sa_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (B, T, V) at every text token.
 
     sa_visible: optional (B, T, T) bool, which text keys each text query sees in self-attention
     (default causal). With it, RoPE positions are slots: a key's position is the number of visible
     keys before it in that query's row (StreamingLLM), which is what the bounded cache computes.
+    Token insertion: sa_visible is (B, L, L) over the interleaved stream (`insertion_layout`) and
+    sa_offset (B, L, L) long says how many positions key j sits below its Qwen position when query
+    t sees it (query t itself: sa_offset[t, t]), which is what its bounded cache computes.
     """
     if lm.fusion == "insertion":
-        return _dense_insertion(lm, batch)
+        return _dense_insertion(lm, batch, sa_visible, sa_offset)
     B, T = batch.tokens.shape
     dev = batch.tokens.device
     x = lm.embed_tokens(batch.tokens)
@@ -158,6 +164,35 @@ def _slot_attention(
     return out
 
 
+def _shifted_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor,
+    pos: torch.Tensor,
+    offset: torch.Tensor,
+    lm: LanguageModel,
+) -> torch.Tensor:
+    """Self-attention where query t sees key j at position pos[j] - offset[t, j] (every M-RoPE
+    component alike) and sits itself at pos[t] - offset[t, t]. q (B,H,L,D), k/v (B,Hkv,L,D)."""
+    B, H = q.shape[:2]
+    g = H // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        vis = visible[b]  # (L, L)
+        kpos = pos[b][None, :, :] - offset[b][..., None]  # (Lq, Lk, 3)
+        qcos, qsin = lm.cos_sin(kpos.diagonal(dim1=0, dim2=1).t()[None])  # (1, L, D)
+        qr = apply_rope(q[b : b + 1], qcos, qsin)[0]  # (H, L, D)
+        kcos, ksin = lm.cos_sin(kpos)  # (Lq, Lk, D)
+        kb = k[b].float().repeat_interleave(g, 0)[:, None]  # (H, 1, Lk, D)
+        kr = (kb * kcos[None] + rotate_half(kb) * ksin[None]).to(q.dtype)  # (H, Lq, Lk, D)
+        scores = torch.einsum("htd,htjd->htj", qr, kr) * lm.scale
+        scores = scores.masked_fill(~vis[None], float("-inf"))
+        p = torch.softmax(scores.float(), -1).nan_to_num(0.0).to(q.dtype)
+        out[b] = p @ v[b].repeat_interleave(g, 0)
+    return out
+
+
 def insertion_layout(batch: Interleaved) -> tuple[list[list[tuple[str, int]]], list[torch.Tensor]]:
     """Per row: the interleaved stream [("t", text_index) | ("i", frame*N + n)] and its positions.
 
@@ -187,7 +222,12 @@ def insertion_layout(batch: Interleaved) -> tuple[list[list[tuple[str, int]]], l
     return layouts, positions
 
 
-def _dense_insertion(lm: LanguageModel, batch: Interleaved) -> torch.Tensor:
+def _dense_insertion(
+    lm: LanguageModel,
+    batch: Interleaved,
+    visible: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
     B, T = batch.tokens.shape
     dev = batch.tokens.device
     layouts, positions = insertion_layout(batch)
@@ -210,13 +250,18 @@ def _dense_insertion(lm: LanguageModel, batch: Interleaved) -> torch.Tensor:
     x = torch.stack([F.pad(r, (0, 0, 0, L - r.shape[0])) for r in rows])
     s = torch.arange(L, device=dev)
     mask = (s[None, :, None] >= s[None, None, :]) & (s[None, None, :] < length[:, None, None])
+    if visible is not None:
+        mask = mask & visible[:, :L, :L].to(dev)
     cos, sin = lm.cos_sin(pos)
     for block in lm.layers:
         h = block.input_layernorm(x)
-        q = apply_rope(block.self_attn.q(h), cos, sin)
+        q = block.self_attn.q(h)
         k, v = block.self_attn.kv(h)
-        k = apply_rope(k, cos, sin)
-        out = x + block.self_attn.out(_attend(q, k, v, mask[:, None], lm.scale))
+        if offset is None:
+            o = _attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask[:, None], lm.scale)
+        else:
+            o = _shifted_attention(q, k, v, mask, pos, offset[:, :L, :L].to(dev), lm)
+        out = x + block.self_attn.out(o)
         x = out + block.mlp(block.post_attention_layernorm(out))
     h = lm.norm(x)
     return lm.logits(torch.gather(h, 1, text_slot[..., None].expand(-1, -1, h.shape[-1])))

@@ -192,7 +192,9 @@ class Runner:
         sa_pos = torch.zeros(R, T, 3, dtype=torch.long)
         for i, items in feeds.items():
             n_valid[i] = lengths[i]
-            if not self.insertion:
+            if self.insertion:
+                self._insertion_room(i, lengths[i])
+            else:
                 self.state.text.make_room(i, lengths[i], lm.freqs)
             ids = [it for it in items if not isinstance(it, torch.Tensor)]
             emb = lm.embed_tokens(torch.tensor(ids, device=self.device)) if ids else None
@@ -224,15 +226,30 @@ class Runner:
         """Absolute Qwen2.5-VL positions for the insertion baseline (see model/reference.py)."""
         gh, gw = self.grids.get(i, self.model.grid)
         out = []
+        slot = int(self.state.text.length[i])
         for it in items:
             p = self.positions[i]
             if isinstance(it, torch.Tensor):
                 out.append(image_positions(torch.tensor([p]), (gh, gw))[0])
-                self.positions[i] += max(gh, gw)
+                n, span = it.shape[0], max(gh, gw)
             else:
                 out.append(torch.tensor([[p] * 3]))
-                self.positions[i] += 1
+                n = span = 1
+            self._insertion_fed(i, slot, n, span)
+            slot += n
         return torch.cat(out)
+
+    def _insertion_room(self, i: int, n_new: int) -> None:
+        """Token insertion's bounded cache (model/cache.py InsertionSpans): evict whole oldest
+        items and re-position the rest contiguously after the sink."""
+        if self.state.spans is not None:
+            self.positions[i] -= self.state.spans.make_room(self.state.text, i, n_new, self.lm.freqs)
+
+    def _insertion_fed(self, i: int, slot: int, n: int, span: int) -> None:
+        """An item of n slots and `span` positions is fed at `slot`; the sink's are never evicted."""
+        self.positions[i] += span
+        if self.state.spans is not None and slot >= int(self.state.text.sink[i]):
+            self.state.spans.push(i, n, span)
 
     def decode_inputs(self, decode: dict[int, int]) -> tuple[DecodeInputs, int, int, dict[int, int]]:
         """Host-side: the inputs of a decode step, its spans S and Wb, and each working row's
@@ -253,8 +270,10 @@ class Runner:
         ca_slot = torch.full((B,), cs.window if cs is not None else 0, dtype=torch.long)
         n_img = torch.zeros(B, dtype=torch.long)
         working = sorted(decode)
-        if not self.insertion:
-            for i in working:
+        for i in working:
+            if self.insertion:
+                self._insertion_room(i, 1)
+            else:
                 text.make_room(i, 1, self.lm.freqs)
         at = {i: j for j, i in enumerate(entries)}
         rows = torch.tensor(working)  # batch rows
@@ -264,7 +283,7 @@ class Runner:
         if self.insertion:
             sa_pos[idx] = torch.tensor([self.positions[i] for i in working])
             for i in working:
-                self.positions[i] += 1
+                self._insertion_fed(i, int(text.length[i]), 1, 1)
         else:
             sa_pos[idx] = text.length[rows]
         if int(sa_slot[idx].max()) >= text.capacity:

@@ -44,6 +44,11 @@ class CASAModel(nn.Module):
         """patches (F, gh*gw, C*P*P) from model.processor -> image tokens (F, N, hidden)."""
         return self.vision(patches, patch_grid or self.patch_grid)
 
-    def forward_dense(self, batch: Interleaved, sa_visible: torch.Tensor | None = None) -> torch.Tensor:
-        """Training / reference forward: logits (B, T, V) at every text token."""
-        return dense_forward(self.lm, batch, sa_visible)
+    def forward_dense(
+        self,
+        batch: Interleaved,
+        sa_visible: torch.Tensor | None = None,
+        sa_offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Training / reference forward: logits (B, T, V) at every text token (model/reference.py)."""
+        return dense_forward(self.lm, batch, sa_visible, sa_offset)

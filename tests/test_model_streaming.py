@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 import torch
 
-from model.cache import plan_eviction
+from model.cache import plan_eviction, plan_span_eviction
 from model.generate import Engine, SessionSettings
 from model.reference import Interleaved
 from model.toy import toy_generation_config, toy_model, word_tokenizer
@@ -25,6 +27,7 @@ class Recorder:
         self.logits: dict[int, list[torch.Tensor]] = {}
         self.frames: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.feed_sizes: dict[int, list[int]] = {}
+        self.feeds: dict[int, list[list[tuple[int, int]]]] = {}  # per tick: (slots, positions) per item
         engine.record_logits = True
         engine.observers.append(self.observe)
 
@@ -34,15 +37,18 @@ class Recorder:
                 self.frames.setdefault(r, []).append((len(self.tokens.get(r, [])), img.clone()))
         for r, items in res.fed.items():
             self.feed_sizes.setdefault(r, []).append(0)
+            self.feeds.setdefault(r, []).append([])
             logits = iter(res.fed_logits[r])
             for it in items:
                 if isinstance(it, torch.Tensor):  # insertion: a frame inside the text stream
                     self.frames.setdefault(r, []).append((len(self.tokens.get(r, [])), it.clone()))
                     self.feed_sizes[r][-1] += it.shape[0]
+                    self.feeds[r][-1].append((it.shape[0], max(self.engine.model.grid)))
                     continue
                 self.tokens.setdefault(r, []).append(int(it))
                 self.logits.setdefault(r, []).append(next(logits))
                 self.feed_sizes[r][-1] += 1
+                self.feeds[r][-1].append((1, 1))
 
     def batch(self, rows: list[int], grids: dict[int, list[tuple[int, int]]] | None = None) -> Interleaved:
         """grids: per row, each frame's merged grid (frames of varying sizes; padded to the largest)."""
@@ -275,6 +281,80 @@ def test_bounded_text_cache_matches_restricted_reference() -> None:
     err = max_err(rec, rows, dense)
     assert err <= ATOL[torch.float32], f"max abs err {err:.3g}"
     assert max_err(rec, rows, unbounded) > 1e-3  # eviction really changed what the model saw
+
+
+def insertion_visibility(
+    feeds: list[list[tuple[int, int]]], capacity: int, sink: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token insertion: (L, L) which stream tokens each query saw and (L, L) how many positions
+    below its Qwen position each key sat for it, replaying the bounded policy (whole oldest items
+    after the sink go; the rest move down by the evicted position span)."""
+    L = sum(n for feed in feeds for n, _ in feed)
+    vis = torch.zeros(L, L, dtype=torch.bool)
+    off = torch.zeros(L, L, dtype=torch.long)
+    sink_idx: list[int] = []
+    spans: collections.deque[tuple[int, int, list[int]]] = (
+        collections.deque()
+    )  # (slots, positions, stream ids)
+    shift = t = 0
+    for feed in feeds:
+        n_new = sum(n for n, _ in feed)
+        length = len(sink_idx) + sum(a for a, _, _ in spans)
+        k, _, d = plan_span_eviction([(a, b) for a, b, _ in spans], length, n_new, capacity, sink, chunk)
+        for _ in range(k):
+            spans.popleft()
+        shift += d
+        kept = [j for _, _, ids in spans for j in ids]
+        new = list(range(t, t + n_new))
+        for i, q in enumerate(new):
+            window = kept + new[: i + 1]
+            vis[q, sink_idx + window] = True
+            off[q, window] = shift
+        j = t
+        for n, span in feed:
+            ids = list(range(j, j + n))
+            if len(sink_idx) < sink:
+                sink_idx += ids
+            else:
+                spans.append((n, span, ids))
+            j += n
+        t += n_new
+    return vis, off
+
+
+def test_bounded_insertion_cache_matches_restricted_reference() -> None:
+    """A token-insertion model streams past its text cache: StreamingVLM's sink + sliding window of
+    whole frames and text, positions re-based contiguously, equals the dense insertion reference
+    that sees exactly the kept tokens at their re-based positions."""
+    capacity = 56
+    engine = make_engine("insertion", max_sessions=2, max_context_tokens=capacity)
+    rec = Recorder(engine)
+    sizes = []
+    engine.observers.append(lambda res: sizes.append(int(engine.state.text.length.max())))
+    lengths = [[5, 6, 4, 6, 5, 6, 5, 6, 6, 5]] * 2
+    rows = run_session(engine, 10, lengths, ["red circle", "blue square at the top"])
+    assert max(sizes) <= capacity
+    text = engine.state.text
+    for r in rows:
+        assert text.evicted[r] > 2 * capacity, "the stream must have outgrown the cache several times"
+        assert engine.runner.positions[r] < 2 * capacity  # positions stay bounded, too
+    batch = rec.batch(rows)
+    L = max(sum(rec.feed_sizes[r]) for r in rows)
+    vis = torch.zeros(len(rows), L, L, dtype=torch.bool)
+    off = torch.zeros(len(rows), L, L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = sum(rec.feed_sizes[r])
+        vis[b, :n, :n], off[b, :n, :n] = insertion_visibility(
+            rec.feeds[r], capacity, int(text.sink[r]), text.chunk
+        )
+    with torch.no_grad():
+        dense = engine.model.forward_dense(batch, sa_visible=vis, sa_offset=off)
+        unbounded = engine.model.forward_dense(batch)
+        unshifted = engine.model.forward_dense(batch, sa_visible=vis, sa_offset=torch.zeros_like(off))
+    err = max_err(rec, rows, dense)
+    assert err <= ATOL[torch.float32], f"max abs err {err:.3g}"
+    assert max_err(rec, rows, unbounded) > 1e-3  # eviction really changed what the model saw
+    assert max_err(rec, rows, unshifted) > 1e-3  # ... and the re-basing of positions matters
 
 
 def test_engine_reports_vision_time_only_for_steps_that_start_frames() -> None:
