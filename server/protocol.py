@@ -279,7 +279,10 @@ class SessionCreated(_Event):
     session_id: str
     model: str
     protocol_version: int = PROTOCOL_VERSION
-    image_size: int = Field(description="frames are resized to image_size x image_size for the model")
+    image_size: int = Field(
+        description="the model's frame side: frames are resized to image_size x image_size (the bundled "
+        "model), or within image_size^2 pixels with their aspect ratio kept (Qwen-family models)"
+    )
     limits: Limits
     settings: SessionSettings
     input: InputSettings
