@@ -47,6 +47,11 @@ FLAGS: dict[str, tuple[str, type, str]] = {
         int,
         "uploads received or captioned at once; more get 503 (default 2)",
     ),
+    "--drain-seconds": (
+        "drain_seconds",
+        float,
+        "on SIGTERM, drain sessions for up to this long before exiting (default 30)",
+    ),
     "--log-level": ("log_level", str, "debug | info | warning | error (default info)"),
 }
 
@@ -113,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.drain import DrainingServer
     from server.logs import install_redaction
 
     settings = settings_from_args(args)
@@ -128,15 +134,18 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"  websocket:  ws://{host}:{settings.port}/v1/stream   metrics: http://{host}:{settings.port}/metrics"
     )
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         ws_per_message_deflate=False,  # JPEG / video payloads do not compress; deflate only costs CPU
         ws_max_size=settings.transport_max_bytes,
         ws_max_queue=WS_MAX_QUEUE,  # messages the websocket layer buffers per connection, before the session
+        # after the drain (server/drain.py) only stragglers are left: do not wait on them past the grace
+        timeout_graceful_shutdown=2,
     )
     install_redaction()  # keys and cookies never reach the log, at any level
-    uvicorn.Server(config).run()
+    DrainingServer(config, app.state.ctx).run()
     return 0

@@ -50,7 +50,8 @@ class CloseCode(IntEnum):
     POLICY = 1008  # authentication failed, or the Origin is not allowed
     TOO_BIG = 1009  # a message above the transport limit
     INTERNAL = 1011  # the server failed for this session
-    TRY_AGAIN = 1013  # capacity: every model slot is taken, retry later
+    SERVICE_RESTART = 1012  # the server drained this session (it is stopping): reconnect, to another replica
+    TRY_AGAIN = 1013  # capacity: every model slot is taken (or the server is draining), retry later
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -334,12 +335,30 @@ class Error(_Event):
 
 class SessionClosed(_Event):
     type: Literal["session.closed"] = "session.closed"
-    reason: str = Field(description="client | session_timeout | idle_timeout | error | shutdown")
+    reason: str = Field(description="client | session_timeout | idle_timeout | error | shutdown | draining")
     stats: Stats | None = None
 
 
+class SessionDraining(_Event):
+    """The server is stopping (SIGTERM: a rollout, a scale-down, a node drain). It captions the frames
+    already sent, then sends `session.closed` (reason `draining`) and closes with 1012; the client
+    should stop sending and reconnect, which a load balancer routes to another replica."""
+
+    type: Literal["session.draining"] = "session.draining"
+    deadline_seconds: float = Field(description="seconds from now by which the server closes the session")
+    reason: str = Field(default="shutdown", description="why the server drains (shutdown)")
+
+
 ServerEvent = Annotated[
-    SessionCreated | SessionUpdated | CaptionDelta | CaptionSegment | Stats | Marker | Error | SessionClosed,
+    SessionCreated
+    | SessionUpdated
+    | CaptionDelta
+    | CaptionSegment
+    | Stats
+    | Marker
+    | Error
+    | SessionClosed
+    | SessionDraining,
     Field(discriminator="type"),
 ]
 
@@ -354,7 +373,17 @@ def parse_client_event(text: str | bytes) -> SessionUpdate | InputMarker | Sessi
 
 def parse_server_event(
     text: str | bytes,
-) -> SessionCreated | SessionUpdated | CaptionDelta | CaptionSegment | Stats | Marker | Error | SessionClosed:
+) -> (
+    SessionCreated
+    | SessionUpdated
+    | CaptionDelta
+    | CaptionSegment
+    | Stats
+    | Marker
+    | Error
+    | SessionClosed
+    | SessionDraining
+):
     return server_event_adapter.validate_json(text)
 
 
