@@ -78,9 +78,16 @@ class Replica:
     """One `casa serve` process (the bundled model unless `model_dir`)."""
 
     def __init__(
-        self, name: str, workdir: Path, max_sessions: int, drain_seconds: float, model_dir: str | None
+        self,
+        name: str,
+        workdir: Path,
+        max_sessions: int,
+        drain_seconds: float,
+        model_dir: str | None,
+        port: int | None = None,
     ) -> None:
-        self.name, self.port = name, free_port()
+        self.name, self.port = name, port or free_port()
+        self.args = (workdir, max_sessions, drain_seconds, model_dir)
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws = f"ws://127.0.0.1:{self.port}/v1/stream"
         self.log_path = workdir / f"{name}.log"
@@ -88,7 +95,7 @@ class Replica:
                str(max_sessions), "--drain-seconds", str(drain_seconds), "--threads", "1"]  # fmt: skip
         if model_dir:
             cmd += ["--model-dir", model_dir]
-        with open(self.log_path, "w") as log:
+        with open(self.log_path, "a") as log:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -214,6 +221,16 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise AssertionError(f"sessions per replica {got}, waited for {wanted}")
             time.sleep(0.05)
+
+    def replace(self, old: Replica, timeout: float = 300.0) -> Replica:
+        """A rolling restart of one replica: wait for `old` to exit (SIGTERM it first), start a new one
+        on the same port (HAProxy's health checks bring it back into rotation) and wait until it is UP."""
+        old.proc.wait(timeout)
+        new = Replica(old.name, *old.args, port=old.port)
+        self.replicas[self.replicas.index(old)] = new
+        new.wait_ready(timeout)
+        self.wait_status({new.name: "UP"}, timeout=60)
+        return new
 
     def stop(self) -> None:
         if self.haproxy is not None and self.haproxy.poll() is None:
