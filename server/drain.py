@@ -7,7 +7,8 @@ Order, chosen so that no session is cut and a load balancer never sends a new on
 2. Every open session gets `session.draining` with its deadline, has its frames in flight captioned,
    then `session.closed` (reason `draining`) and close 1012 (service restart): clients reconnect, and
    the load balancer routes them to another replica.
-3. The process exits once every session is closed, or when the grace period (`drain_seconds`) ends.
+3. The process exits once every session is closed and every upload in progress has been answered,
+   or when the grace period (`drain_seconds`) ends.
 
 uvicorn's own SIGTERM handling closes the listening socket and then fails every websocket with 1012
 at once, with no event first. `DrainingServer` runs the drain before that: uvicorn's signal handler
@@ -47,7 +48,7 @@ async def drain(ctx: ServerContext, grace: float, abort: Callable[[], bool] = la
     log.info("draining %d session(s) for up to %.1f s before stopping", len(sessions), grace)
     for session in sessions:
         ctx.drain_tasks.add(asyncio.create_task(session.drain(ctx.drain_deadline)))
-    while ctx.sessions and time.monotonic() < deadline and not abort():
+    while (ctx.sessions or ctx.uploads) and time.monotonic() < deadline and not abort():
         await asyncio.sleep(0.05)
     left = len(ctx.sessions)
     for task in ctx.drain_tasks:
