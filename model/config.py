@@ -157,6 +157,10 @@ class PromptTemplate:
     default_prompt: str = "Describe what you see."
 
 
+# The text KV cache bound of a checkpoint whose generation config names none.
+DEFAULT_CONTEXT_TOKENS = 1024
+
+
 @dataclass
 class GenerationConfig:
     stop_tokens: list[str] = field(default_factory=lambda: ["<|frame_end|>"])
@@ -170,6 +174,11 @@ class GenerationConfig:
     no_repeat_ngram: int = 0
     ngram_window: int = 60
     fps: float = 2.0
+    # The text context the checkpoint is meant to stream with: the default bound of the text KV
+    # cache (`max_context_tokens`). None: the engine's default (DEFAULT_CONTEXT_TOKENS). A model
+    # trained on short clips has never seen positions far past its training length, and a longer
+    # bound costs attention reads every step without buying quality (docs/engine.md).
+    context_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

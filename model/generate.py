@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from model.cache import CASAState, StreamState, TextCache
-from model.config import GenerationConfig
+from model.config import DEFAULT_CONTEXT_TOKENS, GenerationConfig
 from model.processor import ImageProcessor, QwenImageProcessor
 from model.runner import Runner, StepResult
 from model.sampling import Sampler, SamplingParams
@@ -67,7 +67,7 @@ class Engine:
         tokenizer: Tokenizer,
         gen: GenerationConfig,
         max_sessions: int = 16,
-        max_context_tokens: int = 1024,
+        max_context_tokens: int | None = None,
         window_tokens: int = 256,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -85,8 +85,10 @@ class Engine:
         self.insertion = cfg.casa.fusion == "insertion"
         self.max_sessions = max_sessions
         lm = cfg.lm
+        # the caller's bound, else the checkpoint's (generation_config.json "context_tokens")
+        self.max_context_tokens = max_context_tokens or gen.context_tokens or DEFAULT_CONTEXT_TOKENS
         self.state = StreamState(
-            TextCache(lm.layers, max_sessions, lm.kv_heads, lm.head_dim, max_context_tokens, dtype, device),
+            TextCache(lm.layers, max_sessions, lm.kv_heads, lm.head_dim, self.max_context_tokens, dtype, device),
             None
             if self.insertion
             else CASAState(
