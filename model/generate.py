@@ -77,6 +77,7 @@ class Engine:
     ) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.model.lm.fuse_projections()
+        self.model.vision.fuse()
         self.tokenizer, self.gen = tokenizer, gen
         self.device, self.dtype = torch.device(device), dtype
         cfg = model.config
@@ -88,7 +89,9 @@ class Engine:
         # the caller's bound, else the checkpoint's (generation_config.json "context_tokens")
         self.max_context_tokens = max_context_tokens or gen.context_tokens or DEFAULT_CONTEXT_TOKENS
         self.state = StreamState(
-            TextCache(lm.layers, max_sessions, lm.kv_heads, lm.head_dim, self.max_context_tokens, dtype, device),
+            TextCache(
+                lm.layers, max_sessions, lm.kv_heads, lm.head_dim, self.max_context_tokens, dtype, device
+            ),
             None
             if self.insertion
             else CASAState(
