@@ -138,10 +138,15 @@ class Sampler:
         """ "fed" rows about to be sampled: decay the counts and charge the token fed at this step
         (None: the step fed no text token, e.g. an inserted frame; the counts only decay). Stored
         unclamped, as Kyutai's EMA: the clamp applies where the penalty is computed."""
-        for r, t in zip(rows, tokens):
-            self.counts[r] *= self.params[r].decay
-            if t is not None:
-                self.counts[r, t] += 1.0
+        if not rows:
+            return
+        idx = torch.tensor(rows)
+        decay = torch.tensor([self.params[r].decay for r in rows], dtype=torch.float32)
+        c = self.counts[idx] * decay[:, None]
+        hit = [(j, t) for j, t in enumerate(tokens) if t is not None]
+        if hit:
+            c[torch.tensor([j for j, _ in hit]), torch.tensor([t for _, t in hit])] += 1.0
+        self.counts[idx] = c
 
     def observe_many(self, rows: list[int], tokens: list[int]) -> None:
         """`observe` for several rows at once: the same float operations, a few ops in all."""
@@ -183,8 +188,8 @@ class Sampler:
                 limit = torch.tensor([float("inf") if c is None else c for c in clamp])
                 counts = torch.minimum(counts, limit[:, None])
             logits = apply_repetition_penalty(logits, counts, penalty, self.stop_ids)
-        bias = torch.tensor([self.params[r].eos_bias for r in rows])
-        if self.stop_ids and bool((bias != 1.0).any()):
+        if self.stop_ids and any(self.params[r].eos_bias != 1.0 for r in rows):
+            bias = torch.tensor([self.params[r].eos_bias for r in rows])
             logits = apply_stop_bias(logits, bias, self.stop_ids)
         greedy = logits.argmax(-1).tolist()  # the common case, for every row in one op
         out = []

@@ -93,6 +93,7 @@ def test_frame_delimiters_from_config_json(hf_dir, tmp_path) -> None:
         {"post_image_tokens": ["no-such-token"]},
         {"pre_image_tokens": [10**6]},
         {"pre_image_tokens": [1.5]},
+        {"pre_image_tokens": -1},
     ):
         edit_json(path, "config.json", **{"pre_image_tokens": None, "post_image_tokens": None, **bad})
         with pytest.raises(CheckpointError, match="image_tokens"):

@@ -189,7 +189,7 @@ def frame_token_ids(cfg: dict[str, Any], tokenizer: Tokenizer) -> tuple[list[int
                     f"config.json: {key} must hold token ids or token strings, got {item!r}"
                 )
             i = tokenizer.tok.token_to_id(item) if isinstance(item, str) else item
-            if i is None or tokenizer.tok.id_to_token(i) is None:
+            if i is None or i < 0 or tokenizer.tok.id_to_token(i) is None:
                 raise CheckpointError(f"config.json: {key} names {item!r}, which is not in tokenizer.json")
             ids.append(int(i))
         out.append(ids)
