@@ -73,11 +73,14 @@ def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     whose probability reaches top_p (at least one token), as transformers' TopPLogitsWarper."""
     if top_p >= 1.0:
         return scores
-    ascending, order = torch.sort(scores, descending=False)
+    alive = torch.isfinite(scores).nonzero().squeeze(1)  # after top-k: sort k values, not the vocabulary
+    if alive.numel() == 0:
+        return scores
+    ascending, order = torch.sort(scores[alive], descending=False)
     cumulative = ascending.softmax(-1).cumsum(-1)
     drop = cumulative <= (1.0 - top_p)
     drop[-1] = False  # the most likely token always stays
-    return scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return scores.index_fill(0, alive[order[drop]], float("-inf"))
 
 
 def ngram_banned(history: list[int], n: int, window: int) -> list[int]:
