@@ -4,8 +4,9 @@ The whole stream is one never-ending assistant turn (Kyutai's live-captioning pr
 - open:  force template.prefix(prompt) + pre_image into the image-less first window;
 - frame: the frame's image tokens start a new CASA window; force post_image (+ caption_prefix on
          frame 0), then sample until a stop token, max_new_tokens, or the frame's deadline;
-- close: force the emitted stop token (or, when cut short, the cut token and the first stop token)
-         and the next frame's pre_image tokens, in the window that is ending.
+- close: force the emitted stop token (or, when cut short, the stop token the model emitted last, or
+         with `truncated_close="cut_word"` the cut token and the first stop token) and the next
+         frame's pre_image tokens, in the window that is ending.
 
 Each tick `Scheduler.plan()` says, for every row with work, what the runner feeds it:
 - `decode`: one token in the fixed-shape batched step (model/decode.py). Sampled tokens and short
@@ -41,7 +42,11 @@ SETTING_BOUNDS: dict[str, tuple[float, float]] = {
     "repetition_penalty": (1.0, 10.0),
     "no_repeat_ngram": (0, 16),
     "seed": (0, (1 << 63) - 1),
+    "top_p": (0.0, 1.0),
+    # the stop tokens' logits are multiplied (divided when negative) by it: it must stay positive
+    "eos_bias": (0.01, 10.0),
 }
+TRUNCATED_CLOSE = ("last_stop", "cut_word")  # what closes a caption cut short (Engine._cut_close)
 MIN_TEMPERATURE = 0.01  # temperature is 0 (greedy) or at least this
 
 
@@ -54,6 +59,9 @@ class SessionSettings:
     repetition_penalty: float | None = None
     no_repeat_ngram: int | None = None
     seed: int = 0
+    top_p: float | None = None
+    eos_bias: float | None = None
+    truncated_close: str | None = None  # one of TRUNCATED_CLOSE; None: the generation config's
 
     def validate(self) -> SessionSettings:
         """Raise ValueError (naming the range) for a value the sampler cannot compute; returns self."""
@@ -65,6 +73,10 @@ class SessionSettings:
                 raise ValueError(f"{name} must be a number, got {type(value).__name__}")
             if not lo <= value <= hi:  # also False for NaN
                 raise ValueError(f"{name} is {value!r}; it must be between {lo:g} and {hi:g}")
+        if self.truncated_close is not None and self.truncated_close not in TRUNCATED_CLOSE:
+            raise ValueError(
+                f"truncated_close is {self.truncated_close!r}; it must be one of {TRUNCATED_CLOSE}"
+            )
         if self.temperature is not None and 0.0 < self.temperature < MIN_TEMPERATURE:
             raise ValueError(
                 f"temperature is {self.temperature!r}; it must be 0 (greedy) or at least {MIN_TEMPERATURE}"
@@ -95,6 +107,7 @@ class RowState:
     decoding: bool = False  # between a frame's start and its last token
     next_token: int | None = None  # sampled token to feed at the next tick
     frames: int = 0  # frames started
+    last_stop: int | None = None  # the stop token this session's model emitted most recently
     generated: list[int] = field(default_factory=list)
 
     @property
