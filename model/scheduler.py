@@ -14,9 +14,12 @@ Each tick `Scheduler.plan()` says, for every row with work, what the runner feed
   a tick: a token costs the batched step a fraction of a row, where a second (varlen) forward
   costs a whole eager step, which under load turns into a cycle (more cut captions, more
   prefills);
-- `prefill`: the prompt at open, a run of >= `prefill_min` forced items, or an inserted frame (the
-  token-insertion baseline), in one varlen forward: the prompt must be in before frame 0 can
-  start, so it does not go a token a tick;
+- `prefill`: a run of >= `prefill_min` forced items, an inserted frame (the token-insertion
+  baseline), or the prompt at open when no other row has work, in one varlen forward: the prompt
+  must be in before frame 0 can start, so a lone session does not feed it a token a tick. A short
+  prompt opened while other rows work goes through the batched step like any short forced run:
+  sessions that open in a burst (a server restart, a camera fleet reconnecting) would otherwise
+  cost an eager step each while every running session waits (docs/engine.md);
 - `frames`: rows whose frame starts this tick (its image tokens are written before the forward);
 - `sample`: rows whose last fed position is sampled.
 Rows, plans and positions are host data; the runner turns them into device tensors.
@@ -131,6 +134,7 @@ class Scheduler:
     def __init__(self, max_sessions: int, prefill_min: int = 8) -> None:
         self.rows: list[RowState | None] = [None] * max_sessions
         self.prefill_min = prefill_min
+        self._busy = 0  # rows with work this tick besides prompt prefills (set by plan)
 
     def free_row(self) -> int | None:
         try:
@@ -151,6 +155,10 @@ class Scheduler:
     def plan(self, ready: set[int] | None = None) -> Plan:
         """ready: rows whose waiting frame may start now (None: every waiting frame)."""
         plan = Plan()
+        # rows that feed something this tick with no prompt prefill of their own
+        self._busy = sum(
+            1 for r in self.rows if r is not None and (r.decoding or (r.forced and not r.prefill_forced))
+        )
         for i, r in enumerate(self.rows):
             if r is None:
                 continue
@@ -168,7 +176,8 @@ class Scheduler:
     def _assign(self, plan: Plan, i: int, r: RowState) -> None:
         if r.forced:
             has_frame = any(isinstance(it, torch.Tensor) for it in r.forced)
-            if has_frame or r.prefill_forced or len(r.forced) >= self.prefill_min:
+            prompt = r.prefill_forced and self._busy == 0
+            if has_frame or prompt or len(r.forced) >= self.prefill_min:
                 r.prefill_forced = False
                 plan.prefill[i] = list(r.forced)
                 r.forced.clear()
