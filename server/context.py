@@ -55,6 +55,9 @@ class ServerContext:
             repetition_penalty=gen.repetition_penalty,
             no_repeat_ngram=gen.no_repeat_ngram,
             seed=0,
+            top_p=gen.top_p,
+            eos_bias=gen.eos_bias,
+            truncated_close=gen.truncated_close,
             mode="live",
         )
 

@@ -149,6 +149,7 @@ MIN_TEMPERATURE = 0.01  # temperature is 0 (greedy) or in [MIN_TEMPERATURE, MAX_
 MAX_TEMPERATURE = 5.0
 MAX_TOP_K = 1 << 20
 MAX_REPETITION_PENALTY = 10.0
+MIN_EOS_BIAS, MAX_EOS_BIAS = 0.01, 10.0  # it multiplies (or divides) the stop logits: positive
 MAX_NO_REPEAT_NGRAM = 16
 MAX_SEED = (1 << 63) - 1
 MAX_EVENT_ID_CHARS = 128
@@ -203,6 +204,20 @@ class SessionSettings(_Strict):
     repetition_penalty: float | None = Field(default=None, ge=1.0, le=MAX_REPETITION_PENALTY)
     no_repeat_ngram: int | None = Field(default=None, ge=0, le=MAX_NO_REPEAT_NGRAM)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="sampling seed (temperature > 0)")
+    top_p: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="nucleus filter when sampling (1 = off), after top_k"
+    )
+    eos_bias: float | None = Field(
+        default=None,
+        ge=MIN_EOS_BIAS,
+        le=MAX_EOS_BIAS,
+        description="stop-token logit bias: below 1 captions run longer (1 = off)",
+    )
+    truncated_close: Literal["last_stop", "cut_word"] | None = Field(
+        default=None,
+        description="what closes a caption cut short by max_new_tokens or the deadline: the stop token the "
+        "model emitted last (last_stop) or the cut word then the first stop token (cut_word)",
+    )
     mode: Literal["live", "offline"] | None = Field(
         default=None,
         description="live: latest frame wins, stale frames are dropped, each frame's generation stops when "

@@ -183,6 +183,9 @@ class Session:
             repetition_penalty=s.repetition_penalty,
             no_repeat_ngram=s.no_repeat_ngram,
             seed=s.seed or 0,
+            top_p=s.top_p,
+            eos_bias=s.eos_bias,
+            truncated_close=s.truncated_close,
         )
         try:
             return settings.validate()  # the protocol's bounds already hold; this is the engine's own check

@@ -37,7 +37,11 @@ class Settings(BaseSettings):
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_sessions: int = Field(default=32, ge=1, description="concurrent streams = engine batch rows")
-    max_context_tokens: int = Field(default=1024, ge=64, description="text KV cache bound per session")
+    max_context_tokens: int | None = Field(
+        default=None,
+        ge=64,
+        description="text KV cache bound per session; default: the checkpoint's context_tokens, else 1024",
+    )
     warmup: bool = True
     vision_thread: bool = Field(
         default=True,
