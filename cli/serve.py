@@ -24,7 +24,11 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--max-sessions": ("max_sessions", int, "concurrent streams = engine batch rows (default 32)"),
     "--step-pacing-ms": ("step_pacing_ms", float, "decode-step spacing per open session, ms (default 0.4)"),
     "--max-step-interval-ms": ("max_step_interval_ms", float, "cap of the step spacing, ms (default 12)"),
-    "--max-context-tokens": ("max_context_tokens", int, "text KV cache bound per session (default: the checkpoint's, else 1024)"),
+    "--max-context-tokens": (
+        "max_context_tokens",
+        int,
+        "text KV cache bound per session (default: the checkpoint's, else 1024)",
+    ),
     "--max-message-bytes": ("max_message_bytes", int, "largest websocket message accepted (default 4 MiB)"),
     "--max-frame-width": ("max_frame_width", int, "widest input frame accepted (default 3840)"),
     "--max-frame-height": ("max_frame_height", int, "tallest input frame accepted (default 2160)"),
