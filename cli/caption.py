@@ -12,7 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="caption a video file with the streaming engine")
     p.add_argument("video", type=Path, help="any file PyAV can open")
     p.add_argument(
-        "--model", type=Path, default=None, help="checkpoint directory (default: the bundled model)"
+        "--model",
+        default=None,
+        help="checkpoint directory or Hugging Face repo id ORG/NAME[@REV] (default: the bundled model)",
     )
     p.add_argument(
         "--fps", type=float, default=None, help="frames captioned per second (default: the model's, 2)"
@@ -54,11 +56,12 @@ def run(args: argparse.Namespace) -> int:
     import av
 
     from model.generate import Engine, SessionSettings
+    from model.hub import resolve_model
     from model.weights import CheckpointError, default_model_dir
 
     model_dir = args.model or default_model_dir()
     try:
-        engine = Engine.from_checkpoint(model_dir, device=args.device, max_sessions=1)
+        engine = Engine.from_checkpoint(resolve_model(model_dir), device=args.device, max_sessions=1)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"casa caption: cannot load the model from {model_dir}: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,7 @@
-"""`casa convert SRC DST`: a Qwen2.5-VL or Kyutai CASA checkpoint directory -> our checkpoint format.
+"""`casa convert SRC DST`: a Qwen2.5-VL or Kyutai CASA checkpoint -> our checkpoint format.
+
+SRC is a directory or a Hugging Face repo id (ORG/NAME, optionally @REVISION or --revision), resolved
+through the HF cache by model/hub.py: downloaded when online, the cache only with HF_HUB_OFFLINE=1.
 
 The import is strict (every tensor consumed, every parameter filled); on failure the error lists
 each missing or unexpected tensor under its checkpoint name and nothing is written.
@@ -24,7 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="source directory (config.json, *.safetensors, tokenizer.json, ...)")
+    p.add_argument(
+        "src",
+        help="source directory (config.json, *.safetensors, tokenizer.json, ...) or a Hugging Face repo id "
+        "ORG/NAME[@REV]",
+    )
+    p.add_argument("--revision", default=None, help="with a repo id: the branch, tag or commit to pin")
     p.add_argument("dst", help="output directory (created)")
     p.add_argument(
         "--casa-layers",
@@ -62,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     from model.config import CASAConfig
     from model.hf import import_checkpoint
+    from model.hub import resolve_model
     from model.weights import CheckpointError, save_checkpoint
 
     dst = Path(args.dst)
@@ -70,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     casa = CASAConfig(fusion=args.fusion, layers=parse_layers(args.casa_layers), shared=args.shared)
     try:
+        src = resolve_model(args.src, args.revision)
         model, tokenizer, gen, report = import_checkpoint(
-            args.src, casa=casa, image_size=args.image_size, dtype=getattr(torch, args.dtype)
+            src, casa=casa, image_size=args.image_size, dtype=getattr(torch, args.dtype)
         )
     except CheckpointError as e:
         print(f"casa convert: {e}", file=sys.stderr)

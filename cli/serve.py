@@ -24,7 +24,11 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--max-sessions": ("max_sessions", int, "concurrent streams = engine batch rows (default 32)"),
     "--step-pacing-ms": ("step_pacing_ms", float, "decode-step spacing per open session, ms (default 0.4)"),
     "--max-step-interval-ms": ("max_step_interval_ms", float, "cap of the step spacing, ms (default 12)"),
-    "--max-context-tokens": ("max_context_tokens", int, "text KV cache bound per session (default 1024)"),
+    "--max-context-tokens": (
+        "max_context_tokens",
+        int,
+        "text KV cache bound per session (default: the checkpoint's, else 1024)",
+    ),
     "--max-pixels": (
         "max_pixels",
         int,
@@ -51,6 +55,11 @@ FLAGS: dict[str, tuple[str, type, str]] = {
         "max_concurrent_uploads",
         int,
         "uploads received or captioned at once; more get 503 (default 2)",
+    ),
+    "--drain-seconds": (
+        "drain_seconds",
+        float,
+        "on SIGTERM, drain sessions for up to this long before exiting (default 30)",
     ),
     "--log-level": ("log_level", str, "debug | info | warning | error (default info)"),
 }
@@ -80,6 +89,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="allow websocket connections from this browser Origin only (repeatable), "
         "e.g. https://example.com",
     )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR|ORG/NAME[@REV]",
+        help="checkpoint directory, or a Hugging Face repo id resolved through the HF cache (downloaded "
+        "when online; HF_HUB_OFFLINE=1: the cache only), e.g. kyutai/CASA-Qwen2_5-VL-3B-LiveCC",
+    )
+    p.add_argument("--revision", default=None, help="with a repo id: the branch, tag or commit to pin")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up caption at start")
     p.add_argument(
         "--no-vision-thread",
@@ -99,6 +116,12 @@ def settings_from_args(args: argparse.Namespace):  # -> server.settings.Settings
 
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if getattr(args, "model", None):
+        from model.hub import HubError, resolve_model
+
+        if "model_dir" in overrides:
+            raise HubError("pass --model or --model-dir, not both")
+        overrides["model_dir"] = resolve_model(args.model, args.revision)
     if args.auth_key:
         overrides["auth_keys"] = args.auth_key
     if args.allowed_origin:
@@ -117,10 +140,16 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from model.hub import HubError
     from server.app import create_app
+    from server.drain import DrainingServer
     from server.logs import install_redaction
 
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except HubError as e:
+        print(f"error: {e}")
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -133,15 +162,18 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"  websocket:  ws://{host}:{settings.port}/v1/stream   metrics: http://{host}:{settings.port}/metrics"
     )
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         ws_per_message_deflate=False,  # JPEG / video payloads do not compress; deflate only costs CPU
         ws_max_size=settings.transport_max_bytes,
         ws_max_queue=WS_MAX_QUEUE,  # messages the websocket layer buffers per connection, before the session
+        # after the drain (server/drain.py) only stragglers are left: do not wait on them past the grace
+        timeout_graceful_shutdown=2,
     )
     install_redaction()  # keys and cookies never reach the log, at any level
-    uvicorn.Server(config).run()
+    DrainingServer(config, app.state.ctx).run()
     return 0

@@ -35,6 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="server URL, ws:// or http:// (default: $CASA_SERVER or ws://127.0.0.1:8000)",
     )
     p.add_argument(
+        "--reconnect-tries",
+        type=int,
+        default=6,
+        help="after a dropped connection, a server error, a drain (1012) or capacity (1013), open a new "
+        "session up to this many times in a row, with jittered exponential backoff; 0 = never (default 6)",
+    )
+    p.add_argument(
         "--token",
         default=os.environ.get("CASA_TOKEN"),
         help="API key for a protected server (default: $CASA_TOKEN)",
@@ -115,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             jpeg_quality=args.jpeg_quality,
             max_side=args.max_side or None,
             duration=args.duration,
+            reconnect_tries=max(0, args.reconnect_tries),
         )
         source = open_source(args.source, seconds=args.synthetic_seconds)
     except (StreamError, SourceError) as e:

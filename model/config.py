@@ -155,6 +155,13 @@ class PromptTemplate:
     post_image: str = "<|vision_end|>"
     caption_prefix: str = ""
     default_prompt: str = "Describe what you see."
+    # the frame delimiters as token ids, when a checkpoint names them so (they win over the strings)
+    pre_image_ids: list[int] | None = None
+    post_image_ids: list[int] | None = None
+
+
+# The text KV cache bound of a checkpoint whose generation config names none.
+DEFAULT_CONTEXT_TOKENS = 1024
 
 
 @dataclass
@@ -170,6 +177,28 @@ class GenerationConfig:
     no_repeat_ngram: int = 0
     ngram_window: int = 60
     fps: float = 2.0
+    top_p: float = 1.0  # 1 = no nucleus filter
+    eos_bias: float = 1.0  # stop-token logit bias (model/sampling.py); 1 = none
+    # What the EMA penalty and the n-gram history count: "emitted" tokens (casa-live's models) or
+    # every "fed" token as Kyutai's scripts do (imported checkpoints); model/sampling.py says how.
+    penalty_counts: Literal["emitted", "fed"] = "emitted"
+    # What closes a caption cut short by max_new_tokens or the deadline: the model's most recent
+    # "last_stop" token (Kyutai's procedure, imported checkpoints) or the "cut_word" then the first
+    # stop token (what casa-live's own models were trained and benchmarked with).
+    truncated_close: Literal["last_stop", "cut_word"] = "cut_word"
+    # The text context the checkpoint is meant to stream with: the default bound of the text KV
+    # cache (`max_context_tokens`). None: the engine's default (DEFAULT_CONTEXT_TOKENS). A model
+    # trained on short clips has never seen positions far past its training length, and a longer
+    # bound costs attention reads every step without buying quality (docs/engine.md).
+    context_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.penalty_counts not in ("emitted", "fed"):
+            raise ValueError(f"penalty_counts is {self.penalty_counts!r}; it must be 'emitted' or 'fed'")
+        if self.truncated_close not in ("last_stop", "cut_word"):
+            raise ValueError(
+                f"truncated_close is {self.truncated_close!r}; it must be 'last_stop' or 'cut_word'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

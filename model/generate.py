@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from model.cache import CASAState, InsertionSpans, StreamState, TextCache
-from model.config import GenerationConfig
+from model.config import DEFAULT_CONTEXT_TOKENS, GenerationConfig
 from model.processor import ImageProcessor, QwenImageProcessor
 from model.runner import Runner, StepResult
 from model.sampling import Sampler, SamplingParams
@@ -67,7 +67,7 @@ class Engine:
         tokenizer: Tokenizer,
         gen: GenerationConfig,
         max_sessions: int = 16,
-        max_context_tokens: int = 1024,
+        max_context_tokens: int | None = None,
         window_tokens: int = 256,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -78,6 +78,7 @@ class Engine:
     ) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.model.lm.fuse_projections()
+        self.model.vision.fuse()
         self.tokenizer, self.gen = tokenizer, gen
         self.device, self.dtype = torch.device(device), dtype
         cfg = model.config
@@ -92,8 +93,12 @@ class Engine:
         self.insertion = cfg.casa.fusion == "insertion"
         self.max_sessions = max_sessions
         lm = cfg.lm
+        # the caller's bound, else the checkpoint's (generation_config.json "context_tokens")
+        self.max_context_tokens = max_context_tokens or gen.context_tokens or DEFAULT_CONTEXT_TOKENS
         self.state = StreamState(
-            TextCache(lm.layers, max_sessions, lm.kv_heads, lm.head_dim, max_context_tokens, dtype, device),
+            TextCache(
+                lm.layers, max_sessions, lm.kv_heads, lm.head_dim, self.max_context_tokens, dtype, device
+            ),
             None
             if self.insertion
             else CASAState(
@@ -110,8 +115,11 @@ class Engine:
         )
         self.stop_ids = [tokenizer.token_id(t) for t in gen.stop_tokens]
         t = gen.template
-        self.pre_ids = tokenizer.encode(t.pre_image)
-        self.post_ids = tokenizer.encode(t.post_image)
+        # a checkpoint may name its frame delimiters as token ids (model/hf/config.py)
+        self.pre_ids = list(t.pre_image_ids) if t.pre_image_ids is not None else tokenizer.encode(t.pre_image)
+        self.post_ids = (
+            list(t.post_image_ids) if t.post_image_ids is not None else tokenizer.encode(t.post_image)
+        )
         self.caption_prefix_ids = tokenizer.encode(t.caption_prefix)
         if not self.insertion and not self.post_ids:
             # the first caption token is sampled at the first position that sees the frame
@@ -180,6 +188,9 @@ class Engine:
             no_repeat_ngram=g.no_repeat_ngram if s.no_repeat_ngram is None else s.no_repeat_ngram,
             ngram_window=g.ngram_window,
             seed=s.seed,
+            top_p=g.top_p if s.top_p is None else s.top_p,
+            eos_bias=g.eos_bias if s.eos_bias is None else s.eos_bias,
+            counts=g.penalty_counts,
         )
 
     def _max_new(self, s: SessionSettings) -> int:
@@ -359,9 +370,12 @@ class Engine:
 
     # ---- the batched step -------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
-        """One tick for every row with work; returns the caption tokens it produced."""
+        """One tick for every row with work; returns the caption tokens it produced. Inference
+        mode, not just no_grad: no version counters or view tracking, 5-10% of a CPU decode step
+        at small batches (where the step is bound by op dispatch, docs/engine.md). The caches are ordinary tensors
+        updated in place, which inference mode allows."""
         self._collect_vision()
         events, self._failed = list(self._failed), []
         ready = (
@@ -381,6 +395,8 @@ class Engine:
         for fn in self.observers:
             fn(res)
         rows = [i for i in plan.sample if i in res.sample_logits]
+        if any(p.counts == "fed" for p in self.sampler.params):
+            self._feed_sampler(plan, rows)
         if not rows:
             return events
         logits = torch.stack([res.sample_logits[i] for i in rows])
@@ -389,10 +405,24 @@ class Engine:
         self.sampler.observe_many(rows, tokens)
         return events + [self._advance(i, tok) for i, tok in zip(rows, tokens)]
 
+    def _feed_sampler(self, plan: Plan, sampled: list[int]) -> None:
+        """Rows whose sampler counts fed tokens (SamplingParams.counts == "fed"): every text token
+        this tick fed joins their n-gram history, and each row about to be sampled is charged the
+        token fed at its sampled position."""
+        fed = {i for i in (*plan.prefill, *plan.decode) if self.sampler.params[i].counts == "fed"}
+        for i in fed:
+            items = plan.prefill.get(i, [])
+            tokens = [t for t in items if isinstance(t, int)]
+            self.sampler.feed(i, tokens + ([plan.decode[i]] if i in plan.decode else []))
+        charged = [i for i in sampled if i in fed]
+        last = [plan.decode[i] if i in plan.decode else plan.prefill[i][-1] for i in charged]
+        self.sampler.charge(charged, [t if isinstance(t, int) else None for t in last])
+
     def _advance(self, i: int, tok: int) -> TokenEvent:
         r = self.rows[i]
         frame = r.frames - 1
         if tok in self.stop_ids:
+            r.last_stop = tok
             self._finish(r, [tok])
             return TokenEvent(i, frame, None, "", done=True, reason="stop")
         r.generated.append(tok)
@@ -403,10 +433,20 @@ class Engine:
         elif r.frame_deadline is not None and time.monotonic() >= r.frame_deadline:
             reason = "deadline"
         if reason is not None:
-            self._finish(r, [tok, self.stop_ids[0]])
+            self._finish(r, self._cut_close(r, tok))
             return TokenEvent(i, frame, tok, text, done=True, reason=reason)
         r.next_token = tok
         return TokenEvent(i, frame, tok, text)
+
+    def _cut_close(self, r: RowState, tok: int) -> list[int]:
+        """What closes a caption cut short by max_new_tokens or the deadline (docs/engine.md):
+        "last_stop" (Kyutai's procedure) feeds the stop token the model itself emitted most
+        recently in this session (the first stop id before it has emitted any) and not the cut
+        word; "cut_word" feeds the cut word, then the first stop id."""
+        mode = r.settings.truncated_close or self.gen.truncated_close
+        if mode == "cut_word":
+            return [tok, self.stop_ids[0]]
+        return [self.stop_ids[0] if r.last_stop is None else r.last_stop]
 
     def _finish(self, r: RowState, tokens: list[int]) -> None:
         """End the frame: the stop token (and the next frame's pre-image tokens) are forced next."""

@@ -1,20 +1,36 @@
-"""Per-row sampling: greedy or temperature/top-k, EMA repetition penalty, n-gram blocking.
+"""Per-row sampling: greedy or temperature/top-k/top-p, EMA repetition penalty, stop-token bias,
+n-gram blocking.
 
-Kyutai's live-captioning logits processing, each setting per session row:
-- EMA repetition penalty: every step the counts decay (x decay) and the emitted token gets +1,
-  clamped to `clamp`; a logit is divided by penalty**count when positive, multiplied when negative.
-  Stop tokens are exempt, so the penalty never delays the end of a caption.
-- n-gram blocking: a token that would repeat an n-gram seen in the last `window` emitted tokens
-  (across frames) is banned.
-- temperature 0 is greedy argmax (deterministic); otherwise sample from the top-k softmax with the
-  row's own seeded generator.
+Kyutai's live-captioning logits processing, each setting per session row, in their order:
+- EMA repetition penalty: every sampling step the counts decay (x decay) and one token gets +1;
+  a logit is divided by penalty**count when positive, multiplied when negative. Stop tokens are
+  exempt, so the penalty never delays the end of a caption;
+- stop-token bias: each stop token's logit is multiplied by `eos_bias` when positive, divided when
+  negative (below 1: captions run longer);
+- n-gram blocking: a token that would repeat an n-gram seen in the last `window` tokens of the
+  history (across frames) is banned; stop tokens never are;
+- temperature 0 is greedy argmax (deterministic); otherwise temperature, top-k, top-p (as
+  transformers' warpers, in that order) and a draw from the row's own seeded generator.
+
+What the penalty and the n-gram history count (`SamplingParams.counts`, docs/engine.md):
+- "emitted" (casa-live's own models): the sampled tokens, stop tokens and a cut caption's last word
+  included; the count is clamped when stored. The template and prompt tokens never count.
+- "fed" (Kyutai's scripts, the default for imported checkpoints): what their logits processors see.
+  The EMA charges the token fed at each sampling step (the frame's `<|vision_end|>` or the caption
+  prefix's last word at a frame's first step, then each sampled token), so a frame's final token
+  (its stop token, or the cut word) is never charged; the count is clamped where it is used, not
+  where it is stored. The n-gram history holds every text token fed into the stream: prompt,
+  template and stop tokens too. The engine reports fed tokens with `feed` and `charge`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+Counts = Literal["emitted", "fed"]
 
 
 @dataclass
@@ -27,6 +43,9 @@ class SamplingParams:
     no_repeat_ngram: int = 0  # 0 = off
     ngram_window: int = 60
     seed: int = 0
+    top_p: float = 1.0  # 1 = off; nucleus filter after top-k when sampling
+    eos_bias: float = 1.0  # 1 = off; multiplies the stop tokens' logits (divides when negative)
+    counts: Counts = "emitted"  # what the EMA penalty and the n-gram history count (module docstring)
 
 
 def apply_repetition_penalty(
@@ -37,6 +56,31 @@ def apply_repetition_penalty(
     if stop_ids:
         factor[:, stop_ids] = 1.0
     return torch.where(logits > 0, logits / factor, logits * factor)
+
+
+def apply_stop_bias(logits: torch.Tensor, bias: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """logits (n, V), bias (n,): stop logits x bias when positive, / bias when negative (Kyutai's
+    multiplicative token bias; the order of the two cases keeps a bias < 1 a push away from the stop)."""
+    logits = logits.clone()
+    v = logits[:, stop_ids]
+    b = bias[:, None]
+    logits[:, stop_ids] = torch.where(v < 0, v / b, v * b)
+    return logits
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """scores (V,) -> scores with -inf outside the nucleus: the smallest set of most likely tokens
+    whose probability reaches top_p (at least one token), as transformers' TopPLogitsWarper."""
+    if top_p >= 1.0:
+        return scores
+    alive = torch.isfinite(scores).nonzero().squeeze(1)  # after top-k: sort k values, not the vocabulary
+    if alive.numel() == 0:
+        return scores
+    ascending, order = torch.sort(scores[alive], descending=False)
+    cumulative = ascending.softmax(-1).cumsum(-1)
+    drop = cumulative <= (1.0 - top_p)
+    drop[-1] = False  # the most likely token always stays
+    return scores.index_fill(0, alive[order[drop]], float("-inf"))
 
 
 def ngram_banned(history: list[int], n: int, window: int) -> list[int]:
@@ -72,17 +116,48 @@ class Sampler:
         self.params[row] = params
 
     def observe(self, row: int, token: int) -> None:
-        """Record an emitted token (caption tokens and stop tokens alike)."""
+        """Record an emitted token (caption tokens and stop tokens alike); a no-op for a row whose
+        params count fed tokens (those go through `feed` and `charge`)."""
         p = self.params[row]
+        if p.counts == "fed":
+            return
         self.counts[row] *= p.decay
         self.counts[row, token] += 1.0
         self.counts[row].clamp_(max=p.clamp)
-        self.history[row].append(token)
-        if len(self.history[row]) > 4 * max(p.ngram_window, 1):
-            del self.history[row][: -p.ngram_window]
+        self._extend(row, [token])
+
+    def _extend(self, row: int, tokens: list[int]) -> None:
+        h, w = self.history[row], self.params[row].ngram_window
+        h.extend(tokens)
+        if len(h) > 4 * max(w, 1):
+            del h[:-w]
+
+    def feed(self, row: int, tokens: list[int]) -> None:
+        """ "fed" rows: text tokens just fed into the row's stream, in order, join the n-gram history."""
+        if self.params[row].counts == "fed" and tokens:
+            self._extend(row, tokens)
+
+    def charge(self, rows: list[int], tokens: list[int | None]) -> None:
+        """ "fed" rows about to be sampled: decay the counts and charge the token fed at this step
+        (None: the step fed no text token, e.g. an inserted frame; the counts only decay). Stored
+        unclamped, as Kyutai's EMA: the clamp applies where the penalty is computed."""
+        if not rows:
+            return
+        idx = torch.tensor(rows)
+        decay = torch.tensor([self.params[r].decay for r in rows], dtype=torch.float32)
+        c = self.counts[idx] * decay[:, None]
+        hit = [(j, t) for j, t in enumerate(tokens) if t is not None]
+        if hit:
+            c[torch.tensor([j for j, _ in hit]), torch.tensor([t for _, t in hit])] += 1.0
+        self.counts[idx] = c
 
     def observe_many(self, rows: list[int], tokens: list[int]) -> None:
         """`observe` for several rows at once: the same float operations, a few ops in all."""
+        if any(self.params[r].counts == "fed" for r in rows):
+            pairs = [(r, t) for r, t in zip(rows, tokens) if self.params[r].counts != "fed"]
+            rows, tokens = [r for r, _ in pairs], [t for _, t in pairs]
+        if not rows:
+            return
         if len(rows) == 1:
             self.observe(rows[0], tokens[0])
             return
@@ -110,7 +185,15 @@ class Sampler:
             logits = logits.masked_fill(ban, float("-inf"))
         penalty = torch.tensor([self.params[r].repetition_penalty for r in rows])
         if bool((penalty != 1.0).any()):
-            logits = apply_repetition_penalty(logits, self.counts[rows], penalty, self.stop_ids)
+            counts = self.counts[rows]
+            clamp = [self.params[r].clamp if self.params[r].counts == "fed" else None for r in rows]
+            if any(c is not None for c in clamp):  # "fed" rows store their counts unclamped
+                limit = torch.tensor([float("inf") if c is None else c for c in clamp])
+                counts = torch.minimum(counts, limit[:, None])
+            logits = apply_repetition_penalty(logits, counts, penalty, self.stop_ids)
+        if self.stop_ids and any(self.params[r].eos_bias != 1.0 for r in rows):
+            bias = torch.tensor([self.params[r].eos_bias for r in rows])
+            logits = apply_stop_bias(logits, bias, self.stop_ids)
         greedy = logits.argmax(-1).tolist()  # the common case, for every row in one op
         out = []
         for i, r in enumerate(rows):
@@ -130,6 +213,7 @@ class Sampler:
             if 0 < p.top_k < scaled.shape[0]:
                 kth = torch.topk(scaled, p.top_k).values[-1]
                 scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+            scaled = top_p_filter(scaled, p.top_p)
             probs = torch.softmax(scaled, -1)
             out.append(int(torch.multinomial(probs, 1, generator=self.generators[r])))
         return out

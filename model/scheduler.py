@@ -4,8 +4,9 @@ The whole stream is one never-ending assistant turn (Kyutai's live-captioning pr
 - open:  force template.prefix(prompt) + pre_image into the image-less first window;
 - frame: the frame's image tokens start a new CASA window; force post_image (+ caption_prefix on
          frame 0), then sample until a stop token, max_new_tokens, or the frame's deadline;
-- close: force the emitted stop token (or, when cut short, the cut token and the first stop token)
-         and the next frame's pre_image tokens, in the window that is ending.
+- close: force the emitted stop token (or, when cut short, the stop token the model emitted last, or
+         with `truncated_close="cut_word"` the cut token and the first stop token) and the next
+         frame's pre_image tokens, in the window that is ending.
 
 Each tick `Scheduler.plan()` says, for every row with work, what the runner feeds it:
 - `decode`: one token in the fixed-shape batched step (model/decode.py). Sampled tokens and short
@@ -13,9 +14,12 @@ Each tick `Scheduler.plan()` says, for every row with work, what the runner feed
   a tick: a token costs the batched step a fraction of a row, where a second (varlen) forward
   costs a whole eager step, which under load turns into a cycle (more cut captions, more
   prefills);
-- `prefill`: the prompt at open, a run of >= `prefill_min` forced items, or an inserted frame (the
-  token-insertion baseline), in one varlen forward: the prompt must be in before frame 0 can
-  start, so it does not go a token a tick;
+- `prefill`: a run of >= `prefill_min` forced items, an inserted frame (the token-insertion
+  baseline), or the prompt at open when no other row has work, in one varlen forward: the prompt
+  must be in before frame 0 can start, so a lone session does not feed it a token a tick. A short
+  prompt opened while other rows work goes through the batched step like any short forced run:
+  sessions that open in a burst (a server restart, a camera fleet reconnecting) would otherwise
+  cost an eager step each while every running session waits (docs/engine.md);
 - `frames`: rows whose frame starts this tick (its image tokens are written before the forward);
 - `sample`: rows whose last fed position is sampled.
 Rows, plans and positions are host data; the runner turns them into device tensors.
@@ -41,7 +45,11 @@ SETTING_BOUNDS: dict[str, tuple[float, float]] = {
     "repetition_penalty": (1.0, 10.0),
     "no_repeat_ngram": (0, 16),
     "seed": (0, (1 << 63) - 1),
+    "top_p": (0.0, 1.0),
+    # the stop tokens' logits are multiplied (divided when negative) by it: it must stay positive
+    "eos_bias": (0.01, 10.0),
 }
+TRUNCATED_CLOSE = ("last_stop", "cut_word")  # what closes a caption cut short (Engine._cut_close)
 MIN_TEMPERATURE = 0.01  # temperature is 0 (greedy) or at least this
 
 
@@ -54,6 +62,9 @@ class SessionSettings:
     repetition_penalty: float | None = None
     no_repeat_ngram: int | None = None
     seed: int = 0
+    top_p: float | None = None
+    eos_bias: float | None = None
+    truncated_close: str | None = None  # one of TRUNCATED_CLOSE; None: the generation config's
 
     def validate(self) -> SessionSettings:
         """Raise ValueError (naming the range) for a value the sampler cannot compute; returns self."""
@@ -65,6 +76,10 @@ class SessionSettings:
                 raise ValueError(f"{name} must be a number, got {type(value).__name__}")
             if not lo <= value <= hi:  # also False for NaN
                 raise ValueError(f"{name} is {value!r}; it must be between {lo:g} and {hi:g}")
+        if self.truncated_close is not None and self.truncated_close not in TRUNCATED_CLOSE:
+            raise ValueError(
+                f"truncated_close is {self.truncated_close!r}; it must be one of {TRUNCATED_CLOSE}"
+            )
         if self.temperature is not None and 0.0 < self.temperature < MIN_TEMPERATURE:
             raise ValueError(
                 f"temperature is {self.temperature!r}; it must be 0 (greedy) or at least {MIN_TEMPERATURE}"
@@ -96,6 +111,7 @@ class RowState:
     decoding: bool = False  # between a frame's start and its last token
     next_token: int | None = None  # sampled token to feed at the next tick
     frames: int = 0  # frames started
+    last_stop: int | None = None  # the stop token this session's model emitted most recently
     generated: list[int] = field(default_factory=list)
 
     @property
@@ -119,6 +135,7 @@ class Scheduler:
     def __init__(self, max_sessions: int, prefill_min: int = 8) -> None:
         self.rows: list[RowState | None] = [None] * max_sessions
         self.prefill_min = prefill_min
+        self._busy = 0  # rows with work this tick besides prompt prefills (set by plan)
 
     def free_row(self) -> int | None:
         try:
@@ -139,6 +156,10 @@ class Scheduler:
     def plan(self, ready: set[int] | None = None) -> Plan:
         """ready: rows whose waiting frame may start now (None: every waiting frame)."""
         plan = Plan()
+        # rows that feed something this tick with no prompt prefill of their own
+        self._busy = sum(
+            1 for r in self.rows if r is not None and (r.decoding or (r.forced and not r.prefill_forced))
+        )
         for i, r in enumerate(self.rows):
             if r is None:
                 continue
@@ -156,7 +177,8 @@ class Scheduler:
     def _assign(self, plan: Plan, i: int, r: RowState) -> None:
         if r.forced:
             has_frame = any(isinstance(it, torch.Tensor) for it in r.forced)
-            if has_frame or r.prefill_forced or len(r.forced) >= self.prefill_min:
+            prompt = r.prefill_forced and self._busy == 0
+            if has_frame or prompt or len(r.forced) >= self.prefill_min:
                 r.prefill_forced = False
                 plan.prefill[i] = list(r.forced)
                 r.forced.clear()

@@ -99,6 +99,10 @@ def generation_config() -> GenerationConfig:
         ),
         max_new_tokens=20,
         temperature=0.0,
+        # The longest training clip (TrainConfig.max_frames = 16 frames) is ~150 text tokens; 256
+        # keeps every row above that after an eviction (192..256) and measured no worse than 1024
+        # on 60 s streams (docs/engine.md), at a quarter of the attention reads.
+        context_tokens=256,
     )
 
 

@@ -22,7 +22,6 @@ from torch import nn
 
 from model.config import VisionConfig
 from model.layers import RMSNorm, SwiGLU
-from model.rope import rotate_half
 
 
 def patch_coords(grid: tuple[int, int], merge: int, device: torch.device | None = None) -> torch.Tensor:
@@ -47,11 +46,15 @@ class VisionAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
+        """x (F, N, C); cos, signed sin (F or 1, N, 1, 1, hd) from `VisionTower.rope_tables`."""
         F_, N, C = x.shape
-        qkv = self.qkv(x).view(F_, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (F, H, N, hd)
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
+        qkv = self.qkv(x).view(F_, N, 3, self.heads, self.head_dim)
+        # RoPE of q and k in one pass: rotate_half(t) * sin == roll(t, hd/2) * [-s, s] exactly
+        qk = qkv[:, :, :2].float()  # (F, N, 2, H, hd)
+        qk = (qk * cos + qk.roll(self.head_dim // 2, -1) * sin).to(x.dtype)
+        qk = qk.permute(2, 0, 3, 1, 4)  # (2, F, H, N, hd)
+        q, k = qk[0], qk[1]
+        v = qkv[:, :, 2].transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(o.transpose(1, 2).reshape(F_, N, C))
 
@@ -121,12 +124,30 @@ class VisionTower(nn.Module):
         wid = (coords[:, 0] // unit) * (grid[1] // unit) + coords[:, 1] // unit
         return torch.sort(wid, stable=True).indices
 
+    def fuse(self) -> None:
+        """Inference (the Engine calls it): each block's gate/up projections as one matmul."""
+        for block in self.blocks:
+            block.mlp.fuse()
+
+    @staticmethod
+    def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (..., N, hd) -> cos, signed sin (..., N, 1, 1, hd) for VisionAttention: the
+        rotary tables repeat their first half, so [-s, s] with a roll is rotate_half."""
+        half = sin.shape[-1] // 2
+        signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        return cos[..., None, None, :], signed[..., None, None, :]
+
     def _tables(self, grid: tuple[int, int], device: torch.device):  # type: ignore[no-untyped-def]
-        """(cos, sin, window order) for a grid, computed once: they depend on the grid only."""
+        """(cos, signed sin, window order) for a grid, computed once: they depend on the grid only.
+        With a window order, the tables are permuted into it."""
         key = (grid, str(device))
         if key not in self._cache:
             with torch.no_grad():
-                self._cache[key] = (*self.rotary(grid, device), self.window_order(grid, device))
+                cos, sin = self.rotary(grid, device)
+                order = self.window_order(grid, device)
+                if order is not None:
+                    cos, sin = cos[order], sin[order]
+                self._cache[key] = (*self.rope_tables(cos, sin), order)
         return self._cache[key]
 
     def forward(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -142,16 +163,15 @@ class VisionTower(nn.Module):
         F_, N, C = x.shape
         unit = self.cfg.merge * self.cfg.window_units
         W = unit * unit  # patches per window
-        x, cos, sin = x[:, order], cos[order], sin[order]
-        wcos, wsin = cos.view(N // W, 1, W, -1), sin.view(N // W, 1, W, -1)  # (windows, 1, W, hd)
+        x = x[:, order]
+        # windowed blocks: (F * windows, W, C), each window a batch entry with its own tables
+        wcos = cos.view(N // W, W, *cos.shape[1:]).repeat(F_, 1, 1, 1, 1)  # (F * windows, W, 1, 1, hd)
+        wsin = sin.view(N // W, W, *sin.shape[1:]).repeat(F_, 1, 1, 1, 1)
         for i, block in enumerate(self.blocks):
             if i in full:
                 x = block(x, cos, sin, None)
-            else:  # (F * windows, W, C): each window is a batch entry
-                x = block(
-                    x.reshape(F_ * (N // W), W, C), wcos.repeat(F_, 1, 1, 1), wsin.repeat(F_, 1, 1, 1), None
-                )
-                x = x.reshape(F_, N, C)
+            else:
+                x = block(x.reshape(F_ * (N // W), W, C), wcos, wsin, None).reshape(F_, N, C)
         y = self.merger(x)  # (F, N / merge^2, out) in window order
         group = self.cfg.merge * self.cfg.merge
         raster = torch.argsort(order[::group] // group)  # window-order index of each raster token

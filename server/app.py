@@ -4,7 +4,9 @@ The lifespan loads the checkpoint, warms the engine up (first-call allocations a
 before the first client, so /readyz means "fast now") and starts the one inference worker thread.
 
 Routes: `GET /` demo page (clients/web), `GET /web/*` its assets, `GET /v1/demo-clip.webm` the synthetic
-demo clip (clients/demo.py), `GET /healthz` (process up), `GET /readyz` (model loaded and warmed), `GET /metrics` (a plain
+demo clip (clients/demo.py), `GET /healthz` (process up: liveness only), `GET /readyz` (can take a
+session now: model loaded and warmed, a slot free, not draining; 503 with a reason otherwise, so a
+load balancer routes new sessions elsewhere), `GET /metrics` (a plain
 route: a mounted sub-app would answer 307), `GET /v1/models`, `POST /v1/captions` (upload a video), and
 the websocket `/v1/stream`.
 
@@ -47,6 +49,8 @@ log = logging.getLogger("casa.server")
 PLACEHOLDER = """<!doctype html><html><head><meta charset="utf-8"><title>casa-live</title></head>
 <body><h1>casa-live</h1><p>The demo page (clients/web/index.html) is not installed.
 Stream to <code>ws://HOST/v1/stream</code>; see docs/protocol.md.</p></body></html>"""
+
+DRAINING = "the server is draining (it is stopping): reconnect, the load balancer picks another replica"
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -142,6 +146,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ctx.worker.start()
         ctx.metrics.stream_lag_seconds.set_function(ctx.max_lag)
         ctx.metrics.sessions_active.set(0)
+        ctx.metrics.session_slots.set(engine.max_sessions)
+        ctx.metrics.session_slots_free.set_function(ctx.free_slots)
         ctx.metrics.build_info.labels(ctx.model_name, str(p.PROTOCOL_VERSION)).set(1)
         ctx.ready = True
         log.info(
@@ -173,9 +179,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        if ctx.ready and ctx.worker is not None and ctx.worker.alive:
-            return JSONResponse({"status": "ready", "model": ctx.model_name})
-        return JSONResponse({"status": "loading"}, status_code=503)
+        """200 only while a new session would be admitted; a full replica answers 503 until a slot frees."""
+        if not ctx.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if not ctx.worker_alive:
+            return JSONResponse({"status": "unavailable", "reason": "the inference worker stopped"}, 503)
+        slots = {"slots": ctx.engine.max_sessions, "free": ctx.free_slots()}
+        if ctx.draining:
+            return JSONResponse({"status": "draining", "reason": "the server is stopping", **slots}, 503)
+        if slots["free"] == 0:
+            return JSONResponse({"status": "full", "reason": "every session slot is taken", **slots}, 503)
+        return JSONResponse({"status": "ready", "model": ctx.model_name, **slots})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -220,6 +234,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse(
                 {"error": {"code": "unauthorized", "message": "missing or wrong API key"}}, status_code=401
             )
+        if ctx.draining:
+            ctx.metrics.sessions_rejected_total.labels("draining").inc()
+            ctx.metrics.errors_total.labels("capacity").inc()
+            return JSONResponse(
+                {"error": {"code": "capacity", "message": DRAINING}},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
         if not ctx.ready or not ctx.worker_alive:
             ctx.metrics.sessions_rejected_total.labels("unavailable").inc()
             ctx.metrics.errors_total.labels("capacity").inc()
@@ -243,6 +265,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             event, code = report(
                 Unauthorized("missing or wrong API key: send 'Authorization: Bearer KEY' or ?token=KEY"), m
             )
+            await ws.send_text(p.dump(event))
+            await ws.close(code)
+            return
+        if ctx.draining:
+            m.sessions_rejected_total.labels("draining").inc()
+            event, code = report(Capacity(DRAINING), m)
             await ws.send_text(p.dump(event))
             await ws.close(code)
             return

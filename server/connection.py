@@ -40,12 +40,16 @@ async def serve_websocket(ws: WebSocket, ctx: ServerContext) -> None:
         return
     m.sessions_active.inc()
     ctx.sessions.add(session)
+    if ctx.draining:  # admitted just before the drain began: drain it with the others
+        ctx.drain_tasks.add(asyncio.create_task(session.drain(ctx.drain_deadline)))
     emitter = asyncio.create_task(_emit(ws, session))
     ticker = asyncio.create_task(_tick(session, ctx.settings.stats_interval_seconds))
     outcome = "disconnected"
     try:
         outcome = await _receive(ws, session, ctx)
-        if outcome == "closed":
+        if session.drained:
+            outcome = "drained"
+        elif outcome == "closed":
             session.finish("client", p.CloseCode.NORMAL)
     except Exception as exc:  # the one mapping point (errors.report) decides what the client sees
         outcome = "timeout" if isinstance(exc, SessionTimeout) else "error"
@@ -68,7 +72,7 @@ async def serve_websocket(ws: WebSocket, ctx: ServerContext) -> None:
             session.captioned,
             session.dropped,
         )
-        if outcome in ("closed", "timeout", "error"):  # let the last events and the close go out
+        if outcome in ("closed", "timeout", "error", "drained"):  # let the last events and the close go out
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(asyncio.shield(emitter), 10.0)
         emitter.cancel()

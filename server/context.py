@@ -1,9 +1,10 @@
 """`ServerContext`: what the routes, connections and sessions share (settings, metrics, the engine and
-its worker, the live sessions, the upload budget). Its own module so that app, connection, session and
+its worker, the live sessions, the upload budget, the drain state). Its own module so that app, connection, session and
 upload import it and not each other."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,16 @@ class ServerContext:
         self.ready = False
         self.sessions: set[Session] = set()
         self.uploads = 0  # uploads receiving or captioning now (at most settings.max_concurrent_uploads)
+        # set once by server/drain.py on SIGTERM: no new sessions, open ones are drained by the deadline
+        self.draining = False
+        self.drain_deadline = 0.0  # time.monotonic() by which drained sessions are closed
+        self.drain_tasks: set[asyncio.Task] = set()  # Session.drain of each open session
+
+    def free_slots(self) -> int:
+        """Engine rows free now (websocket sessions and uploads both hold one); 0 while draining."""
+        if self.engine is None or self.draining:
+            return 0
+        return sum(row is None for row in self.engine.rows)
 
     @property
     def worker_alive(self) -> bool:
@@ -44,6 +55,9 @@ class ServerContext:
             repetition_penalty=gen.repetition_penalty,
             no_repeat_ngram=gen.no_repeat_ngram,
             seed=0,
+            top_p=gen.top_p,
+            eos_bias=gen.eos_bias,
+            truncated_close=gen.truncated_close,
             mode="live",
         )
 

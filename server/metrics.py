@@ -24,8 +24,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from server.protocol import ErrorCode
 
-SESSION_OUTCOMES = ("closed", "disconnected", "timeout", "error", "shutdown")
-REJECT_REASONS = ("capacity", "unauthorized", "origin", "unavailable")
+SESSION_OUTCOMES = ("closed", "disconnected", "timeout", "error", "shutdown", "drained")
+REJECT_REASONS = ("capacity", "unauthorized", "origin", "unavailable", "draining")
 DROP_REASONS = ("stale", "resample", "rate_limited", "closed")
 
 # seconds
@@ -48,7 +48,8 @@ class Metrics:
         self.sessions_total = Counter(
             "casa_sessions_total",
             "Sessions that ended, by outcome (closed = session.close, disconnected = client went away, "
-            "timeout = idle or max duration, error = fatal error, shutdown = server stopping).",
+            "timeout = idle or max duration, error = fatal error, shutdown = cut by the server stopping, "
+            "drained = closed with 1012 by a graceful drain after its frames in flight were captioned).",
             ["outcome"],
             registry=r,
         )
@@ -56,6 +57,21 @@ class Metrics:
             "casa_sessions_rejected_total",
             "Websocket connections refused before a session started, by reason.",
             ["reason"],
+            registry=r,
+        )
+        self.session_slots = Gauge(
+            "casa_session_slots",
+            "Session slots of this replica (max_sessions = engine batch rows).",
+            registry=r,
+        )
+        self.session_slots_free = Gauge(
+            "casa_session_slots_free",
+            "Session slots free now: the headroom an autoscaler and /readyz look at (0 while draining).",
+            registry=r,
+        )
+        self.draining = Gauge(
+            "casa_draining",
+            "1 while the server drains its sessions before stopping (SIGTERM), else 0.",
             registry=r,
         )
         self.frames_received_total = Counter(

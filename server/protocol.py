@@ -50,7 +50,8 @@ class CloseCode(IntEnum):
     POLICY = 1008  # authentication failed, or the Origin is not allowed
     TOO_BIG = 1009  # a message above the transport limit
     INTERNAL = 1011  # the server failed for this session
-    TRY_AGAIN = 1013  # capacity: every model slot is taken, retry later
+    SERVICE_RESTART = 1012  # the server drained this session (it is stopping): reconnect, to another replica
+    TRY_AGAIN = 1013  # capacity: every model slot is taken (or the server is draining), retry later
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,6 +149,7 @@ MIN_TEMPERATURE = 0.01  # temperature is 0 (greedy) or in [MIN_TEMPERATURE, MAX_
 MAX_TEMPERATURE = 5.0
 MAX_TOP_K = 1 << 20
 MAX_REPETITION_PENALTY = 10.0
+MIN_EOS_BIAS, MAX_EOS_BIAS = 0.01, 10.0  # it multiplies (or divides) the stop logits: positive
 MAX_NO_REPEAT_NGRAM = 16
 MAX_SEED = (1 << 63) - 1
 MAX_EVENT_ID_CHARS = 128
@@ -202,6 +204,20 @@ class SessionSettings(_Strict):
     repetition_penalty: float | None = Field(default=None, ge=1.0, le=MAX_REPETITION_PENALTY)
     no_repeat_ngram: int | None = Field(default=None, ge=0, le=MAX_NO_REPEAT_NGRAM)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="sampling seed (temperature > 0)")
+    top_p: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="nucleus filter when sampling (1 = off), after top_k"
+    )
+    eos_bias: float | None = Field(
+        default=None,
+        ge=MIN_EOS_BIAS,
+        le=MAX_EOS_BIAS,
+        description="stop-token logit bias: below 1 captions run longer (1 = off)",
+    )
+    truncated_close: Literal["last_stop", "cut_word"] | None = Field(
+        default=None,
+        description="what closes a caption cut short by max_new_tokens or the deadline: the stop token the "
+        "model emitted last (last_stop) or the cut word then the first stop token (cut_word)",
+    )
     mode: Literal["live", "offline"] | None = Field(
         default=None,
         description="live: latest frame wins, stale frames are dropped, each frame's generation stops when "
@@ -337,12 +353,30 @@ class Error(_Event):
 
 class SessionClosed(_Event):
     type: Literal["session.closed"] = "session.closed"
-    reason: str = Field(description="client | session_timeout | idle_timeout | error | shutdown")
+    reason: str = Field(description="client | session_timeout | idle_timeout | error | shutdown | draining")
     stats: Stats | None = None
 
 
+class SessionDraining(_Event):
+    """The server is stopping (SIGTERM: a rollout, a scale-down, a node drain). It captions the frames
+    already sent, then sends `session.closed` (reason `draining`) and closes with 1012; the client
+    should stop sending and reconnect, which a load balancer routes to another replica."""
+
+    type: Literal["session.draining"] = "session.draining"
+    deadline_seconds: float = Field(description="seconds from now by which the server closes the session")
+    reason: str = Field(default="shutdown", description="why the server drains (shutdown)")
+
+
 ServerEvent = Annotated[
-    SessionCreated | SessionUpdated | CaptionDelta | CaptionSegment | Stats | Marker | Error | SessionClosed,
+    SessionCreated
+    | SessionUpdated
+    | CaptionDelta
+    | CaptionSegment
+    | Stats
+    | Marker
+    | Error
+    | SessionClosed
+    | SessionDraining,
     Field(discriminator="type"),
 ]
 
@@ -357,7 +391,17 @@ def parse_client_event(text: str | bytes) -> SessionUpdate | InputMarker | Sessi
 
 def parse_server_event(
     text: str | bytes,
-) -> SessionCreated | SessionUpdated | CaptionDelta | CaptionSegment | Stats | Marker | Error | SessionClosed:
+) -> (
+    SessionCreated
+    | SessionUpdated
+    | CaptionDelta
+    | CaptionSegment
+    | Stats
+    | Marker
+    | Error
+    | SessionClosed
+    | SessionDraining
+):
     return server_event_adapter.validate_json(text)
 
 

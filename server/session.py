@@ -14,6 +14,8 @@ Ordering guarantees:
   before it has been captioned or dropped. For container streams the barrier first waits until the
   demuxer has consumed every byte fed before the marker;
 - `session.close` flushes the same way, then `session.closed`, then close 1000.
+- a drain (server/drain.py, on SIGTERM) sends `session.draining`, captions what was sent before the
+  client could stop, then `session.closed` (reason `draining`) and close 1012.
 
 Backpressure: deltas are dropped when the outbound queue is nearly full (a segment repeats the whole
 caption); segments, markers and errors are never dropped. The ingest's input is bounded
@@ -60,6 +62,9 @@ log = logging.getLogger("casa.session")
 
 OUT_QUEUE = 1024  # outbound events; deltas are dropped above 3/4 of it
 BARRIER_TIMEOUT = 60.0
+# A drained session closes once nothing new has arrived for this long after its frames were captioned:
+# frames the client sent before it read `session.draining` are still on the wire, and are captioned too.
+DRAIN_SETTLE = 0.3
 
 
 @dataclass
@@ -99,6 +104,8 @@ class Session:
         self.slot: Slot | None = None
         self.ingest: Ingest | None = None  # started with the session (start)
         self.closing = False
+        self.drained = False  # closed by a drain (server/drain.py): 1012, the client reconnects elsewhere
+        self.messages_in = 0  # binary messages received (a drain waits until they stop coming)
         # frame bookkeeping (event loop only)
         self.next_index = 0
         self.unfinished: dict[int, float] = {}  # frame index -> received (time.monotonic)
@@ -178,6 +185,9 @@ class Session:
             repetition_penalty=s.repetition_penalty,
             no_repeat_ngram=s.no_repeat_ngram,
             seed=s.seed or 0,
+            top_p=s.top_p,
+            eos_bias=s.eos_bias,
+            truncated_close=s.truncated_close,
         )
         try:
             return settings.validate()  # the protocol's bounds already hold; this is the engine's own check
@@ -244,6 +254,7 @@ class Session:
         return None
 
     async def handle_binary(self, data: bytes) -> None:
+        self.messages_in += 1
         limit = self.ctx.settings.max_message_bytes
         if len(data) > limit:
             raise FrameTooLarge(
@@ -322,16 +333,38 @@ class Session:
         if self.ingest is not None:
             await self.ingest.end()
 
-    async def flush(self) -> None:
-        """Wait until every frame received so far is captioned or dropped."""
-        upto = await self.barrier()
-        deadline = time.monotonic() + BARRIER_TIMEOUT
+    async def flush(self, deadline: float | None = None) -> None:
+        """Wait until every frame received so far is captioned or dropped (or `deadline`, monotonic)."""
+        deadline = time.monotonic() + BARRIER_TIMEOUT if deadline is None else deadline
+        try:
+            upto = await asyncio.wait_for(self.barrier(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            return
         while time.monotonic() < deadline:
             self.finished.clear()
             if not any(i < upto for i in self.unfinished):
                 break
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.finished.wait(), 1.0)
+
+    async def drain(self, deadline: float, reason: str = "shutdown") -> None:
+        """Graceful end on a server drain: `session.draining`, caption the frames in flight (those sent
+        before the client could stop), then `session.closed` and close 1012, all by `deadline`."""
+        if self.closing or self.drained:
+            return
+        self.emit(
+            p.SessionDraining(deadline_seconds=round(max(0.0, deadline - time.monotonic()), 3), reason=reason)
+        )
+        while time.monotonic() < deadline:
+            seen = self.messages_in
+            await self.flush(deadline)
+            await asyncio.sleep(max(0.0, min(DRAIN_SETTLE, deadline - time.monotonic())))
+            if self.messages_in == seen and not self.unfinished:
+                break
+        if self.closing:  # the client closed first (session.close or gone)
+            return
+        self.drained = True
+        self.finish("draining", p.CloseCode.SERVICE_RESTART)
 
     def _finish(self, index: int) -> None:
         received = self.unfinished.pop(index, None)

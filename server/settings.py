@@ -37,7 +37,11 @@ class Settings(BaseSettings):
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_sessions: int = Field(default=32, ge=1, description="concurrent streams = engine batch rows")
-    max_context_tokens: int = Field(default=1024, ge=64, description="text KV cache bound per session")
+    max_context_tokens: int | None = Field(
+        default=None,
+        ge=64,
+        description="text KV cache bound per session; default: the checkpoint's context_tokens, else 1024",
+    )
     max_pixels: int | None = Field(
         default=None,
         ge=1,
@@ -104,6 +108,13 @@ class Settings(BaseSettings):
         default=2, ge=1, description="uploads received or captioned at once; more get 503 (capacity)"
     )
     stats_interval_seconds: float = Field(default=1.0, gt=0)
+    drain_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="grace period on SIGTERM: open sessions get session.draining, their frames in flight are "
+        "captioned, then they close with 1012; the process exits when all are closed or this ends "
+        "(docs/scaling.md). Keep Kubernetes' terminationGracePeriodSeconds above preStop + this",
+    )
     log_level: str = "info"
 
     @field_validator("auth_keys", "allowed_origins", mode="before")

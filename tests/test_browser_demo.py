@@ -222,3 +222,47 @@ def test_server_errors_in_plain_words(browser, tmp_path: Path) -> None:
     assert "disconnected" in page.inner_text("#status")
     page.close()
     assert not errors, errors
+
+
+SNAP = "window.casaDemo.snapshot()"
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (.ci/run installs it)")
+def test_page_reconnects_when_its_replica_drains(browser, tmp_path: Path) -> None:
+    """Two replicas behind HAProxy; SIGTERM on the page's replica: the page shows the drain and the
+    reconnect, and captions go on from the other replica with the numbering and clock continued."""
+    from benchmarks.replicas import LocalCluster
+
+    cluster = LocalCluster(tmp_path / "cluster", replicas=2, max_sessions=2, drain_seconds=20).start()
+    page, errors = open_page(browser)
+    try:
+        page.goto(f"http://127.0.0.1:{cluster.port}/")
+        page.select_option("#source", "demo")
+        page.fill("#fps", "2")
+        page.click("#start")
+        page.wait_for_function(f"{SNAP} && {SNAP}.captioned >= 3", timeout=120_000)
+        victim = next(r for r in cluster.replicas if r.sessions() == 1)
+        before = page.evaluate(SNAP)["captioned"]
+        victim.terminate()
+        page.wait_for_function(
+            f"{SNAP}.reconnects >= 1 && {SNAP}.captioned >= {before + 3} && "
+            "document.querySelector('#status').textContent.includes('reconnected')",
+            timeout=120_000,
+        )
+        snap = page.evaluate(SNAP)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "reconnected.png"))
+        assert victim.proc.wait(30) == 0
+        survivor = next(r for r in cluster.replicas if r is not victim)
+        assert survivor.sessions() == 1
+        assert any("draining" in s for s in snap["statuses"]), snap["statuses"]
+        assert any(s.startswith("reconnecting in") for s in snap["statuses"]), snap["statuses"]
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        frames = [s["frame"] for s in snap["segments"]]
+        starts = [s["start"] for s in snap["segments"]]
+        assert frames == sorted(set(frames)) and starts == sorted(set(starts)), (frames, starts)
+        page.click("#stop")
+    finally:
+        page.close()
+        cluster.stop()
+    assert not errors, errors

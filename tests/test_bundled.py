@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import GenerationConfig, ModelConfig
+from model.config import DEFAULT_CONTEXT_TOKENS, GenerationConfig, ModelConfig
 from model.evaluate import evaluate
 from model.generate import Engine
 from model.weights import default_model_dir, load_checkpoint
@@ -40,3 +40,14 @@ def test_bundled_model_captions_held_out_clips():
     # see docs/training.md; a broken stream layout or checkpoint drops F1 below 0.3.
     assert m["attribute_f1"] >= 0.93, (m, result.mistakes(5))
     assert m["event_recall"] >= 0.88, (m, result.mistakes(5))
+
+
+def test_text_cache_bound_comes_from_the_checkpoint_unless_given():
+    # The bundled generation config names its context (256: above its ~150-token training clips);
+    # an explicit bound wins, and a checkpoint that names none gets the engine default.
+    assert GenerationConfig.load(DIR / "generation_config.json").context_tokens == 256
+    assert Engine.from_checkpoint(DIR, max_sessions=1).state.text.capacity == 256
+    assert Engine.from_checkpoint(DIR, max_sessions=1, max_context_tokens=512).state.text.capacity == 512
+    model, tok, gen = load_checkpoint(DIR)
+    gen.context_tokens = None
+    assert Engine(model, tok, gen, max_sessions=1).state.text.capacity == DEFAULT_CONTEXT_TOKENS

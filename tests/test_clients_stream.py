@@ -28,6 +28,7 @@ from clients.stream import (
     EXIT_USAGE,
     StreamError,
     StreamOptions,
+    backoff_delay,
     run_stream,
     stream_url,
 )
@@ -194,13 +195,16 @@ def test_printer_overwrites_partial_line() -> None:
 
 class ScriptedServer:
     """/v1/stream speaking server/protocol.py, in a thread. `mode` picks a failure:
-    ok | capacity | fatal_after_2 | drop_after_2 | bad_settings; `token` requires a Bearer key."""
+    ok | capacity | fatal_after_2 | drop_after_2 | drain_after_2 | bad_settings; `token` requires a
+    Bearer key. A failure happens once (at the third frame received over all connections); each
+    connection numbers its frames from 0, as a real server does, and captions say the overall count."""
 
     def __init__(self, mode: str = "ok", token: str | None = None) -> None:
         self.mode, self.token = mode, token
         self.frames: list[protocol.BinaryMessage] = []
         self.arrivals: list[float] = []  # time.monotonic() of each binary message
         self.updates: list[dict] = []
+        self.connections = 0
         self.headers: dict[str, str] = {}
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -235,6 +239,8 @@ class ScriptedServer:
     async def _handle(self, ws) -> None:
         send = lambda ev: ws.send(protocol.dump(ev))  # noqa: E731
         self.headers = dict(ws.request.headers)
+        self.connections += 1
+        k = -1  # this connection's frame index
         if self.token and ws.request.headers.get("Authorization") != f"Bearer {self.token}":
             await send(protocol.Error(code="unauthorized", message="missing or wrong key", fatal=True))
             await ws.close(1008, "unauthorized")
@@ -269,6 +275,9 @@ class ScriptedServer:
                 self.frames.append(msg)
                 self.arrivals.append(time.monotonic())
                 n = len(self.frames) - 1
+                k += 1
+                if n == 2 and self.mode == "drain_after_2":  # this frame is in flight: caption it, then 1012
+                    await send(protocol.SessionDraining(deadline_seconds=5.0))
                 if n == 2 and self.mode == "fatal_after_2":
                     await send(protocol.Error(code="internal", message="boom", fatal=True))
                     await ws.close(1011, "internal")
@@ -278,10 +287,10 @@ class ScriptedServer:
                     return
                 pts = msg.pts if msg.pts is not None else n / settings.fps
                 for piece in ("frame", f" {n}"):
-                    await send(protocol.CaptionDelta(frame=n, pts=pts, text=piece))
+                    await send(protocol.CaptionDelta(frame=k, pts=pts, text=piece))
                 await send(
                     protocol.CaptionSegment(
-                        frame=n,
+                        frame=k,
                         start=pts,
                         end=pts + 1 / settings.fps,
                         text=f"frame {n}",
@@ -291,6 +300,10 @@ class ScriptedServer:
                         latency_ms=9.0,
                     )
                 )
+                if n == 2 and self.mode == "drain_after_2":
+                    await send(protocol.SessionClosed(reason="draining"))
+                    await ws.close(1012, "draining")
+                    return
                 continue
             event = protocol.parse_client_event(raw)
             if event.type == "session.update":
@@ -365,11 +378,78 @@ def test_stream_container_mode(tmp_path: Path, capsys) -> None:
 )
 def test_stream_reports_server_failures(tmp_path: Path, capsys, mode, token, code, words) -> None:
     with ScriptedServer(mode, token) as srv:
-        got, err, out = _run(srv.url, tmp_path, capsys, realtime=False)
+        got, err, out = _run(srv.url, tmp_path, capsys, realtime=False, reconnect_tries=0)
     assert got == code, err
     assert words in err
     if mode.endswith("after_2"):  # the captions before the failure are in the files
         assert [c[2] for c in parse_srt((out / "out.srt").read_text())] == ["frame 0", "frame 1"]
+
+
+def _run_jsonl(url: str, tmp_path: Path, capsys, **kw) -> tuple[int, str, list[dict]]:
+    options = StreamOptions(url=url, open_timeout=5, reply_timeout=10, close_timeout=5, realtime=False, **kw)
+    writers = open_writers(srt=tmp_path / "out.srt", vtt=tmp_path / "out.vtt", jsonl=tmp_path / "out.jsonl")
+    code = run_stream(open_source("synthetic:1", seconds=3), options, writers, LivePrinter(live=False))
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    return code, capsys.readouterr().err, rows
+
+
+def test_reconnect_after_a_drain_loses_nothing_and_numbering_goes_on(tmp_path: Path, capsys) -> None:
+    with ScriptedServer("drain_after_2") as srv:
+        code, err, rows = _run_jsonl(srv.url, tmp_path, capsys, session={"prompt": "what moves?"})
+    assert code == EXIT_OK, err
+    assert srv.connections == 2
+    # the second session got the same settings
+    assert srv.updates[0] == srv.updates[1]
+    assert srv.updates[0]["session"] == {"prompt": "what moves?", "mode": "offline"}
+    # every frame was sent once; the one in flight at the drain was captioned by the old session
+    assert [m.pts for m in srv.frames] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert [r["text"] for r in rows] == [f"frame {i}" for i in range(6)]
+    assert [r["frame"] for r in rows] == list(range(6))  # no restart at 0, no gap
+    assert [r["start"] for r in rows] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    cues = parse_srt((tmp_path / "out.srt").read_text())  # indexes 1..6 checked by the parser
+    assert len(cues) == 6 and parse_vtt((tmp_path / "out.vtt").read_text()) == cues
+    assert_monotonic(cues)
+    assert "server: draining" in err and "reconnecting in" in err and "reconnected: session s1" in err
+    assert "reconnected 1x (0 frames lost)" in err
+
+
+@pytest.mark.parametrize("mode", ["drop_after_2", "fatal_after_2"])
+def test_reconnect_after_1006_or_1011_loses_at_most_the_frame_in_flight(
+    tmp_path: Path, capsys, mode: str
+) -> None:
+    with ScriptedServer(mode) as srv:
+        code, err, rows = _run_jsonl(srv.url, tmp_path, capsys)
+    assert code == EXIT_OK, err
+    assert srv.connections == 2
+    # the frame the server took down with it (pts 1.0) is lost; the stream goes on from the next one
+    assert [m.pts for m in srv.frames] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert [r["start"] for r in rows] == [0.0, 0.5, 1.5, 2.0, 2.5]
+    assert [r["frame"] for r in rows] == list(range(5))
+    assert len(parse_srt((tmp_path / "out.srt").read_text())) == 5
+    assert "reconnected 1x (1 frames lost)" in err
+
+
+def test_reconnect_gives_up_after_its_tries(tmp_path: Path, capsys) -> None:
+    with ScriptedServer("capacity") as srv:
+        t0 = time.monotonic()
+        code, err, _ = _run(srv.url, tmp_path, capsys, realtime=False, reconnect_tries=3, backoff_base=0.05)
+        took = time.monotonic() - t0
+    assert code == EXIT_ERROR
+    assert srv.connections == 4  # the first try and 3 reconnects
+    assert "gave up after 3 reconnect tries: capacity: the server is full" in err
+    assert err.count("reconnecting in") == 3 and "(try 3 of 3)" in err
+    assert took >= 0.05 * (0.5 + 1 + 2) / 1  # the backoff was waited (jitter keeps each wait >= half)
+
+
+def test_backoff_is_exponential_jittered_and_capped() -> None:
+    import random
+
+    rng = random.Random(0)
+    for attempt in range(1, 12):
+        ceiling = min(8.0, 0.25 * 2 ** (attempt - 1))
+        delays = [backoff_delay(attempt, 0.25, 8.0, rng) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert max(delays) - min(delays) > ceiling / 4  # jittered, not fixed
 
 
 def test_stream_rejects_bad_settings_before_connecting(tmp_path: Path, capsys) -> None:

@@ -218,3 +218,54 @@ def test_a_frame_the_vision_thread_cannot_encode_fails_alone() -> None:
         assert not engine.busy(bad)  # the session can submit its next frame
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("fusion", ["casa", "insertion"])
+def test_prompt_opened_under_load_goes_through_the_step_and_matches_a_lone_open(fusion: str) -> None:
+    """A session opened while another row decodes feeds its (short) prompt a token a tick through
+    the batched step instead of an eager prefill (model/scheduler.py); its logits and captions are
+    those of the same session opened alone, whose prompt is prefilled in one forward."""
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (30, 41, 3), dtype=np.uint8) for _ in range(4)]
+    prompt = "describe the red ball"
+
+    def run(busy_neighbour: bool) -> tuple[dict[int, list[torch.Tensor]], list[int], list[int]]:
+        engine = make_engine(fusion, max_sessions=3)
+        engine.record_logits = True
+        fed: list[torch.Tensor] = []
+        per_tick: list[int] = []  # items the row was fed in each tick before its first frame
+
+        def observe(res) -> None:  # type: ignore[no-untyped-def]
+            if row in res.fed:
+                fed.extend(x.clone() for x in res.fed_logits[row])
+                if row not in res.frames and not started:
+                    per_tick.append(len(res.fed[row]))
+
+        row, started = -1, False
+        engine.observers.append(observe)
+        if busy_neighbour:
+            other = engine.open("hi", SessionSettings(max_new_tokens=20))
+            while engine.has_work():
+                engine.step()
+            engine.submit_frame(other, images[0])
+            engine.step()
+            engine.step()  # the neighbour is decoding now
+            assert engine.busy(other)
+        row = engine.open(prompt, SessionSettings(max_new_tokens=3))
+        n_prompt = len(engine.rows[row].forced)
+        tokens = []
+        for img in images:
+            engine.submit_frame(row, img)
+            while engine.busy(row):
+                tokens += [ev.token for ev in engine.step() if ev.row == row]
+                started = started or engine.rows[row].frames > 0
+        assert sum(per_tick) == n_prompt > 1
+        return {0: fed}, tokens, per_tick
+
+    lone, lone_tokens, lone_ticks = run(False)
+    loaded, loaded_tokens, loaded_ticks = run(True)
+    # alone: one prefill; beside a busy row: a token a tick (the rest in one prefill once the
+    # neighbour's caption ends and the row is alone again)
+    assert len(lone_ticks) == 1 and loaded_ticks[:2] == [1, 1]
+    assert loaded_tokens == lone_tokens
+    assert max_err(lone, loaded) <= ATOL[torch.float32]

@@ -105,6 +105,8 @@ PROTOCOL_BOUNDS = {
     "repetition_penalty": (1.0, p.MAX_REPETITION_PENALTY),
     "no_repeat_ngram": (0, p.MAX_NO_REPEAT_NGRAM),
     "seed": (0, p.MAX_SEED),
+    "top_p": (0.0, 1.0),
+    "eos_bias": (p.MIN_EOS_BIAS, p.MAX_EOS_BIAS),
 }
 
 
@@ -156,12 +158,24 @@ def test_temperature_error_names_the_range():
     ngram=st.integers(0, p.MAX_NO_REPEAT_NGRAM),
     seed=st.integers(0, p.MAX_SEED),
     scale=st.sampled_from([1.0, 1e2, 1e4, 1e6]),
+    top_p=st.floats(0.0, 1.0),
+    eos_bias=st.floats(p.MIN_EOS_BIAS, p.MAX_EOS_BIAS),
+    counts=st.sampled_from(["emitted", "fed"]),
 )
-def test_the_sampler_computes_every_accepted_setting(temperature, top_k, penalty, ngram, seed, scale):
+def test_the_sampler_computes_every_accepted_setting(
+    temperature, top_k, penalty, ngram, seed, scale, top_p, eos_bias, counts
+):
     vocab, stop = 64, [0]
     sampler = Sampler(2, vocab, stop)
     params = SamplingParams(
-        temperature=temperature, top_k=top_k, repetition_penalty=penalty, no_repeat_ngram=ngram, seed=seed
+        temperature=temperature,
+        top_k=top_k,
+        repetition_penalty=penalty,
+        no_repeat_ngram=ngram,
+        seed=seed,
+        top_p=top_p,
+        eos_bias=eos_bias,
+        counts=counts,
     )
     sampler.reset(0, params)
     sampler.reset(1, SamplingParams())
@@ -172,6 +186,8 @@ def test_the_sampler_computes_every_accepted_setting(temperature, top_k, penalty
         assert all(0 <= t < vocab for t in tokens)
         for row, tok in enumerate(tokens):
             sampler.observe(row, tok)
+            sampler.feed(row, [tok])
+        sampler.charge([0], [tokens[0]])
 
 
 # ---- binary framing -------------------------------------------------------------------------------

@@ -6,6 +6,11 @@
 // frame (binary kind 0x01: 1 byte kind, 8-byte big-endian pts in microseconds, the JPEG bytes).
 // Captions stream back as caption.delta (shown live over the video) and caption.segment (final).
 // Latency shown here is measured by the page: frame sent -> its caption.segment received.
+//
+// Reconnect: a close with 1006 (dropped), 1011 (server error), 1012 (the server drained the session:
+// session.draining came first) or 1013 (capacity) opens a new session after a jittered exponential
+// backoff, at most MAX_TRIES in a row, shown in the status pill. The video, its clock (pts) and the
+// settings in the form carry over; caption frame numbers go on from the last one shown.
 "use strict";
 
 (() => {
@@ -16,6 +21,10 @@
   const MAX_BUFFERED = 2 << 20; // skip a frame while the socket still holds this many unsent bytes
   const SPARK_POINTS = 60;
   const HISTORY_MAX = 200;
+  const RETRY_CODES = new Set([1006, 1011, 1012, 1013]);
+  const MAX_TRIES = 6;
+  const BACKOFF_BASE_MS = 250;
+  const BACKOFF_MAX_MS = 8000;
 
   const ERROR_WORDS = {
     unauthorized: "This server needs an access token. Enter it in the Token field and press Start again.",
@@ -54,11 +63,15 @@
       sent: 0, captioned: 0, dropped: 0, skipped: 0, lag: null, kv: null,
       inflight: [], // [{pts (us), t (ms)}] frames sent and not yet captioned
       latencies: [], ttfts: [], frame: null, partial: "", segments: [],
+      tries: 0, reconnects: 0, retryTimer: null, draining: false,
+      offset: 0, nextFrame: 0, // session frame index + offset = the run's frame number (goes on across sessions)
+      statuses: [],
     };
   }
 
   // ---- status, errors ------------------------------------------------------------------------
   function setStatus(text, kind) {
+    if (run) run.statuses.push(text);
     el.status.textContent = text;
     el.status.className = `pill ${kind || "idle"}`;
   }
@@ -151,6 +164,7 @@
     ws.binaryType = "arraybuffer";
     r.ws = ws;
     ws.onopen = () => { r.opened = true; };
+    r.draining = false;
     ws.onmessage = (msg) => {
       if (typeof msg.data !== "string") return;
       let event;
@@ -169,11 +183,21 @@
         break;
       case "session.updated":
         r.fps = event.settings && event.settings.fps ? event.settings.fps : Number(el.fps.value);
+        if (!r.live) { // a new session (the first, or after a reconnect): its frame 0 is our next frame
+          r.live = true;
+          r.offset = r.nextFrame;
+          if (r.reconnects) clearError();
+        }
         startCapture(r);
-        setStatus(`live · ${r.fps} fps`, "live");
+        setStatus(`live · ${r.fps} fps${r.reconnects ? ` · reconnected ${r.reconnects}×` : ""}`, "live");
+        break;
+      case "session.draining":
+        r.draining = true;
+        stopCapture(r); // the server captions what it has, then closes with 1012: we reconnect
+        setStatus("server draining · reconnecting", "connecting");
         break;
       case "caption.delta":
-        if (event.frame !== r.frame) { r.frame = event.frame; r.partial = ""; }
+        if (r.offset + event.frame !== r.frame) { r.frame = r.offset + event.frame; r.partial = ""; }
         r.partial += event.text;
         showCaption(event.pts, r.partial, true);
         break;
@@ -187,7 +211,9 @@
         renderStats(r);
         break;
       case "error":
-        showError(serverErrorWords(event));
+        // capacity and internal errors end in 1013 / 1011: the reconnect says what happens next
+        if (!(event.fatal && (event.code === "capacity" || event.code === "internal"))) showError(serverErrorWords(event));
+        else r.lastError = serverErrorWords(event);
         break;
       case "session.closed":
         setStatus(`closed (${event.reason})`, "idle");
@@ -197,10 +223,25 @@
     }
   }
 
+  function backoffMs(attempt) {
+    const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** (attempt - 1));
+    return ceiling * (0.5 + 0.5 * Math.random()); // jittered: clients cut at once do not come back at once
+  }
+
   function onClose(r, ev) {
     stopCapture(r);
+    r.live = false;
     if (r !== run) { // an earlier run closing late: leave the current one's video and buttons alone
       if (r.media) r.media.getTracks().forEach((t) => t.stop());
+      return;
+    }
+    const retry = !r.stopping && RETRY_CODES.has(ev.code) && (r.opened || r.reconnects > 0 || ev.code === 1013);
+    if (retry && r.tries < MAX_TRIES) {
+      r.tries += 1;
+      r.reconnects += 1;
+      const delay = backoffMs(r.tries);
+      setStatus(`reconnecting in ${(delay / 1000).toFixed(1)} s (try ${r.tries} of ${MAX_TRIES})`, "connecting");
+      r.retryTimer = setTimeout(() => { r.retryTimer = null; if (run === r && !r.stopping) connect(r); }, delay);
       return;
     }
     closeSource(r);
@@ -212,6 +253,8 @@
     setStatus("disconnected", "failed");
     if (CLOSE_WORDS[ev.code]) {
       if (el.error.hidden) showError(CLOSE_WORDS[ev.code]);
+    } else if (retry) {
+      showError(`The connection to the server was lost and ${MAX_TRIES} reconnect tries failed${r.lastError ? ` (${r.lastError})` : ""}. Press Start to reconnect.`);
     } else if (!r.opened) {
       showError(`Could not connect to the server at ${location.host}. Is it running? If it needs a token, enter it in the Token field.`);
     } else if (el.error.hidden) {
@@ -288,11 +331,14 @@
       r.inflight.splice(0, i + 1); // older frames than this one were dropped by the server
     }
     r.captioned += 1;
+    r.tries = 0; // this session works: a later loss gets a fresh set of tries
+    const frame = r.offset + seg.frame;
+    r.nextFrame = Math.max(r.nextFrame, frame + 1);
     r.frame = null;
     r.partial = "";
     r.latencies.push(latency);
     if (seg.ttft_ms !== undefined) r.ttfts.push(seg.ttft_ms);
-    r.segments.push({ frame: seg.frame, start: seg.start, end: seg.end, text: seg.text, reason: seg.reason, latency_ms: latency });
+    r.segments.push({ frame, start: seg.start, end: seg.end, text: seg.text, reason: seg.reason, latency_ms: latency });
     showCaption(seg.start, seg.text, false);
 
     const li = document.createElement("li");
@@ -393,6 +439,7 @@
     if (!r) return;
     r.stopping = true;
     stopCapture(r);
+    if (r.retryTimer !== null) { clearTimeout(r.retryTimer); r.retryTimer = null; }
     if (r.ws && r.ws.readyState === WebSocket.OPEN) {
       send(r, { type: "session.close" }); // the server flushes, sends session.closed, closes with 1000
       const ws = r.ws;
@@ -431,6 +478,7 @@
     snapshot: () => run && {
       sent: run.sent, captioned: run.captioned, dropped: run.dropped, lag_ms: run.lag,
       latencies_ms: [...run.latencies], segments: run.segments.map((s) => ({ ...s })), session_id: run.sessionId,
+      reconnects: run.reconnects, statuses: [...run.statuses],
     },
   };
 })();

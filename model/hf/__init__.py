@@ -12,6 +12,7 @@ Loading is strict either way; see docs/checkpoints.md.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from model.vlm import CASAModel
 from model.weights import CONFIG, CheckpointError
 
 LAYOUTS = ("casa", "qwen2.5-vl", "kyutai-casa")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,21 +98,34 @@ def import_checkpoint(
     # the small files first: fail before reading gigabytes of weights
     lm_cfg, _ = hfc.lm_config(cfg), hfc.vision_config(cfg)
     tokenizer = Tokenizer.from_file(_need_file(path, "tokenizer.json"))
-    gen = hfc.generation_config(tokenizer, hfc.stop_ids(path, cfg))
+    gen, notes = hfc.generation_config(
+        tokenizer, hfc.stop_ids(path, cfg), cfg=cfg, hf_gen=hfc.read_generation(path)
+    )
+    listed = hfc.casa_layers(cfg, lm_cfg.layers)  # config.json's CASA block list, if it has one
     tensors = hft.read_tensors(path)
     names = set(tensors)
     vp, lp = hft.prefixes(sorted(names))
-    notes: list[str] = []
 
     if layout == "kyutai-casa":
         probe = hft.Plan()
         blocks = hft.plan_kyutai_casa(probe, names, lp, lm_cfg.layers, lm_cfg.qkv_bias)
+        if blocks and listed is not None and listed != blocks:
+            raise CheckpointError(
+                f"{path}: config.json lists CASA blocks {listed}, but the checkpoint has CASA tensors in "
+                f"blocks {blocks}"
+            )
+        if not blocks and listed is not None and not (casa and casa.shared and casa.layers is not None):
+            casa = CASAConfig(fusion="casa", layers=listed, shared=True)  # a -Shared checkpoint
+            notes.append(f"config.json: CASA blocks {listed}, no CASA tensors: the shared variant")
         if not blocks and not (casa and casa.shared):
             raise CheckpointError(
                 f"{path}: no CASA tensors found under {lp}layers.N.*. A -Shared checkpoint stores none: "
                 "pass the shared variant and its CASA blocks explicitly (casa convert --shared --casa-layers ...)"
             )
         casa = CASAConfig(fusion="casa", layers=blocks, shared=False) if blocks else casa
+    elif casa is None and listed is not None:
+        casa = CASAConfig(layers=listed)
+        notes.append(f"config.json: CASA layers in blocks {listed}")
     else:
         casa = casa or CASAConfig()
     assert casa is not None
@@ -142,6 +157,8 @@ def import_checkpoint(
         initialised_from_self_attention=len(plan.from_self_attention),
         notes=notes,
     )
+    for note in notes:
+        log.info("%s: %s", path, note)
     return model.eval(), tokenizer, gen, report
 
 

@@ -8,9 +8,13 @@ Two config.json layouts exist in the wild and both are read:
 
 The generation config follows Kyutai's live-captioning procedure (docs/checkpoints.md): the whole
 stream is one never-ending assistant turn of Qwen's chat format, `<|vision_start|>`/`<|vision_end|>`
-around each frame, stop on any id of `generation_config.json`'s `eos_token_id`, and the sampling
-defaults of the LiveCC scripts (2 fps, 20 tokens, temperature 0.4, top-k 256, repetition penalty
-1.15, 4-gram blocking over 60 tokens).
+around each frame (or config.json's `pre_image_tokens`/`post_image_tokens`), stop on any id of
+`generation_config.json`'s `eos_token_id`, and the sampling of Kyutai's newest live-captioning
+script (2 fps, 20 tokens, temperature 0.4, top-k 256, EMA repetition penalty 1.15 counting fed
+tokens, stop-token bias 0.95, 4-gram blocking over 60 tokens, a cut caption closed with the model's
+last stop token). Of generation_config.json's sampling fields, `top_p` is honoured (transformers'
+generate applies it under that script too); the others are reported, with the reason, by
+`generation_config`'s notes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,20 @@ SYSTEM_PROMPT = "You are an expert video commentator providing real-time factual
 USER_PROMPT = "Please describe what you see in the video in real-time. Stick to the visual facts. "  # sic: trailing space
 CAPTION_PREFIX = "In this video"
 LIVE_IMAGE_SIZE = 448  # the LiveCC runs' frame side (256 image tokens)
+EOS_BIAS = 0.95  # Kyutai's newest live-captioning script (their older one: 1.0)
+
+# config.json keys read when present, at the top level or under text_config (docs/checkpoints.md):
+# the frame delimiters (token ids or token strings) and the blocks that carry a CASA layer.
+FRAME_KEYS = ("pre_image_tokens", "post_image_tokens")
+CASA_LAYER_KEYS = ("casa_layers",)
+# generation_config.json keys that say nothing about sampling
+_GEN_BOOKKEEPING = {
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "transformers_version",
+    "_from_model_config",
+}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -131,21 +149,119 @@ def model_config(
         raise CheckpointError(f"config.json describes a model casa-live cannot build: {e}") from None
 
 
+def read_generation(path: Path) -> dict[str, Any]:
+    """generation_config.json of a Hugging Face directory ({} when it has none)."""
+    gen_path = path / "generation_config.json"
+    return read_json(gen_path) if gen_path.exists() else {}
+
+
 def stop_ids(path: Path, cfg: dict[str, Any]) -> list[int]:
     """eos_token_id of generation_config.json (int or list), else of config.json."""
-    gen_path = path / "generation_config.json"
-    gen = read_json(gen_path) if gen_path.exists() else {}
+    gen = read_generation(path)
     eos = gen.get("eos_token_id", _text_section(cfg).get("eos_token_id", cfg.get("eos_token_id")))
     if eos is None:
         raise CheckpointError(f"{path}: no eos_token_id in generation_config.json or config.json")
     return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
 
 
-def generation_config(tokenizer: Tokenizer, eos_ids: list[int], fps: float = 2.0) -> GenerationConfig:
-    """Kyutai's live-captioning setup on Qwen's chat format, stopping on every eos id.
+def _key(cfg: dict[str, Any], names: tuple[str, ...]) -> tuple[str, Any] | None:
+    for section in (cfg, _text_section(cfg)):
+        for name in names:
+            if section.get(name) is not None:
+                return name, section[name]
+    return None
+
+
+def frame_token_ids(cfg: dict[str, Any], tokenizer: Tokenizer) -> tuple[list[int] | None, list[int] | None]:
+    """config.json's `pre_image_tokens` / `post_image_tokens` as token ids (None where absent).
+    Each is an id, a token string, or a list of either; every one must be in tokenizer.json."""
+    out: list[list[int] | None] = []
+    for key in FRAME_KEYS:
+        found = _key(cfg, (key,))
+        if found is None:
+            out.append(None)
+            continue
+        value = found[1] if isinstance(found[1], list) else [found[1]]
+        ids = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise CheckpointError(
+                    f"config.json: {key} must hold token ids or token strings, got {item!r}"
+                )
+            i = tokenizer.tok.token_to_id(item) if isinstance(item, str) else item
+            if i is None or i < 0 or tokenizer.tok.id_to_token(i) is None:
+                raise CheckpointError(f"config.json: {key} names {item!r}, which is not in tokenizer.json")
+            ids.append(int(i))
+        out.append(ids)
+    return out[0], out[1]
+
+
+def casa_layers(cfg: dict[str, Any], n_layers: int) -> list[int] | None:
+    """The CASA block list of config.json (`casa_layers`), None when absent."""
+    found = _key(cfg, CASA_LAYER_KEYS)
+    if found is None:
+        return None
+    name, value = found
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise CheckpointError(f"config.json: {name} must be a list of block indices, got {value!r}")
+    bad = [i for i in value if not 0 <= i < n_layers]
+    if bad:
+        raise CheckpointError(
+            f"config.json: {name} names blocks {bad}; the model has {n_layers} (0-{n_layers - 1})"
+        )
+    return sorted(set(value))
+
+
+def sampling_fields(hf_gen: dict[str, Any], gen: GenerationConfig) -> list[str]:
+    """Apply generation_config.json's sampling fields to `gen` where casa-live honours them (top_p);
+    returns one note per field it does not, saying why (printed by `casa convert`, logged at load)."""
+    notes = []
+    for key in sorted(set(hf_gen) - _GEN_BOOKKEEPING):
+        value = hf_gen[key]
+        if key == "top_p":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise CheckpointError(f"generation_config.json: top_p {value!r} must be between 0 and 1")
+            gen.top_p = float(value)
+            if value < 1.0:
+                notes.append(
+                    f"generation_config.json: top_p {value} honoured when sampling (transformers' generate "
+                    "applies it under Kyutai's script too); a session's top_p overrides it"
+                )
+        elif key in ("temperature", "top_k", "do_sample"):
+            notes.append(
+                f"generation_config.json: {key} {value!r} ignored: Kyutai's live-captioning script passes its "
+                f"own sampling (temperature {gen.temperature}, top-k {gen.top_k}), which replaces the file's"
+            )
+        elif key == "repetition_penalty":
+            if value != 1.0:
+                notes.append(
+                    f"generation_config.json: repetition_penalty {value!r} ignored: it is transformers' "
+                    "multiplicative penalty over one generate call's tokens, which casa-live does not "
+                    f"implement; the EMA repetition penalty ({gen.repetition_penalty}) applies instead"
+                )
+        elif key in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
+            notes.append(
+                f"generation_config.json: {key} {value!r} ignored: a frame's caption has its own "
+                f"length (max_new_tokens {gen.max_new_tokens}, per session)"
+            )
+        else:
+            notes.append(f"generation_config.json: {key} {value!r} ignored: casa-live does not implement it")
+    return notes
+
+
+def generation_config(
+    tokenizer: Tokenizer,
+    eos_ids: list[int],
+    fps: float = 2.0,
+    cfg: dict[str, Any] | None = None,
+    hf_gen: dict[str, Any] | None = None,
+) -> tuple[GenerationConfig, list[str]]:
+    """Kyutai's live-captioning setup on Qwen's chat format, stopping on every eos id, and the notes
+    on generation_config.json's fields (`hf_gen`, see `sampling_fields`).
 
     The engine takes stop tokens as strings; each id goes through the tokenizer's own vocabulary
-    (LiveCC's extra stop ids are ordinary BPE tokens, not registered special tokens).
+    (LiveCC's extra stop ids are ordinary BPE tokens, not registered special tokens). config.json's
+    frame delimiters (`pre_image_tokens`, `post_image_tokens`) replace the vision tokens when present.
     """
     names = []
     for i in eos_ids:
@@ -163,7 +279,15 @@ def generation_config(tokenizer: Tokenizer, eos_ids: list[int], fps: float = 2.0
         caption_prefix=CAPTION_PREFIX,
         default_prompt=USER_PROMPT,
     )
-    return GenerationConfig(
+    notes = []
+    if cfg is not None:
+        template.pre_image_ids, template.post_image_ids = frame_token_ids(cfg, tokenizer)
+        for key, ids in zip(FRAME_KEYS, (template.pre_image_ids, template.post_image_ids)):
+            if ids is not None:
+                notes.append(
+                    f"config.json: {key} {ids} ({tokenizer.decode(ids) or 'special tokens'}) frame each image"
+                )
+    gen = GenerationConfig(
         stop_tokens=names,
         template=template,
         max_new_tokens=20,
@@ -175,4 +299,8 @@ def generation_config(tokenizer: Tokenizer, eos_ids: list[int], fps: float = 2.0
         no_repeat_ngram=4,
         ngram_window=60,
         fps=fps,
+        eos_bias=EOS_BIAS,
+        penalty_counts="fed",
+        truncated_close="last_stop",
     )
+    return gen, notes + sampling_fields(hf_gen or {}, gen)
