@@ -301,6 +301,25 @@ class ScriptedServer:
                     )
                 )
                 if n == 2 and self.mode == "drain_after_2":
+                    # as the real drain does: frames already on the wire are still captioned;
+                    # close once none has arrived for 0.3 s
+                    while True:
+                        try:
+                            late = await asyncio.wait_for(ws.recv(), 0.3)
+                        except asyncio.TimeoutError:
+                            break
+                        if isinstance(late, bytes):
+                            msg = protocol.unpack(late)
+                            self.frames.append(msg)
+                            self.arrivals.append(time.monotonic())
+                            n, k = len(self.frames) - 1, k + 1
+                            pts = msg.pts if msg.pts is not None else n / settings.fps
+                            await send(
+                                protocol.CaptionSegment(
+                                    frame=k, start=pts, end=pts + 1 / settings.fps, text=f"frame {n}",
+                                    tokens=3, reason="stop", ttft_ms=5.0, latency_ms=9.0,
+                                )
+                            )  # fmt: skip
                     await send(protocol.SessionClosed(reason="draining"))
                     await ws.close(1012, "draining")
                     return
@@ -421,12 +440,17 @@ def test_reconnect_after_1006_or_1011_loses_at_most_the_frame_in_flight(
         code, err, rows = _run_jsonl(srv.url, tmp_path, capsys)
     assert code == EXIT_OK, err
     assert srv.connections == 2
-    # the frame the server took down with it (pts 1.0) is lost; the stream goes on from the next one
-    assert [m.pts for m in srv.frames] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
-    assert [r["start"] for r in rows] == [0.0, 0.5, 1.5, 2.0, 2.5]
-    assert [r["frame"] for r in rows] == list(range(5))
-    assert len(parse_srt((tmp_path / "out.srt").read_text())) == 5
-    assert "reconnected 1x (1 frames lost)" in err
+    # The frame the server took down with it (pts 1.0) is lost; the stream goes on from the next
+    # one. On a loaded machine the client may already have sent pts 1.5 into the dying connection
+    # before it saw the failure: that one is lost too, and counted.
+    everything = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    starts = [r["start"] for r in rows]
+    lost = len(everything) - len(rows)
+    assert starts in ([0.0, 0.5, 1.5, 2.0, 2.5], [0.0, 0.5, 2.0, 2.5]), starts
+    assert [m.pts for m in srv.frames] == (everything if lost == 1 else [0.0, 0.5, 1.0, 2.0, 2.5])
+    assert [r["frame"] for r in rows] == list(range(len(rows)))  # numbering goes on without a gap
+    assert len(parse_srt((tmp_path / "out.srt").read_text())) == len(rows)
+    assert f"reconnected 1x ({lost} frames lost)" in err
 
 
 def test_reconnect_gives_up_after_its_tries(tmp_path: Path, capsys) -> None:
