@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import struct
 import time
 
@@ -244,7 +245,7 @@ QUERY_VALUES = st.text(max_size=30) | st.sampled_from(
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(query=st.dictionaries(QUERY_KEYS | st.text(max_size=8), QUERY_VALUES, max_size=4))
 def test_any_upload_query(app, upload, query):
-    if query.get("max_new_tokens", "").strip().isdigit():  # valid long captions only cost time
+    if re.fullmatch(r"[0-9]+", query.get("max_new_tokens", "").strip()):  # valid long captions cost time
         query["max_new_tokens"] = str(min(int(query["max_new_tokens"].strip()), TOKENS))
     response = app.post("/v1/captions", params=query, content=upload)
     assert response.status_code in (200, 400), response.text
