@@ -508,27 +508,34 @@ def meets(r: dict) -> bool:
     )
 
 
+def _why(f: dict) -> str:
+    """The conditions a level failed, as a phrase."""
+    reasons = [
+        f"{f['cut_pct']:.1f}% cut short" if f["cut_pct"] > 1.0 else "",
+        f"{f['dropped']} dropped" if f["dropped"] else "",
+        f"max lag {f['max_lag_ms']:.0f} ms" if f["max_lag_ms"] >= 500 else "",
+        f"exact {f['exact']:.3f} vs {f.get('reference', 0):.3f}"
+        if f["exact"] < f.get("reference", 0) - 0.02
+        else "",
+    ]
+    return f"N = {f['N']} failed ({', '.join(x for x in reasons if x) or 'errors'})"
+
+
 def capacity_line(rows: list[dict]) -> str:
-    """The largest N whose level met every condition (levels above a failing one are reported too)."""
+    """The largest N whose level met every condition. A failing level above it is named, and so
+    is one below it: a run where a smaller N fails and a larger one passes is at the edge of the
+    bar, and one run does not settle it."""
     if not rows:
         return "capacity: no level ran"
     ok = [r["N"] for r in rows if meets(r)]
     if not ok:
         return f"capacity at full quality: below {min(r['N'] for r in rows)} streams (no level met the bar)"
-    failing = [r for r in rows if not meets(r) and r["N"] > max(ok)]
-    why = ""
-    if failing:
-        f = failing[0]
-        reasons = [
-            f"{f['cut_pct']:.1f}% cut short" if f["cut_pct"] > 1.0 else "",
-            f"{f['dropped']} dropped" if f["dropped"] else "",
-            f"max lag {f['max_lag_ms']:.0f} ms" if f["max_lag_ms"] >= 500 else "",
-            f"exact {f['exact']:.3f} vs {f.get('reference', 0):.3f}"
-            if f["exact"] < f.get("reference", 0) - 0.02
-            else "",
-        ]
-        why = f"; N = {f['N']} failed ({', '.join(x for x in reasons if x) or 'errors'})"
-    else:
+    above = [r for r in rows if not meets(r) and r["N"] > max(ok)]
+    below = [r for r in rows if not meets(r) and r["N"] < max(ok)]
+    why = f"; {_why(above[0])}" if above else ""
+    if below:
+        why += f"; but below it {'; '.join(_why(r) for r in below)}: at the edge of the bar, rerun"
+    if not above and not below:
         why = f"; every level run met it (largest run: {max(ok)})"
     return (
         f"capacity at full quality: {max(ok)} streams (<= 1% cut short, 0 dropped, max lag < 500 ms, "
