@@ -367,7 +367,8 @@ class SessionDraining(_Event):
     reason: str = Field(default="shutdown", description="why the server drains (shutdown)")
 
 
-ServerEvent = Annotated[
+# every event the server sends; ServerEvent adds the discriminator that parses them
+AnyServerEvent = (
     SessionCreated
     | SessionUpdated
     | CaptionDelta
@@ -376,9 +377,9 @@ ServerEvent = Annotated[
     | Marker
     | Error
     | SessionClosed
-    | SessionDraining,
-    Field(discriminator="type"),
-]
+    | SessionDraining
+)
+ServerEvent = Annotated[AnyServerEvent, Field(discriminator="type")]
 
 client_event_adapter: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
 server_event_adapter: TypeAdapter[ServerEvent] = TypeAdapter(ServerEvent)
@@ -389,19 +390,7 @@ def parse_client_event(text: str | bytes) -> SessionUpdate | InputMarker | Sessi
     return client_event_adapter.validate_json(text)
 
 
-def parse_server_event(
-    text: str | bytes,
-) -> (
-    SessionCreated
-    | SessionUpdated
-    | CaptionDelta
-    | CaptionSegment
-    | Stats
-    | Marker
-    | Error
-    | SessionClosed
-    | SessionDraining
-):
+def parse_server_event(text: str | bytes) -> AnyServerEvent:
     return server_event_adapter.validate_json(text)
 
 

@@ -122,6 +122,21 @@ def of_type(events: list[dict], kind: str) -> list[dict]:
     return [e for e in events if e["type"] == kind]
 
 
+def offline_events(c: TestClient, messages: list[bytes], **session) -> list[dict]:
+    """One offline session: the settings, every message, a marker, then close; the events up to
+    the close, after checking it closed cleanly (1000) with no error event."""
+    with stream(c) as ws:
+        ws.update(mode="offline", **session)
+        for m in messages:
+            ws.send_bytes(m)
+        events = ws.marker("end")
+        ws.send({"type": "session.close"})
+        events += ws.drain()
+        assert ws.close_code == 1000
+    assert errors(events) == []
+    return events
+
+
 def errors(events: list[dict]) -> list[str]:
     return [e["code"] for e in events if e["type"] == "error"]
 

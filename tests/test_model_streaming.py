@@ -251,9 +251,11 @@ def visibility(feed_sizes: list[int], capacity: int, sink: int, chunk: int) -> t
     return vis
 
 
-def test_bounded_text_cache_matches_restricted_reference() -> None:
-    capacity = 40
-    engine = make_engine("casa", max_sessions=2, max_context_tokens=capacity)
+def stream_past_bound(fusion: str, capacity: int) -> tuple[Engine, Recorder, list[int], int]:
+    """Two sessions of 10 frames through a text cache of `capacity` tokens, recorded; checks no
+    row ever held more. Returns the engine, the recorder, the rows and the cache's data_ptr from
+    before the stream."""
+    engine = make_engine(fusion, max_sessions=2, max_context_tokens=capacity)
     k_before = engine.state.text.k.data_ptr()
     rec = Recorder(engine)
     sizes = []
@@ -261,6 +263,12 @@ def test_bounded_text_cache_matches_restricted_reference() -> None:
     lengths = [[5, 6, 4, 6, 5, 6, 5, 6, 6, 5]] * 2
     rows = run_session(engine, 10, lengths, ["red circle", "blue square at the top"])
     assert max(sizes) <= capacity
+    return engine, rec, rows, k_before
+
+
+def test_bounded_text_cache_matches_restricted_reference() -> None:
+    capacity = 40
+    engine, rec, rows, k_before = stream_past_bound("casa", capacity)
     assert (
         engine.state.text.k.data_ptr() == k_before and engine.state.text.k.shape[3] == capacity + 1
     )  # + scratch
@@ -327,13 +335,7 @@ def test_bounded_insertion_cache_matches_restricted_reference() -> None:
     whole frames and text, positions re-based contiguously, equals the dense insertion reference
     that sees exactly the kept tokens at their re-based positions."""
     capacity = 56
-    engine = make_engine("insertion", max_sessions=2, max_context_tokens=capacity)
-    rec = Recorder(engine)
-    sizes = []
-    engine.observers.append(lambda res: sizes.append(int(engine.state.text.length.max())))
-    lengths = [[5, 6, 4, 6, 5, 6, 5, 6, 6, 5]] * 2
-    rows = run_session(engine, 10, lengths, ["red circle", "blue square at the top"])
-    assert max(sizes) <= capacity
+    engine, rec, rows, _ = stream_past_bound("insertion", capacity)
     text = engine.state.text
     for r in rows:
         assert text.evicted[r] > 2 * capacity, "the stream must have outgrown the cache several times"

@@ -5,7 +5,7 @@ with a Qwen-style processor that keeps the frames' aspect ratio."""
 from __future__ import annotations
 
 import pytest
-from server_helpers import client, errors, image_messages, of_type, stream, world_frames
+from server_helpers import client, image_messages, of_type, offline_events, world_frames
 
 from model.config import preset
 from model.toy import toy_checkpoint
@@ -26,15 +26,7 @@ def test_insertion_model_streams_50_frames_without_errors(insertion_dir):
     frames = world_frames(FRAMES)[:, :40]  # 40x64: not square, so the frames keep their shape
     with client(insertion_dir, max_context_tokens=CONTEXT) as c:
         engine = c.app.state.ctx.engine
-        with stream(c) as ws:
-            ws.update(mode="offline", max_new_tokens=4)
-            for m in image_messages(frames):
-                ws.send_bytes(m)
-            events = ws.marker("end")
-            ws.send({"type": "session.close"})
-            events += ws.drain()
-        assert ws.close_code == 1000
-        assert errors(events) == []
+        events = offline_events(c, image_messages(frames), max_new_tokens=4)  # closes 1000, no error
         segments = of_type(events, "caption.segment")
         assert [s["frame"] for s in segments] == list(range(FRAMES))
         assert all(s["reason"] in ("stop", "length") for s in segments)

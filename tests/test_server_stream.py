@@ -14,6 +14,7 @@ from server_helpers import (
     errors,
     image_messages,
     of_type,
+    offline_events,
     packet_messages,
     stream,
     toy_model_dir,
@@ -64,16 +65,7 @@ def check_captions(events: list[dict], n: int, pts: list[float] | None = None) -
 
 
 def run_offline(app, messages: list[bytes], **session) -> list[dict]:
-    with stream(app) as ws:
-        ws.update(mode="offline", **{"max_new_tokens": TOKENS, **session})
-        for m in messages:
-            ws.send_bytes(m)
-        events = ws.marker("end")
-        ws.send({"type": "session.close"})
-        events += ws.drain()
-        assert ws.close_code == 1000
-    assert errors(events) == []
-    return events
+    return offline_events(app, messages, **{"max_new_tokens": TOKENS, **session})
 
 
 def test_session_created_describes_the_server(app):
