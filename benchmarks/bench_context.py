@@ -26,9 +26,9 @@ from benchmarks.loadtest import ROOT, synthetic_clip, token_f1
 
 
 def run(bound: int, rows: int, frames: int, model_dir: str) -> dict:
-    from model.generate import Engine
-    from server.ingest.frames import FrameLimits
-    from server.ingest.image import decode_image
+    from casa_live.model.engine.engine import Engine
+    from casa_live.server.ingest.frames import FrameLimits
+    from casa_live.server.ingest.image import decode_image
 
     clips = [synthetic_clip(frames, seed=100 + k) for k in range(min(rows, 8))]
     engine = Engine.from_checkpoint(model_dir, max_sessions=rows, max_context_tokens=bound)

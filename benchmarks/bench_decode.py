@@ -33,8 +33,8 @@ def _time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.decode import DecodeInputs, commit, decode_step, fused_decode_step
-    from model.generate import Engine
+    from casa_live.model.decode import DecodeInputs, commit, decode_step, fused_decode_step
+    from casa_live.model.engine.engine import Engine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default="checkpoints/default")

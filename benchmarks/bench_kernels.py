@@ -123,9 +123,8 @@ def flex_or_none():
 def bench_prefill(b: Bench, batches: list[int], texts: list[int], H: int, Hkv: int, D: int, P: int) -> None:
     torch = b.torch
     import torch.nn.functional as F
-
-    from kernels import casa_attention as ca
-    from kernels.dispatch import attention_mask
+    from casa_live.kernels import casa_attention as ca
+    from casa_live.kernels.dispatch import attention_mask
 
     flex, block_mask_fn = (None, None) if b.dry else flex_or_none()
     for B in batches:
@@ -182,8 +181,7 @@ def bench_decode(
 ) -> None:
     torch = b.torch
     import torch.nn.functional as F
-
-    from kernels import casa_attention as ca
+    from casa_live.kernels import casa_attention as ca
 
     flex, _ = (None, None) if b.dry else flex_or_none()
     group = "CASA decode" if prefix else "text decode"
@@ -232,7 +230,7 @@ def bench_decode(
 
 def bench_fused(b: Bench, rows_list: list[int], hidden: int, H: int, Hkv: int, D: int) -> None:
     torch = b.torch
-    from kernels import dispatch, rmsnorm, rope
+    from casa_live.kernels import dispatch, rmsnorm, rope
 
     for n in rows_list:
         dev, dt = b.device, b.dtype

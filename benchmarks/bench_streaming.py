@@ -20,11 +20,10 @@ import time
 
 import numpy as np
 import torch
-
-from model.cache import plan_eviction
-from model.config import preset
-from model.generate import Engine, SessionSettings
-from model.toy import toy_generation_config, toy_model, word_tokenizer
+from casa_live.model.cache import plan_eviction
+from casa_live.model.checkpoint.toy import toy_generation_config, toy_model, word_tokenizer
+from casa_live.model.config import preset
+from casa_live.model.engine.engine import Engine, SessionSettings
 
 
 def frame_cost(engine: Engine, row: int, image: np.ndarray) -> float:

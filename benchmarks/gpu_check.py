@@ -124,12 +124,12 @@ def stream_runs(smoke: bool, budget: float) -> int:
     """Child: every streaming run in one process (the model is built once per fusion); one JSON
     line per run, printed as soon as it ends, so a later run that overruns loses only itself."""
     import torch
+    from casa_live.model.checkpoint.toy import toy_generation_config, word_tokenizer
+    from casa_live.model.config import preset
+    from casa_live.model.engine.engine import Engine, SessionSettings
+    from casa_live.model.vlm import CASAModel
 
     from benchmarks.bench_streaming import fast_forward
-    from model.config import preset
-    from model.generate import Engine, SessionSettings
-    from model.toy import toy_generation_config, word_tokenizer
-    from model.vlm import CASAModel
 
     device = "cpu" if smoke else "cuda"
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -186,7 +186,7 @@ def stream_runs(smoke: bool, budget: float) -> int:
             if spec.compiled:
                 torch._dynamo.reset()  # one engine's compiled step per process, as when serving
             if spec.compiled and smoke:  # dynamo's tracing without inductor's C++ build (CPU, seconds)
-                from model.decode import decode_step
+                from casa_live.model.decode import decode_step
 
                 engine.runner._decode = torch.compile(decode_step, backend="eager", dynamic=True)
                 engine.runner.fused = False
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
         load = [py, "-m", "benchmarks.loadtest", "--out", str(Path(tmp) / "load.md")]
         if args.smoke:
-            from model.toy import toy_checkpoint
+            from casa_live.model.checkpoint.toy import toy_checkpoint
 
             toy = toy_checkpoint(Path(tmp) / "toy")
             load += ["--clients", "1", "--duration", "2", "--clips", "1", "--model-dir", str(toy)]

@@ -62,7 +62,7 @@ class ServerProcess:
     def __init__(self, model_dir: str | None, max_sessions: int, extra: list[str] | None = None) -> None:
         self.started = time.monotonic()
         self.port = free_port()
-        cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(self.port), "--max-sessions",
+        cmd = [sys.executable, "-m", "casa_live.cli.main", "serve", "--port", str(self.port), "--max-sessions",
                str(max_sessions), "--log-level", "warning", *(extra or [])]  # fmt: skip
         if model_dir:
             cmd += ["--model-dir", model_dir]
@@ -154,9 +154,8 @@ class Clip:
 def synthetic_clip(n: int, seed: int, size: int = 256, quality: int = 90) -> Clip:
     """n frames of one continuous synthetic world (a clip never loops: its captions describe
     changes from frame to frame, so a jump back to frame 0 would have no true caption)."""
+    from casa_live.model.world.scene import World, WorldConfig
     from PIL import Image
-
-    from model.world import World, WorldConfig
 
     world = World(seed, WorldConfig(size=size))
     jpegs, truth = [], []
@@ -179,14 +178,13 @@ def offline_reference(clips: list[Clip], model_dir: str | None) -> list[float]:
     is never cut short gets exactly these captions (greedy decoding), so this is what N = 1 would
     score on each clip; a level is compared with the mean over the clips its clients streamed."""
     import torch
-
-    from model.generate import Engine
+    from casa_live.model.engine.engine import Engine
 
     try:
-        from server.ingest.frames import FrameLimits
-        from server.ingest.image import decode_image
+        from casa_live.server.ingest.frames import FrameLimits
+        from casa_live.server.ingest.image import decode_image
     except ImportError:  # a tree from before server/ingest/ (the script also measures old commits)
-        from server.decode import FrameLimits, decode_image  # type: ignore[no-redef]
+        from casa_live.server.decode import FrameLimits, decode_image  # type: ignore[no-redef]
 
     torch.set_num_threads(1)
     engine = Engine.from_checkpoint(model_dir or ROOT / "checkpoints" / "default", max_sessions=len(clips))
@@ -235,8 +233,7 @@ class ClientResult:
 
 async def run_client(uri: str, clip: Clip, duration: float, fps: float, token: str | None) -> ClientResult:
     import websockets
-
-    from server import protocol as p
+    from casa_live.server import protocol as p
 
     result = ClientResult()
     sent_at: dict[int, float] = {}

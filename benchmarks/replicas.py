@@ -91,7 +91,7 @@ class Replica:
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws = f"ws://127.0.0.1:{self.port}/v1/stream"
         self.log_path = workdir / f"{name}.log"
-        cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(self.port), "--max-sessions",
+        cmd = [sys.executable, "-m", "casa_live.cli.main", "serve", "--port", str(self.port), "--max-sessions",
                str(max_sessions), "--drain-seconds", str(drain_seconds), "--threads", "1"]  # fmt: skip
         if model_dir:
             cmd += ["--model-dir", model_dir]

@@ -26,11 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from casa_live.clients.printer import LivePrinter
+from casa_live.clients.sources import open_source
+from casa_live.clients.stream import Streamer, StreamOptions
+from casa_live.clients.writers import Segment
+
 from benchmarks.replicas import LocalCluster
-from clients.printer import LivePrinter
-from clients.sources import open_source
-from clients.stream import Streamer, StreamOptions
-from clients.writers import Segment
 
 
 class ArrivalLog:

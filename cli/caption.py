@@ -54,10 +54,9 @@ def format_ts(seconds: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import av
-
-    from model.generate import Engine, SessionSettings
-    from model.hub import resolve_model
-    from model.weights import CheckpointError, default_model_dir
+    from casa_live.model.checkpoint.format import CheckpointError, default_model_dir
+    from casa_live.model.checkpoint.hub import resolve_model
+    from casa_live.model.engine.engine import Engine, SessionSettings
 
     model_dir = args.model or default_model_dir()
     try:

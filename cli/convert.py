@@ -67,11 +67,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-
-    from model.config import CASAConfig
-    from model.hf import import_checkpoint
-    from model.hub import resolve_model
-    from model.weights import CheckpointError, save_checkpoint
+    from casa_live.model.checkpoint.format import CheckpointError, save_checkpoint
+    from casa_live.model.checkpoint.hf import import_checkpoint
+    from casa_live.model.checkpoint.hub import resolve_model
+    from casa_live.model.config import CASAConfig
 
     dst = Path(args.dst)
     if dst.exists() and any(dst.iterdir()) and not args.force:

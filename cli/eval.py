@@ -38,10 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-
-    from model.evaluate import evaluate
-    from model.generate import Engine
-    from model.weights import default_model_dir
+    from casa_live.model.checkpoint.format import default_model_dir
+    from casa_live.model.engine.engine import Engine
+    from casa_live.model.training.evaluate import evaluate
 
     torch.set_num_threads(args.threads)
     path = Path(args.model) if args.model else default_model_dir()
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     for seed, frame, pred, true in result.mistakes(args.show):
         print(f"  seed {seed} frame {frame}: got {pred!r}, expected {true!r}")
     if args.slots:
-        from model.evaluate import slot_accuracy
+        from casa_live.model.training.evaluate import slot_accuracy
 
         print("teacher-forced accuracy (true history), per caption kind and word index:")
         for line in slot_accuracy(engine.model, engine.tokenizer, engine.gen, seeds, args.frames).table():

@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 import sys
 
-import cli
+from casa_live import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(cli.__path__), key=lambda m: m.name):
         if info.name == "main" or info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"cli.{info.name}")
+        module = importlib.import_module(f"casa_live.cli.{info.name}")
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)

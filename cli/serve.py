@@ -112,12 +112,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):  # -> server.settings.Settings
-    from server.settings import Settings
+    from casa_live.server.settings import Settings
 
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if getattr(args, "model", None):
-        from model.hub import HubError, resolve_model
+        from casa_live.model.checkpoint.hub import HubError, resolve_model
 
         if "model_dir" in overrides:
             raise HubError("pass --model or --model-dir, not both")
@@ -139,11 +139,10 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
-
-    from model.hub import HubError
-    from server.app import create_app
-    from server.drain import DrainingServer
-    from server.logs import install_redaction
+    from casa_live.model.checkpoint.hub import HubError
+    from casa_live.server.app import create_app
+    from casa_live.server.drain import DrainingServer
+    from casa_live.server.logs import install_redaction
 
     try:
         settings = settings_from_args(args)

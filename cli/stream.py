@@ -92,10 +92,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.printer import LivePrinter
-    from clients.sources import SourceError, open_source
-    from clients.stream import EXIT_USAGE, StreamError, StreamOptions, run_stream, stream_url
-    from clients.writers import open_writers
+    from casa_live.clients.printer import LivePrinter
+    from casa_live.clients.sources import SourceError, open_source
+    from casa_live.clients.stream import EXIT_USAGE, StreamError, StreamOptions, run_stream, stream_url
+    from casa_live.clients.writers import open_writers
 
     printer = LivePrinter(quiet=args.quiet)
     session = {

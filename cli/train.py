@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import logging
 
-    from model.train import TrainConfig, train
+    from casa_live.model.training.train import TrainConfig, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = TrainConfig(
@@ -77,7 +77,7 @@ def world_overrides(items: list[str]) -> dict:
     """["change_prob=0.85", ...] -> {"change_prob": 0.85}, typed by the WorldConfig field."""
     import dataclasses
 
-    from model.world import WorldConfig
+    from casa_live.model.world.scene import WorldConfig
 
     types = {f.name: type(f.default) for f in dataclasses.fields(WorldConfig)}
     out: dict = {}

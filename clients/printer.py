@@ -12,7 +12,7 @@ import shutil
 import sys
 from typing import TextIO
 
-from clients.writers import Segment, format_timestamp
+from casa_live.clients.writers import Segment, format_timestamp
 
 ERASE_LINE = "\r\x1b[K"
 

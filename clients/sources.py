@@ -152,7 +152,7 @@ class SyntheticSource(Source):
     def clip(self):
         """The world's `Clip` (frames (F, H, W, 3) uint8 + per-frame ground truth), made once."""
         if self._clip is None:
-            from model.world import WorldConfig, generate_clip
+            from casa_live.model.world.scene import WorldConfig, generate_clip
 
             fps = WorldConfig().fps
             self._clip = generate_clip(self.seed, WorldConfig(frames=max(1, round(self.seconds * fps))))
@@ -166,7 +166,7 @@ class SyntheticSource(Source):
                 yield Frame(t, np.ascontiguousarray(image))
 
     def container_chunks(self) -> Iterator[Chunk]:
-        from model.video import encode_video
+        from casa_live.model.world.video import encode_video
 
         clip = self.clip()
         data = encode_video(clip.frames, fps=clip.config.fps, fmt="webm")

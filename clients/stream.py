@@ -34,10 +34,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from clients import wire
-from clients.printer import LivePrinter
-from clients.sources import Frame, Source, SourceError, encode_jpeg
-from clients.writers import CaptionWriter, Segment
+from casa_live.clients import wire
+from casa_live.clients.printer import LivePrinter
+from casa_live.clients.sources import Frame, Source, SourceError, encode_jpeg
+from casa_live.clients.writers import CaptionWriter, Segment
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

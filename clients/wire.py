@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
-
-from server import protocol
-from server.protocol import (
+from casa_live.server import protocol
+from casa_live.server.protocol import (
     STREAM_PATH,
     CaptionDelta,
     CaptionSegment,
@@ -28,6 +26,7 @@ from server.protocol import (
     SessionUpdated,
     Stats,
 )
+from pydantic import ValidationError
 
 __all__ = [
     "STREAM_PATH",

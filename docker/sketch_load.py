@@ -24,8 +24,8 @@ from PIL import Image
 from websockets.sync.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
-from model.world import World
-from server.protocol import pack_image
+from casa_live.model.world.scene import World
+from casa_live.server.protocol import pack_image
 
 
 def jpeg(frame) -> bytes:  # (H, W, 3) uint8

@@ -37,9 +37,8 @@ class AotResult:
 def _configs(full: bool = False) -> list[tuple[str, object, dict[str, str], dict[str, object], int]]:
     """(name, kernel, signature, constexprs, num_warps) for every production config."""
     import triton.language as tl
-
-    from kernels import casa_attention as ca
-    from kernels import rmsnorm, rope
+    from casa_live.kernels import casa_attention as ca
+    from casa_live.kernels import rmsnorm, rope
 
     out = []
     ptr_names = ["Q", "KP", "VP", "KS", "VS", "OUT", "OPART", "LSE"]

@@ -79,7 +79,7 @@ def prefix_causal_attention(
     """mask: optional precomputed `attention_mask(...)` for the torch path (the model builds it once
     per step and shares it across layers); the Triton path reads the lengths instead."""
     if backend_for(q) == "triton":
-        from kernels import casa_attention  # imported lazily: triton stays optional on CPU
+        from casa_live.kernels import casa_attention  # imported lazily: triton stays optional on CPU
 
         return casa_attention.prefix_causal_attention_triton(
             q, prefix_k, prefix_v, prefix_len, seg_k, seg_v, q_start, scale
@@ -232,7 +232,7 @@ def rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = RMSNorm(h) * weight with h = x + residual (or x); returns (y, h if residual else None)."""
     if backend_for(x) == "triton":
-        from kernels import rmsnorm
+        from casa_live.kernels import rmsnorm
 
         return rmsnorm.rmsnorm_triton(x, weight, eps, residual)
     return rms_norm_torch(x, weight, eps, residual)
@@ -257,7 +257,7 @@ def apply_rope(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q (B, H, T, D), k (B, Hkv, T, D) | None, cos/sin (B, T, D) fp32 -> rotated (q, k)."""
     if backend_for(q) == "triton":
-        from kernels import rope
+        from casa_live.kernels import rope
 
         return rope.apply_rope_triton(q, k, cos, sin)
     return apply_rope_torch(q, k, cos, sin)

@@ -33,8 +33,7 @@ import collections
 from collections.abc import Sequence
 
 import torch
-
-from model.rope import rotate_half
+from casa_live.model.rope import rotate_half
 
 
 def plan_eviction(length: int, n_new: int, capacity: int, sink: int, chunk: int) -> int:

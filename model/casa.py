@@ -16,10 +16,9 @@ projections of the text tokens are computed once.
 from __future__ import annotations
 
 import torch
+from casa_live.model.config import LMConfig
+from casa_live.model.layers import Projections, RMSNorm
 from torch import nn
-
-from model.config import LMConfig
-from model.layers import Projections, RMSNorm
 
 
 class CASALayer(nn.Module):

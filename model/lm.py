@@ -11,15 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from casa_live.kernels.dispatch import apply_rope as rope_qk
+from casa_live.kernels.dispatch import attention_mask, backend_for, prefix_causal_attention
+from casa_live.model.cache import StreamState
+from casa_live.model.casa import CASALayer
+from casa_live.model.config import ModelConfig
+from casa_live.model.layers import Projections, RMSNorm, SwiGLU
+from casa_live.model.rope import image_positions, inv_freq, rope_cos_sin, section_ids
 from torch import nn
-
-from kernels.dispatch import apply_rope as rope_qk
-from kernels.dispatch import attention_mask, backend_for, prefix_causal_attention
-from model.cache import StreamState
-from model.casa import CASALayer
-from model.config import ModelConfig
-from model.layers import Projections, RMSNorm, SwiGLU
-from model.rope import image_positions, inv_freq, rope_cos_sin, section_ids
 
 
 class Block(nn.Module):

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from model.lm import LanguageModel
-from model.rope import apply_rope, image_positions, rotate_half
+from casa_live.model.lm import LanguageModel
+from casa_live.model.rope import apply_rope, image_positions, rotate_half
 
 
 @dataclass

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from casa_live.model.config import VisionConfig
+from casa_live.model.layers import RMSNorm, SwiGLU
 from torch import nn
-
-from model.config import VisionConfig
-from model.layers import RMSNorm, SwiGLU
 
 
 def patch_coords(grid: tuple[int, int], merge: int, device: torch.device | None = None) -> torch.Tensor:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
+from casa_live.model.config import ModelConfig
+from casa_live.model.lm import LanguageModel
+from casa_live.model.reference import Interleaved, dense_forward
+from casa_live.model.vision import VisionTower
 from torch import nn
-
-from model.config import ModelConfig
-from model.lm import LanguageModel
-from model.reference import Interleaved, dense_forward
-from model.vision import VisionTower
 
 
 class CASAModel(nn.Module):

@@ -3,8 +3,7 @@
 The lifespan loads the checkpoint, warms the engine up (first-call allocations and lazy inits happen
 before the first client, so /readyz means "fast now") and starts the one inference worker thread.
 
-Routes: `GET /` demo page (clients/web), `GET /web/*` its assets, `GET /v1/demo-clip.webm` the synthetic
-demo clip (clients/demo.py), `GET /healthz` (process up: liveness only), `GET /readyz` (can take a
+Routes: the browser demo (server/demo.py: `GET /`, `GET /web/*`, `GET /v1/demo-clip.webm`), `GET /healthz` (process up: liveness only), `GET /readyz` (can take a
 session now: model loaded and warmed, a slot free, not draining; 503 with a reason otherwise, so a
 load balancer routes new sessions elsewhere), `GET /metrics` (a plain
 route: a mounted sub-app would answer 307), `GET /v1/models`, `POST /v1/captions` (upload a video), and
@@ -29,26 +28,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from casa_live.model.engine.engine import Engine
+from casa_live.server import protocol as p
+from casa_live.server.connection import serve_websocket
+from casa_live.server.context import ServerContext
+from casa_live.server.demo import mount_demo
+from casa_live.server.errors import Capacity, Unauthorized, report
+from casa_live.server.logs import install_redaction
+from casa_live.server.metrics import CONTENT_TYPE
+from casa_live.server.settings import Settings
+from casa_live.server.worker import Worker
 from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
-
-from clients.demo import WEB_DIR
-from model.generate import Engine
-from server import protocol as p
-from server.connection import serve_websocket
-from server.context import ServerContext
-from server.errors import Capacity, Unauthorized, report
-from server.logs import install_redaction
-from server.metrics import CONTENT_TYPE
-from server.settings import Settings
-from server.worker import Worker
+from fastapi.responses import JSONResponse, Response
 
 log = logging.getLogger("casa.server")
-
-PLACEHOLDER = """<!doctype html><html><head><meta charset="utf-8"><title>casa-live</title></head>
-<body><h1>casa-live</h1><p>The demo page (clients/web/index.html) is not installed.
-Stream to <code>ws://HOST/v1/stream</code>; see docs/protocol.md.</p></body></html>"""
 
 DRAINING = "the server is draining (it is stopping): reconnect, the load balancer picks another replica"
 
@@ -165,13 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="casa-live", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
-    if WEB_DIR.is_dir():
-        app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> Response:
-        page = WEB_DIR / "index.html"
-        return FileResponse(page) if page.is_file() else HTMLResponse(PLACEHOLDER)
+    mount_demo(app)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -216,19 +203,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
         }
 
-    @app.get("/v1/demo-clip.webm", include_in_schema=False)
-    async def demo_clip() -> Response:
-        try:
-            from clients.demo import demo_clip_webm
-        except ImportError:
-            return JSONResponse(
-                {"error": {"code": "not_found", "message": "no demo clip in this build"}}, 404
-            )
-        return Response(await asyncio.to_thread(demo_clip_webm), media_type="video/webm")
-
     @app.post("/v1/captions")
     async def captions(request: Request) -> Response:
-        from server.upload import caption_upload
+        from casa_live.server.upload import caption_upload
 
         if not _key_ok(_key_from(request.headers, request.query_params), settings):
             return JSONResponse(

@@ -14,14 +14,13 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from casa_live.server import protocol as p
+from casa_live.server.errors import CasaError, SessionTimeout, report
+from casa_live.server.session import CloseRequest, Session
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from server import protocol as p
-from server.errors import CasaError, SessionTimeout, report
-from server.session import CloseRequest, Session
-
 if TYPE_CHECKING:
-    from server.context import ServerContext
+    from casa_live.server.context import ServerContext
 
 log = logging.getLogger("casa.session")
 

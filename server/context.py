@@ -8,14 +8,14 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from server import protocol as p
-from server.metrics import Metrics
-from server.settings import Settings
+from casa_live.server import protocol as p
+from casa_live.server.metrics import Metrics
+from casa_live.server.settings import Settings
 
 if TYPE_CHECKING:
-    from model.generate import Engine
-    from server.session import Session
-    from server.worker import Worker
+    from casa_live.model.engine.engine import Engine
+    from casa_live.server.session import Session
+    from casa_live.server.worker import Worker
 
 
 class ServerContext:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 from typing import ClassVar
 
+from casa_live.server.metrics import Metrics
+from casa_live.server.protocol import CLIENT_EVENT_TYPES, MAX_EVENT_ID_CHARS, CloseCode, Error, ErrorCode
 from pydantic import ValidationError
-
-from server.metrics import Metrics
-from server.protocol import CLIENT_EVENT_TYPES, MAX_EVENT_ID_CHARS, CloseCode, Error, ErrorCode
 
 log = logging.getLogger("casa.server")
 

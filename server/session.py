@@ -36,11 +36,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import BaseModel, ValidationError
-
-from model.generate import SessionSettings as EngineSettings
-from server import protocol as p
-from server.errors import (
+from casa_live.model.engine.engine import SessionSettings as EngineSettings
+from casa_live.server import protocol as p
+from casa_live.server.errors import (
     BadFrame,
     BadJSON,
     CasaError,
@@ -52,11 +50,12 @@ from server.errors import (
     from_validation_error,
     report,
 )
-from server.ingest import FrameLimits, Ingest
-from server.worker import FrameJob, FrameOutput, Slot
+from casa_live.server.ingest import FrameLimits, Ingest
+from casa_live.server.worker import FrameJob, FrameOutput, Slot
+from pydantic import BaseModel, ValidationError
 
 if TYPE_CHECKING:
-    from server.context import ServerContext
+    from casa_live.server.context import ServerContext
 
 log = logging.getLogger("casa.session")
 

@@ -16,15 +16,14 @@ at most `max_concurrent_uploads` bodies are held at once (503 `capacity` past it
 
 from __future__ import annotations
 
+from casa_live.server import protocol as p
+from casa_live.server.context import ServerContext
+from casa_live.server.errors import CasaError, clip, report
+from casa_live.server.session import Session
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
-
-from server import protocol as p
-from server.context import ServerContext
-from server.errors import CasaError, clip, report
-from server.session import Session
 
 FORMATS = {"json", "srt", "vtt"}
 

@@ -34,11 +34,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-
-from model.generate import CapacityError, Engine, SessionSettings, TokenEvent
-from model.threads import name_this_thread
-from server.errors import Capacity, CasaError, FrameFailed, InternalError, InvalidSettings
-from server.metrics import Metrics
+from casa_live.model.engine.engine import CapacityError, Engine, SessionSettings, TokenEvent
+from casa_live.model.engine.threads import name_this_thread
+from casa_live.server.errors import Capacity, CasaError, FrameFailed, InternalError, InvalidSettings
+from casa_live.server.metrics import Metrics
 
 log = logging.getLogger("casa.worker")
 

@@ -13,19 +13,18 @@ from pathlib import Path
 import anyio
 import av
 import numpy as np
+from casa_live.server import protocol as p
+from casa_live.server.app import create_app
+from casa_live.server.settings import Settings
 from fastapi.testclient import TestClient
 from PIL import Image
-
-from server import protocol as p
-from server.app import create_app
-from server.settings import Settings
 
 FPS = 2.0
 SIZE = 64  # synthetic frames: 64x64 (the test-tiny model sees 24x24)
 
 
 def toy_model_dir(root: Path) -> Path:
-    from model.toy import toy_checkpoint
+    from casa_live.model.checkpoint.toy import toy_checkpoint
 
     path = root / "toy"
     if not (path / "config.json").exists():
@@ -145,7 +144,7 @@ def errors(events: list[dict]) -> list[str]:
 
 
 def world_frames(n: int, seed: int = 3, size: int = SIZE) -> np.ndarray:
-    from model.world import WorldConfig, generate_clip
+    from casa_live.model.world.scene import WorldConfig, generate_clip
 
     return generate_clip(seed, WorldConfig(size=size, frames=n)).frames
 

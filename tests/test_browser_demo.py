@@ -55,7 +55,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def camera_file(tmp_path_factory) -> Path:
-    from clients.demo import write_camera_y4m
+    from casa_live.model.world.demo import write_camera_y4m
 
     return write_camera_y4m(tmp_path_factory.mktemp("camera") / "world.y4m", seed=CAMERA_SEED)
 
@@ -184,7 +184,7 @@ def test_camera_captions_appear(camera_run: PageRun) -> None:
 def test_camera_captions_match_the_scene(camera_run: PageRun, live_server: LiveServer) -> None:
     if not live_server.trained:
         pytest.skip(NEEDS_BUNDLED)
-    from clients.demo import demo_clip
+    from casa_live.model.world.demo import demo_clip
 
     judge(camera_run, demo_clip(CAMERA_SEED))
 
@@ -196,7 +196,7 @@ def test_demo_clip_captions_appear(demo_run: PageRun) -> None:
 def test_demo_clip_captions_match_the_scene(demo_run: PageRun, live_server: LiveServer) -> None:
     if not live_server.trained:
         pytest.skip(NEEDS_BUNDLED)
-    from clients.demo import demo_clip
+    from casa_live.model.world.demo import demo_clip
 
     judge(demo_run, demo_clip())
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from model.config import DEFAULT_CONTEXT_TOKENS, GenerationConfig, ModelConfig
-from model.evaluate import evaluate
-from model.generate import Engine
-from model.weights import default_model_dir, load_checkpoint
+from casa_live.model.checkpoint.format import default_model_dir, load_checkpoint
+from casa_live.model.config import DEFAULT_CONTEXT_TOKENS, GenerationConfig, ModelConfig
+from casa_live.model.engine.engine import Engine
+from casa_live.model.training.evaluate import evaluate
 
 DIR = default_model_dir()
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")

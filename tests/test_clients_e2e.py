@@ -53,7 +53,7 @@ def start_server(tmp: Path, **env: str) -> Iterator[LiveServer]:
     if HAVE_BUNDLED:
         model_dir = BUNDLED
     else:
-        from model.toy import toy_checkpoint
+        from casa_live.model.checkpoint.toy import toy_checkpoint
 
         model_dir = tmp / "tiny-model"
         if not model_dir.exists():
@@ -71,7 +71,7 @@ def start_server(tmp: Path, **env: str) -> Iterator[LiveServer]:
     }
     cmd = [
         "-m",
-        "cli.main",
+        "casa_live.cli.main",
         "serve",
         "--host",
         "127.0.0.1",
@@ -116,7 +116,7 @@ def live_server(tmp_path_factory) -> Iterator[LiveServer]:
 
 def casa_stream(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", "stream", *args],
+        [sys.executable, "-m", "casa_live.cli.main", "stream", *args],
         cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
 
@@ -182,7 +182,7 @@ def test_synthetic_clip_comes_back_as_valid_srt_and_webvtt(synthetic_run: CliRun
 def test_synthetic_clip_captions_match_the_scene(synthetic_run: CliRun, live_server: LiveServer) -> None:
     if not live_server.trained:
         pytest.skip(NEEDS_BUNDLED)
-    from model.world import WorldConfig, generate_clip
+    from casa_live.model.world.scene import WorldConfig, generate_clip
 
     rows = read_jsonl(synthetic_run.jsonl)
     assert_matches_truth([r["text"] for r in rows], generate_clip(3, WorldConfig(frames=12)))
@@ -202,7 +202,7 @@ def test_container_bytes_path(live_server: LiveServer, tmp_path: Path) -> None:
 def test_ctrl_c_flushes_files_and_exits_130(live_server: LiveServer, tmp_path: Path) -> None:
     srt, jsonl = tmp_path / "c.srt", tmp_path / "c.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "stream", "synthetic:5", "--server", live_server.ws, "--realtime",
+        [sys.executable, "-m", "casa_live.cli.main", "stream", "synthetic:5", "--server", live_server.ws, "--realtime",
          "--synthetic-seconds", "120", "--srt", str(srt), "--jsonl", str(jsonl)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

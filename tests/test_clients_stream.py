@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from clients import wire
-from clients.printer import LivePrinter
-from clients.sources import Sampler, SourceError, encode_jpeg, open_source
-from clients.stream import (
+from casa_live.clients import wire
+from casa_live.clients.printer import LivePrinter
+from casa_live.clients.sources import Sampler, SourceError, encode_jpeg, open_source
+from casa_live.clients.stream import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_USAGE,
@@ -32,8 +30,9 @@ from clients.stream import (
     run_stream,
     stream_url,
 )
-from clients.writers import Segment, format_timestamp, open_writers
-from server import protocol
+from casa_live.clients.writers import Segment, format_timestamp, open_writers
+from casa_live.server import protocol
+from PIL import Image
 
 # ---------------------------------------------------------------------------------- parsers for checks
 
@@ -117,7 +116,7 @@ def test_sampler_picks_one_frame_per_period() -> None:
 
 
 def test_sources(tmp_path: Path) -> None:
-    from model.video import write_video
+    from casa_live.model.world.video import write_video
 
     path = write_video(
         tmp_path / "ramp.mp4", [np.full((48, 64, 3), 8 * i, np.uint8) for i in range(30)], fps=10
@@ -501,7 +500,7 @@ def test_http_url_source(tmp_path: Path) -> None:
     import functools
     import http.server
 
-    from model.video import write_video
+    from casa_live.model.world.video import write_video
 
     write_video(tmp_path / "clip.webm", [np.full((32, 32, 3), 20 * i, np.uint8) for i in range(8)], fps=4)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))

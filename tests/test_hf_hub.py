@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from casa_live.cli import convert
+from casa_live.cli.main import build_parser
+from casa_live.model.checkpoint.format import load_checkpoint
+from casa_live.model.checkpoint.hub import HubError, parse_repo_id, resolve_model
+from casa_live.model.engine.engine import Engine
 
-from cli import convert
-from cli.main import build_parser
-from model.generate import Engine
-from model.hub import HubError, parse_repo_id, resolve_model
-from model.weights import load_checkpoint
 from tests.test_hf_import import write_hf_checkpoint
 
 pytest.importorskip("transformers")
@@ -141,7 +141,7 @@ def test_a_directory_wins_and_a_bad_spec_says_so(offline, tmp_path, monkeypatch)
 
 
 def test_serve_and_convert_flags_take_a_repo_id(offline, capsys, tmp_path) -> None:
-    from cli.serve import settings_from_args
+    from casa_live.cli.serve import settings_from_args
 
     _cache, old, _new = offline
     args = build_parser().parse_args(["serve", "--model", REPO, "--revision", "v1"])

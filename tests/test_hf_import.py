@@ -14,17 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from casa_live.model.checkpoint.format import CheckpointError, load_checkpoint
+from casa_live.model.checkpoint.hf import config as hfc
+from casa_live.model.checkpoint.hf import detect_layout, import_checkpoint, load_any
+from casa_live.model.config import CASAConfig
+from casa_live.model.engine.engine import Engine, SessionSettings
+from casa_live.model.processor import QwenImageProcessor
+from casa_live.model.reference import Interleaved, dense_forward
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
-
-from model.config import CASAConfig
-from model.generate import Engine, SessionSettings
-from model.hf import config as hfc
-from model.hf import detect_layout, import_checkpoint, load_any
-from model.processor import QwenImageProcessor
-from model.reference import Interleaved, dense_forward
-from model.weights import CheckpointError, load_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -317,7 +316,7 @@ def test_other_prefixes_and_tied_head(hf_dir, tmp_path) -> None:
 
 def test_load_checkpoint_and_convert_roundtrip(hf_dir, tmp_path) -> None:
     """`--model DIR` on an HF directory imports it; `casa convert` writes our format, same weights."""
-    from cli.convert import main as convert
+    from casa_live.cli.convert import main as convert
 
     path, _ = hf_dir
     assert detect_layout(path) == "qwen2.5-vl"
@@ -461,7 +460,7 @@ def test_engine_streams_qwen_chat_format(hf_dir, tmp_path) -> None:
 
 def test_transformers4_config_of_the_3b_release() -> None:
     """The config.json layout of Qwen/Qwen2.5-VL-3B-Instruct (transformers 4.x) maps onto our preset."""
-    from model.config import preset
+    from casa_live.model.config import preset
 
     cfg = {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from casa_live.model.checkpoint.format import CheckpointError
+from casa_live.model.checkpoint.hf import config as hfc
+from casa_live.model.checkpoint.hf import import_checkpoint, load_any
+from casa_live.model.config import CASAConfig
+from casa_live.model.engine.engine import Engine, SessionSettings
 
-from model.config import CASAConfig
-from model.generate import Engine, SessionSettings
-from model.hf import config as hfc
-from model.hf import import_checkpoint, load_any
-from model.weights import CheckpointError
 from tests.test_hf_import import CASA_BLOCKS, copy_with_tensors, kyutai_tensors, write_hf_checkpoint
 
 pytest.importorskip("transformers")
@@ -60,7 +60,7 @@ def test_generation_config_fields_are_honoured_or_reported(hf_dir, tmp_path, cap
     assert "repetition_penalty 1.05 ignored" in notes and "EMA" in notes
     assert "no_repeat_ngram_size 3 ignored" in notes and "max_new_tokens 128 ignored" in notes
     assert "pad_token_id" not in notes and "eos_token_id" not in notes  # bookkeeping is not reported
-    with caplog.at_level(logging.INFO, logger="model.hf"):
+    with caplog.at_level(logging.INFO, logger="casa_live.model.checkpoint.hf"):
         load_any(path)  # what `casa serve --model DIR` does: the same notes reach the log
     assert "top_k 1 ignored" in caplog.text and "repetition_penalty 1.05 ignored" in caplog.text
     # the honoured top_p reaches the sampler; a session overrides it
@@ -131,8 +131,8 @@ def test_casa_block_list_from_config_json(hf_dir, tmp_path) -> None:
 
 def test_the_bundled_format_keeps_todays_behaviour() -> None:
     """casa-live's own generation config (the bundled model's) is unchanged by the new fields."""
-    from model.config import GenerationConfig
-    from model.weights import default_model_dir
+    from casa_live.model.checkpoint.format import default_model_dir
+    from casa_live.model.config import GenerationConfig
 
     gen = GenerationConfig.load(default_model_dir() / "generation_config.json")
     assert (gen.eos_bias, gen.top_p, gen.penalty_counts, gen.truncated_close) == (

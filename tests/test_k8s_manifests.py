@@ -12,9 +12,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
-from server.metrics import Metrics
-from server.settings import Settings
+from casa_live.server.metrics import Metrics
+from casa_live.server.settings import Settings
 
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="pip install kubernetes-validate (test extra)"

@@ -41,7 +41,7 @@ def report() -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence the 3.9 default-change warning
     proc = subprocess.run(
-        [sys.executable, "-m", "kernels.aot", "--arch", "90", "--json"],
+        [sys.executable, "-m", "casa_live.kernels.aot", "--arch", "90", "--json"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -17,8 +17,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import casa_attention as ca
-from kernels import dispatch
+from casa_live.kernels import casa_attention as ca
+from casa_live.kernels import dispatch
 
 # Interpreter on CPU by default; with a GPU and TRITON_INTERPRET=0 the same tests run the compiled
 # kernels on CUDA (every tensor is created on DEVICE through the autouse fixture).

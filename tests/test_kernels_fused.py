@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import dispatch, rmsnorm, rope
+from casa_live.kernels import dispatch, rmsnorm, rope
 
 # Interpreter on CPU by default; with a GPU and TRITON_INTERPRET=0 the same tests run the compiled
 # kernels on CUDA (every tensor is created on DEVICE through the autouse fixture).
@@ -109,7 +109,7 @@ def test_rope_inplace_single_tensor_broadcast_table():
 
 
 def test_rope_matches_model_formula():
-    from model.rope import apply_rope as model_apply_rope
+    from casa_live.model.rope import apply_rope as model_apply_rope
 
     q = torch.randn(2, 4, 5, 16, dtype=torch.bfloat16)
     cos, sin = _cos_sin(2, 5, 16)

@@ -18,9 +18,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import dispatch
-from model.generate import Engine, SessionSettings
-from model.toy import toy_generation_config, toy_model, word_tokenizer
+from casa_live.kernels import dispatch
+from casa_live.model.checkpoint.toy import toy_generation_config, toy_model, word_tokenizer
+from casa_live.model.engine.engine import Engine, SessionSettings
 
 # compiled kernels on CUDA when a GPU is there and TRITON_INTERPRET=0; the interpreter on CPU otherwise
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from casa_live.model.engine.engine import Engine, SessionSettings
+from casa_live.model.engine.sampling import Sampler, SamplingParams, apply_stop_bias, top_p_filter
 
-from model.generate import Engine, SessionSettings
-from model.sampling import Sampler, SamplingParams, apply_stop_bias, top_p_filter
 from tests.test_model_streaming import Recorder, make_engine
 
 PROMPT = "describe what you see"

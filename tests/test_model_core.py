@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from casa_live.model.checkpoint.format import CheckpointError, load_checkpoint, save_checkpoint
+from casa_live.model.checkpoint.toy import toy_checkpoint, toy_generation_config, toy_model, word_tokenizer
+from casa_live.model.config import PRESETS, GenerationConfig, ModelConfig, preset
+from casa_live.model.engine.engine import CapacityError, Engine
+from casa_live.model.engine.sampling import Sampler, SamplingParams, apply_repetition_penalty, ngram_banned
 from safetensors.torch import load_file, save_file
-
-from model.config import PRESETS, GenerationConfig, ModelConfig, preset
-from model.generate import CapacityError, Engine
-from model.sampling import Sampler, SamplingParams, apply_repetition_penalty, ngram_banned
-from model.toy import toy_checkpoint, toy_generation_config, toy_model, word_tokenizer
-from model.weights import CheckpointError, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,7 +159,7 @@ def test_casa_memory_is_flat_and_stop_token_is_fed_back() -> None:
 
 
 def test_casa_caption_cli(tmp_path: Path) -> None:
-    from model.video import write_video
+    from casa_live.model.world.video import write_video
 
     ckpt = toy_checkpoint(tmp_path / "ckpt")
     rng = np.random.default_rng(0)
@@ -190,7 +189,7 @@ def test_casa_caption_cli(tmp_path: Path) -> None:
 def test_fused_projections_match_and_share_storage() -> None:
     """Engine fuses q/k/v and gate/up into single matmuls; results must not change, and the
     parameters must stay views of the fused weights (a later load_state_dict updates both)."""
-    from model.layers import Projections, SwiGLU
+    from casa_live.model.layers import Projections, SwiGLU
 
     torch.manual_seed(0)
     proj, mlp = Projections(32, 4, 2, 8), SwiGLU(32, 48)

@@ -7,11 +7,10 @@ import collections
 import numpy as np
 import pytest
 import torch
-
-from model.cache import plan_eviction, plan_span_eviction
-from model.generate import Engine, SessionSettings
-from model.reference import Interleaved
-from model.toy import toy_generation_config, toy_model, word_tokenizer
+from casa_live.model.cache import plan_eviction, plan_span_eviction
+from casa_live.model.checkpoint.toy import toy_generation_config, toy_model, word_tokenizer
+from casa_live.model.engine.engine import Engine, SessionSettings
+from casa_live.model.reference import Interleaved
 
 ATOL = {torch.float32: 1e-5}
 

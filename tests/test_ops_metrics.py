@@ -287,7 +287,7 @@ class CasaServer:
 @pytest.fixture(scope="module")
 def casa_server(tmp_path_factory) -> Iterator[CasaServer]:
     """`casa serve` as a user runs it (python -m cli serve), on a random-weight test-tiny checkpoint."""
-    from model.toy import toy_checkpoint
+    from casa_live.model.checkpoint.toy import toy_checkpoint
 
     tmp = tmp_path_factory.mktemp("casa-serve")
     model_dir = toy_checkpoint(tmp / "model")
@@ -410,9 +410,8 @@ def _session(server: CasaServer) -> SessionResult:
     """One websocket session as docs/protocol.md describes it: FRAMES JPEG frames (kind 0x01, pts 1/FPS apart, offline mode
     so that each is captioned in full), one corrupt frame (a non-fatal bad_frame error), a marker to
     wait for the captions, then session.close."""
+    from casa_live.server.protocol import pack_image
     from websockets.sync.client import connect
-
-    from server.protocol import pack_image
 
     ws_url = server.url.replace("http://", "ws://") + "/v1/stream"
     latencies: list[float] = []

@@ -11,11 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from model.decode import DecodeInputs, commit, decode_step, fused_decode_step
-from model.generate import Engine, SessionSettings
-from model.runner import buckets_for, segments_for
-from model.toy import toy_generation_config, toy_model, word_tokenizer
+from casa_live.model.checkpoint.toy import toy_generation_config, toy_model, word_tokenizer
+from casa_live.model.decode import DecodeInputs, commit, decode_step, fused_decode_step
+from casa_live.model.engine.engine import Engine, SessionSettings
+from casa_live.model.engine.runner import buckets_for, segments_for
 
 ATOL = {torch.float32: 1e-5}
 

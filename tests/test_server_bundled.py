@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from casa_live.server import protocol as p
 from server_helpers import client, container_messages, encode_stream, of_type, png, stream
-
-from server import protocol as p
 
 BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
 pytestmark = pytest.mark.skipif(
@@ -31,7 +30,7 @@ def app():
 
 @pytest.fixture(scope="module")
 def clips(app):
-    from model.world import WorldConfig, generate_clip
+    from casa_live.model.world.scene import WorldConfig, generate_clip
 
     size = app.app.state.ctx.engine.image_size
     return [generate_clip(seed, WorldConfig(frames=FRAMES, size=size)) for seed in SEEDS]
@@ -65,8 +64,8 @@ def mean_f1(pairs) -> float:  # type: ignore[no-untyped-def]
 
 
 def test_image_frames_match_the_engine_and_the_ground_truth(app, clips):
-    from model.evaluate import caption_clips
-    from model.generate import Engine
+    from casa_live.model.engine.engine import Engine
+    from casa_live.model.training.evaluate import caption_clips
 
     fps = clips[0].config.fps
     served = [

@@ -15,11 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets
+from casa_live.server import protocol as p
 from server_helpers import client, image_messages, stream, toy_model_dir, world_frames
 from test_server_uvicorn import free_port
 from websockets.exceptions import ConnectionClosed
-
-from server import protocol as p
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACE = 8.0
@@ -65,7 +64,7 @@ def test_readyz_is_503_while_full_and_200_when_a_slot_frees(tmp_path: Path) -> N
 
 
 def test_drain_in_process_refuses_new_sessions(tmp_path: Path) -> None:
-    from server.drain import drain
+    from casa_live.server.drain import drain
 
     with client(toy_model_dir(tmp_path), max_sessions=2) as c:
         ctx = c.app.state.ctx
@@ -100,7 +99,7 @@ def start_server(model_dir: Path, log: Path, *args: str) -> tuple[subprocess.Pop
     cmd = [
         sys.executable,
         "-m",
-        "cli.main",
+        "casa_live.cli.main",
         "serve",
         "--model-dir",
         str(model_dir),

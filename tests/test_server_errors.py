@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from casa_live.server import protocol as p
 from PIL import Image
 from server_helpers import (
     client,
@@ -26,8 +27,6 @@ from server_helpers import (
     world_frames,
 )
 from starlette.websockets import WebSocketDisconnect
-
-from server import protocol as p
 
 TOKENS = 4  # short captions keep this file fast
 

@@ -17,6 +17,8 @@ import struct
 import time
 
 import pytest
+from casa_live.model.engine.engine import SessionSettings as EngineSettings
+from casa_live.server import protocol as p
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_helpers import (
@@ -32,9 +34,6 @@ from server_helpers import (
 )
 from starlette.websockets import WebSocketDisconnect
 from test_server_inputs import JSON_VALUES, PROTOCOL_BOUNDS, client_texts, edge_values
-
-from model.generate import SessionSettings as EngineSettings
-from server import protocol as p
 
 TOKENS = 3
 EXAMPLES = settings(
@@ -370,8 +369,8 @@ class _StubEngine:
 
 
 def test_a_command_cancelled_before_it_runs_claims_nothing():
-    from server.metrics import Metrics
-    from server.worker import Worker
+    from casa_live.server.metrics import Metrics
+    from casa_live.server.worker import Worker
 
     async def run() -> tuple[int, bool]:
         engine = _StubEngine()

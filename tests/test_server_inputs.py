@@ -12,19 +12,18 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from casa_live.model.engine.engine import MIN_TEMPERATURE, SETTING_BOUNDS
+from casa_live.model.engine.engine import SessionSettings as EngineSettings
+from casa_live.model.engine.sampling import Sampler, SamplingParams
+from casa_live.server import protocol as p
+from casa_live.server.errors import CasaError, from_validation_error, report
+from casa_live.server.ingest import FrameLimits, decode_image
+from casa_live.server.ingest.container import ChunkReader, mp4_init_bytes
+from casa_live.server.metrics import Metrics
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from server_helpers import jpeg, png, world_frames
-
-from model.generate import MIN_TEMPERATURE, SETTING_BOUNDS
-from model.generate import SessionSettings as EngineSettings
-from model.sampling import Sampler, SamplingParams
-from server import protocol as p
-from server.errors import CasaError, from_validation_error, report
-from server.ingest import FrameLimits, decode_image
-from server.ingest.container import ChunkReader, mp4_init_bytes
-from server.metrics import Metrics
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ANY_CHAR = st.characters(codec=None, categories=None)  # surrogates and control characters included
@@ -70,7 +69,7 @@ def client_texts() -> st.SearchStrategy[str]:
 def test_any_client_text_is_an_event_or_a_typed_error(text):
     """Whatever the text, parsing gives an event or a CasaError, and the error event it makes is valid
     (it serialises, its echoed event_id fits the schema)."""
-    from server.session import _parse
+    from casa_live.server.session import _parse
 
     try:
         _parse(text)
@@ -82,7 +81,7 @@ def test_any_client_text_is_an_event_or_a_typed_error(text):
 
 
 def test_deep_nesting_and_long_event_ids_are_bad_json_not_internal():
-    from server.session import _parse
+    from casa_live.server.session import _parse
 
     for text in ("[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000):
         with pytest.raises(CasaError) as err:
@@ -224,7 +223,7 @@ def test_out_of_range_pts_is_refused_for_every_kind_with_one():
 
 
 def test_pillow_limits_are_left_alone():
-    import server.ingest  # noqa: F401  (importing the server must not change process-wide state)
+    import casa_live.server.ingest  # noqa: F401  (importing the server must not change process-wide state)
 
     assert PIL.Image.MAX_IMAGE_PIXELS == (1024 * 1024 * 1024 // 4 // 3)
 
@@ -319,9 +318,8 @@ def test_server_frames_are_the_qwen_processors_resize(h, w):
     processor's own resize of the decoded image, so preprocessing it again changes nothing and
     equals preprocessing the original."""
     import av
-
-    from model.processor import QwenImageProcessor
-    from server.ingest import to_rgb
+    from casa_live.model.processor import QwenImageProcessor
+    from casa_live.server.ingest import to_rgb
 
     proc = QwenImageProcessor(14, 2, image_size=None, min_pixels=56 * 56, max_pixels=448 * 448)
     limits = FrameLimits.for_processor(proc, 448, 4096, 4096)
@@ -355,8 +353,8 @@ def test_server_frames_are_the_qwen_processors_resize(h, w):
 
 
 def test_engine_sizes_the_image_buffer_for_the_pixel_budget():
-    from model.generate import Engine
-    from model.toy import toy_generation_config, toy_model, word_tokenizer
+    from casa_live.model.checkpoint.toy import toy_generation_config, toy_model, word_tokenizer
+    from casa_live.model.engine.engine import Engine
 
     model = toy_model("test-tiny", seed=0)
     model.config.processor = "qwen"

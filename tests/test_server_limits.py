@@ -24,9 +24,8 @@ import httpx
 import numpy as np
 import pytest
 import websockets
+from casa_live.server import protocol as p
 from server_helpers import encode_stream, jpeg, packet_messages, toy_model_dir, world_frames
-
-from server import protocol as p
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "limits-key-9f3a1c"
@@ -80,7 +79,7 @@ def server(tmp_path_factory):
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("limits") / "serve.log"
     env = {**os.environ, "CASA_AUTH_KEYS": KEY, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "cli.main", "serve", "--model-dir", str(model_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "casa_live.cli.main", "serve", "--model-dir", str(model_dir), "--port", str(port),
            "--log-level", "debug", "--max-sessions", "2", "--max-message-bytes", str(MESSAGE),
            "--max-buffered-bytes", str(BUFFERED), "--max-upload-bytes", str(UPLOAD),
            "--max-input-rate", "10000", "--max-concurrent-uploads", "1"]  # fmt: skip

@@ -7,11 +7,8 @@ import json
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
-from server_helpers import encode_stream, jpeg, png, world_frames
-
-from server import protocol as p
-from server.errors import (
+from casa_live.server import protocol as p
+from casa_live.server.errors import (
     BadFrame,
     BadJSON,
     FrameTooLarge,
@@ -21,9 +18,11 @@ from server.errors import (
     from_validation_error,
     report,
 )
-from server.ingest import FrameLimits, Resampler, decode_image, sniff_container, sniff_image
-from server.metrics import Metrics
-from server.settings import Settings
+from casa_live.server.ingest import FrameLimits, Resampler, decode_image, sniff_container, sniff_image
+from casa_live.server.metrics import Metrics
+from casa_live.server.settings import Settings
+from pydantic import ValidationError
+from server_helpers import encode_stream, jpeg, png, world_frames
 
 
 def test_binary_round_trip():

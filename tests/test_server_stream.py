@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from casa_live.server import protocol as p
 from server_helpers import (
     FPS,
     client,
@@ -20,8 +21,6 @@ from server_helpers import (
     toy_model_dir,
     world_frames,
 )
-
-from server import protocol as p
 
 N = 6
 TOKENS = 8  # short captions keep the suite fast (the random model never stops on its own)
@@ -282,7 +281,7 @@ def test_http_routes(app, frames):
 
 @pytest.mark.parametrize("fmt", ["json", "srt", "vtt"])
 def test_upload_captions(app, frames, fmt):
-    from model.video import encode_video
+    from casa_live.model.world.video import encode_video
 
     data = encode_video(list(frames), fps=FPS, fmt="mp4")  # a regular MP4, index at the end
     r = app.post(f"/v1/captions?format={fmt}&max_new_tokens=4", content=data)

@@ -15,10 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets
+from casa_live.server import protocol as p
 from server_helpers import container_messages, encode_stream, image_messages, toy_model_dir, world_frames
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-
-from server import protocol as p
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
@@ -38,7 +37,7 @@ def server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "CASA_AUTH_KEYS": KEY, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "cli.main", "serve", "--model-dir", str(model_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "casa_live.cli.main", "serve", "--model-dir", str(model_dir), "--port", str(port),
            "--max-sessions", "2", "--max-message-bytes", "8192", "--allowed-origin", ORIGIN]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

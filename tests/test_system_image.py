@@ -215,13 +215,13 @@ def test_image_size_and_no_source_tree(image, container):
     assert image.size < SIZE_LIMIT, f"{image.size / 1e9:.2f} GB"
     # The package is installed from the wheel: no repository copy, the model and page in site-packages.
     probe = (
-        "import pathlib, clients.demo, server.settings as s; "
-        "print(s.Settings().model_dir); print(clients.demo.WEB_DIR); "
+        "import pathlib, casa_live.server.demo as d, casa_live.server.settings as s; "
+        "print(s.Settings().model_dir); print(d.web_dir()); "
         "print(pathlib.Path('/app').exists(), pathlib.Path('/src').exists())"
     )
     out = oci.podman("exec", container.name, "python", "-c", probe).stdout.split()
-    assert out[0].startswith("/opt/venv/lib/") and out[0].endswith("site-packages/model/bundled"), out
-    assert out[1].endswith("site-packages/clients/web"), out
+    assert out[0].startswith("/opt/venv/lib/") and out[0].endswith("site-packages/casa_live/model/bundled"), out
+    assert out[1].endswith("site-packages/casa_live/clients/web"), out
     assert out[2:] == ["False", "False"]
 
 
@@ -245,13 +245,13 @@ def test_readyz_and_demo_page_through_the_published_port(container):
 
 
 def _world(n: int):
-    from model.world import WorldConfig, generate_clip
+    from casa_live.model.world.scene import WorldConfig, generate_clip
 
     return generate_clip(7, WorldConfig(frames=n)).frames
 
 
 def test_posted_clip_returns_srt(container):
-    from model.video import encode_video
+    from casa_live.model.world.video import encode_video
 
     data = encode_video(list(_world(FRAMES)), fps=FPS, fmt="mp4")
     r = httpx.post(f"{container.url}/v1/captions?format=srt", content=data, timeout=120)
@@ -266,10 +266,9 @@ def test_posted_clip_returns_srt(container):
 def test_websocket_session_gets_captions(container):
     import io
 
+    from casa_live.server.protocol import pack_image
     from PIL import Image
     from websockets.sync.client import connect
-
-    from server.protocol import pack_image
 
     def jpeg(frame) -> bytes:
         buf = io.BytesIO()

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from model.config import preset
-from model.generate import Engine
-from model.processor import ImageProcessor
-from model.train import (
+from casa_live.model.checkpoint.format import load_checkpoint
+from casa_live.model.config import preset
+from casa_live.model.engine.engine import Engine
+from casa_live.model.processor import ImageProcessor
+from casa_live.model.training.train import (
     STOP,
     TRAIN_SEED_BASE,
     TrainConfig,
@@ -22,9 +22,8 @@ from model.train import (
     train,
     train_tokenizer,
 )
-from model.vlm import CASAModel
-from model.weights import load_checkpoint
-from model.world import World, WorldConfig, vocabulary
+from casa_live.model.vlm import CASAModel
+from casa_live.model.world.scene import World, WorldConfig, vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +157,8 @@ def test_other_fusions_train(fusion):
 def test_world_overrides_change_the_training_mix_only_where_asked():
     from collections import Counter
 
-    from cli.train import world_overrides
-    from model.world import World, WorldConfig
+    from casa_live.cli.train import world_overrides
+    from casa_live.model.world.scene import World, WorldConfig
 
     over = world_overrides(["change_prob=0.9", "leave_weight=0.9"])
     assert over == {"change_prob": 0.9, "leave_weight": 0.9}
@@ -184,11 +183,10 @@ def test_slot_accuracy_scores_each_caption_word(tok):
     """An oracle that predicts every next token scores 1.0 everywhere; one that gets word 1 of
     every "moves" caption wrong scores 0 exactly there and nowhere else."""
     import torch.nn.functional as F
-
-    from model.evaluate import slot_accuracy
-    from model.toy import toy_model
-    from model.train import generation_config
-    from model.world import WorldConfig, generate_clip
+    from casa_live.model.checkpoint.toy import toy_model
+    from casa_live.model.training.evaluate import slot_accuracy
+    from casa_live.model.training.train import generation_config
+    from casa_live.model.world.scene import WorldConfig, generate_clip
 
     model = toy_model("test-tiny", seed=0)
     model.config.lm.vocab = max(model.config.lm.vocab, tok.vocab_size)
@@ -207,7 +205,7 @@ def test_slot_accuracy_scores_each_caption_word(tok):
     assert sum(perfect.captions.values()) == 3 * 12
     assert all(perfect.correct[k] == n for k, n in perfect.total.items())
 
-    from model.train import stream_layout
+    from casa_live.model.training.train import stream_layout
 
     # mark word 1 of "moves" captions, clip by clip (slot_accuracy runs clips in seed order)
     results = []

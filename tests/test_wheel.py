@@ -70,12 +70,16 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
+# The repository's folders that become subpackages of `casa_live` (pyproject.toml's package-dir).
+FOLDERS = {"cli", "clients", "kernels", "model", "server"}
+
+
 def _repo_packages() -> set[str]:
-    """Every package under the top-level packages the project ships (folders with an __init__.py)."""
-    tops = {name.split(".")[0] for name in PACKAGES}
+    """Every package the project ships, by its installed name: each folder with an __init__.py under
+    the mapped folders, as casa_live.<folder path>."""
     return {
-        ".".join(init.parent.relative_to(ROOT).parts)
-        for top in tops
+        "casa_live." + ".".join(init.parent.relative_to(ROOT).parts)
+        for top in FOLDERS
         for init in (ROOT / top).rglob("__init__.py")
     }
 
@@ -83,21 +87,27 @@ def _repo_packages() -> set[str]:
 def test_package_list_names_every_package():
     listed = set(PACKAGES)
     assert _repo_packages() <= listed, f"add to [tool.setuptools] packages: {_repo_packages() - listed}"
-    assert PACKAGE_DIR == {"model.bundled": "checkpoints/default"}
-    assert "model.bundled" in listed and "clients.web" in listed
+    assert PACKAGE_DIR == {
+        **{f"casa_live.{top}": top for top in FOLDERS},
+        "casa_live.model.bundled": "checkpoints/default",
+    }
+    assert "casa_live.model.bundled" in listed and "casa_live.clients.web" in listed
 
 
 def test_wheel_carries_the_model_and_the_demo_page(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"model/bundled/{f}" for f in MODEL_FILES} <= names
-    assert {f"clients/web/{f}" for f in WEB_FILES} <= names
+    assert {f"casa_live/model/bundled/{f}" for f in MODEL_FILES} <= names
+    assert {f"casa_live/clients/web/{f}" for f in WEB_FILES} <= names
     for package in _repo_packages():
         assert f"{package.replace('.', '/')}/__init__.py" in names, package
+    # one import package at the top of site-packages: no tests, benchmarks, docs, nor a generic
+    # `model` or `server` that another distribution (or a user's model.py) would shadow
     tops = {n.split("/")[0] for n in names if not n.startswith("casa_live-")}
-    assert tops == {"cli", "clients", "kernels", "model", "server"}, tops  # no tests, benchmarks, docs
+    assert tops == {"casa_live"}, tops
+    assert "casa_live/__init__.py" not in names  # a namespace: no folder of its own in the repository
     size = {i.filename: i.file_size for i in zipfile.ZipFile(wheel).infolist()}
     assert (
-        size["model/bundled/model.safetensors"]
+        size["casa_live/model/bundled/model.safetensors"]
         == (ROOT / "checkpoints/default/model.safetensors").stat().st_size
     )
 
@@ -127,8 +137,8 @@ def _clean_env() -> dict[str, str]:
 
 def test_installed_package_is_the_wheel(venv, tmp_path):
     probe = (
-        "import model, clients.demo, server.settings as s; "
-        "print(model.__file__); print(s.Settings().model_dir); print(clients.demo.WEB_DIR)"
+        "import casa_live.model as m, casa_live.server.demo as d, casa_live.server.settings as s; "
+        "print(m.__file__); print(s.Settings().model_dir); print(d.web_dir())"
     )
     out = subprocess.run(
         [str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path, env=_clean_env(), capture_output=True,
@@ -136,7 +146,7 @@ def test_installed_package_is_the_wheel(venv, tmp_path):
     ).stdout.split()  # fmt: skip
     site = str(venv / "lib")
     assert all(line.startswith(site) for line in out), out
-    assert out[1].endswith("site-packages/model/bundled")
+    assert out[1].endswith("site-packages/casa_live/model/bundled")
     assert {p.name for p in Path(out[1]).iterdir()} >= MODEL_FILES
     assert {p.name for p in Path(out[2]).iterdir()} >= WEB_FILES
 
@@ -150,8 +160,8 @@ def _free_port() -> int:
 
 
 def test_casa_serve_from_the_wheel_captions_a_clip(venv, tmp_path):
-    from model.video import encode_video
-    from model.world import WorldConfig, generate_clip
+    from casa_live.model.world.scene import WorldConfig, generate_clip
+    from casa_live.model.world.video import encode_video
 
     port = _free_port()
     log = tmp_path / "serve.log"

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from model.video import FORMATS, encode_video, read_video, write_video
-from model.world import (
+from casa_live.model.world.scene import (
     BACKGROUNDS,
     COLOURS,
     COLS,
@@ -22,6 +20,7 @@ from model.world import (
     parse_caption,
     vocabulary,
 )
+from casa_live.model.world.video import FORMATS, encode_video, read_video, write_video
 
 
 def test_same_seed_same_pixels_and_captions():

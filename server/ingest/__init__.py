@@ -1,11 +1,11 @@
 """A session's input path (pipeline.py: one thread per session owns it all), split by input kind:
 image.py (0x01), container.py (0x02 and uploads), packet.py (0x03); frames.py is what they share."""
 
-from server.ingest.container import ContainerStream, decode_file, mp4_init_bytes, sniff_container
-from server.ingest.frames import FrameLimits, Resampler, to_rgb
-from server.ingest.image import decode_image, sniff_image
-from server.ingest.packet import PacketDecoder
-from server.ingest.pipeline import OFFLINE_CREDITS, Ingest, IngestListener
+from casa_live.server.ingest.container import ContainerStream, decode_file, mp4_init_bytes, sniff_container
+from casa_live.server.ingest.frames import FrameLimits, Resampler, to_rgb
+from casa_live.server.ingest.image import decode_image, sniff_image
+from casa_live.server.ingest.packet import PacketDecoder
+from casa_live.server.ingest.pipeline import OFFLINE_CREDITS, Ingest, IngestListener
 
 __all__ = [
     "OFFLINE_CREDITS",

@@ -29,10 +29,9 @@ from typing import Protocol
 
 import av
 import numpy as np
-
-from server.errors import BadFrame, CasaError, FrameTooLarge, UnsupportedCodec
-from server.ingest.frames import FrameLimits, to_rgb
-from server.protocol import CONTAINER_FORMATS
+from casa_live.server.errors import BadFrame, CasaError, FrameTooLarge, UnsupportedCodec
+from casa_live.server.ingest.frames import FrameLimits, to_rgb
+from casa_live.server.protocol import CONTAINER_FORMATS
 
 log = logging.getLogger("casa.ingest")
 

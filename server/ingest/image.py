@@ -14,10 +14,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from casa_live.server.errors import BadFrame, CasaError, FrameTooLarge, UnsupportedCodec
+from casa_live.server.ingest.frames import FrameLimits
 from PIL import Image
-
-from server.errors import BadFrame, CasaError, FrameTooLarge, UnsupportedCodec
-from server.ingest.frames import FrameLimits
 
 _IMAGE_MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),

@@ -9,10 +9,9 @@ from fractions import Fraction
 
 import av
 import numpy as np
-
-from server.errors import BadFrame, CasaError, UnsupportedCodec
-from server.ingest.frames import FrameLimits, to_rgb
-from server.protocol import PACKET_CODECS
+from casa_live.server.errors import BadFrame, CasaError, UnsupportedCodec
+from casa_live.server.ingest.frames import FrameLimits, to_rgb
+from casa_live.server.protocol import PACKET_CODECS
 
 _US = Fraction(1, 1_000_000)
 

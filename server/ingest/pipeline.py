@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-
-from server.errors import BadFrame, CasaError, FrameFailed, InternalError
-from server.ingest.container import ContainerStream, decode_file, sniff_container, starts_stream
-from server.ingest.frames import FrameLimits, Resampler
-from server.ingest.image import decode_image
-from server.ingest.packet import PacketDecoder
+from casa_live.server.errors import BadFrame, CasaError, FrameFailed, InternalError
+from casa_live.server.ingest.container import ContainerStream, decode_file, sniff_container, starts_stream
+from casa_live.server.ingest.frames import FrameLimits, Resampler
+from casa_live.server.ingest.image import decode_image
+from casa_live.server.ingest.packet import PacketDecoder
 
 log = logging.getLogger("casa.ingest")
 

@@ -24,16 +24,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from model.cache import CASAState, InsertionSpans, StreamState, TextCache
-from model.config import DEFAULT_CONTEXT_TOKENS, GenerationConfig
-from model.processor import ImageProcessor, QwenImageProcessor
-from model.runner import Runner, StepResult
-from model.sampling import Sampler, SamplingParams
-from model.scheduler import MIN_TEMPERATURE, SETTING_BOUNDS, Plan, RowState, Scheduler, SessionSettings
-from model.tokenizer import Tokenizer
-from model.vision_pipeline import Encoding, VisionPipeline
-from model.vlm import CASAModel
+from casa_live.model.cache import CASAState, InsertionSpans, StreamState, TextCache
+from casa_live.model.config import DEFAULT_CONTEXT_TOKENS, GenerationConfig
+from casa_live.model.engine.runner import Runner, StepResult
+from casa_live.model.engine.sampling import Sampler, SamplingParams
+from casa_live.model.engine.scheduler import (
+    MIN_TEMPERATURE,
+    SETTING_BOUNDS,
+    Plan,
+    RowState,
+    Scheduler,
+    SessionSettings,
+)
+from casa_live.model.engine.vision_pipeline import Encoding, VisionPipeline
+from casa_live.model.processor import ImageProcessor, QwenImageProcessor
+from casa_live.model.tokenizer import Tokenizer
+from casa_live.model.vlm import CASAModel
 
 __all__ = [
     "MIN_TEMPERATURE",
@@ -139,7 +145,7 @@ class Engine:
     def from_checkpoint(
         cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, **kw
     ) -> Engine:
-        from model.weights import load_checkpoint
+        from casa_live.model.checkpoint.format import load_checkpoint
 
         model, tok, gen = load_checkpoint(path, device, dtype)
         return cls(model, tok, gen, device=device, dtype=dtype, **kw)

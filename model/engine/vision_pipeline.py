@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from model.threads import name_this_thread
+from casa_live.model.engine.threads import name_this_thread
 
 log = logging.getLogger("casa.vision")
 

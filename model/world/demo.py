@@ -13,14 +13,13 @@ import io
 from fractions import Fraction
 from pathlib import Path
 
-WEB_DIR = Path(__file__).resolve().parent / "web"
 DEMO_SEED = 211  # a lively scene: red, purple and yellow squares and crosses
 DEMO_FRAMES = 40  # 20 s at the world's 2 fps; the page loops it
 
 
 def demo_clip(seed: int = DEMO_SEED, frames: int = DEMO_FRAMES):
     """The world `Clip` behind the demo video (frames + ground truth)."""
-    from model.world import WorldConfig, generate_clip
+    from casa_live.model.world.scene import WorldConfig, generate_clip
 
     return generate_clip(seed, WorldConfig(frames=frames))
 
@@ -62,7 +61,7 @@ def write_camera_y4m(
     Chromium plays the file at the rate in its header and loops it; each world frame is repeated so the
     fake camera runs at an ordinary `camera_fps` while the scene changes at the world's fps.
     """
-    from model.video import write_video
+    from casa_live.model.world.video import write_video
 
     clip = demo_clip(seed, frames)
     repeat = max(1, round(camera_fps / clip.config.fps))

@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from casa_live.model.checkpoint.format import CONFIG, CheckpointError
+from casa_live.model.checkpoint.hf import config as hfc
+from casa_live.model.checkpoint.hf import tensors as hft
+from casa_live.model.config import CASAConfig, GenerationConfig
+from casa_live.model.tokenizer import Tokenizer
+from casa_live.model.vlm import CASAModel
 from torch import nn
-
-from model.config import CASAConfig, GenerationConfig
-from model.hf import config as hfc
-from model.hf import tensors as hft
-from model.tokenizer import Tokenizer
-from model.vlm import CASAModel
-from model.weights import CONFIG, CheckpointError
 
 LAYOUTS = ("casa", "qwen2.5-vl", "kyutai-casa")
 log = logging.getLogger(__name__)
@@ -191,7 +190,7 @@ def load_any(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[CASAModel, Tokenizer, GenerationConfig]:
     """Load a checkpoint directory of any supported layout (ours, Qwen2.5-VL, Kyutai CASA)."""
-    from model.weights import load_checkpoint
+    from casa_live.model.checkpoint.format import load_checkpoint
 
     if detect_layout(path) == "casa":
         return load_checkpoint(path, device, dtype)

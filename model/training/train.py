@@ -30,16 +30,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from casa_live.model.checkpoint.format import save_checkpoint
+from casa_live.model.config import GenerationConfig, ModelConfig, PromptTemplate, preset
+from casa_live.model.processor import ImageProcessor
+from casa_live.model.reference import Interleaved
+from casa_live.model.tokenizer import Tokenizer
+from casa_live.model.vlm import CASAModel
+from casa_live.model.world.scene import (
+    COLOURS,
+    SHAPES,
+    SIZES,
+    Clip,
+    FrameTruth,
+    World,
+    WorldConfig,
+    generate_clip,
+)
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
-
-from model.config import GenerationConfig, ModelConfig, PromptTemplate, preset
-from model.processor import ImageProcessor
-from model.reference import Interleaved
-from model.tokenizer import Tokenizer
-from model.vlm import CASAModel
-from model.weights import save_checkpoint
-from model.world import COLOURS, SHAPES, SIZES, Clip, FrameTruth, World, WorldConfig, generate_clip
 
 log = logging.getLogger("casa.train")
 

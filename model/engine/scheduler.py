@@ -31,8 +31,7 @@ import collections
 from dataclasses import dataclass, field
 
 import torch
-
-from model.tokenizer import StreamDecoder
+from casa_live.model.tokenizer import StreamDecoder
 
 # The ranges the sampler computes safely (server/protocol.py bounds client settings to the same numbers).
 # Below MIN_TEMPERATURE the division of the logits overflows float32 and multinomial raises; seeds must

@@ -22,11 +22,10 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
-
-from model.config import GenerationConfig
-from model.generate import Engine
-from model.tokenizer import Tokenizer
-from model.world import Clip, Event, FrameTruth, WorldConfig, generate_clip, parse_caption
+from casa_live.model.config import GenerationConfig
+from casa_live.model.engine.engine import Engine
+from casa_live.model.tokenizer import Tokenizer
+from casa_live.model.world.scene import Clip, Event, FrameTruth, WorldConfig, generate_clip, parse_caption
 
 ATTRIBUTES = ("colour", "shape", "position")
 CHANGES = ("appears", "moves", "leaves")
@@ -164,7 +163,7 @@ def evaluate(
     world: WorldConfig | None = None,
 ) -> EvalResult:
     """Caption held-out clips with the engine and score them against the ground truth."""
-    from model.train import TRAIN_SEED_BASE
+    from casa_live.model.training.train import TRAIN_SEED_BASE
 
     seeds = list(seeds)
     if any(s >= TRAIN_SEED_BASE for s in seeds):
@@ -226,8 +225,8 @@ def slot_accuracy(
 ) -> SlotAccuracy:
     """Teacher-forced accuracy of every caption word on held-out clips (dense CASA forward, the
     training batch of model/train.py)."""
-    from model.processor import ImageProcessor
-    from model.train import batch_from_clips, dense_logits
+    from casa_live.model.processor import ImageProcessor
+    from casa_live.model.training.train import batch_from_clips, dense_logits
 
     processor = ImageProcessor.for_config(model.config)
     cfg = WorldConfig(frames=frames, size=model.config.image_size)

@@ -26,13 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-
-from kernels.dispatch import backend_for
-from model.cache import StreamState
-from model.decode import DecodeInputs, can_fuse, commit, decode_step, fused_decode_step
-from model.rope import image_positions, text_positions
-from model.scheduler import Item
-from model.vlm import CASAModel
+from casa_live.kernels.dispatch import backend_for
+from casa_live.model.cache import StreamState
+from casa_live.model.decode import DecodeInputs, can_fuse, commit, decode_step, fused_decode_step
+from casa_live.model.engine.scheduler import Item
+from casa_live.model.rope import image_positions, text_positions
+from casa_live.model.vlm import CASAModel
 
 log = logging.getLogger("casa.runner")
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from casa_live.model.checkpoint.assets import default_model_dir as default_model_dir
+from casa_live.model.config import GenerationConfig, ModelConfig
+from casa_live.model.tokenizer import Tokenizer
+from casa_live.model.vlm import CASAModel
 from safetensors.torch import load_file, save_file
-
-from model.assets import default_model_dir as default_model_dir
-from model.config import GenerationConfig, ModelConfig
-from model.tokenizer import Tokenizer
-from model.vlm import CASAModel
 
 CONFIG, WEIGHTS, TOKENIZER, GENERATION = (
     "config.json",
@@ -59,7 +58,7 @@ def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[CASAModel, Tokenizer, GenerationConfig]:
     path = Path(path)
-    from model.hf import detect_layout, load_any  # lazy: model.hf imports this module
+    from casa_live.model.checkpoint.hf import detect_layout, load_any  # lazy: model.hf imports this module
 
     if (path / CONFIG).exists() and detect_layout(path) != "casa":  # Qwen2.5-VL / Kyutai directory
         return load_any(path, device, dtype)

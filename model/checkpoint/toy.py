@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from casa_live.model.checkpoint.format import save_checkpoint
+from casa_live.model.config import GenerationConfig, ModelConfig, PromptTemplate, preset
+from casa_live.model.tokenizer import Tokenizer
+from casa_live.model.vlm import CASAModel
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
-
-from model.config import GenerationConfig, ModelConfig, PromptTemplate, preset
-from model.tokenizer import Tokenizer
-from model.vlm import CASAModel
-from model.weights import save_checkpoint
 
 SPECIAL = ["<|pad|>", "<|unk|>", "<|vision_start|>", "<|vision_end|>", "<|frame_end|>", "<|im_end|>"]
 WORDS = [

@@ -23,9 +23,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model.config import CASAConfig, GenerationConfig, LMConfig, ModelConfig, PromptTemplate, VisionConfig
-from model.tokenizer import Tokenizer
-from model.weights import CheckpointError
+from casa_live.model.checkpoint.format import CheckpointError
+from casa_live.model.config import (
+    CASAConfig,
+    GenerationConfig,
+    LMConfig,
+    ModelConfig,
+    PromptTemplate,
+    VisionConfig,
+)
+from casa_live.model.tokenizer import Tokenizer
 
 # Kyutai's newer live-captioning prompts (their live_captioner.py; docs/checkpoints.md).
 SYSTEM_PROMPT = "You are an expert video commentator providing real-time factual and neutral commentary on visual content."

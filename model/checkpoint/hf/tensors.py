@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from casa_live.model.checkpoint.format import CheckpointError
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from model.weights import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 VISION_PREFIXES = ("model.image_prefix.visual.", "image_prefix.visual.", "model.visual.", "visual.")

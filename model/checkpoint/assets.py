@@ -16,7 +16,7 @@ CONFIG = "config.json"
 
 def default_model_dir() -> Path:
     """The bundled default model: model/bundled in an installed wheel, checkpoints/default in a checkout."""
-    package = Path(str(files("model")))
+    package = Path(str(files("casa_live.model")))
     packaged = package / "bundled"
     if (packaged / CONFIG).is_file():
         return packaged
