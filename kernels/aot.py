@@ -37,6 +37,7 @@ class AotResult:
 def _configs(full: bool = False) -> list[tuple[str, object, dict[str, str], dict[str, object], int]]:
     """(name, kernel, signature, constexprs, num_warps) for every production config."""
     import triton.language as tl
+
     from casa_live.kernels import casa_attention as ca
     from casa_live.kernels import rmsnorm, rope
 

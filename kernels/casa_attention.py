@@ -41,6 +41,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from casa_live.kernels.dispatch import prefix_causal_attention_torch
 
 __all__ = [
