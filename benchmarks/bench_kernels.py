@@ -123,6 +123,7 @@ def flex_or_none():
 def bench_prefill(b: Bench, batches: list[int], texts: list[int], H: int, Hkv: int, D: int, P: int) -> None:
     torch = b.torch
     import torch.nn.functional as F
+
     from casa_live.kernels import casa_attention as ca
     from casa_live.kernels.dispatch import attention_mask
 
@@ -181,6 +182,7 @@ def bench_decode(
 ) -> None:
     torch = b.torch
     import torch.nn.functional as F
+
     from casa_live.kernels import casa_attention as ca
 
     flex, _ = (None, None) if b.dry else flex_or_none()

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+
 from casa_live.model.cache import plan_eviction
 from casa_live.model.checkpoint.toy import toy_generation_config, toy_model, word_tokenizer
 from casa_live.model.config import preset
@@ -48,7 +49,7 @@ def fast_forward(engine: Engine, row: int, frame: int, prompt_len: int, per_fram
     text.length[row] = length
     if engine.insertion:
         gh, gw = engine.model.grid
-        engine.runner.positions[row] = prompt_len + (frame - 1) * (max(gh, gw) + tokens + 3)
+        engine.state.spans.position[row] = prompt_len + (frame - 1) * (max(gh, gw) + tokens + 3)
 
 
 def used_kv_bytes(engine: Engine, row: int) -> int:

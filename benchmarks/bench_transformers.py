@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from casa_live.model.checkpoint.hf import load_any
-from casa_live.model.engine.engine import Engine, SessionSettings
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from benchmarks.bench_streaming import used_kv_bytes
+from casa_live.model.checkpoint.hf import load_any
+from casa_live.model.engine.engine import Engine, SessionSettings
 
 SPECIAL = [
     "<|endoftext|>",

@@ -124,12 +124,12 @@ def stream_runs(smoke: bool, budget: float) -> int:
     """Child: every streaming run in one process (the model is built once per fusion); one JSON
     line per run, printed as soon as it ends, so a later run that overruns loses only itself."""
     import torch
+
+    from benchmarks.bench_streaming import fast_forward
     from casa_live.model.checkpoint.toy import toy_generation_config, word_tokenizer
     from casa_live.model.config import preset
     from casa_live.model.engine.engine import Engine, SessionSettings
     from casa_live.model.vlm import CASAModel
-
-    from benchmarks.bench_streaming import fast_forward
 
     device = "cpu" if smoke else "cuda"
     dtype = torch.float32 if smoke else torch.bfloat16

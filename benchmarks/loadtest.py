@@ -154,8 +154,9 @@ class Clip:
 def synthetic_clip(n: int, seed: int, size: int = 256, quality: int = 90) -> Clip:
     """n frames of one continuous synthetic world (a clip never loops: its captions describe
     changes from frame to frame, so a jump back to frame 0 would have no true caption)."""
-    from casa_live.model.world.scene import World, WorldConfig
     from PIL import Image
+
+    from casa_live.model.world.scene import World, WorldConfig
 
     world = World(seed, WorldConfig(size=size))
     jpegs, truth = [], []
@@ -178,6 +179,7 @@ def offline_reference(clips: list[Clip], model_dir: str | None) -> list[float]:
     is never cut short gets exactly these captions (greedy decoding), so this is what N = 1 would
     score on each clip; a level is compared with the mean over the clips its clients streamed."""
     import torch
+
     from casa_live.model.engine.engine import Engine
 
     try:
@@ -233,6 +235,7 @@ class ClientResult:
 
 async def run_client(uri: str, clip: Clip, duration: float, fps: float, token: str | None) -> ClientResult:
     import websockets
+
     from casa_live.server import protocol as p
 
     result = ClientResult()

@@ -26,12 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.replicas import LocalCluster
 from casa_live.clients.printer import LivePrinter
 from casa_live.clients.sources import open_source
 from casa_live.clients.stream import Streamer, StreamOptions
 from casa_live.clients.writers import Segment
-
-from benchmarks.replicas import LocalCluster
 
 
 class ArrivalLog:

@@ -30,9 +30,10 @@ from benchmarks.loadtest import ServerProcess, token_f1
 
 async def soak(uri: str, server: ServerProcess | None, args: argparse.Namespace) -> list[dict]:
     import websockets
+    from PIL import Image
+
     from casa_live.model.world.scene import World, WorldConfig
     from casa_live.server import protocol as p
-    from PIL import Image
 
     world = World(args.seed, WorldConfig(size=args.size))
     total = round(args.video_seconds * args.fps)

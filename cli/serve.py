@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
+
     from casa_live.model.checkpoint.hub import HubError
     from casa_live.server.app import create_app
     from casa_live.server.drain import DrainingServer

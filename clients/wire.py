@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from casa_live.server import protocol
 from casa_live.server.protocol import (
     STREAM_PATH,
@@ -26,7 +28,6 @@ from casa_live.server.protocol import (
     SessionUpdated,
     Stats,
 )
-from pydantic import ValidationError
 
 __all__ = [
     "STREAM_PATH",

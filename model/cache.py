@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+
 from casa_live.model.rope import rotate_half
 
 
@@ -172,20 +174,27 @@ class CASAState:
 
 class InsertionSpans:
     """Host bookkeeping of a token-insertion model's bounded cache (see the module docstring): per
-    row, the (slots, positions) of every item fed after the sink, oldest first."""
+    row, the next absolute position and the (slots, positions) of every item fed after the sink,
+    oldest first."""
 
     def __init__(self, batch: int) -> None:
         self.items: list[collections.deque[tuple[int, int]]] = [collections.deque() for _ in range(batch)]
+        self.position = [0] * batch  # next absolute (Qwen2.5-VL) position per row
 
     def reset(self, row: int) -> None:
         self.items[row].clear()
+        self.position[row] = 0
 
-    def push(self, row: int, slots: int, positions: int) -> None:
-        self.items[row].append((slots, positions))
+    def fed(self, text: TextCache, row: int, slot: int, slots: int, positions: int) -> None:
+        """An item of `slots` slots spanning `positions` positions is fed at `slot`; the next
+        position moves past it. Items in the sink are never evicted, so they are not recorded."""
+        self.position[row] += positions
+        if slot >= int(text.sink[row]):
+            self.items[row].append((slots, positions))
 
     def make_room(self, text: TextCache, row: int, n_new: int, freqs: torch.Tensor) -> int:
-        """Evict whole oldest items before appending n_new slots to `row`; returns the position
-        shift d: the caller's next position for the row drops by d."""
+        """Evict whole oldest items before appending n_new slots to `row`; the kept items and the
+        row's next position move down by the evicted position span d, which is returned."""
         items = self.items[row]
         length, sink = int(text.length[row]), int(text.sink[row])
         k, n, d = plan_span_eviction(items, length, n_new, text.capacity, sink, text.chunk)
@@ -194,6 +203,7 @@ class InsertionSpans:
         for _ in range(k):
             items.popleft()
         text.evict(row, n, d, freqs)
+        self.position[row] -= d
         return d
 
 
@@ -205,12 +215,54 @@ class StreamState:
         self.casa = casa
         self.spans = spans  # token insertion only
 
-    def reset(self, row: int) -> None:
+    @classmethod
+    def allocate(
+        cls,
+        lm: Any,
+        rows: int,
+        context_tokens: int,
+        casa_layers: int,
+        image_tokens: int,
+        window_tokens: int,
+        insertion: bool,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> StreamState:
+        """The whole state for `rows` sessions of a model whose decoder is `lm` (an LMConfig):
+        a text cache bounded at context_tokens; for CASA models, the CASA state sized for the
+        largest frame (image_tokens) and a window of window_tokens; for token insertion, the
+        bookkeeping of its bounded cache instead."""
+        text = TextCache(lm.layers, rows, lm.kv_heads, lm.head_dim, context_tokens, dtype, device)
+        if insertion:
+            return cls(text, None, InsertionSpans(rows))
+        casa = CASAState(
+            casa_layers, rows, lm.kv_heads, lm.head_dim, image_tokens, window_tokens, dtype, device
+        )
+        return cls(text, casa)
+
+    def reset(self, row: int, sink: int = 0) -> None:
+        """Everything `row` holds starts afresh; its first `sink` tokens (the prompt) will never
+        be evicted."""
         self.text.reset(row)
+        self.text.sink[row] = sink
         if self.casa is not None:
             self.casa.reset(row)
         if self.spans is not None:
             self.spans.reset(row)
+
+    def advance(self, rows: torch.Tensor, n: torch.Tensor | int) -> None:
+        """After a forward fed `rows` (host int64) n tokens each (written at their lengths): the
+        one place where the text cache and the CASA window grow."""
+        self.text.length[rows] += n
+        if self.casa is not None:
+            self.casa.win_len[rows] += n
+
+    def start_windows(self, rows: torch.Tensor, n_img: int) -> None:
+        """New frames of n_img image tokens were written for `rows` (host int64): their CASA
+        windows start empty."""
+        assert self.casa is not None
+        self.casa.n_img[rows] = n_img
+        self.casa.win_len[rows] = 0
 
     def nbytes(self) -> int:
         return self.text.nbytes() + (self.casa.nbytes() if self.casa is not None else 0)

@@ -16,9 +16,10 @@ projections of the text tokens are computed once.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from casa_live.model.config import LMConfig
 from casa_live.model.layers import Projections, RMSNorm
-from torch import nn
 
 
 class CASALayer(nn.Module):

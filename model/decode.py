@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from casa_live.kernels.dispatch import apply_rope, decode_attention, rms_norm_torch
 from casa_live.model.cache import StreamState
 from casa_live.model.lm import LanguageModel

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from casa_live.kernels.dispatch import rms_norm
 from torch import nn
+
+from casa_live.kernels.dispatch import rms_norm
 
 
 class RMSNorm(nn.Module):

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from casa_live.kernels.dispatch import apply_rope as rope_qk
 from casa_live.kernels.dispatch import attention_mask, backend_for, prefix_causal_attention
 from casa_live.model.cache import StreamState
@@ -18,7 +20,6 @@ from casa_live.model.casa import CASALayer
 from casa_live.model.config import ModelConfig
 from casa_live.model.layers import Projections, RMSNorm, SwiGLU
 from casa_live.model.rope import image_positions, inv_freq, rope_cos_sin, section_ids
-from torch import nn
 
 
 class Block(nn.Module):
@@ -138,15 +139,13 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def write_frame(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: StreamState) -> None:
-        """Start a new window on `rows` with their frames' image K/V ((Lc, n, Hkv, N, D) x 2):
-        written in place over the previous frame's; the window's text K/V is reset."""
+        """Write `rows`' new frames' image K/V ((Lc, n, Hkv, N, D) x 2) in place over the previous
+        frame's. The caller starts their windows (StreamState.start_windows)."""
         cs = state.casa
         assert cs is not None, "write_frame needs CASA layers (insertion feeds image tokens as text)"
         N = k.shape[3]
         cs.img_k[:, rows, :, :N] = k.to(cs.img_k.dtype)
         cs.img_v[:, rows, :, :N] = v.to(cs.img_v.dtype)
-        cs.n_img[rows.cpu()] = N
-        cs.win_len[rows.cpu()] = 0
 
     @torch.no_grad()
     def step(
@@ -157,7 +156,9 @@ class LanguageModel(nn.Module):
         sa_positions: torch.Tensor,
         ca_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Advance rows [0, R) by n_valid[r] tokens each; returns final hidden states (R, T, hidden).
+        """Feed rows [0, R) n_valid[r] tokens each; returns final hidden states (R, T, hidden). The
+        tokens' K/V are written at the rows' lengths; the caller advances the lengths afterwards
+        (StreamState.advance), so one place does it for every forward.
 
         x: (R, T, hidden) input embeddings (token embeddings, or image tokens for insertion),
            padded past n_valid[r]. sa_positions: (R, T, 3) positions of the new tokens in the
@@ -209,9 +210,6 @@ class LanguageModel(nn.Module):
         casa_index = {b: i for i, b in enumerate(self.casa_ids)}
         for li, block in enumerate(self.layers):
             x = self._block_step(block, li, casa_index.get(li), x, inp, state)
-        text.length[:R] += n_valid
-        if cs is not None and self.casa_ids:
-            cs.win_len[:R] += n_valid
         return self.norm(x)
 
     def _block_step(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from casa_live.model.lm import LanguageModel
 from casa_live.model.rope import apply_rope, image_positions, rotate_half
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from casa_live.model.config import VisionConfig
 from casa_live.model.layers import RMSNorm, SwiGLU
-from torch import nn
 
 
 def patch_coords(grid: tuple[int, int], merge: int, device: torch.device | None = None) -> torch.Tensor:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from casa_live.model.config import ModelConfig
 from casa_live.model.lm import LanguageModel
 from casa_live.model.reference import Interleaved, dense_forward
 from casa_live.model.vision import VisionTower
-from torch import nn
 
 
 class CASAModel(nn.Module):

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+
 from casa_live.model.engine.engine import Engine
 from casa_live.server import protocol as p
 from casa_live.server.connection import serve_websocket
@@ -38,8 +41,6 @@ from casa_live.server.logs import install_redaction
 from casa_live.server.metrics import CONTENT_TYPE
 from casa_live.server.settings import Settings
 from casa_live.server.worker import Worker
-from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import JSONResponse, Response
 
 log = logging.getLogger("casa.server")
 
@@ -154,6 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             ctx.ready = False
             await asyncio.to_thread(ctx.worker.stop)
+            engine.shutdown()  # the lifespan made the engine (and its vision thread): it stops it
             sys.setswitchinterval(switch)
 
     app = FastAPI(title="casa-live", version="0.1.0", lifespan=lifespan)

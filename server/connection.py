@@ -14,10 +14,11 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
 from casa_live.server import protocol as p
 from casa_live.server.errors import CasaError, SessionTimeout, report
 from casa_live.server.session import CloseRequest, Session
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 if TYPE_CHECKING:
     from casa_live.server.context import ServerContext

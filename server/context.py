@@ -8,6 +8,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from casa_live.model.engine.settings import effective
 from casa_live.server import protocol as p
 from casa_live.server.metrics import Metrics
 from casa_live.server.settings import Settings
@@ -34,10 +35,11 @@ class ServerContext:
         self.drain_tasks: set[asyncio.Task] = set()  # Session.drain of each open session
 
     def free_slots(self) -> int:
-        """Engine rows free now (websocket sessions and uploads both hold one); 0 while draining."""
-        if self.engine is None or self.draining:
+        """Engine rows free now (websocket sessions and uploads both hold one); 0 while draining.
+        Read from the counter the worker publishes: the engine belongs to the worker's thread."""
+        if self.worker is None or self.draining:
             return 0
-        return sum(row is None for row in self.engine.rows)
+        return self.worker.free_rows
 
     @property
     def worker_alive(self) -> bool:
@@ -48,17 +50,8 @@ class ServerContext:
         return p.SessionSettings(
             prompt=gen.template.default_prompt,
             fps=min(gen.fps, self.settings.max_fps),
-            max_new_tokens=gen.max_new_tokens,
-            min_new_tokens=getattr(gen, "min_new_tokens", 0),
-            temperature=gen.temperature,
-            top_k=gen.top_k,
-            repetition_penalty=gen.repetition_penalty,
-            no_repeat_ngram=gen.no_repeat_ngram,
-            seed=0,
-            top_p=gen.top_p,
-            eos_bias=gen.eos_bias,
-            truncated_close=gen.truncated_close,
             mode="live",
+            **effective(gen),  # every generation setting at the model's default
         )
 
     def max_lag(self) -> float:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import uvicorn
+
 from casa_live.server.context import ServerContext
 
 log = logging.getLogger("casa.server")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from typing import ClassVar
 
+from pydantic import ValidationError
+
 from casa_live.server.metrics import Metrics
 from casa_live.server.protocol import CLIENT_EVENT_TYPES, MAX_EVENT_ID_CHARS, CloseCode, Error, ErrorCode
-from pydantic import ValidationError
 
 log = logging.getLogger("casa.server")
 

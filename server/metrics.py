@@ -12,7 +12,6 @@ Choices:
 
 from __future__ import annotations
 
-from casa_live.server.protocol import ErrorCode
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -22,6 +21,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from casa_live.server.protocol import ErrorCode
 
 SESSION_OUTCOMES = ("closed", "disconnected", "timeout", "error", "shutdown", "drained")
 REJECT_REASONS = ("capacity", "unauthorized", "origin", "unavailable", "draining")

@@ -18,9 +18,12 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import Enum, IntEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+from casa_live.model.engine.settings import MIN_TEMPERATURE as ENGINE_MIN_TEMPERATURE
+from casa_live.model.engine.settings import SETTING_BOUNDS
 
 PROTOCOL_VERSION = 1
 STREAM_PATH = "/v1/stream"
@@ -138,20 +141,19 @@ def unpack(message: bytes) -> BinaryMessage:
 # ---------------------------------------------------------------------------------------------------
 
 
-# Bounds of every session setting: the ranges the sampler computes safely (model/generate.py checks
-# the same numbers at the engine boundary, SessionSettings.validate). Below MIN_TEMPERATURE the division
-# of the logits by the temperature overflows float32; seeds must fit torch's 64-bit generator.
+# Bounds of every session setting: the ranges the sampler computes safely, from their one source
+# (model/engine/settings.py, which the engine checks again at its boundary, SessionSettings.validate).
 MAX_PROMPT_CHARS = 2000
 MIN_FPS = 0.01  # one frame per 100 s
 MAX_FPS = 1000.0  # the schema's ceiling; the server's own max_fps is checked as well
-MAX_NEW_TOKENS = 256
-MIN_TEMPERATURE = 0.01  # temperature is 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE]
-MAX_TEMPERATURE = 5.0
-MAX_TOP_K = 1 << 20
-MAX_REPETITION_PENALTY = 10.0
-MIN_EOS_BIAS, MAX_EOS_BIAS = 0.01, 10.0  # it multiplies (or divides) the stop logits: positive
-MAX_NO_REPEAT_NGRAM = 16
-MAX_SEED = (1 << 63) - 1
+MAX_NEW_TOKENS = int(SETTING_BOUNDS["max_new_tokens"][1])
+MIN_TEMPERATURE = ENGINE_MIN_TEMPERATURE  # temperature is 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE]
+MAX_TEMPERATURE = SETTING_BOUNDS["temperature"][1]
+MAX_TOP_K = int(SETTING_BOUNDS["top_k"][1])
+MAX_REPETITION_PENALTY = SETTING_BOUNDS["repetition_penalty"][1]
+MIN_EOS_BIAS, MAX_EOS_BIAS = SETTING_BOUNDS["eos_bias"]  # it multiplies (or divides) the stop logits
+MAX_NO_REPEAT_NGRAM = int(SETTING_BOUNDS["no_repeat_ngram"][1])
+MAX_SEED = int(SETTING_BOUNDS["seed"][1])
 MAX_EVENT_ID_CHARS = 128
 MAX_MARKER_ID_CHARS = 256
 
@@ -179,6 +181,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+def _bounded(name: str, description: str | None = None) -> Any:
+    """An optional session setting bounded to its range in SETTING_BOUNDS."""
+    lo, hi = SETTING_BOUNDS[name]
+    return Field(default=None, ge=lo, le=hi, description=description)
+
+
 class SessionSettings(_Strict):
     """Per-session settings. In session.update every field is optional (None = keep the current value);
     session.created and session.updated echo the full effective settings. Every field is bounded to the
@@ -190,28 +198,18 @@ class SessionSettings(_Strict):
     fps: float | None = Field(
         default=None, ge=MIN_FPS, le=MAX_FPS, description="frames captioned per second of video"
     )
-    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    min_new_tokens: int | None = Field(
-        default=None, ge=0, le=MAX_NEW_TOKENS, description="stop tokens banned before this"
+    max_new_tokens: int | None = _bounded("max_new_tokens")
+    min_new_tokens: int | None = _bounded("min_new_tokens", "stop tokens banned before this")
+    temperature: float | None = _bounded(
+        "temperature", f"0 = greedy, else {MIN_TEMPERATURE}-{MAX_TEMPERATURE}"
     )
-    temperature: float | None = Field(
-        default=None,
-        ge=0.0,
-        le=MAX_TEMPERATURE,
-        description=f"0 = greedy, else {MIN_TEMPERATURE}-{MAX_TEMPERATURE}",
-    )
-    top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="0 = no top-k filter")
-    repetition_penalty: float | None = Field(default=None, ge=1.0, le=MAX_REPETITION_PENALTY)
-    no_repeat_ngram: int | None = Field(default=None, ge=0, le=MAX_NO_REPEAT_NGRAM)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="sampling seed (temperature > 0)")
-    top_p: float | None = Field(
-        default=None, ge=0.0, le=1.0, description="nucleus filter when sampling (1 = off), after top_k"
-    )
-    eos_bias: float | None = Field(
-        default=None,
-        ge=MIN_EOS_BIAS,
-        le=MAX_EOS_BIAS,
-        description="stop-token logit bias: below 1 captions run longer (1 = off)",
+    top_k: int | None = _bounded("top_k", "0 = no top-k filter")
+    repetition_penalty: float | None = _bounded("repetition_penalty")
+    no_repeat_ngram: int | None = _bounded("no_repeat_ngram")
+    seed: int | None = _bounded("seed", "sampling seed (temperature > 0)")
+    top_p: float | None = _bounded("top_p", "nucleus filter when sampling (1 = off), after top_k")
+    eos_bias: float | None = _bounded(
+        "eos_bias", "stop-token logit bias: below 1 captions run longer (1 = off)"
     )
     truncated_close: Literal["last_stop", "cut_word"] | None = Field(
         default=None,

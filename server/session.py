@@ -36,7 +36,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from casa_live.model.engine.engine import SessionSettings as EngineSettings
+from pydantic import BaseModel, ValidationError
+
+from casa_live.model.engine.settings import SETTING_NAMES
+from casa_live.model.engine.settings import SessionSettings as EngineSettings
 from casa_live.server import protocol as p
 from casa_live.server.errors import (
     BadFrame,
@@ -52,7 +55,6 @@ from casa_live.server.errors import (
 )
 from casa_live.server.ingest import FrameLimits, Ingest
 from casa_live.server.worker import FrameJob, FrameOutput, Slot
-from pydantic import BaseModel, ValidationError
 
 if TYPE_CHECKING:
     from casa_live.server.context import ServerContext
@@ -176,18 +178,9 @@ class Session:
 
     def _engine_settings(self) -> EngineSettings:
         s = self.settings
-        settings = EngineSettings(
-            max_new_tokens=s.max_new_tokens,
-            min_new_tokens=min(s.min_new_tokens or 0, s.max_new_tokens or 0),
-            temperature=s.temperature,
-            top_k=s.top_k,
-            repetition_penalty=s.repetition_penalty,
-            no_repeat_ngram=s.no_repeat_ngram,
-            seed=s.seed or 0,
-            top_p=s.top_p,
-            eos_bias=s.eos_bias,
-            truncated_close=s.truncated_close,
-        )
+        settings = EngineSettings(**{name: getattr(s, name) for name in SETTING_NAMES})
+        if s.min_new_tokens is not None:  # at most the caption's length
+            settings.min_new_tokens = min(s.min_new_tokens, s.max_new_tokens or 0)
         try:
             return settings.validate()  # the protocol's bounds already hold; this is the engine's own check
         except ValueError as exc:

@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from casa_live.model.checkpoint.assets import default_model_dir
-from casa_live.server.protocol import Limits
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from casa_live.model.checkpoint.assets import default_model_dir
+from casa_live.server.protocol import Limits
 
 DEFAULT_MODEL_DIR = default_model_dir()
 

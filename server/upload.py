@@ -16,14 +16,15 @@ at most `max_concurrent_uploads` bodies are held at once (503 `capacity` past it
 
 from __future__ import annotations
 
-from casa_live.server import protocol as p
-from casa_live.server.context import ServerContext
-from casa_live.server.errors import CasaError, clip, report
-from casa_live.server.session import Session
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
+
+from casa_live.server import protocol as p
+from casa_live.server.context import ServerContext
+from casa_live.server.errors import CasaError, clip, report
+from casa_live.server.session import Session
 
 FORMATS = {"json", "srt", "vtt"}
 

@@ -8,7 +8,9 @@ Each tick:
 4. hand each session its tokens, with timings, on the event loop (`call_soon_threadsafe`).
 
 The loop talks to the worker only through `Slot` handles, never engine rows: a prompt change reopens
-the session's engine row at the next frame boundary and the row may change underneath.
+the session's engine row at the next frame boundary and the row may change underneath. What the loop
+needs to know about the engine (free rows) the worker publishes as plain counters after each tick.
+The worker does not own the engine's lifetime: whoever made the engine shuts it down (server/app.py).
 
 Latest frame wins: a live slot's mailbox holds one frame; a newer frame replaces it and the replaced
 one is reported as dropped (stale). Offline slots queue every frame (the session applies backpressure).
@@ -34,7 +36,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from casa_live.model.engine.engine import CapacityError, Engine, SessionSettings, TokenEvent
+
+from casa_live.model.engine.engine import CapacityError, Engine, SessionSettings, StepFailed, TokenEvent
 from casa_live.model.engine.threads import name_this_thread
 from casa_live.server.errors import Capacity, CasaError, FrameFailed, InternalError, InvalidSettings
 from casa_live.server.metrics import Metrics
@@ -116,6 +119,8 @@ class Worker:
         self._stop = False
         self._last_step = 0.0
         self._thread = threading.Thread(target=self._run, name="casa-worker", daemon=True)
+        # published for the event loop (readiness, the free-slots gauge): an int, replaced whole
+        self.free_rows = engine.max_sessions
 
     # ---- event-loop side API ------------------------------------------------------------------
 
@@ -233,7 +238,6 @@ class Worker:
             self._loop()
         finally:
             self.engine.set_frame_ready_callback(None)
-            self.engine.shutdown()
 
     def _loop(self) -> None:
         while True:
@@ -251,6 +255,7 @@ class Worker:
                     future.set_result(fn())
                 except Exception as exc:
                     future.set_exception(exc)
+            self.free_rows = self.engine.free_rows()
             try:
                 self._admit()
                 if self.engine.has_work():
@@ -273,16 +278,6 @@ class Worker:
             self._admit()  # frames that arrived while waiting start in this step
         self._last_step = time.perf_counter()
 
-    def _urgent(self) -> bool:
-        """A live frame in flight has spent 30% of its budget (received -> deadline)."""
-        now = time.monotonic()
-        for slot in self._slots:
-            job = slot.inflight.job if slot.inflight is not None else None
-            budget = None if job is None or job.deadline is None else job.deadline - job.received
-            if budget is not None and now - job.received > 0.3 * budget:
-                return True
-        return False
-
     def _ready(self) -> bool:
         """Anything to do without a command: engine work, or a frame for a free row (lock held)."""
         if self.engine.has_work():
@@ -291,7 +286,7 @@ class Worker:
 
     def _admit(self) -> None:
         for slot in list(self._slots):
-            if slot.inflight is not None or self.engine.busy(slot.row):
+            if slot.inflight is not None:  # the slot's frame in flight: the worker's one record of it
                 continue
             with self._cv:
                 job = slot.mailbox.popleft() if slot.mailbox else None
@@ -313,24 +308,27 @@ class Worker:
     def _step(self) -> None:
         engine = self.engine
         for slot in self._slots:  # per row, before the batch: a row the sampler cannot compute never joins it
-            if slot.checked is not slot.settings and engine.row_has_work(slot.row):
+            if slot.checked is not slot.settings:
                 if not _computable(slot.settings):
                     self._restore_defaults(slot)
                 slot.checked = slot.settings  # checked once per settings object
-        with_work = [s for s in self._slots if engine.row_has_work(s.row)]
         t0 = time.perf_counter()
         try:
             events = engine.step()
-        except Exception:
-            log.exception("engine step failed for %d rows; resetting them", len(with_work))
-            self._reset_after_failure(with_work)
+        except StepFailed as exc:  # the engine names the rows that took part
+            log.error("engine step failed for rows %s; resetting them", exc.rows, exc_info=exc.__cause__)
+            self._reset_after_failure([s for s in self._slots if s.row in exc.rows])
+            return
+        except Exception:  # not the engine's own failure (nothing ran): the rows with a frame in flight
+            log.exception("engine step failed; resetting the sessions with a frame in flight")
+            self._reset_after_failure([s for s in self._slots if s.inflight is not None])
             return
         dt = time.perf_counter() - t0
         now = time.monotonic()
         m = self.metrics
-        m.step_seconds.observe(dt)
-        m.batch_size.observe(len(with_work))
         res = engine.last_result
+        m.step_seconds.observe(dt)
+        m.batch_size.observe(len(res.fed))
         for seconds in res.frame_vision_s:  # per frame (with the pipeline: its share of a batch)
             m.vision_encode_seconds.observe(seconds)
         if res.prefill_s:

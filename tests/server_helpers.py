@@ -13,11 +13,12 @@ from pathlib import Path
 import anyio
 import av
 import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image
+
 from casa_live.server import protocol as p
 from casa_live.server.app import create_app
 from casa_live.server.settings import Settings
-from fastapi.testclient import TestClient
-from PIL import Image
 
 FPS = 2.0
 SIZE = 64  # synthetic frames: 64x64 (the test-tiny model sees 24x24)

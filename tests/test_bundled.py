@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from casa_live.model.checkpoint.format import default_model_dir, load_checkpoint
 from casa_live.model.config import DEFAULT_CONTEXT_TOKENS, GenerationConfig, ModelConfig
 from casa_live.model.engine.engine import Engine

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from casa_live.clients import wire
 from casa_live.clients.printer import LivePrinter
 from casa_live.clients.sources import Sampler, SourceError, encode_jpeg, open_source
@@ -32,7 +34,6 @@ from casa_live.clients.stream import (
 )
 from casa_live.clients.writers import Segment, format_timestamp, open_writers
 from casa_live.server import protocol
-from PIL import Image
 
 # ---------------------------------------------------------------------------------- parsers for checks
 

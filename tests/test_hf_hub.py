@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from casa_live.cli import convert
 from casa_live.cli.main import build_parser
 from casa_live.model.checkpoint.format import load_checkpoint
 from casa_live.model.checkpoint.hub import HubError, parse_repo_id, resolve_model
 from casa_live.model.engine.engine import Engine
-
 from tests.test_hf_import import write_hf_checkpoint
 
 pytest.importorskip("transformers")

@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
 from casa_live.model.checkpoint.format import CheckpointError, load_checkpoint
 from casa_live.model.checkpoint.hf import config as hfc
 from casa_live.model.checkpoint.hf import detect_layout, import_checkpoint, load_any
@@ -21,9 +25,6 @@ from casa_live.model.config import CASAConfig
 from casa_live.model.engine.engine import Engine, SessionSettings
 from casa_live.model.processor import QwenImageProcessor
 from casa_live.model.reference import Interleaved, dense_forward
-from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
 transformers = pytest.importorskip("transformers")
 
@@ -425,7 +426,7 @@ def test_engine_streams_qwen_chat_format(hf_dir, tmp_path) -> None:
     path, _ = hf_dir
     engine = Engine.from_checkpoint(path, max_sessions=2, max_context_tokens=256)
     tok = engine.tokenizer
-    assert engine.stop_ids == [
+    assert engine.template.stop == [
         tok.token_id("<|im_end|>"),
         tok.token_id("<|endoftext|>"),
         tok.token_id(STOP_WORD),

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from casa_live.model.checkpoint.format import CheckpointError
 from casa_live.model.checkpoint.hf import config as hfc
 from casa_live.model.checkpoint.hf import import_checkpoint, load_any
 from casa_live.model.config import CASAConfig
 from casa_live.model.engine.engine import Engine, SessionSettings
-
 from tests.test_hf_import import CASA_BLOCKS, copy_with_tensors, kyutai_tensors, write_hf_checkpoint
 
 pytest.importorskip("transformers")
@@ -78,10 +78,10 @@ def test_frame_delimiters_from_config_json(hf_dir, tmp_path) -> None:
     edit_json(path, "config.json", pre_image_tokens=["<|im_start|>", "w3"], post_image_tokens=5)
     engine = Engine.from_checkpoint(path, max_sessions=1, max_context_tokens=256)
     tok = engine.tokenizer
-    assert engine.pre_ids == [tok.token_id("<|im_start|>"), tok.token_id("w3")]
-    assert engine.post_ids == [5]
+    assert engine.template.pre == [tok.token_id("<|im_start|>"), tok.token_id("w3")]
+    assert engine.template.post == [5]
     prompt = engine.prompt_ids(None)
-    assert prompt[-2:] == engine.pre_ids
+    assert prompt[-2:] == engine.template.pre
     row = engine.open(None, SessionSettings(max_new_tokens=2, temperature=0.0))
     frame = np.zeros((56, 56, 3), np.uint8)
     list(engine.caption(row, frame))

@@ -12,6 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+
 from casa_live.server.metrics import Metrics
 from casa_live.server.settings import Settings
 

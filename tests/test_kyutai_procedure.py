@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from casa_live.model.engine.engine import Engine, SessionSettings
 from casa_live.model.engine.sampling import Sampler, SamplingParams, apply_stop_bias, top_p_filter
-
 from tests.test_model_streaming import Recorder, make_engine
 
 PROMPT = "describe what you see"
@@ -30,7 +30,7 @@ class KyutaiLoop:
 
     def __init__(self, engine: Engine, p: SamplingParams, max_new: int) -> None:
         self.engine, self.p, self.max_new = engine, p, max_new
-        self.stops = engine.stop_ids
+        self.stops = engine.template.stop
         self.ema = torch.zeros(engine.model.config.lm.vocab)
         self.history: list[int] = []
         self.seen: list[int] = []  # the input_ids at the blocker's last call
@@ -39,7 +39,11 @@ class KyutaiLoop:
 
     def start(self, frame: int) -> None:
         e = self.engine
-        new = (e.post_ids + e.caption_prefix_ids) if frame == 0 else [self.stop, *e.pre_ids, *e.post_ids]
+        new = (
+            (e.template.post + e.template.caption_prefix)
+            if frame == 0
+            else [self.stop, *e.template.pre, *e.template.post]
+        )
         # frame 0's call holds the whole prompt; its first tokens were fed when the session opened
         self.call = (self.fed + new) if frame == 0 else new
         self.fed += new
@@ -110,7 +114,7 @@ def test_engine_is_kyutais_loop_for_imported_defaults() -> None:
         while engine.busy(other):
             engine.step()
         tokens = [ev.token for ev in events]
-        tokens[-1] = tokens[-1] if events[-1].reason != "stop" else engine.rows[row].last_stop
+        tokens[-1] = tokens[-1] if events[-1].reason != "stop" else engine.scheduler.rows[row].last_stop
         steps, raw[:] = list(raw), []
         assert len(steps) == len(tokens)
         assert [loop.step(r) for r in steps] == tokens, f"frame {f}"
@@ -123,8 +127,8 @@ def test_engine_is_kyutais_loop_for_imported_defaults() -> None:
         engine.step()
     # the ones that were cut short after the model had emitted <|frame_end|>: it, not stop_ids[0], closed them
     assert {"stop", "length"} <= set(reasons)
-    assert engine.stop_ids[0] != loop.stop == engine.tokenizer.token_id("<|frame_end|>")
-    assert rec.tokens[row] == [*loop.fed, loop.stop, *engine.pre_ids]
+    assert engine.template.stop[0] != loop.stop == engine.tokenizer.token_id("<|frame_end|>")
+    assert rec.tokens[row] == [*loop.fed, loop.stop, *engine.template.pre]
 
 
 def _cut_frames(mode: str | None, gen_mode: str = "cut_word") -> tuple[Engine, list[int], list]:
@@ -138,7 +142,7 @@ def _cut_frames(mode: str | None, gen_mode: str = "cut_word") -> tuple[Engine, l
     frames = []
     for _ in range(6):
         events = list(engine.caption(row, rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)))
-        frames.append((events, engine.rows[row].last_stop))
+        frames.append((events, engine.scheduler.rows[row].last_stop))
     for _ in range(3):  # the last close is forced over the next ticks
         engine.step()
     return engine, rec.tokens[row], frames
@@ -152,22 +156,22 @@ def test_a_cut_caption_is_closed_as_the_setting_says(mode: str) -> None:
     expected = engine.prompt_ids(PROMPT)
     last_stop = None
     for f, (events, stop_after) in enumerate(frames):
-        expected += engine.post_ids + (engine.caption_prefix_ids if f == 0 else [])
+        expected += engine.template.post + (engine.template.caption_prefix if f == 0 else [])
         caption = [ev.token for ev in events if ev.token is not None]
         if events[-1].reason == "stop":
             last_stop = stop_after
             expected += [*caption, last_stop]
         elif mode == "cut_word":
-            expected += [*caption, engine.stop_ids[0]]
+            expected += [*caption, engine.template.stop[0]]
         else:
             assert events[-1].text  # the cut word still reached the client
-            expected += [*caption[:-1], engine.stop_ids[0] if last_stop is None else last_stop]
-        expected += engine.pre_ids
+            expected += [*caption[:-1], engine.template.stop[0] if last_stop is None else last_stop]
+        expected += engine.template.pre
     assert fed == expected
     reasons = [events[-1].reason for events, _ in frames]
     assert reasons.count("length") >= 2 and "stop" in reasons
     assert reasons.index("stop") < len(reasons) - 1 - reasons[::-1].index("length")  # a cut after a stop
-    assert last_stop == engine.tokenizer.token_id("<|frame_end|>") != engine.stop_ids[0]
+    assert last_stop == engine.tokenizer.token_id("<|frame_end|>") != engine.template.stop[0]
 
 
 def test_the_session_setting_overrides_the_generation_config() -> None:

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from casa_live.model.checkpoint.format import CheckpointError, load_checkpoint, save_checkpoint
 from casa_live.model.checkpoint.toy import toy_checkpoint, toy_generation_config, toy_model, word_tokenizer
 from casa_live.model.config import PRESETS, GenerationConfig, ModelConfig, preset
 from casa_live.model.engine.engine import CapacityError, Engine
 from casa_live.model.engine.sampling import Sampler, SamplingParams, apply_repetition_penalty, ngram_banned
-from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 

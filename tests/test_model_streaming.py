@@ -7,9 +7,11 @@ import collections
 import numpy as np
 import pytest
 import torch
+
 from casa_live.model.cache import plan_eviction, plan_span_eviction
 from casa_live.model.checkpoint.toy import toy_generation_config, toy_model, word_tokenizer
 from casa_live.model.engine.engine import Engine, SessionSettings
+from casa_live.model.engine.scheduler import InsertedFrame
 from casa_live.model.reference import Interleaved
 
 ATOL = {torch.float32: 1e-5}
@@ -39,10 +41,10 @@ class Recorder:
             self.feeds.setdefault(r, []).append([])
             logits = iter(res.fed_logits[r])
             for it in items:
-                if isinstance(it, torch.Tensor):  # insertion: a frame inside the text stream
-                    self.frames.setdefault(r, []).append((len(self.tokens.get(r, [])), it.clone()))
-                    self.feed_sizes[r][-1] += it.shape[0]
-                    self.feeds[r][-1].append((it.shape[0], max(self.engine.model.grid)))
+                if isinstance(it, InsertedFrame):  # insertion: a frame inside the text stream
+                    self.frames.setdefault(r, []).append((len(self.tokens.get(r, [])), it.tokens.clone()))
+                    self.feed_sizes[r][-1] += it.tokens.shape[0]
+                    self.feeds[r][-1].append((it.tokens.shape[0], max(it.grid)))
                     continue
                 self.tokens.setdefault(r, []).append(int(it))
                 self.logits.setdefault(r, []).append(next(logits))
@@ -338,7 +340,7 @@ def test_bounded_insertion_cache_matches_restricted_reference() -> None:
     text = engine.state.text
     for r in rows:
         assert text.evicted[r] > 2 * capacity, "the stream must have outgrown the cache several times"
-        assert engine.runner.positions[r] < 2 * capacity  # positions stay bounded, too
+        assert engine.state.spans.position[r] < 2 * capacity  # positions stay bounded, too
     batch = rec.batch(rows)
     L = max(sum(rec.feed_sizes[r]) for r in rows)
     vis = torch.zeros(len(rows), L, L, dtype=torch.bool)
@@ -359,14 +361,14 @@ def test_bounded_insertion_cache_matches_restricted_reference() -> None:
 
 
 def test_engine_reports_vision_time_only_for_steps_that_start_frames() -> None:
-    """Engine.last_vision_seconds is what the server's vision-encode histogram observes."""
+    """Engine.last_result.vision_s is what the server's vision-encode histogram observes."""
     engine = make_engine(max_sessions=2)
     row = engine.open("hi", SessionSettings(max_new_tokens=3, min_new_tokens=3))
     while engine.has_work():  # the prompt (short runs go one token a tick)
         engine.step()
-        assert engine.last_vision_seconds == 0.0
+        assert engine.last_result.vision_s == 0.0
     engine.submit_frame(row, np.zeros((32, 32, 3), dtype=np.uint8))
     engine.step()  # encodes the frame and samples the first token
-    assert engine.last_vision_seconds > 0.0
+    assert engine.last_result.vision_s > 0.0
     engine.step()  # a decode step: no vision work
-    assert engine.last_vision_seconds == 0.0
+    assert engine.last_result.vision_s == 0.0

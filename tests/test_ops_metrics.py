@@ -410,8 +410,9 @@ def _session(server: CasaServer) -> SessionResult:
     """One websocket session as docs/protocol.md describes it: FRAMES JPEG frames (kind 0x01, pts 1/FPS apart, offline mode
     so that each is captioned in full), one corrupt frame (a non-fatal bad_frame error), a marker to
     wait for the captions, then session.close."""
-    from casa_live.server.protocol import pack_image
     from websockets.sync.client import connect
+
+    from casa_live.server.protocol import pack_image
 
     ws_url = server.url.replace("http://", "ws://") + "/v1/stream"
     latencies: list[float] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from casa_live.model.checkpoint.toy import toy_generation_config, toy_model, word_tokenizer
 from casa_live.model.decode import DecodeInputs, commit, decode_step, fused_decode_step
 from casa_live.model.engine.engine import Engine, SessionSettings
@@ -157,7 +158,7 @@ def test_vision_pipeline_discards_frames_of_a_closed_row() -> None:
         engine.pipeline.wait(5.0)
         while engine.has_work():  # only the new prompt: the old frame must not start
             engine.step()
-        assert not engine.busy(again) and engine.rows[again].frames == 0
+        assert not engine.busy(again) and engine.scheduler.rows[again].frames == 0
     finally:
         engine.shutdown()
 
@@ -251,13 +252,13 @@ def test_prompt_opened_under_load_goes_through_the_step_and_matches_a_lone_open(
             engine.step()  # the neighbour is decoding now
             assert engine.busy(other)
         row = engine.open(prompt, SessionSettings(max_new_tokens=3))
-        n_prompt = len(engine.rows[row].forced)
+        n_prompt = len(engine.scheduler.rows[row].forced)
         tokens = []
         for img in images:
             engine.submit_frame(row, img)
             while engine.busy(row):
                 tokens += [ev.token for ev in engine.step() if ev.row == row]
-                started = started or engine.rows[row].frames > 0
+                started = started or engine.scheduler.rows[row].frames > 0
         assert sum(per_tick) == n_prompt > 1
         return {0: fed}, tokens, per_tick
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from benchmarks.replicas import LocalCluster, metric
 from casa_live.clients.printer import LivePrinter
 from casa_live.clients.sources import open_source
 from casa_live.clients.stream import Streamer, StreamOptions
 from casa_live.clients.writers import open_writers
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-
-from benchmarks.replicas import LocalCluster, metric
 
 pytestmark = pytest.mark.skipif(
     shutil.which("haproxy") is None,

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from casa_live.server import protocol as p
 from server_helpers import client, container_messages, encode_stream, of_type, png, stream
+
+from casa_live.server import protocol as p
 
 BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
 pytestmark = pytest.mark.skipif(

@@ -15,10 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets
-from casa_live.server import protocol as p
 from server_helpers import client, image_messages, stream, toy_model_dir, world_frames
 from test_server_uvicorn import free_port
 from websockets.exceptions import ConnectionClosed
+
+from casa_live.server import protocol as p
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACE = 8.0

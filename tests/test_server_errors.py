@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-from casa_live.server import protocol as p
 from PIL import Image
 from server_helpers import (
     client,
@@ -27,6 +26,8 @@ from server_helpers import (
     world_frames,
 )
 from starlette.websockets import WebSocketDisconnect
+
+from casa_live.server import protocol as p
 
 TOKENS = 4  # short captions keep this file fast
 
@@ -345,7 +346,9 @@ def test_worker_failure_for_one_row_is_contained(app, frames):
     with stream(app) as a, stream(app) as b:
         a.update(mode="offline", max_new_tokens=TOKENS)
         b.update(mode="offline", max_new_tokens=TOKENS)
-        bad_row = engine.rows.index(next(r for r in engine.rows if r is not None))  # a's row: opened first
+        bad_row = engine.scheduler.rows.index(
+            next(r for r in engine.scheduler.rows if r is not None)
+        )  # a's row: opened first
 
         def failing(row, image, deadline=None):
             if row == bad_row:

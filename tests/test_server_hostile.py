@@ -17,8 +17,6 @@ import struct
 import time
 
 import pytest
-from casa_live.model.engine.engine import SessionSettings as EngineSettings
-from casa_live.server import protocol as p
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_helpers import (
@@ -34,6 +32,9 @@ from server_helpers import (
 )
 from starlette.websockets import WebSocketDisconnect
 from test_server_inputs import JSON_VALUES, PROTOCOL_BOUNDS, client_texts, edge_values
+
+from casa_live.model.engine.engine import SessionSettings as EngineSettings
+from casa_live.server import protocol as p
 
 TOKENS = 3
 EXAMPLES = settings(
@@ -354,6 +355,9 @@ class _StubEngine:
 
     def has_work(self):
         return False
+
+    def free_rows(self):
+        return self.max_sessions - self.opened
 
     def set_frame_ready_callback(self, fn):
         pass

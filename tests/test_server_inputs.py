@@ -12,18 +12,19 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from casa_live.model.engine.engine import MIN_TEMPERATURE, SETTING_BOUNDS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from server_helpers import jpeg, png, world_frames
+
 from casa_live.model.engine.engine import SessionSettings as EngineSettings
 from casa_live.model.engine.sampling import Sampler, SamplingParams
+from casa_live.model.engine.settings import MIN_TEMPERATURE, SETTING_BOUNDS
 from casa_live.server import protocol as p
 from casa_live.server.errors import CasaError, from_validation_error, report
 from casa_live.server.ingest import FrameLimits, decode_image
 from casa_live.server.ingest.container import ChunkReader, mp4_init_bytes
 from casa_live.server.metrics import Metrics
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from pydantic import ValidationError
-from server_helpers import jpeg, png, world_frames
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ANY_CHAR = st.characters(codec=None, categories=None)  # surrogates and control characters included
@@ -318,6 +319,7 @@ def test_server_frames_are_the_qwen_processors_resize(h, w):
     processor's own resize of the decoded image, so preprocessing it again changes nothing and
     equals preprocessing the original."""
     import av
+
     from casa_live.model.processor import QwenImageProcessor
     from casa_live.server.ingest import to_rgb
 

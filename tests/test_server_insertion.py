@@ -5,9 +5,10 @@ with a Qwen-style processor that keeps the frames' aspect ratio."""
 from __future__ import annotations
 
 import pytest
+from server_helpers import client, image_messages, of_type, offline_events, world_frames
+
 from casa_live.model.checkpoint.toy import toy_checkpoint
 from casa_live.model.config import preset
-from server_helpers import client, image_messages, of_type, offline_events, world_frames
 
 FRAMES = 50
 CONTEXT = 64  # the smallest cache the server allows: a few frames of the tiny model fill it

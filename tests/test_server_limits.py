@@ -24,8 +24,9 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from casa_live.server import protocol as p
 from server_helpers import encode_stream, jpeg, packet_messages, toy_model_dir, world_frames
+
+from casa_live.server import protocol as p
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "limits-key-9f3a1c"

@@ -7,6 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
+from server_helpers import encode_stream, jpeg, png, world_frames
+
 from casa_live.server import protocol as p
 from casa_live.server.errors import (
     BadFrame,
@@ -21,8 +24,6 @@ from casa_live.server.errors import (
 from casa_live.server.ingest import FrameLimits, Resampler, decode_image, sniff_container, sniff_image
 from casa_live.server.metrics import Metrics
 from casa_live.server.settings import Settings
-from pydantic import ValidationError
-from server_helpers import encode_stream, jpeg, png, world_frames
 
 
 def test_binary_round_trip():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import pytest
-from casa_live.server import protocol as p
 from server_helpers import (
     FPS,
     client,
@@ -21,6 +20,8 @@ from server_helpers import (
     toy_model_dir,
     world_frames,
 )
+
+from casa_live.server import protocol as p
 
 N = 6
 TOKENS = 8  # short captions keep the suite fast (the random model never stops on its own)

@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets
-from casa_live.server import protocol as p
 from server_helpers import container_messages, encode_stream, image_messages, toy_model_dir, world_frames
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from casa_live.server import protocol as p
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"

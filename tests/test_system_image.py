@@ -220,7 +220,9 @@ def test_image_size_and_no_source_tree(image, container):
         "print(pathlib.Path('/app').exists(), pathlib.Path('/src').exists())"
     )
     out = oci.podman("exec", container.name, "python", "-c", probe).stdout.split()
-    assert out[0].startswith("/opt/venv/lib/") and out[0].endswith("site-packages/casa_live/model/bundled"), out
+    assert out[0].startswith("/opt/venv/lib/") and out[0].endswith("site-packages/casa_live/model/bundled"), (
+        out
+    )
     assert out[1].endswith("site-packages/casa_live/clients/web"), out
     assert out[2:] == ["False", "False"]
 
@@ -266,9 +268,10 @@ def test_posted_clip_returns_srt(container):
 def test_websocket_session_gets_captions(container):
     import io
 
-    from casa_live.server.protocol import pack_image
     from PIL import Image
     from websockets.sync.client import connect
+
+    from casa_live.server.protocol import pack_image
 
     def jpeg(frame) -> bytes:
         buf = io.BytesIO()

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from casa_live.model.checkpoint.format import load_checkpoint
 from casa_live.model.config import preset
 from casa_live.model.engine.engine import Engine
@@ -183,6 +184,7 @@ def test_slot_accuracy_scores_each_caption_word(tok):
     """An oracle that predicts every next token scores 1.0 everywhere; one that gets word 1 of
     every "moves" caption wrong scores 0 exactly there and nowhere else."""
     import torch.nn.functional as F
+
     from casa_live.model.checkpoint.toy import toy_model
     from casa_live.model.training.evaluate import slot_accuracy
     from casa_live.model.training.train import generation_config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from casa_live.model.world.scene import (
     BACKGROUNDS,
     COLOURS,

@@ -7,11 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
 from casa_live.model.checkpoint.assets import default_model_dir as default_model_dir
 from casa_live.model.config import GenerationConfig, ModelConfig
 from casa_live.model.tokenizer import Tokenizer
 from casa_live.model.vlm import CASAModel
-from safetensors.torch import load_file, save_file
 
 CONFIG, WEIGHTS, TOKENIZER, GENERATION = (
     "config.json",

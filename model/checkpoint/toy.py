@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
 from casa_live.model.checkpoint.format import save_checkpoint
 from casa_live.model.config import GenerationConfig, ModelConfig, PromptTemplate, preset
 from casa_live.model.tokenizer import Tokenizer
 from casa_live.model.vlm import CASAModel
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
 SPECIAL = ["<|pad|>", "<|unk|>", "<|vision_start|>", "<|vision_end|>", "<|frame_end|>", "<|im_end|>"]
 WORDS = [

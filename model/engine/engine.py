@@ -1,12 +1,18 @@
 """The streaming engine: many sessions, one batched step, Kyutai's per-frame procedure.
 
-Three parts, one file each:
-- model/scheduler.py: every session row's state machine (plain Python) and the plan of one tick;
-- model/runner.py: executes a plan with static shapes (frames, varlen prefill, the fixed-shape
-  decode step of model/decode.py, optionally compiled) and returns logits and timings;
-- model/vision_pipeline.py: optional; frames are preprocessed and encoded on their own thread.
-The Engine joins them with the sampler (model/sampling.py) and turns sampled tokens into
-TokenEvents. Sessions are batch rows of a preallocated StreamState.
+Its parts, one file each:
+- model/engine/scheduler.py: owns every session row's lifecycle (plain Python) and plans each tick;
+- model/engine/runner.py: executes a plan with static shapes (frames, varlen prefill, the
+  fixed-shape decode step of model/decode.py, optionally compiled) and returns logits and timings;
+  it owns tensors only;
+- model/engine/sampling.py: per-row sampling;
+- model/engine/vision_pipeline.py: optional; frames are preprocessed and encoded on their own thread.
+The Engine coordinates them: a tick collects finished encodings, plans, runs the plan, samples,
+and hands the sampled tokens back to the scheduler, which turns them into TokenEvents. Sessions are
+batch rows of a preallocated StreamState (model/cache.py).
+
+Threads: the Engine starts its vision thread (when asked for one) and stops it in `shutdown()`.
+Every other method is called from one thread, the caller's (the server's inference worker).
 
 Observers (`engine.observers`, called with each tick's StepResult) see what was fed and, with
 `engine.record_logits = True`, the logits of every fed token: that is how the tests compare
@@ -15,55 +21,35 @@ streaming with the dense reference.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from casa_live.model.cache import CASAState, InsertionSpans, StreamState, TextCache
+
+from casa_live.model.cache import StreamState
 from casa_live.model.config import DEFAULT_CONTEXT_TOKENS, GenerationConfig
 from casa_live.model.engine.runner import Runner, StepResult
 from casa_live.model.engine.sampling import Sampler, SamplingParams
-from casa_live.model.engine.scheduler import (
-    MIN_TEMPERATURE,
-    SETTING_BOUNDS,
-    Plan,
-    RowState,
-    Scheduler,
-    SessionSettings,
-)
-from casa_live.model.engine.vision_pipeline import Encoding, VisionPipeline
+from casa_live.model.engine.scheduler import CapacityError, Plan, Scheduler, Template, TokenEvent
+from casa_live.model.engine.settings import SessionSettings, effective
+from casa_live.model.engine.vision_pipeline import FrameEncoder, VisionPipeline
 from casa_live.model.processor import ImageProcessor, QwenImageProcessor
 from casa_live.model.tokenizer import Tokenizer
 from casa_live.model.vlm import CASAModel
 
-__all__ = [
-    "MIN_TEMPERATURE",
-    "SETTING_BOUNDS",
-    "CapacityError",
-    "Engine",
-    "SessionSettings",
-    "StepResult",
-    "TokenEvent",
-]
+__all__ = ["CapacityError", "Engine", "SessionSettings", "StepFailed", "StepResult", "TokenEvent"]
 
 
-class CapacityError(RuntimeError):
-    """Every batch row is taken."""
+class StepFailed(RuntimeError):
+    """A tick raised: the rows that took part (their frames or feeds) have an unknown state and
+    must be reset; every other row is untouched. The cause is chained."""
 
-
-@dataclass
-class TokenEvent:
-    row: int
-    frame: int  # index of the frame being captioned in this session
-    token: int | None  # the emitted caption token; None on a final event that carries no token
-    text: str  # decoded text delta
-    done: bool = False
-    reason: str | None = None  # when done: "stop" | "length" | "deadline" | "error"
+    def __init__(self, rows: list[int]) -> None:
+        super().__init__(f"the engine step failed for rows {rows}")
+        self.rows = rows
 
 
 class Engine:
@@ -101,45 +87,24 @@ class Engine:
         lm = cfg.lm
         # the caller's bound, else the checkpoint's (generation_config.json "context_tokens")
         self.max_context_tokens = max_context_tokens or gen.context_tokens or DEFAULT_CONTEXT_TOKENS
-        self.state = StreamState(
-            TextCache(
-                lm.layers, max_sessions, lm.kv_heads, lm.head_dim, self.max_context_tokens, dtype, device
-            ),
-            None
-            if self.insertion
-            else CASAState(
-                len(model.lm.casa_ids),
-                max_sessions,
-                lm.kv_heads,
-                lm.head_dim,
-                self.processor.max_tokens,  # the largest frame the pixel budget allows
-                window_tokens,
-                dtype,
-                device,
-            ),
-            InsertionSpans(max_sessions) if self.insertion else None,
-        )
-        self.stop_ids = [tokenizer.token_id(t) for t in gen.stop_tokens]
-        t = gen.template
-        # a checkpoint may name its frame delimiters as token ids (model/hf/config.py)
-        self.pre_ids = list(t.pre_image_ids) if t.pre_image_ids is not None else tokenizer.encode(t.pre_image)
-        self.post_ids = (
-            list(t.post_image_ids) if t.post_image_ids is not None else tokenizer.encode(t.post_image)
-        )
-        self.caption_prefix_ids = tokenizer.encode(t.caption_prefix)
-        if not self.insertion and not self.post_ids:
+        self.state = StreamState.allocate(
+            lm, max_sessions, self.max_context_tokens, len(model.lm.casa_ids), self.processor.max_tokens,
+            window_tokens, insertion=self.insertion, dtype=dtype, device=device,
+        )  # fmt: skip
+        self.template = Template.resolve(gen, tokenizer, self.insertion)
+        if not self.insertion and not self.template.post:
             # the first caption token is sampled at the first position that sees the frame
             raise ValueError("the template needs post_image tokens after the frame (e.g. <|vision_end|>)")
         self.window_tokens = window_tokens
-        self.sampler = Sampler(max_sessions, lm.vocab, self.stop_ids)
-        self.scheduler = Scheduler(max_sessions, prefill_min)
+        self.sampler = Sampler(max_sessions, lm.vocab, self.template.stop)
+        self.scheduler = Scheduler(max_sessions, self.template, window_tokens, gen, prefill_min)
         self.runner = Runner(self.model, self.state, max_sessions, compile=compile)
         self.observers: list[Callable[[StepResult], None]] = []
         self.last_result = StepResult()
         self._tickets = itertools.count(1)
-        self._failed: list[TokenEvent] = []  # frames whose encoding failed, reported at the next step
+        self.frames = FrameEncoder(self.processor, self.runner.encode, cfg.vision.merge)
         # one intra-op thread for the vision thread: with the decode thread it fills two cores
-        self.pipeline = VisionPipeline(self._encode_frames, threads=1) if vision_thread else None
+        self.pipeline = VisionPipeline(self.frames.encode_images, threads=1) if vision_thread else None
 
     @classmethod
     def from_checkpoint(
@@ -151,10 +116,6 @@ class Engine:
         return cls(model, tok, gen, device=device, dtype=dtype, **kw)
 
     @property
-    def rows(self) -> list[RowState | None]:
-        return self.scheduler.rows
-
-    @property
     def record_logits(self) -> bool:
         return self.runner.record
 
@@ -162,18 +123,13 @@ class Engine:
     def record_logits(self, value: bool) -> None:
         self.runner.record = value
 
-    @property
-    def last_vision_seconds(self) -> float:
-        """Seconds the last step() spent in the vision tower (0.0 when it started no frame); with
-        the vision pipeline, the encode time of the frames that started in that step."""
-        return self.last_result.vision_s
-
     def set_frame_ready_callback(self, fn: Callable[[], None] | None) -> None:
         """Called on the vision thread when encoded frames are ready (the server wakes its worker)."""
         if self.pipeline is not None:
             self.pipeline.notify = fn
 
     def shutdown(self) -> None:
+        """Stop the vision thread this engine started (if any)."""
         if self.pipeline is not None:
             self.pipeline.stop()
 
@@ -183,196 +139,104 @@ class Engine:
 
     # ---- sessions ---------------------------------------------------------------------------
 
-    def _params(self, s: SessionSettings) -> SamplingParams:
-        g = self.gen
-        return SamplingParams(
-            temperature=g.temperature if s.temperature is None else s.temperature,
-            top_k=g.top_k if s.top_k is None else s.top_k,
-            repetition_penalty=g.repetition_penalty if s.repetition_penalty is None else s.repetition_penalty,
-            decay=g.repetition_decay,
-            clamp=g.repetition_clamp,
-            no_repeat_ngram=g.no_repeat_ngram if s.no_repeat_ngram is None else s.no_repeat_ngram,
-            ngram_window=g.ngram_window,
-            seed=s.seed,
-            top_p=g.top_p if s.top_p is None else s.top_p,
-            eos_bias=g.eos_bias if s.eos_bias is None else s.eos_bias,
-            counts=g.penalty_counts,
-        )
-
-    def _max_new(self, s: SessionSettings) -> int:
-        n = self.gen.max_new_tokens if s.max_new_tokens is None else s.max_new_tokens
-        # a frame's window holds post_image + caption_prefix + caption + stop + pre_image
-        room = self.window_tokens - len(self.post_ids) - len(self.caption_prefix_ids) - len(self.pre_ids) - 2
-        return max(1, min(n, room))
-
     def prompt_ids(self, prompt: str | None) -> list[int]:
         t = self.gen.template
         text = t.prefix.format(prompt=t.default_prompt if prompt is None else prompt)
-        return self.tokenizer.encode(text) + self.pre_ids
-
-    def open(self, prompt: str | None = None, settings: SessionSettings | None = None) -> int:
-        """Claim a free row, queue its prompt; returns the row. CapacityError when full."""
-        row = self.scheduler.free_row()
-        if row is None:
-            raise CapacityError(f"all {self.max_sessions} session slots are in use")
-        settings = settings or SessionSettings()
-        ids = self.prompt_ids(prompt)
-        limit = self.max_prompt_tokens
-        if len(ids) > limit:
-            raise ValueError(f"prompt is {len(ids)} tokens; at most {limit} fit. Shorten the prompt.")
-        self.state.reset(row)
-        self.state.text.sink[row] = len(ids)  # the prompt is the attention sink: never evicted
-        self.runner.positions[row] = 0
-        self.sampler.reset(row, self._params(settings))
-        self.rows[row] = RowState(
-            settings,
-            self._max_new(settings),
-            self.tokenizer.stream(),
-            forced=collections.deque(ids),
-            prefill_forced=True,
-        )
-        return row
-
-    def close(self, row: int) -> None:
-        """Free the row; its state is reset when it is next opened."""
-        self.rows[row] = None
-
-    def update(self, row: int, settings: SessionSettings) -> None:
-        r = self._row(row)
-        r.settings = settings
-        r.max_new_tokens = self._max_new(settings)
-        self.sampler.set_params(row, self._params(settings))
-
-    def _row(self, row: int) -> RowState:
-        r = self.rows[row]
-        if r is None:
-            raise KeyError(f"row {row} has no open session")
-        return r
-
-    def busy(self, row: int) -> bool:
-        """True while a submitted frame is waiting or being captioned."""
-        return self._row(row).busy
-
-    def kv_tokens(self, row: int) -> int:
-        return int(self.state.text.length[row])
-
-    def row_has_work(self, row: int) -> bool:
-        """True when the next step() will feed tokens for this row (a frame still in the vision
-        pipeline is not work yet: the pipeline's callback says when it is)."""
-        return self.scheduler.has_work(row, self._frame_ready(row))
-
-    def has_work(self) -> bool:
-        self._collect_vision()
-        return any(self.row_has_work(i) for i in range(self.max_sessions))
+        return self.tokenizer.encode(text) + self.template.pre
 
     @property
     def max_prompt_tokens(self) -> int:
         """The longest prompt (template included) that fits the first window and the cache sink."""
         return min(self.window_tokens, self.state.text.capacity // 2)
 
+    def open(self, prompt: str | None = None, settings: SessionSettings | None = None) -> int:
+        """Claim a free row, queue its prompt; returns the row. CapacityError when full."""
+        settings = settings or SessionSettings()
+        ids = self.prompt_ids(prompt)
+        if len(ids) > self.max_prompt_tokens:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens; at most {self.max_prompt_tokens} fit. Shorten the prompt."
+            )
+        row = self.scheduler.open(ids, settings, self.tokenizer.stream())
+        # everything the row owns starts afresh: its caches (the prompt is the attention sink,
+        # never evicted) and its sampler
+        self.state.reset(row, sink=len(ids))
+        self.sampler.reset(row, self._params(settings))
+        return row
+
+    def close(self, row: int) -> None:
+        """Free the row; its state is reset when it is next opened."""
+        self.scheduler.close(row)
+
+    def update(self, row: int, settings: SessionSettings) -> None:
+        self.scheduler.update(row, settings)
+        self.sampler.set_params(row, self._params(settings))
+
+    def _params(self, settings: SessionSettings) -> SamplingParams:
+        e, g = effective(self.gen, settings), self.gen
+        names = ("temperature", "top_k", "repetition_penalty", "no_repeat_ngram", "seed", "top_p", "eos_bias")
+        return SamplingParams(
+            **{n: e[n] for n in names},
+            decay=g.repetition_decay,
+            clamp=g.repetition_clamp,
+            ngram_window=g.ngram_window,
+            counts=g.penalty_counts,
+        )
+
+    def busy(self, row: int) -> bool:
+        """True while a submitted frame is waiting or being captioned."""
+        return self.scheduler.row(row).busy
+
+    def kv_tokens(self, row: int) -> int:
+        return int(self.state.text.length[row])
+
+    def free_rows(self) -> int:
+        return self.scheduler.free_rows()
+
+    def row_has_work(self, row: int) -> bool:
+        """True when the next step() will feed tokens for this row (a frame still in the vision
+        pipeline is not work yet: the pipeline's callback says when it is)."""
+        return self.scheduler.has_work(row)
+
+    def has_work(self) -> bool:
+        """True when a step() now would do something: feed a row, or collect encoded frames."""
+        return self.scheduler.has_work() or (self.pipeline is not None and self.pipeline.has_results)
+
     def submit_frame(self, row: int, image: np.ndarray | torch.Tensor, deadline: float | None = None) -> int:
         """Queue a frame (H, W, 3) uint8 for captioning; returns its frame index in the session."""
-        r = self._row(row)
-        if r.busy:
-            raise ValueError(
-                f"row {row} is still captioning frame {r.frames - 1}; wait until busy() is False"
-            )
         shape = tuple(image.shape)
         if len(shape) != 3 or shape[-1] != 3:
             raise ValueError(f"expected an (H, W, 3) RGB image, got shape {shape}")
-        r.frame_deadline = deadline
-        r.frame_ticket = next(self._tickets)
-        r.image_tokens = r.frame_kv = None
+        ticket = next(self._tickets)
         if self.pipeline is not None:  # preprocessed and encoded on the vision thread
-            self.pipeline.submit(row, r.frame_ticket, image)
-        else:
-            r.frame_patches, r.frame_grid = self.processor.process(image)
-        r.frame_waiting = True
-        return r.frames
+            index = self.scheduler.submit(row, ticket, deadline)
+            self.pipeline.submit(row, ticket, image)
+            return index
+        patches, grid = self.frames.process(image)
+        return self.scheduler.submit(row, ticket, deadline, patches, grid)
 
     # ---- frames -----------------------------------------------------------------------------
 
-    def _encode_frames(self, images: list) -> list[Encoding]:
-        """Vision thread: preprocess and encode frames; per frame its image tokens (N, hidden),
-        CASA K/V ((Lc, Hkv, N, D) x 2) and patch grid."""
-        return self._encode_patches([self.processor.process(im) for im in images])
-
-    def _encode_patches(self, frames: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[Encoding]:
-        """Encode (patches, patch grid) per frame, one vision batch per grid (a camera's frames
-        all share one, so batching is kept; aspect-preserving resizes make grids differ)."""
-        out: list[Encoding | None] = [None] * len(frames)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for j, (_, grid) in enumerate(frames):
-            groups.setdefault(grid, []).append(j)
-        for grid, idx in groups.items():
-            tokens, kv = self.runner.encode(torch.stack([frames[j][0] for j in idx]), grid)
-            for n, j in enumerate(idx):
-                out[j] = (tokens[n], None if kv is None else (kv[0][:, n], kv[1][:, n]), grid)
-        return out  # type: ignore[return-value]
-
-    def _frame_ready(self, row: int) -> bool:
-        r = self.rows[row]
-        return r is not None and r.frame_waiting and (self.pipeline is None or r.image_tokens is not None)
-
-    def _collect_vision(self) -> None:
-        """Attach finished encodings to their rows; a failed one ends its frame with an error
-        event, reported at the next step."""
-        if self.pipeline is None:
-            return
-        failed = []
-        for enc in self.pipeline.take():
-            r = self.rows[enc.row]
-            if r is None or r.frame_ticket != enc.ticket or not r.frame_waiting:
-                continue  # the row was closed or reopened meanwhile
-            if enc.tokens is None:
-                r.frame_waiting = False
-                failed.append(TokenEvent(enc.row, r.frames, None, "", done=True, reason="error"))
-                r.frames += 1
-                continue
-            r.image_tokens, r.frame_kv, r.frame_grid = enc.tokens, enc.kv, enc.grid
-            r.vision_s = enc.seconds
-        self._failed.extend(failed)
-
-    def _start_frames(self, plan: Plan, res: StepResult) -> None:
-        rows = plan.frames
-        if self.pipeline is None:
+    def _collect_frames(self, involved: set[int]) -> list[TokenEvent]:
+        """Hand finished encodings to the scheduler: the vision thread's, or (without one) those
+        of the frames that can start now, encoded here. Their rows join `involved`. Returns the
+        error events of frames that failed."""
+        if self.pipeline is not None:
+            done = self.pipeline.take()
+            involved.update(d.row for d in done)
+            events = [self.scheduler.encoded(d.row, d.ticket, d.encoding) for d in done]
+            return [ev for ev in events if ev is not None]
+        rows = self.scheduler.to_encode()
+        involved.update(rows)
+        if rows:
             t0 = time.perf_counter()
-            enc = self._encode_patches([(self.rows[i].frame_patches, self.rows[i].frame_grid) for i in rows])
-            res.vision_s = time.perf_counter() - t0
-            res.frame_vision_s = [res.vision_s / len(rows)] * len(rows)
-            for i, (tok, kv, _) in zip(rows, enc):
-                self.rows[i].image_tokens, self.rows[i].frame_kv = tok, kv
-        else:
-            res.frame_vision_s = [self.rows[i].vision_s for i in rows]
-            res.vision_s = sum(res.frame_vision_s)
-        tokens = [self.rows[i].image_tokens for i in rows]
-        if not self.insertion:  # one write per image-token count (frames of one grid share it)
-            by_n: dict[int, list[int]] = {}
-            for j, i in enumerate(rows):
-                by_n.setdefault(tokens[j].shape[0], []).append(i)
-            for group in by_n.values():
-                kv = tuple(torch.stack([self.rows[i].frame_kv[s] for i in group], dim=1) for s in (0, 1))
-                self.runner.start_frames(group, kv)
-        for j, i in enumerate(rows):
-            r = self.rows[i]
-            self.runner.grids[i] = self._merged(r.frame_grid)
-            res.frames[i] = tokens[j]
-            post = self.post_ids + (self.caption_prefix_ids if r.frames == 0 else [])
-            r.forced.extend(([tokens[j]] if self.insertion else []) + post)
-            r.sample_after_forced = True
-            r.frame_patches = r.image_tokens = r.frame_kv = None
-            r.frame_waiting = False
-            r.decoding, r.generated = True, []
-            r.frames += 1
-            r.detok.reset()
-            self.scheduler.assign(plan, i)
-
-    def _merged(self, patch_grid: tuple[int, int] | None) -> tuple[int, int]:
-        """Image-token grid of a frame from its patch grid (the model's default when unknown)."""
-        if patch_grid is None:
-            return self.model.grid
-        m = self.model.config.vision.merge
-        return patch_grid[0] // m, patch_grid[1] // m
+            pending = [self.scheduler.row(i).pending for i in rows]
+            encs = self.frames.encode_patches([(p.patches, p.patch_grid) for p in pending])
+            share = (time.perf_counter() - t0) / len(rows)
+            for i, p, enc in zip(rows, pending, encs):
+                enc.seconds = share
+                self.scheduler.encoded(i, p.ticket, enc)
+        return []
 
     # ---- the batched step -------------------------------------------------------------------
 
@@ -380,84 +244,37 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """One tick for every row with work; returns the caption tokens it produced. Inference
         mode, not just no_grad: no version counters or view tracking, 5-10% of a CPU decode step
-        at small batches (where the step is bound by op dispatch, docs/engine.md). The caches are ordinary tensors
-        updated in place, which inference mode allows."""
-        self._collect_vision()
-        events, self._failed = list(self._failed), []
-        ready = (
-            None if self.pipeline is None else {i for i in range(self.max_sessions) if self._frame_ready(i)}
-        )
-        plan = self.scheduler.plan(ready)
-        res = StepResult()
-        if plan.frames:
-            self._start_frames(plan, res)
-        if plan.empty():
-            self.last_result = res
-            if not events and self.pipeline is not None and self.pipeline.pending:
-                self.pipeline.wait(1.0)  # single-stream use: nothing to do until a frame is encoded
-            return events
-        self.runner.run(plan.prefill, plan.decode, plan.sample, res)
-        self.last_result = res
+        at small batches (where the step is bound by op dispatch, docs/engine.md). The caches are
+        ordinary tensors updated in place, which inference mode allows."""
+        self.last_result = res = StepResult()
+        involved: set[int] = set()  # the rows this tick touches
+        try:
+            events = self._collect_frames(involved)
+            plan = self.scheduler.plan()
+            involved.update(f.row for f in plan.frames)
+            involved.update(plan.prefill, plan.decode)
+            if plan.empty():
+                if not events and self.pipeline is not None and self.pipeline.pending:
+                    self.pipeline.wait(1.0)  # single-stream use: nothing to do until a frame is encoded
+                return events
+            return events + self._run(plan, res)
+        except Exception as exc:
+            raise StepFailed(sorted(involved)) from exc
+
+    def _run(self, plan: Plan, res: StepResult) -> list[TokenEvent]:
+        """Execute a plan, sample, and hand the sampled tokens back to the scheduler."""
+        self.runner.run(plan, res)
         for fn in self.observers:
             fn(res)
         rows = [i for i in plan.sample if i in res.sample_logits]
         if any(p.counts == "fed" for p in self.sampler.params):
-            self._feed_sampler(plan, rows)
+            self.sampler.feed_plan(plan.prefill, plan.decode, rows)
         if not rows:
-            return events
+            return []
         logits = torch.stack([res.sample_logits[i] for i in rows])
-        no_stop = [len(self.rows[i].generated) < self.rows[i].settings.min_new_tokens for i in rows]
-        tokens = self.sampler.sample(rows, logits, no_stop)
+        tokens = self.sampler.sample(rows, logits, self.scheduler.stop_banned(rows))
         self.sampler.observe_many(rows, tokens)
-        return events + [self._advance(i, tok) for i, tok in zip(rows, tokens)]
-
-    def _feed_sampler(self, plan: Plan, sampled: list[int]) -> None:
-        """Rows whose sampler counts fed tokens (SamplingParams.counts == "fed"): every text token
-        this tick fed joins their n-gram history, and each row about to be sampled is charged the
-        token fed at its sampled position."""
-        fed = {i for i in (*plan.prefill, *plan.decode) if self.sampler.params[i].counts == "fed"}
-        for i in fed:
-            items = plan.prefill.get(i, [])
-            tokens = [t for t in items if isinstance(t, int)]
-            self.sampler.feed(i, tokens + ([plan.decode[i]] if i in plan.decode else []))
-        charged = [i for i in sampled if i in fed]
-        last = [plan.decode[i] if i in plan.decode else plan.prefill[i][-1] for i in charged]
-        self.sampler.charge(charged, [t if isinstance(t, int) else None for t in last])
-
-    def _advance(self, i: int, tok: int) -> TokenEvent:
-        r = self.rows[i]
-        frame = r.frames - 1
-        if tok in self.stop_ids:
-            r.last_stop = tok
-            self._finish(r, [tok])
-            return TokenEvent(i, frame, None, "", done=True, reason="stop")
-        r.generated.append(tok)
-        text = r.detok.push(tok)
-        reason = None
-        if len(r.generated) >= r.max_new_tokens:
-            reason = "length"
-        elif r.frame_deadline is not None and time.monotonic() >= r.frame_deadline:
-            reason = "deadline"
-        if reason is not None:
-            self._finish(r, self._cut_close(r, tok))
-            return TokenEvent(i, frame, tok, text, done=True, reason=reason)
-        r.next_token = tok
-        return TokenEvent(i, frame, tok, text)
-
-    def _cut_close(self, r: RowState, tok: int) -> list[int]:
-        """What closes a caption cut short by max_new_tokens or the deadline (docs/engine.md):
-        "last_stop" (Kyutai's procedure) feeds the stop token the model itself emitted most
-        recently in this session (the first stop id before it has emitted any) and not the cut
-        word; "cut_word" feeds the cut word, then the first stop id."""
-        mode = r.settings.truncated_close or self.gen.truncated_close
-        if mode == "cut_word":
-            return [tok, self.stop_ids[0]]
-        return [self.stop_ids[0] if r.last_stop is None else r.last_stop]
-
-    def _finish(self, r: RowState, tokens: list[int]) -> None:
-        """End the frame: the stop token (and the next frame's pre-image tokens) are forced next."""
-        r.decoding, r.next_token = False, None
-        r.forced.extend(tokens + self.pre_ids)
+        return self.scheduler.update_from_output(rows, tokens, time.monotonic())
 
     # ---- convenience ------------------------------------------------------------------------
 

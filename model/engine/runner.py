@@ -26,10 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
 from casa_live.kernels.dispatch import backend_for
 from casa_live.model.cache import StreamState
 from casa_live.model.decode import DecodeInputs, can_fuse, commit, decode_step, fused_decode_step
-from casa_live.model.engine.scheduler import Item
+from casa_live.model.engine.scheduler import InsertedFrame, Item, Plan
 from casa_live.model.rope import image_positions, text_positions
 from casa_live.model.vlm import CASAModel
 
@@ -94,8 +95,6 @@ class Runner:
             self.use("compiled")
         elif can_fuse(self.lm, self.device, self.dtype):
             self.use("fused")
-        self.positions = [0] * max_sessions  # insertion baseline: next absolute position per row
-        self.grids: dict[int, tuple[int, int]] = {}  # row -> image-token grid of its latest frame
         # TorchScript-traced vision tower per (batch size, patch grid) (CPU: see _traced_vision)
         self.trace_vision = self.device.type == "cpu"
         self._vision: dict[tuple[int, tuple[int, int]], torch.nn.Module] = {}
@@ -160,17 +159,14 @@ class Runner:
                 return None
         return self._vision[key]
 
-    def start_frames(self, rows: list[int], kv: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Write the frames' image K/V ((Lc, n, Hkv, N, D) x 2) into `rows`; new windows start."""
-        self.lm.write_frame(torch.tensor(rows, device=self.device), kv[0], kv[1], self.state)
-
     # ---- the tick ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(
-        self, prefill: dict[int, list[Item]], decode: dict[int, int], sample: list[int], res: StepResult
-    ) -> None:
-        sample_set = set(sample)
+    def run(self, plan: Plan, res: StepResult) -> None:
+        """Execute one tick's plan: start its frames, then prefill, then decode."""
+        if plan.frames:
+            self._start_frames(plan, res)
+        prefill, decode, sample_set = plan.prefill, plan.decode, set(plan.sample)
         if prefill:
             t0 = time.perf_counter()
             self._prefill(prefill, sample_set, res)
@@ -179,6 +175,25 @@ class Runner:
             t0 = time.perf_counter()
             self._decode_step(decode, sample_set, res)
             res.decode_s = time.perf_counter() - t0
+
+    def _start_frames(self, plan: Plan, res: StepResult) -> None:
+        """Write the starting frames' CASA image K/V into their rows (one write per image-token
+        count: frames of one grid share it) and start their windows. Token-insertion models feed
+        the image tokens as items instead (scheduler.InsertedFrame)."""
+        res.frame_vision_s = [f.encoding.seconds for f in plan.frames]
+        res.vision_s = sum(res.frame_vision_s)
+        by_n: dict[int, list[int]] = {}
+        for j, f in enumerate(plan.frames):
+            res.frames[f.row] = f.encoding.tokens
+            by_n.setdefault(f.encoding.tokens.shape[0], []).append(j)
+        if self.insertion:
+            return
+        for n, group in by_n.items():
+            # (Lc, n, Hkv, N, D) x 2
+            kv = tuple(torch.stack([plan.frames[j].encoding.kv[s] for j in group], dim=1) for s in (0, 1))
+            rows = [plan.frames[j].row for j in group]
+            self.lm.write_frame(torch.tensor(rows, device=self.device), kv[0], kv[1], self.state)
+            self.state.start_windows(torch.tensor(rows), n)
 
     def _prefill(self, feeds: dict[int, list[Item]], sample: set[int], res: StepResult) -> None:
         """One varlen forward over rows [0, R): each row its own item count."""
@@ -195,12 +210,12 @@ class Runner:
                 self._insertion_room(i, lengths[i])
             else:
                 self.state.text.make_room(i, lengths[i], lm.freqs)
-            ids = [it for it in items if not isinstance(it, torch.Tensor)]
+            ids = [it for it in items if isinstance(it, int)]
             emb = lm.embed_tokens(torch.tensor(ids, device=self.device)) if ids else None
             parts, k = [], 0
             for it in items:
-                if isinstance(it, torch.Tensor):
-                    parts.append(it.to(self.device, self.dtype))
+                if isinstance(it, InsertedFrame):
+                    parts.append(it.tokens.to(self.device, self.dtype))
                 else:
                     parts.append(emb[k : k + 1])
                     k += 1
@@ -213,6 +228,7 @@ class Runner:
         h = lm.step(
             x, n_valid, self.state, sa_pos.to(self.device), None if ca_pos is None else ca_pos.to(self.device)
         )
+        self.state.advance(torch.arange(R), n_valid)
         for i, items in feeds.items():
             res.fed.setdefault(i, []).extend(items)
             if i in sample:
@@ -222,33 +238,28 @@ class Runner:
                 res.fed_logits[i] = lm.logits(h[i, at]).float()
 
     def _insertion_positions(self, i: int, items: list[Item]) -> torch.Tensor:
-        """Absolute Qwen2.5-VL positions for the insertion baseline (see model/reference.py)."""
-        gh, gw = self.grids.get(i, self.model.grid)
-        out = []
+        """Absolute Qwen2.5-VL positions of a row's items for the insertion baseline (see
+        model/reference.py): a frame spans max(gh, gw) positions over its gh * gw slots."""
+        spans, out = self.state.spans, []
+        assert spans is not None
         slot = int(self.state.text.length[i])
         for it in items:
-            p = self.positions[i]
-            if isinstance(it, torch.Tensor):
-                out.append(image_positions(torch.tensor([p]), (gh, gw))[0])
-                n, span = it.shape[0], max(gh, gw)
+            p = spans.position[i]
+            if isinstance(it, InsertedFrame):
+                out.append(image_positions(torch.tensor([p]), it.grid)[0])
+                n, span = it.tokens.shape[0], max(it.grid)
             else:
                 out.append(torch.tensor([[p] * 3]))
                 n = span = 1
-            self._insertion_fed(i, slot, n, span)
+            spans.fed(self.state.text, i, slot, n, span)
             slot += n
         return torch.cat(out)
 
     def _insertion_room(self, i: int, n_new: int) -> None:
         """Token insertion's bounded cache (model/cache.py InsertionSpans): evict whole oldest
         items and re-position the rest contiguously after the sink."""
-        if self.state.spans is not None:
-            self.positions[i] -= self.state.spans.make_room(self.state.text, i, n_new, self.lm.freqs)
-
-    def _insertion_fed(self, i: int, slot: int, n: int, span: int) -> None:
-        """An item of n slots and `span` positions is fed at `slot`; the sink's are never evicted."""
-        self.positions[i] += span
-        if self.state.spans is not None and slot >= int(self.state.text.sink[i]):
-            self.state.spans.push(i, n, span)
+        assert self.state.spans is not None
+        self.state.spans.make_room(self.state.text, i, n_new, self.lm.freqs)
 
     def decode_inputs(self, decode: dict[int, int]) -> tuple[DecodeInputs, int, int, dict[int, int]]:
         """Host-side: the inputs of a decode step, its spans S and Wb, and each working row's
@@ -280,9 +291,10 @@ class Runner:
         tokens[idx] = torch.tensor([decode[i] for i in working])
         sa_slot[idx] = text.length[rows]
         if self.insertion:
-            sa_pos[idx] = torch.tensor([self.positions[i] for i in working])
+            spans = self.state.spans
+            sa_pos[idx] = torch.tensor([spans.position[i] for i in working])
             for i in working:
-                self._insertion_fed(i, int(text.length[i]), 1, 1)
+                spans.fed(text, i, int(text.length[i]), 1, 1)
         else:
             sa_pos[idx] = text.length[rows]
         if int(sa_slot[idx].max()) >= text.capacity:
@@ -306,10 +318,7 @@ class Runner:
         logits, new = self._decode(self.lm, self.state, inp, S, Wb)
         if new is not None:  # the fused step writes its K/V as it goes
             commit(self.state, inp, new)
-        rows = torch.tensor(sorted(decode))
-        self.state.text.length[rows] += 1
-        if self.state.casa is not None:
-            self.state.casa.win_len[rows] += 1
+        self.state.advance(torch.tensor(sorted(decode)), 1)
         res.decode_rows = inp.tokens.shape[0]
         for i, tok in decode.items():
             res.fed.setdefault(i, []).append(tok)
@@ -366,15 +375,15 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
 
 def _feed_length(items: list[Item]) -> int:
     """Positions a row's feed takes: one per token id, N per inserted frame (N, hidden)."""
-    return sum(it.shape[0] if isinstance(it, torch.Tensor) else 1 for it in items)
+    return sum(it.tokens.shape[0] if isinstance(it, InsertedFrame) else 1 for it in items)
 
 
 def _text_offsets(items: list[Item]) -> list[int]:
     """Step positions of the token ids among the items (inserted frames take N positions)."""
     out, j = [], 0
     for it in items:
-        if isinstance(it, torch.Tensor):
-            j += it.shape[0]
+        if isinstance(it, InsertedFrame):
+            j += it.tokens.shape[0]
         else:
             out.append(j)
             j += 1

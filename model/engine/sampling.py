@@ -151,6 +151,18 @@ class Sampler:
             c[torch.tensor([j for j, _ in hit]), torch.tensor([t for _, t in hit])] += 1.0
         self.counts[idx] = c
 
+    def feed_plan(self, prefill: dict[int, list], decode: dict[int, int], sampled: list[int]) -> None:
+        """After a tick that fed `prefill` (row -> items) and `decode` (row -> token): every text
+        token fed to a "fed" row joins its n-gram history, and each such row about to be sampled
+        is charged the token fed at its sampled position (None for an inserted frame)."""
+        fed = {i for i in (*prefill, *decode) if self.params[i].counts == "fed"}
+        for i in fed:
+            tokens = [t for t in prefill.get(i, []) if isinstance(t, int)]
+            self.feed(i, tokens + ([decode[i]] if i in decode else []))
+        charged = [i for i in sampled if i in fed]
+        last = [decode[i] if i in decode else prefill[i][-1] for i in charged]
+        self.charge(charged, [t if isinstance(t, int) else None for t in last])
+
     def observe_many(self, rows: list[int], tokens: list[int]) -> None:
         """`observe` for several rows at once: the same float operations, a few ops in all."""
         if any(self.params[r].counts == "fed" for r in rows):

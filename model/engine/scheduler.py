@@ -1,4 +1,4 @@
-"""The scheduler: each session row's state machine, in plain Python, and the plan of one tick.
+"""The scheduler: owns every session row's lifecycle, in plain Python, and plans each tick.
 
 The whole stream is one never-ending assistant turn (Kyutai's live-captioning procedure):
 - open:  force template.prefix(prompt) + pre_image into the image-less first window;
@@ -8,7 +8,15 @@ The whole stream is one never-ending assistant turn (Kyutai's live-captioning pr
          with `truncated_close="cut_word"` the cut token and the first stop token) and the next
          frame's pre_image tokens, in the window that is ending.
 
-Each tick `Scheduler.plan()` says, for every row with work, what the runner feeds it:
+Every row transition happens here and nowhere else: `open`, `close`, `update`, `submit` (a frame
+is queued), `encoded` (its image tokens are ready, or failed), `plan` (frames start, feeds are
+assigned), `update_from_output` (sampled tokens advance rows, captions finish). The engine
+(model/engine/engine.py) calls these in order; the runner executes the plans and owns only tensors.
+Nothing here touches a tensor's values, so the tests drive row lifecycles without a model
+(tests/test_scheduler.py).
+
+Each tick `plan()` says, for every row with work, what the runner feeds it:
+- `frames`: rows whose frame starts this tick (their image K/V is written before the forward);
 - `decode`: one token in the fixed-shape batched step (model/decode.py). Sampled tokens and short
   forced runs (the close, the one-token post_image, a cut caption's close) go this way, one token
   a tick: a token costs the batched step a fraction of a row, where a second (varlen) forward
@@ -20,108 +28,137 @@ Each tick `Scheduler.plan()` says, for every row with work, what the runner feed
   prompt opened while other rows work goes through the batched step like any short forced run:
   sessions that open in a burst (a server restart, a camera fleet reconnecting) would otherwise
   cost an eager step each while every running session waits (docs/engine.md);
-- `frames`: rows whose frame starts this tick (its image tokens are written before the forward);
 - `sample`: rows whose last fed position is sampled.
-Rows, plans and positions are host data; the runner turns them into device tensors.
 """
 
 from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-from casa_live.model.tokenizer import StreamDecoder
+from casa_live.model.engine.settings import SessionSettings, effective
 
-# The ranges the sampler computes safely (server/protocol.py bounds client settings to the same numbers).
-# Below MIN_TEMPERATURE the division of the logits overflows float32 and multinomial raises; seeds must
-# fit torch's 64-bit generator; the penalty**count factor (count <= clamp) must stay finite.
-SETTING_BOUNDS: dict[str, tuple[float, float]] = {
-    "max_new_tokens": (1, 256),
-    "min_new_tokens": (0, 256),
-    "temperature": (0.0, 5.0),
-    "top_k": (0, 1 << 20),
-    "repetition_penalty": (1.0, 10.0),
-    "no_repeat_ngram": (0, 16),
-    "seed": (0, (1 << 63) - 1),
-    "top_p": (0.0, 1.0),
-    # the stop tokens' logits are multiplied (divided when negative) by it: it must stay positive
-    "eos_bias": (0.01, 10.0),
-}
-TRUNCATED_CLOSE = ("last_stop", "cut_word")  # what closes a caption cut short (Engine._cut_close)
-MIN_TEMPERATURE = 0.01  # temperature is 0 (greedy) or at least this
+if TYPE_CHECKING:
+    import torch
+
+
+class CapacityError(RuntimeError):
+    """Every batch row is taken."""
+
+
+class Detokenizer(Protocol):
+    """Turns a caption's tokens into text deltas (model/tokenizer.py StreamDecoder)."""
+
+    def push(self, token: int) -> str: ...
+    def reset(self) -> None: ...
 
 
 @dataclass
-class SessionSettings:
-    max_new_tokens: int | None = None  # None: the model's generation_config default
-    min_new_tokens: int = 0  # stop tokens are banned until the caption has this many tokens
-    temperature: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    no_repeat_ngram: int | None = None
-    seed: int = 0
-    top_p: float | None = None
-    eos_bias: float | None = None
-    truncated_close: str | None = None  # one of TRUNCATED_CLOSE; None: the generation config's
+class Template:
+    """The token ids of the per-frame procedure, resolved once from the generation config."""
 
-    def validate(self) -> SessionSettings:
-        """Raise ValueError (naming the range) for a value the sampler cannot compute; returns self."""
-        for name, (lo, hi) in SETTING_BOUNDS.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {type(value).__name__}")
-            if not lo <= value <= hi:  # also False for NaN
-                raise ValueError(f"{name} is {value!r}; it must be between {lo:g} and {hi:g}")
-        if self.truncated_close is not None and self.truncated_close not in TRUNCATED_CLOSE:
-            raise ValueError(
-                f"truncated_close is {self.truncated_close!r}; it must be one of {TRUNCATED_CLOSE}"
-            )
-        if self.temperature is not None and 0.0 < self.temperature < MIN_TEMPERATURE:
-            raise ValueError(
-                f"temperature is {self.temperature!r}; it must be 0 (greedy) or at least {MIN_TEMPERATURE}"
-            )
-        return self
+    pre: list[int]  # before each frame's image (after the prompt, and after each caption's close)
+    post: list[int]  # after each frame's image; the caption's first token is sampled at its last
+    caption_prefix: list[int]  # after frame 0's post tokens (e.g. "This video shows")
+    stop: list[int]  # tokens that end a caption
+    insertion: bool = False  # token insertion: the image tokens are fed in the text stream
+
+    @classmethod
+    def resolve(cls, gen: Any, tokenizer: Any, insertion: bool) -> Template:
+        """From a GenerationConfig's template and stop tokens; a checkpoint may name its frame
+        delimiters as token ids (model/checkpoint/hf/config.py)."""
+        t = gen.template
+        return cls(
+            pre=list(t.pre_image_ids) if t.pre_image_ids is not None else tokenizer.encode(t.pre_image),
+            post=list(t.post_image_ids) if t.post_image_ids is not None else tokenizer.encode(t.post_image),
+            caption_prefix=tokenizer.encode(t.caption_prefix),
+            stop=[tokenizer.token_id(s) for s in gen.stop_tokens],
+            insertion=insertion,
+        )
 
 
-Item = int | torch.Tensor  # a token id, or an inserted frame's image tokens (N, hidden)
+@dataclass
+class FrameEncoding:
+    """What the vision tower made of one frame."""
+
+    tokens: torch.Tensor  # image tokens (N, hidden)
+    kv: tuple[torch.Tensor, torch.Tensor] | None  # CASA image K/V (Lc, Hkv, N, D) x 2; None for insertion
+    grid: tuple[int, int]  # image-token grid (gh, gw), gh * gw = N
+    seconds: float = 0.0  # this frame's share of its vision batch
+
+
+@dataclass
+class InsertedFrame:
+    """A feed item of token-insertion models: a frame's image tokens in the text stream."""
+
+    tokens: torch.Tensor  # (N, hidden)
+    grid: tuple[int, int]  # image-token grid (gh, gw): it sets the items' Qwen positions
+
+
+Item = int | InsertedFrame  # a token id, or an inserted frame
+
+
+@dataclass
+class PendingFrame:
+    """A submitted frame that has not started."""
+
+    ticket: int  # which submission this is (a late vision result for an older one is ignored)
+    deadline: float | None  # time.monotonic() after which its caption is cut
+    patches: torch.Tensor | None = None  # preprocessed (P, C*p*p) when encoded at the step (no pipeline)
+    patch_grid: tuple[int, int] | None = None
+    encoding: FrameEncoding | None = None  # set by `encoded`; the frame can start
 
 
 @dataclass
 class RowState:
-    """Generation state machine of one session row."""
+    """One session row. Host data only; mutated by the Scheduler alone."""
 
     settings: SessionSettings
-    max_new_tokens: int
-    detok: StreamDecoder
+    max_new_tokens: int  # resolved: the session's, the model's default, capped by the window
+    min_new_tokens: int
+    truncated_close: str
+    detok: Detokenizer
     forced: collections.deque[Item] = field(default_factory=collections.deque)  # fed before sampling
     sample_after_forced: bool = False  # the last forced item's output is the caption's first token
     prefill_forced: bool = False  # feed the forced run in one varlen forward (the prompt at open)
-    frame_waiting: bool = False  # a submitted frame has not started yet
-    frame_patches: torch.Tensor | None = None  # its preprocessed patches (no vision pipeline)
-    frame_grid: tuple[int, int] | None = None  # ... and their patch grid (gh, gw)
-    frame_ticket: int = 0  # which submission the vision pipeline is working on
-    image_tokens: torch.Tensor | None = None  # its image tokens once encoded (N, hidden)
-    frame_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # CASA image K/V (Lc, Hkv, N, D) x 2
-    vision_s: float = 0.0  # encode time of the waiting frame (vision pipeline)
-    frame_deadline: float | None = None
+    pending: PendingFrame | None = None  # a submitted frame that has not started
+    frame_deadline: float | None = None  # of the frame being captioned
     decoding: bool = False  # between a frame's start and its last token
     next_token: int | None = None  # sampled token to feed at the next tick
-    frames: int = 0  # frames started
+    frames: int = 0  # frames started (or failed)
     last_stop: int | None = None  # the stop token this session's model emitted most recently
-    generated: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)  # the current caption's tokens
 
     @property
     def busy(self) -> bool:
         """A submitted frame is waiting or being captioned."""
-        return self.frame_waiting or self.decoding
+        return self.pending is not None or self.decoding
+
+    def startable(self) -> bool:
+        """The pending frame may start at the next plan (the previous caption is closed)."""
+        return self.pending is not None and not self.forced and not self.decoding
+
+
+@dataclass
+class TokenEvent:
+    row: int
+    frame: int  # index of the frame being captioned in this session
+    token: int | None  # the emitted caption token; None on a final event that carries no token
+    text: str  # decoded text delta
+    done: bool = False
+    reason: str | None = None  # when done: "stop" | "length" | "deadline" | "error"
+
+
+@dataclass
+class FrameStart:
+    row: int
+    encoding: FrameEncoding
 
 
 @dataclass
 class Plan:
-    frames: list[int] = field(default_factory=list)
+    frames: list[FrameStart] = field(default_factory=list)
     prefill: dict[int, list[Item]] = field(default_factory=dict)
     decode: dict[int, int] = field(default_factory=dict)
     sample: list[int] = field(default_factory=list)
@@ -131,52 +168,147 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, max_sessions: int, prefill_min: int = 8) -> None:
-        self.rows: list[RowState | None] = [None] * max_sessions
+    def __init__(
+        self, max_rows: int, template: Template, window_tokens: int, gen: object, prefill_min: int = 8
+    ) -> None:
+        """window_tokens: text tokens a CASA window holds (it caps max_new_tokens); gen: the
+        GenerationConfig whose fields are the settings' defaults."""
+        self.rows: list[RowState | None] = [None] * max_rows
+        self.template, self.window_tokens, self.gen = template, window_tokens, gen
         self.prefill_min = prefill_min
-        self._busy = 0  # rows with work this tick besides prompt prefills (set by plan)
 
-    def free_row(self) -> int | None:
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def open(self, prompt_ids: list[int], settings: SessionSettings, detok: Detokenizer) -> int:
+        """Claim a free row for a session; its prompt is forced first. CapacityError when full."""
         try:
-            return self.rows.index(None)
+            i = self.rows.index(None)
         except ValueError:
-            return None
+            raise CapacityError(f"all {len(self.rows)} session slots are in use") from None
+        r = RowState(settings, 0, 0, "", detok, forced=collections.deque(prompt_ids), prefill_forced=True)
+        self._apply(r, settings)
+        self.rows[i] = r
+        return i
 
-    def has_work(self, i: int, frame_ready: bool | None = None) -> bool:
-        """True when the next plan() feeds tokens for row i. frame_ready: whether a waiting frame
-        can start (its image tokens exist); None = it can."""
+    def close(self, i: int) -> None:
+        """Free the row (the engine resets its tensors when the row is next opened)."""
+        self.rows[i] = None
+
+    def update(self, i: int, settings: SessionSettings) -> None:
+        """New settings apply from the next sampled token."""
+        self._apply(self.row(i), settings)
+
+    def _apply(self, r: RowState, settings: SessionSettings) -> None:
+        e = effective(self.gen, settings)
+        t = self.template
+        # a frame's window holds post_image + caption_prefix + caption + stop + pre_image
+        room = self.window_tokens - len(t.post) - len(t.caption_prefix) - len(t.pre) - 2
+        r.settings = settings
+        r.max_new_tokens = max(1, min(e["max_new_tokens"], room))
+        r.min_new_tokens = e["min_new_tokens"]
+        r.truncated_close = e["truncated_close"]
+
+    def row(self, i: int) -> RowState:
         r = self.rows[i]
         if r is None:
-            return False
-        if r.forced or r.decoding:
-            return True
-        return r.frame_waiting and (frame_ready is None or frame_ready)
+            raise KeyError(f"row {i} has no open session")
+        return r
 
-    def plan(self, ready: set[int] | None = None) -> Plan:
-        """ready: rows whose waiting frame may start now (None: every waiting frame)."""
+    def free_rows(self) -> int:
+        return sum(r is None for r in self.rows)
+
+    def submit(
+        self,
+        i: int,
+        ticket: int,
+        deadline: float | None,
+        patches: torch.Tensor | None = None,
+        patch_grid: tuple[int, int] | None = None,
+    ) -> int:
+        """Queue a frame; returns its index in the session. Without patches it is being encoded
+        elsewhere (the vision pipeline) and waits for `encoded`."""
+        r = self.row(i)
+        if r.busy:
+            raise ValueError(f"row {i} is still captioning frame {r.frames - 1}; wait until busy() is False")
+        r.pending = PendingFrame(ticket, deadline, patches, patch_grid)
+        return r.frames
+
+    def to_encode(self) -> list[int]:
+        """Rows whose frame could start now but has no image tokens yet, and whose patches are
+        here to encode (the engine encodes them before planning when no pipeline runs)."""
+        return [
+            i
+            for i, r in enumerate(self.rows)
+            if r is not None
+            and r.startable()
+            and r.pending.encoding is None
+            and r.pending.patches is not None
+        ]
+
+    def encoded(self, i: int, ticket: int, encoding: FrameEncoding | None) -> TokenEvent | None:
+        """A frame's encoding is ready (None: it failed, and the frame ends with an error event,
+        returned). A result for a closed row or an older submission is ignored."""
+        r = self.rows[i]
+        if r is None or r.pending is None or r.pending.ticket != ticket:
+            return None
+        if encoding is None:
+            r.pending = None
+            r.frames += 1
+            return TokenEvent(i, r.frames - 1, None, "", done=True, reason="error")
+        r.pending.encoding, r.pending.patches = encoding, None
+        return None
+
+    # ---- the tick ------------------------------------------------------------------------------
+
+    def has_work(self, i: int | None = None) -> bool:
+        """Whether the next tick feeds tokens for row i (any row when None): forced tokens, a
+        caption, or a frame that can start (encoded, or with patches the engine encodes at the
+        tick). A frame still on the vision thread is not work yet."""
+        rows = range(len(self.rows)) if i is None else (i,)
+        for j in rows:
+            r = self.rows[j]
+            if r is None:
+                continue
+            if r.forced or r.decoding:
+                return True
+            if r.pending is not None and (r.pending.encoding is not None or r.pending.patches is not None):
+                return True
+        return False
+
+    def plan(self) -> Plan:
+        """Start every frame that can start, then assign each row with work its feed."""
         plan = Plan()
-        # rows that feed something this tick with no prompt prefill of their own
-        self._busy = sum(
+        # rows that feed something this tick without a prompt prefill of their own (counted
+        # before frames start: a starting frame's short forced run does not make a prompt wait)
+        busy = sum(
             1 for r in self.rows if r is not None and (r.decoding or (r.forced and not r.prefill_forced))
         )
         for i, r in enumerate(self.rows):
-            if r is None:
-                continue
-            if not r.forced and not r.decoding and r.frame_waiting and (ready is None or i in ready):
-                plan.frames.append(i)
-                continue  # the engine starts the frame (forcing post_image), then assigns it below
-            self._assign(plan, i, r)
+            if r is not None and r.startable() and r.pending.encoding is not None:
+                plan.frames.append(FrameStart(i, self._start_frame(r)))
+        for i, r in enumerate(self.rows):
+            if r is not None:
+                self._assign(plan, i, r, busy)
         return plan
 
-    def assign(self, plan: Plan, i: int) -> None:
-        r = self.rows[i]
-        assert r is not None
-        self._assign(plan, i, r)
+    def _start_frame(self, r: RowState) -> FrameEncoding:
+        pending = r.pending
+        assert pending is not None and pending.encoding is not None
+        enc = pending.encoding
+        t = self.template
+        inserted = [InsertedFrame(enc.tokens, enc.grid)] if t.insertion else []
+        r.forced.extend([*inserted, *t.post, *(t.caption_prefix if r.frames == 0 else [])])
+        r.sample_after_forced = True
+        r.pending, r.frame_deadline = None, pending.deadline
+        r.decoding, r.generated = True, []
+        r.frames += 1
+        r.detok.reset()
+        return enc
 
-    def _assign(self, plan: Plan, i: int, r: RowState) -> None:
+    def _assign(self, plan: Plan, i: int, r: RowState, busy: int) -> None:
         if r.forced:
-            has_frame = any(isinstance(it, torch.Tensor) for it in r.forced)
-            prompt = r.prefill_forced and self._busy == 0
+            has_frame = any(isinstance(it, InsertedFrame) for it in r.forced)
+            prompt = r.prefill_forced and busy == 0
             if has_frame or prompt or len(r.forced) >= self.prefill_min:
                 r.prefill_forced = False
                 plan.prefill[i] = list(r.forced)
@@ -192,3 +324,47 @@ class Scheduler:
             assert r.next_token is not None
             plan.decode[i] = r.next_token
             plan.sample.append(i)
+
+    def stop_banned(self, rows: list[int]) -> list[bool]:
+        """Per row: the caption is shorter than min_new_tokens, so a stop token may not be sampled."""
+        return [len(self.row(i).generated) < self.row(i).min_new_tokens for i in rows]
+
+    def update_from_output(self, rows: list[int], tokens: list[int], now: float) -> list[TokenEvent]:
+        """The tokens sampled for `rows` this tick advance their captions; `now` (time.monotonic())
+        is checked against each frame's deadline. Returns one event per row."""
+        return [self._advance(i, tok, now) for i, tok in zip(rows, tokens)]
+
+    def _advance(self, i: int, tok: int, now: float) -> TokenEvent:
+        r = self.row(i)
+        frame = r.frames - 1
+        if tok in self.template.stop:
+            r.last_stop = tok
+            self._finish(r, [tok])
+            return TokenEvent(i, frame, None, "", done=True, reason="stop")
+        r.generated.append(tok)
+        text = r.detok.push(tok)
+        reason = None
+        if len(r.generated) >= r.max_new_tokens:
+            reason = "length"
+        elif r.frame_deadline is not None and now >= r.frame_deadline:
+            reason = "deadline"
+        if reason is not None:
+            self._finish(r, self._cut_close(r, tok))
+            return TokenEvent(i, frame, tok, text, done=True, reason=reason)
+        r.next_token = tok
+        return TokenEvent(i, frame, tok, text)
+
+    def _cut_close(self, r: RowState, tok: int) -> list[int]:
+        """What closes a caption cut short by max_new_tokens or the deadline (docs/engine.md):
+        "last_stop" (Kyutai's procedure) feeds the stop token the model itself emitted most
+        recently in this session (the first stop id before it has emitted any) and not the cut
+        word; "cut_word" feeds the cut word, then the first stop id."""
+        stop = self.template.stop
+        if r.truncated_close == "cut_word":
+            return [tok, stop[0]]
+        return [stop[0] if r.last_stop is None else r.last_stop]
+
+    def _finish(self, r: RowState, tokens: list[int]) -> None:
+        """End the frame: the close (and the next frame's pre-image tokens) are forced next."""
+        r.decoding, r.next_token = False, None
+        r.forced.extend([*tokens, *self.template.pre])

@@ -23,25 +23,51 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from casa_live.model.engine.scheduler import FrameEncoding
 from casa_live.model.engine.threads import name_this_thread
 
 log = logging.getLogger("casa.vision")
 
-# per frame: image tokens (N, hidden), CASA image K/V ((Lc, Hkv, N, D) x 2) or None, patch grid;
-# N varies with the grid (aspect-preserving processors), so frames are not stacked
-Encoding = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, tuple[int, int]]
-Encoder = Callable[[list[Any]], list[Encoding]]
+Encoder = Callable[[list[Any]], list[FrameEncoding]]
 
 
 @dataclass
 class Encoded:
     row: int
     ticket: int
-    tokens: torch.Tensor | None  # (N, hidden); None when encoding failed
-    kv: tuple[torch.Tensor, torch.Tensor] | None  # CASA image K/V (Lc, Hkv, N, D) x 2
-    seconds: float = 0.0  # this frame's share of its batch's encode time
+    encoding: FrameEncoding | None  # None when encoding failed
     error: BaseException | None = None
-    grid: tuple[int, int] | None = None  # patch grid of the frame
+
+
+class FrameEncoder:
+    """Frames -> FrameEncodings: the processor's preprocessing, then the vision tower and the CASA
+    image K/V (Runner.encode), one vision batch per patch grid (a camera's frames all share one, so
+    batching is kept; aspect-preserving resizes make grids differ). Reads weights only, so the
+    vision thread can run it."""
+
+    def __init__(self, processor: Any, encode: Callable[..., Any], merge: int) -> None:
+        self.processor, self._encode, self.merge = processor, encode, merge
+
+    def process(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(H, W, 3) uint8 -> patches (P, C*p*p) and their patch grid."""
+        return self.processor.process(image)
+
+    def encode_images(self, images: list[Any]) -> list[FrameEncoding]:
+        return self.encode_patches([self.processor.process(im) for im in images])
+
+    def encode_patches(self, frames: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[FrameEncoding]:
+        out: list[FrameEncoding | None] = [None] * len(frames)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, (_, grid) in enumerate(frames):
+            groups.setdefault(grid, []).append(j)
+        m = self.merge
+        for grid, idx in groups.items():
+            tokens, kv = self._encode(torch.stack([frames[j][0] for j in idx]), grid)  # (n, N, hidden)
+            for n, j in enumerate(idx):
+                frame_kv = None if kv is None else (kv[0][:, n], kv[1][:, n])  # (Lc, Hkv, N, D) x 2
+                out[j] = FrameEncoding(tokens[n], frame_kv, (grid[0] // m, grid[1] // m))
+        return out  # type: ignore[return-value]
 
 
 class VisionPipeline:
@@ -78,6 +104,12 @@ class VisionPipeline:
             self._cv.wait_for(lambda: self._done or not (self._jobs or self._busy), timeout)
 
     @property
+    def has_results(self) -> bool:
+        """Results wait to be taken."""
+        with self._cv:
+            return bool(self._done)
+
+    @property
     def pending(self) -> bool:
         with self._cv:
             return bool(self._jobs or self._busy or self._done)
@@ -95,12 +127,11 @@ class VisionPipeline:
                 encoded = self._encode([f for _, _, f in batch])
         except Exception as exc:  # reported per frame; the thread keeps serving
             log.exception("vision tower failed on %d frames", len(batch))
-            return [Encoded(row, ticket, None, None, 0.0, exc) for row, ticket, _ in batch]
+            return [Encoded(row, ticket, None, exc) for row, ticket, _ in batch]
         dt = (time.perf_counter() - t0) / len(batch)
-        return [
-            Encoded(row, ticket, tokens, kv, dt, grid=grid)
-            for (row, ticket, _), (tokens, kv, grid) in zip(batch, encoded)
-        ]
+        for enc in encoded:
+            enc.seconds = dt
+        return [Encoded(row, ticket, enc) for (row, ticket, _), enc in zip(batch, encoded)]
 
     def _run(self) -> None:
         name_this_thread("casa-vision")

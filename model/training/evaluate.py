@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
+
 from casa_live.model.config import GenerationConfig
 from casa_live.model.engine.engine import Engine
 from casa_live.model.tokenizer import Tokenizer

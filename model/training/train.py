@@ -30,6 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
 from casa_live.model.checkpoint.format import save_checkpoint
 from casa_live.model.config import GenerationConfig, ModelConfig, PromptTemplate, preset
 from casa_live.model.processor import ImageProcessor
@@ -46,8 +49,6 @@ from casa_live.model.world.scene import (
     WorldConfig,
     generate_clip,
 )
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 log = logging.getLogger("casa.train")
 

@@ -29,6 +29,7 @@ from typing import Protocol
 
 import av
 import numpy as np
+
 from casa_live.server.errors import BadFrame, CasaError, FrameTooLarge, UnsupportedCodec
 from casa_live.server.ingest.frames import FrameLimits, to_rgb
 from casa_live.server.protocol import CONTAINER_FORMATS

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
+
 from casa_live.server.errors import BadFrame, FrameTooLarge
 
 Resize = Callable[[np.ndarray], np.ndarray]  # (H, W, 3) uint8 -> (h, w, 3) uint8

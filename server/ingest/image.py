@@ -14,9 +14,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from PIL import Image
+
 from casa_live.server.errors import BadFrame, CasaError, FrameTooLarge, UnsupportedCodec
 from casa_live.server.ingest.frames import FrameLimits
-from PIL import Image
 
 _IMAGE_MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),

@@ -9,6 +9,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
+
 from casa_live.server.errors import BadFrame, CasaError, UnsupportedCodec
 from casa_live.server.ingest.frames import FrameLimits, to_rgb
 from casa_live.server.protocol import PACKET_CODECS

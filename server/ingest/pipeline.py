@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
+from casa_live.model.engine.threads import name_this_thread
 from casa_live.server.errors import BadFrame, CasaError, FrameFailed, InternalError
 from casa_live.server.ingest.container import ContainerStream, decode_file, sniff_container, starts_stream
 from casa_live.server.ingest.frames import FrameLimits, Resampler
@@ -269,6 +271,7 @@ class Ingest:
         return item
 
     def _run(self) -> None:
+        name_this_thread(self._thread.name)  # the OS name too, for top -H and the load test's profile
         try:
             while not self._stopping.is_set():
                 item = self._next()

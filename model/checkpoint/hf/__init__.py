@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from casa_live.model.checkpoint.format import CONFIG, CheckpointError
 from casa_live.model.checkpoint.hf import config as hfc
 from casa_live.model.checkpoint.hf import tensors as hft
 from casa_live.model.config import CASAConfig, GenerationConfig
 from casa_live.model.tokenizer import Tokenizer
 from casa_live.model.vlm import CASAModel
-from torch import nn
 
 LAYOUTS = ("casa", "qwen2.5-vl", "kyutai-casa")
 log = logging.getLogger(__name__)

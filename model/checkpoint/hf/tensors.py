@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from casa_live.model.checkpoint.format import CheckpointError
 from safetensors import safe_open
 from safetensors.torch import load_file
+
+from casa_live.model.checkpoint.format import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 VISION_PREFIXES = ("model.image_prefix.visual.", "image_prefix.visual.", "model.visual.", "visual.")

@@ -1,0 +1,231 @@
+"""The scheduler on its own: row lifecycles driven through open, submit, encoded, plan and
+update_from_output, with no model. Each test states what the runner would be asked to feed and
+what the session would see, tick by tick."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from casa_live.model.config import GenerationConfig
+from casa_live.model.engine.scheduler import (
+    CapacityError,
+    FrameEncoding,
+    InsertedFrame,
+    Plan,
+    Scheduler,
+    Template,
+)
+from casa_live.model.engine.settings import SessionSettings
+
+PROMPT = [10, 11, 12, 1]  # ends with the pre-image token, as Engine.prompt_ids does
+PRE, POST, PREFIX, STOP, OTHER_STOP = [1], [2], [3, 4], 9, 8
+
+
+class Detok:
+    def __init__(self) -> None:
+        self.resets = 0
+
+    def push(self, token: int) -> str:
+        return f"w{token} "
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def scheduler(rows: int = 2, insertion: bool = False, **gen) -> Scheduler:
+    template = Template(PRE, POST, PREFIX, [STOP, OTHER_STOP], insertion=insertion)
+    config = GenerationConfig(**{"max_new_tokens": 5, "truncated_close": "cut_word", **gen})
+    return Scheduler(rows, template, window_tokens=64, gen=config, prefill_min=8)
+
+
+def encoding(n: int = 4) -> FrameEncoding:
+    return FrameEncoding(torch.zeros(n, 8), None, (2, n // 2), seconds=0.01)
+
+
+def open_and_prefill(s: Scheduler, settings: SessionSettings | None = None) -> int:
+    row = s.open(PROMPT, settings or SessionSettings(), Detok())
+    plan = s.plan()
+    assert plan.prefill == {row: PROMPT} and not plan.decode and not plan.sample
+    return row
+
+
+def feed_forced(s: Scheduler, row: int, expected: list[int]) -> Plan:
+    """Tick through a forced run one decode token at a time; returns the plan of its last token."""
+    plan = Plan()
+    for tok in expected:
+        plan = s.plan()
+        assert plan.decode == {row: tok}, (plan, tok)
+    return plan
+
+
+def test_a_lone_prompt_is_prefilled_at_once_and_then_the_row_waits():
+    s = scheduler()
+    row = open_and_prefill(s)
+    assert not s.has_work() and not s.row(row).busy
+    assert s.plan().empty()
+
+
+def test_a_frame_waits_for_its_encoding_then_starts_with_post_and_caption_prefix():
+    s = scheduler()
+    row = open_and_prefill(s)
+    assert s.submit(row, ticket=1, deadline=None) == 0
+    assert s.row(row).busy and not s.has_work() and s.to_encode() == []  # the pipeline encodes it
+    assert s.encoded(row, 1, encoding()) is None
+    assert s.has_work(row)
+    plan = s.plan()
+    assert [f.row for f in plan.frames] == [row] and plan.decode == {row: POST[0]} and not plan.sample
+    last = feed_forced(s, row, PREFIX)
+    assert last.sample == [row]  # the caption's first token is sampled after the last forced token
+    assert s.row(row).frames == 1 and s.row(row).detok.resets == 1
+
+
+def test_a_caption_ends_on_a_stop_token_and_its_close_is_forced():
+    s = scheduler()
+    row = open_and_prefill(s)
+    s.submit(row, 1, None)
+    s.encoded(row, 1, encoding())
+    s.plan()
+    feed_forced(s, row, PREFIX)
+    events = s.update_from_output([row], [20], now=0.0)
+    assert (events[0].token, events[0].text, events[0].done) == (20, "w20 ", False)
+    plan = s.plan()
+    assert plan.decode == {row: 20} and plan.sample == [row]  # the sampled token is fed back
+    (done,) = s.update_from_output([row], [OTHER_STOP], now=0.0)
+    assert done.done and done.reason == "stop" and done.token is None and done.frame == 0
+    assert s.row(row).last_stop == OTHER_STOP and not s.row(row).busy
+    last = feed_forced(s, row, [OTHER_STOP, *PRE])  # the emitted stop, then the next frame's pre-image
+    assert not last.sample and not s.has_work()
+
+
+@pytest.mark.parametrize("close", ["cut_word", "last_stop"])
+def test_a_caption_cut_by_max_new_tokens_is_closed_as_configured(close):
+    s = scheduler()
+    row = open_and_prefill(s, SessionSettings(max_new_tokens=2, truncated_close=close))
+    s.submit(row, 1, None)
+    s.encoded(row, 1, encoding())
+    s.plan()
+    feed_forced(s, row, PREFIX)
+    s.update_from_output([row], [20], now=0.0)
+    s.plan()
+    (cut,) = s.update_from_output([row], [21], now=0.0)
+    assert cut.done and cut.reason == "length" and cut.token == 21
+    # cut_word: the cut word, then the first stop id; last_stop: the model's last stop (none yet: the first)
+    closing = [21, STOP] if close == "cut_word" else [STOP]
+    feed_forced(s, row, [*closing, *PRE])
+    assert not s.has_work()
+
+
+def test_the_deadline_cuts_a_caption_and_the_next_frame_keeps_its_own():
+    s = scheduler()
+    row = open_and_prefill(s)
+    s.submit(row, 1, deadline=10.0)
+    s.encoded(row, 1, encoding())
+    s.plan()
+    feed_forced(s, row, PREFIX)
+    (ev,) = s.update_from_output([row], [20], now=9.9)
+    assert not ev.done
+    s.plan()
+    (ev,) = s.update_from_output([row], [21], now=10.0)
+    assert ev.done and ev.reason == "deadline"
+    feed_forced(s, row, [21, STOP, *PRE])
+    s.submit(row, 2, deadline=None)
+    s.encoded(row, 2, encoding())
+    plan = s.plan()
+    assert plan.decode == {row: POST[0]} and plan.sample == [row]  # no caption prefix after frame 0
+    assert s.row(row).frame_deadline is None
+
+
+def test_a_frame_submitted_while_the_close_is_fed_starts_after_it():
+    s = scheduler()
+    row = open_and_prefill(s)
+    s.submit(row, 1, None)
+    s.encoded(row, 1, encoding())
+    s.plan()
+    feed_forced(s, row, PREFIX)
+    s.update_from_output([row], [STOP], now=0.0)
+    s.submit(row, 2, None, patches=torch.zeros(4, 3), patch_grid=(4, 4))
+    assert s.to_encode() == []  # not startable: the close is still to be fed
+    plan = s.plan()
+    assert plan.decode == {row: STOP} and not plan.frames
+    assert s.to_encode() == []
+    s.plan()  # the pre-image token
+    assert s.to_encode() == [row]  # now it could start: the engine encodes it (no pipeline)
+    s.encoded(row, 2, encoding())
+    assert s.row(row).pending.patches is None  # the patches are dropped once encoded
+    assert [f.row for f in s.plan().frames] == [row]
+
+
+def test_stale_and_failed_encodings():
+    s = scheduler()
+    row = open_and_prefill(s)
+    s.submit(row, 1, None)
+    s.close(row)
+    again = open_and_prefill(s)
+    assert again == row
+    assert s.encoded(row, 1, encoding()) is None and not s.row(row).busy  # the old session's frame: ignored
+    s.submit(row, 2, None)
+    ev = s.encoded(row, 2, None)  # the vision tower failed on it
+    assert ev is not None and ev.done and ev.reason == "error" and ev.frame == 0
+    assert not s.row(row).busy and s.row(row).frames == 1 and not s.has_work()
+    s.submit(row, 3, None)
+    s.encoded(row, 3, encoding())
+    plan = s.plan()
+    assert plan.decode == {row: POST[0]}  # frame 1: no caption prefix
+
+
+def test_capacity_busy_and_close():
+    s = scheduler(rows=2)
+    a, b = open_and_prefill(s), s.open(PROMPT, SessionSettings(), Detok())
+    with pytest.raises(CapacityError):
+        s.open(PROMPT, SessionSettings(), Detok())
+    assert s.free_rows() == 0
+    s.submit(a, 1, None)
+    with pytest.raises(ValueError, match="still captioning"):
+        s.submit(a, 2, None)
+    s.close(b)
+    assert s.free_rows() == 1 and s.rows[b] is None
+    with pytest.raises(KeyError):
+        s.row(b)
+
+
+def test_a_prompt_opened_while_others_work_goes_a_token_a_tick():
+    s = scheduler()
+    a = open_and_prefill(s)
+    s.submit(a, 1, None)
+    s.encoded(a, 1, encoding())
+    s.plan()  # a is busy decoding its forced run
+    b = s.open(PROMPT, SessionSettings(), Detok())
+    plan = s.plan()
+    assert plan.decode == {a: PREFIX[0], b: PROMPT[0]} and not plan.prefill
+
+
+def test_insertion_feeds_the_frame_as_an_item_in_one_prefill():
+    s = scheduler(insertion=True)
+    row = open_and_prefill(s)
+    s.submit(row, 1, None)
+    enc = encoding(6)
+    s.encoded(row, 1, enc)
+    plan = s.plan()
+    (item, *rest) = plan.prefill[row]
+    assert isinstance(item, InsertedFrame) and item.tokens is enc.tokens and item.grid == (2, 3)
+    assert rest == [*POST, *PREFIX] and plan.sample == [row]
+
+
+def test_min_new_tokens_bans_stops_and_settings_resolve_against_the_model():
+    s = scheduler(max_new_tokens=7)
+    row = open_and_prefill(s, SessionSettings(min_new_tokens=2))
+    r = s.row(row)
+    assert (r.max_new_tokens, r.min_new_tokens, r.truncated_close) == (7, 2, "cut_word")
+    s.submit(row, 1, None)
+    s.encoded(row, 1, encoding())
+    s.plan()
+    feed_forced(s, row, PREFIX)
+    assert s.stop_banned([row]) == [True]
+    s.update_from_output([row], [20], now=0.0)
+    s.plan()
+    s.update_from_output([row], [21], now=0.0)
+    assert s.stop_banned([row]) == [False]
+    s.update(row, SessionSettings(max_new_tokens=1000, truncated_close="last_stop"))
+    # capped by the window: 64 - post - caption prefix - pre - 2
+    assert (r.max_new_tokens, r.truncated_close) == (64 - 1 - 2 - 1 - 2, "last_stop")
