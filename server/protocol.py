@@ -138,7 +138,7 @@ def unpack(message: bytes) -> BinaryMessage:
 # ---------------------------------------------------------------------------------------------------
 
 
-# Bounds of every session setting: the ranges the sampler computes safely (model/generate.py checks
+# Bounds of every session setting: the ranges the sampler computes safely (model/engine/engine.py checks
 # the same numbers at the engine boundary, SessionSettings.validate). Below MIN_TEMPERATURE the division
 # of the logits by the temperature overflows float32; seeds must fit torch's 64-bit generator.
 MAX_PROMPT_CHARS = 2000
