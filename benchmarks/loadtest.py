@@ -169,10 +169,6 @@ def synthetic_clip(n: int, seed: int, size: int = 256, quality: int = 90) -> Cli
     return Clip(jpegs, truth)
 
 
-def synthetic_jpegs(n: int, seed: int, size: int = 256, quality: int = 90) -> list[bytes]:
-    return synthetic_clip(n, seed, size, quality).jpegs
-
-
 def offline_reference(clips: list[Clip], model_dir: str | None) -> list[float]:
     """Exact match of each clip captioned with no load at all: the engine in this process, one row
     per clip, every frame decoded by the server's own image path, no deadline. A live stream that
@@ -181,12 +177,8 @@ def offline_reference(clips: list[Clip], model_dir: str | None) -> list[float]:
     import torch
 
     from casa_live.model.engine.engine import Engine
-
-    try:
-        from casa_live.server.ingest.frames import FrameLimits
-        from casa_live.server.ingest.image import decode_image
-    except ImportError:  # a tree from before server/ingest/ (the script also measures old commits)
-        from casa_live.server.decode import FrameLimits, decode_image  # type: ignore[no-redef]
+    from casa_live.server.ingest.frames import FrameLimits
+    from casa_live.server.ingest.image import decode_image
 
     torch.set_num_threads(1)
     engine = Engine.from_checkpoint(model_dir or ROOT / "checkpoints" / "default", max_sessions=len(clips))

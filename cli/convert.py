@@ -1,7 +1,7 @@
 """`casa convert SRC DST`: a Qwen2.5-VL or Kyutai CASA checkpoint -> our checkpoint format.
 
 SRC is a directory or a Hugging Face repo id (ORG/NAME, optionally @REVISION or --revision), resolved
-through the HF cache by model/hub.py: downloaded when online, the cache only with HF_HUB_OFFLINE=1.
+through the HF cache by model/checkpoint/hub.py: downloaded when online, the cache only with HF_HUB_OFFLINE=1.
 
 The import is strict (every tensor consumed, every parameter filled); on failure the error lists
 each missing or unexpected tensor under its checkpoint name and nothing is written.

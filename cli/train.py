@@ -1,4 +1,4 @@
-"""`casa train`: train a CASA model on the synthetic world (model/train.py) and export a checkpoint."""
+"""`casa train`: train a CASA model on the synthetic world (model/training/train.py), export a checkpoint."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ import shutil
 import sys
 from typing import TextIO
 
-from casa_live.clients.writers import Segment, format_timestamp
+from casa_live.clients.writers import Segment
+from casa_live.server.subtitles import format_timestamp
 
 ERASE_LINE = "\r\x1b[K"
 

@@ -1,7 +1,7 @@
 """Video sources for the command-line streamer: files, webcams, network streams, the synthetic world.
 
 `open_source(spec)` understands:
-- `synthetic:SEED`: a clip of the synthetic world (model/world.py), rendered in memory;
+- `synthetic:SEED`: a clip of the synthetic world (model/world/scene.py), rendered in memory;
 - `/dev/videoN`, `v4l2:/dev/videoN` or `webcam:N`: a V4L2 webcam (live);
 - `rtsp://`, `rtmp://`, `udp://`, `srt://`, `http(s)://` URLs: anything FFmpeg can open (rtsp/rtmp/udp/srt
   are live);
@@ -142,7 +142,7 @@ class AVSource(Source):
 
 
 class SyntheticSource(Source):
-    """A clip of the synthetic world the bundled model was trained on (model/world.py), at its own fps."""
+    """A clip of the synthetic world the bundled model learnt (model/world/scene.py), at its own fps."""
 
     def __init__(self, seed: int, seconds: float = 8.0) -> None:
         self.seed, self.seconds = seed, seconds

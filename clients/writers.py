@@ -3,7 +3,8 @@
 Each `caption.segment` from the server becomes one `Segment` (media seconds from the first frame) and
 goes to every open writer at once, then the file is flushed: a stream stopped by Ctrl-C or a lost
 connection leaves files that are valid up to the last caption. Times are what the server reports;
-the only repair is forcing `end > start`, since an empty cue is invalid in both subtitle formats.
+the cues (timestamps, cleaned text, `end > start`) come from server/subtitles.py, the formatter of the
+upload endpoint's SRT and WebVTT, so a streamed file equals the upload's answer for the same segments.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
-MIN_CUE_SECONDS = 0.001
+from casa_live.server.subtitles import SRT_SEP, VTT_HEADER, VTT_SEP, cue, cue_text
 
 
 @dataclass
@@ -26,21 +27,6 @@ class Segment:
     text: str
     ttft_ms: float | None = None
     latency_ms: float | None = None
-
-
-def format_timestamp(seconds: float, sep: str) -> str:
-    """`HH:MM:SS<sep>mmm`: sep is "," for SRT and "." for WebVTT."""
-    ms = max(0, round(seconds * 1000))
-    hours, ms = divmod(ms, 3_600_000)
-    minutes, ms = divmod(ms, 60_000)
-    secs, ms = divmod(ms, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}{sep}{ms:03d}"
-
-
-def cue_text(text: str) -> str:
-    # A blank line ends a cue in both formats, and "-->" would be read as a timing line.
-    lines = [line.strip() for line in text.replace("-->", "->").splitlines()]
-    return "\n".join(line for line in lines if line)
 
 
 class CaptionWriter:
@@ -71,44 +57,33 @@ class CaptionWriter:
 
 
 class _CueWriter(CaptionWriter):
-    """Shared SRT/WebVTT logic: skips empty captions, numbers cues from 1."""
+    """Shared SRT/WebVTT logic: skips captions with no cue text, numbers cues from 1."""
 
-    sep = ","
+    sep = SRT_SEP
 
     def __init__(self, path: str | Path) -> None:
         self.count = 0
         super().__init__(path)
-
-    def _cue(self, index: int, timing: str, text: str) -> str:
-        raise NotImplementedError
 
     def _write(self, segment: Segment) -> None:
         text = cue_text(segment.text)
         if not text:
             return
         self.count += 1
-        end = max(segment.end, segment.start + MIN_CUE_SECONDS)
-        timing = f"{format_timestamp(segment.start, self.sep)} --> {format_timestamp(end, self.sep)}"
-        self._file.write(self._cue(self.count, timing, text))
+        self._file.write(cue(self.count, segment.start, segment.end, text, self.sep))
 
 
 class SRTWriter(_CueWriter):
     suffix = ".srt"
-    sep = ","
-
-    def _cue(self, index: int, timing: str, text: str) -> str:
-        return f"{index}\n{timing}\n{text}\n\n"
+    sep = SRT_SEP
 
 
 class VTTWriter(_CueWriter):
     suffix = ".vtt"
-    sep = "."
+    sep = VTT_SEP
 
     def _header(self) -> None:
-        self._file.write("WEBVTT\n\n")
-
-    def _cue(self, index: int, timing: str, text: str) -> str:
-        return f"{index}\n{timing}\n{text}\n\n"
+        self._file.write(VTT_HEADER)
 
 
 class JSONLWriter(CaptionWriter):

@@ -1,7 +1,7 @@
 """A small, varied synthetic load for a running `casa serve`, to give the dashboard something to show.
 
 Not a benchmark (benchmarks/ has those): it makes every dashboard panel move. Live sessions at 2 fps
-stream the synthetic world (model/world.py) as JPEG frames; they join and leave at staggered times;
+stream the synthetic world (model/world/scene.py) as JPEG frames; they join and leave at staggered times;
 one client sends 6 fps to a 2 fps session (resample drops, by design); now and then a client sends a
 corrupt frame (a non-fatal bad_frame error). Used to draw docs/images/dashboard-sketch.svg:
 

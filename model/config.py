@@ -178,9 +178,9 @@ class GenerationConfig:
     ngram_window: int = 60
     fps: float = 2.0
     top_p: float = 1.0  # 1 = no nucleus filter
-    eos_bias: float = 1.0  # stop-token logit bias (model/sampling.py); 1 = none
+    eos_bias: float = 1.0  # stop-token logit bias (model/engine/sampling.py); 1 = none
     # What the EMA penalty and the n-gram history count: "emitted" tokens (casa-live's models) or
-    # every "fed" token as Kyutai's scripts do (imported checkpoints); model/sampling.py says how.
+    # every "fed" token as Kyutai's scripts do (imported checkpoints); model/engine/sampling.py says how.
     penalty_counts: Literal["emitted", "fed"] = "emitted"
     # What closes a caption cut short by max_new_tokens or the deadline: the model's most recent
     # "last_stop" token (Kyutai's procedure, imported checkpoints) or the "cut_word" then the first

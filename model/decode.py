@@ -1,7 +1,7 @@
 """The fixed-shape decode step: one text token for each of B batch rows, as one graph.
 
 `decode_step` is what the engine runs almost every tick, so it is written to be compiled
-(`torch.compile` on CPU, CUDA graphs on GPU; model/runner.py owns that choice):
+(`torch.compile` on CPU, CUDA graphs on GPU; model/engine/runner.py owns that choice):
 - static shapes: the step covers batch rows [0, B) (B is padded to a bucket by the runner) and
   attends over the first S slots of the text cache and the first Wb slots of the CASA window
   (both rounded up by the runner, so few distinct shapes occur);
@@ -187,7 +187,7 @@ def fused_decode_step(
     - a CASA layer attends to its frame and window with one matmul over the [image | window]
       buffer of CASAState;
     - only the rows in `inp.segments` are computed: attention reads each segment's rows of the
-      caches in place, so idle rows cost nothing unless a segment spans them (model/runner.py
+      caches in place, so idle rows cost nothing unless a segment spans them (model/engine/runner.py
       merges segments across short gaps to bound the number of matmuls).
     Supports fusion "casa" (separate or shared) and the insertion baseline; "ca" uses decode_step.
     """

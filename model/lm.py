@@ -1,9 +1,9 @@
 """Qwen2-style decoder with CASA layers, and its streaming step function.
 
 `LanguageModel.step` advances every batch row by its own number of text tokens against the
-preallocated StreamState; positions come in from the caller (model/generate.py builds them with
-model/rope.py). The dense reference forward over a whole interleaved sequence is in
-model/reference.py and reuses these modules' weights.
+preallocated StreamState; positions come in from the caller (the engine's runner,
+model/engine/runner.py, builds them with model/rope.py). The dense reference forward over a whole
+interleaved sequence is in model/reference.py and reuses these modules' weights.
 """
 
 from __future__ import annotations

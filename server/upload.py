@@ -2,7 +2,8 @@
 
 The body is the raw video file (`curl --data-binary @clip.mp4`), so no multipart parser is needed.
 Query parameters: `format=json|srt|vtt` (default json) and any session setting (`prompt`, `fps`,
-`max_new_tokens`, `temperature`, `top_k`, `repetition_penalty`, `no_repeat_ngram`, `seed`).
+`max_new_tokens`, `temperature`, `top_k`, `repetition_penalty`, `no_repeat_ngram`, `seed`). SRT and
+WebVTT come from server/subtitles.py, the formatter the command-line streamer's writers use too.
 
 It runs exactly the streaming path: a `Session` in offline mode (every sampled frame captioned in full,
 no real-time budget, backpressure instead of drops) whose ingest thread runs a seekable PyAV decode,
@@ -25,31 +26,9 @@ from casa_live.server import protocol as p
 from casa_live.server.context import ServerContext
 from casa_live.server.errors import CasaError, clip, report
 from casa_live.server.session import Session
+from casa_live.server.subtitles import to_srt, to_vtt
 
 FORMATS = {"json", "srt", "vtt"}
-
-
-def _timestamp(seconds: float, sep: str) -> str:
-    ms = max(0, round(seconds * 1000))
-    h, ms = divmod(ms, 3_600_000)
-    m, ms = divmod(ms, 60_000)
-    s, ms = divmod(ms, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
-
-
-def to_srt(segments: list[p.CaptionSegment]) -> str:
-    cues = [
-        f"{i}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{s.text}\n"
-        for i, s in enumerate((s for s in segments if s.text), 1)
-    ]
-    return "\n".join(cues)
-
-
-def to_vtt(segments: list[p.CaptionSegment]) -> str:
-    cues = [
-        f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{s.text}\n" for s in segments if s.text
-    ]
-    return "WEBVTT\n\n" + "\n".join(cues)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:

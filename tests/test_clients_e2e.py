@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_clients_stream import assert_monotonic, parse_srt, parse_vtt
+from subtitle_helpers import assert_monotonic, parse_srt, parse_vtt
 
 REPO = Path(__file__).resolve().parents[1]
 # CASA_TEST_TRAINED_MODEL points these tests at another trained checkpoint (e.g. a training run).

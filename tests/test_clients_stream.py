@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from subtitle_helpers import assert_monotonic, parse_srt, parse_vtt
 
 from casa_live.clients import wire
 from casa_live.clients.printer import LivePrinter
@@ -32,52 +33,9 @@ from casa_live.clients.stream import (
     run_stream,
     stream_url,
 )
-from casa_live.clients.writers import Segment, format_timestamp, open_writers
+from casa_live.clients.writers import Segment, open_writers
 from casa_live.server import protocol
-
-# ---------------------------------------------------------------------------------- parsers for checks
-
-
-def parse_srt(text: str) -> list[tuple[float, float, str]]:
-    """Strict SRT reader: index line, `HH:MM:SS,mmm --> HH:MM:SS,mmm`, text, blank line."""
-    cues = []
-    blocks = [b for b in text.strip("\n").split("\n\n") if b.strip()]
-    for n, block in enumerate(blocks, 1):
-        lines = block.split("\n")
-        assert lines[0] == str(n), f"cue {n} has index line {lines[0]!r}"
-        start, arrow, end = lines[1].partition(" --> ")
-        assert arrow, f"bad timing line {lines[1]!r}"
-        assert len(lines) >= 3 and all(lines[2:]), f"cue {n} has no text"
-        cues.append((_ts(start, ","), _ts(end, ","), "\n".join(lines[2:])))
-    return cues
-
-
-def parse_vtt(text: str) -> list[tuple[float, float, str]]:
-    assert text.startswith("WEBVTT\n\n"), "WebVTT must start with the WEBVTT line and a blank line"
-    cues = []
-    for block in [b for b in text[len("WEBVTT\n\n") :].strip("\n").split("\n\n") if b.strip()]:
-        lines = block.split("\n")
-        timing = 1 if " --> " not in lines[0] else 0  # an optional cue identifier line
-        start, _, end = lines[timing].partition(" --> ")
-        cues.append((_ts(start, "."), _ts(end.split(" ")[0], "."), "\n".join(lines[timing + 1 :])))
-    return cues
-
-
-def _ts(text: str, sep: str) -> float:
-    hms, frac_sep, ms = text.strip().rpartition(sep)
-    assert frac_sep and len(ms) == 3, f"bad timestamp {text!r}"
-    h, m, s = (int(x) for x in hms.split(":"))
-    assert m < 60 and s < 60
-    return h * 3600 + m * 60 + s + int(ms) / 1000
-
-
-def assert_monotonic(cues: list[tuple[float, float, str]]) -> None:
-    assert cues, "no cues"
-    for (s0, e0, _), (s1, e1, _) in itertools.pairwise(cues):
-        assert s0 <= s1 and e0 <= e1, f"times go backwards: {s0}-{e0} then {s1}-{e1}"
-    for s, e, _ in cues:
-        assert e > s, f"empty cue {s}-{e}"
-
+from casa_live.server.subtitles import format_timestamp
 
 # ---------------------------------------------------------------------------------- pure parts
 

@@ -59,7 +59,7 @@ def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[CASAModel, Tokenizer, GenerationConfig]:
     path = Path(path)
-    from casa_live.model.checkpoint.hf import detect_layout, load_any  # lazy: model.hf imports this module
+    from casa_live.model.checkpoint.hf import detect_layout, load_any  # lazy: hf imports this module
 
     if (path / CONFIG).exists() and detect_layout(path) != "casa":  # Qwen2.5-VL / Kyutai directory
         return load_any(path, device, dtype)

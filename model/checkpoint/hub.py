@@ -24,7 +24,7 @@ from pathlib import Path
 
 from casa_live.model.checkpoint.format import CheckpointError
 
-# what casa-live reads from a checkpoint (model/weights.py, model/hf/): never remote code
+# what casa-live reads from a checkpoint (model/checkpoint/format.py, model/checkpoint/hf/): never remote code
 PATTERNS = [
     "config.json",
     "generation_config.json",

@@ -1,9 +1,9 @@
 """Evaluate a model on held-out synthetic clips through the REAL streaming engine.
 
-Captions are generated frame by frame from pixels by `model.generate.Engine` (the path the server
-uses), greedy unless the checkpoint says otherwise, never teacher-forced: each caption conditions on
-the model's own earlier captions. Many clips run at once, one engine row each, so the batched step
-is exercised too.
+Captions are generated frame by frame from pixels by the engine (model/engine/engine.py, the path
+the server uses), greedy unless the checkpoint says otherwise, never teacher-forced: each caption
+conditions on the model's own earlier captions. Many clips run at once, one engine row each, so the
+batched step is exercised too.
 
 Metrics (all micro-averaged over frames):
 - exact match: the caption equals the ground truth string;
@@ -11,7 +11,7 @@ Metrics (all micro-averaged over frames):
   multiset of (attribute, value) pairs parsed from the caption against the ground truth's;
 - change-event recall (and precision): an event "appears / moves <direction> / leaves" of a given
   colour + shape at frame t > 0 is recalled when the caption of frame t reports it.
-Held-out seeds are below model.train.TRAIN_SEED_BASE, which training never uses.
+Held-out seeds are below TRAIN_SEED_BASE (model/training/train.py), which training never uses.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def slot_accuracy(
     clips_per_batch: int = 8,
 ) -> SlotAccuracy:
     """Teacher-forced accuracy of every caption word on held-out clips (dense CASA forward, the
-    training batch of model/train.py)."""
+    training batch of model/training/train.py)."""
     from casa_live.model.processor import ImageProcessor
     from casa_live.model.training.train import batch_from_clips, dense_logits
 

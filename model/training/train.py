@@ -1,7 +1,7 @@
-"""Train a CASA model end to end on the synthetic world (model/world.py), on CPU.
+"""Train a CASA model end to end on the synthetic world (model/world/scene.py), on CPU.
 
 Design choices:
-- Sequences follow the exact streaming layout of model/generate.py (Engine), so the model is trained
+- Sequences follow the exact streaming layout of model/engine/engine.py (Engine), so the model is trained
   on what it sees when it captions live:
       prefix(prompt) pre_image | frame 0 | post_image caption_prefix caption_0 stop
       pre_image | frame 1 | post_image caption_1 stop  pre_image | frame 2 | ...

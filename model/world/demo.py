@@ -1,9 +1,9 @@
-"""Assets of the browser demo: the page's folder and the synthetic clips it plays.
+"""The synthetic clips of the browser demo.
 
-The server serves `WEB_DIR` (index.html at `/`, the rest under `/web/`) and `demo_clip_webm()` at
-`GET /v1/demo-clip.webm`, so the page has a scene that the bundled model truly understands even where
-no camera exists. Tests feed the same world to Chromium's fake camera with `write_camera_y4m()`.
-Everything is a pure function of the seed (model/world.py), so a test can regenerate the ground truth.
+The server's demo routes (server/demo.py) serve `demo_clip_webm()` at `GET /v1/demo-clip.webm`, so the
+page has a scene that the bundled model truly understands even where no camera exists. Tests feed the
+same world to Chromium's fake camera with `write_camera_y4m()`. Everything is a pure function of the
+seed (model/world/scene.py), so a test can regenerate the ground truth.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def demo_clip(seed: int = DEMO_SEED, frames: int = DEMO_FRAMES):
 def demo_clip_webm(seed: int = DEMO_SEED, frames: int = DEMO_FRAMES) -> bytes:
     """The demo clip as VP8 WebM at the world's fps, every frame a keyframe. Cached.
 
-    Encoded here rather than with model/video.py's realtime defaults: at 128 px those leave blocking
+    Encoded here rather than with model/world/video.py's realtime defaults: at 128 px those leave blocking
     artefacts that the model (trained on clean renders) may misread; intra-only at a high bitrate costs
     ~0.5 MB for 20 s and keeps every frame clean and seekable for the <video> loop.
     """

@@ -6,7 +6,7 @@
 
 A plain Qwen2.5-VL checkpoint gets CASA layers initialised from each block's self-attention (the
 paper's starting point; every block by default, or `casa.layers`, or the shared variant). A Kyutai
-CASA checkpoint brings its own CASA tensors (model/hf/tensors.py says how they are recognised).
+CASA checkpoint brings its own CASA tensors (model/checkpoint/hf/tensors.py says how they are recognised).
 Loading is strict either way; see docs/checkpoints.md.
 """
 
