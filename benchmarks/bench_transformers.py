@@ -1,7 +1,7 @@
 """Our streaming engine vs transformers' Qwen2.5-VL with its own KV cache, same weights, CPU.
 
 One random Qwen2.5-VL is saved with transformers' `save_pretrained` and imported through our
-importer (model/hf), so both sides run the same backbone weights; ours adds CASA layers (initialised
+importer (model/checkpoint/hf), so both sides run the same backbone weights; ours adds CASA layers (initialised
 from self-attention) and streams the Kyutai way, transformers does what a Qwen2.5-VL user does for a
 live stream: token insertion, each frame's `<|vision_start|><|image_pad|>*N<|vision_end|>` appended
 turn by turn to one DynamicCache, then greedy decoding. Every frame is run for real on both sides.

@@ -1,6 +1,6 @@
 """Soak test: one endless synthetic stream through `casa serve`, faster than real time.
 
-The synthetic world (model/world.py) is an endless camera with a ground-truth caption per frame. The
+The synthetic world (model/world/scene.py) is an endless camera with a ground-truth caption per frame. The
 stream runs in offline mode (every frame captioned in full, backpressure instead of drops), so it
 goes as fast as the model allows. Every `--report-every` seconds of video it prints, for that
 stretch:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from casa_live.model.engine.settings import effective
 from casa_live.server import protocol as p
@@ -15,8 +15,15 @@ from casa_live.server.settings import Settings
 
 if TYPE_CHECKING:
     from casa_live.model.engine.engine import Engine
-    from casa_live.server.session import Session
     from casa_live.server.worker import Worker
+
+
+class LiveSession(Protocol):
+    """What the context and the drain need of an open session (server/session.py's Session):
+    typed here so that the session module depends on this one, never the reverse."""
+
+    def current_lag(self, now: float) -> float: ...
+    async def drain(self, deadline: float) -> None: ...
 
 
 class ServerContext:
@@ -27,7 +34,7 @@ class ServerContext:
         self.worker: Worker | None = None
         self.model_name = ""
         self.ready = False
-        self.sessions: set[Session] = set()
+        self.sessions: set[LiveSession] = set()
         self.uploads = 0  # uploads receiving or captioning now (at most settings.max_concurrent_uploads)
         # set once by server/drain.py on SIGTERM: no new sessions, open ones are drained by the deadline
         self.draining = False

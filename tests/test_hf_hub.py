@@ -1,4 +1,4 @@
-"""Hub repo ids (model/hub.py): resolved from a cache directory in the Hub's own layout, offline.
+"""Hub repo ids (model/checkpoint/hub.py): resolved from a cache directory in the Hub's own layout, offline.
 
 The cache is built by the test: a tiny Qwen2.5-VL saved by transformers, stored as blobs named by
 their sha256 with snapshot symlinks and refs, as huggingface_hub lays it out. Nothing is downloaded:

@@ -6,7 +6,7 @@ for GPUTarget("cuda", 90, 32), then the cuobjdump bundled with triton for regist
 memory and the tensor-core instructions in the SASS). It runs in a subprocess because interpreted
 kernels (TRITON_INTERPRET=1, set for the rest of the suite) cannot be compiled.
 
-Run `python -m kernels.aot` for the table; `pytest -s` prints it too.
+Run `python -m casa_live.kernels.aot` for the table; `pytest -s` prints it too.
 """
 
 from __future__ import annotations

@@ -286,7 +286,7 @@ class CasaServer:
 
 @pytest.fixture(scope="module")
 def casa_server(tmp_path_factory) -> Iterator[CasaServer]:
-    """`casa serve` as a user runs it (python -m cli serve), on a random-weight test-tiny checkpoint."""
+    """`casa serve` as a user runs it (python -m casa_live.cli serve), on a random-weight test-tiny checkpoint."""
     from casa_live.model.checkpoint.toy import toy_checkpoint
 
     tmp = tmp_path_factory.mktemp("casa-serve")
@@ -296,7 +296,7 @@ def casa_server(tmp_path_factory) -> Iterator[CasaServer]:
     env = {**os.environ, "CASA_MODEL_DIR": str(model_dir), "CASA_MAX_SESSIONS": "4", "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "casa_live.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     server = CasaServer(f"http://127.0.0.1:{port}", port, proc, log)

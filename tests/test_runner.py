@@ -223,7 +223,7 @@ def test_a_frame_the_vision_thread_cannot_encode_fails_alone() -> None:
 @pytest.mark.parametrize("fusion", ["casa", "insertion"])
 def test_prompt_opened_under_load_goes_through_the_step_and_matches_a_lone_open(fusion: str) -> None:
     """A session opened while another row decodes feeds its (short) prompt a token a tick through
-    the batched step instead of an eager prefill (model/scheduler.py); its logits and captions are
+    the batched step instead of an eager prefill (model/engine/scheduler.py); its logits and captions are
     those of the same session opened alone, whose prompt is prefilled in one forward."""
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 256, (30, 41, 3), dtype=np.uint8) for _ in range(4)]

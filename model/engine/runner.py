@@ -2,7 +2,7 @@
 
 Per tick, in this order:
 1. frames: write each starting frame's CASA image K/V into its row (computed by the vision
-   pipeline, model/vision_pipeline.py, or here when none runs);
+   pipeline, model/engine/vision_pipeline.py, or here when none runs);
 2. prefill: one varlen forward (`LanguageModel.step`) over the rows that feed several items;
 3. decode: the fixed-shape step (model/decode.py) over rows [0, B), B the smallest bucket above
    the highest decoding row; every other row of [0, B) is idle and writes to the scratch slot.
