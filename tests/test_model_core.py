@@ -167,7 +167,8 @@ def test_casa_caption_cli(tmp_path: Path) -> None:
     frames = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(8)]
     clip = write_video(tmp_path / "clip.webm", frames, fps=4.0)
     out = subprocess.run(
-        [sys.executable, "-m", "casa_live.cli", "caption", str(clip), "--model", str(ckpt), "--max-new-tokens", "3"],
+        [sys.executable, "-m", "casa_live.cli", "caption", str(clip), "--model", str(ckpt),
+         "--max-new-tokens", "3"],  # fmt: skip
         capture_output=True,
         text=True,
         cwd=ROOT,
