@@ -20,6 +20,8 @@ from casa_live.model.engine.sampling import Sampler, SamplingParams, apply_repet
 
 ROOT = Path(__file__).resolve().parent.parent
 
+CAPTION = [sys.executable, "-m", "casa_live.cli", "caption"]  # `casa caption` as a user runs it
+
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_config_json_round_trip(name: str, tmp_path: Path) -> None:
@@ -167,8 +169,7 @@ def test_casa_caption_cli(tmp_path: Path) -> None:
     frames = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(8)]
     clip = write_video(tmp_path / "clip.webm", frames, fps=4.0)
     out = subprocess.run(
-        [sys.executable, "-m", "casa_live.cli", "caption", str(clip), "--model", str(ckpt),
-         "--max-new-tokens", "3"],  # fmt: skip
+        [*CAPTION, str(clip), "--model", str(ckpt), "--max-new-tokens", "3"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -179,7 +180,7 @@ def test_casa_caption_cli(tmp_path: Path) -> None:
     assert [line[:9] for line in lines] == ["[00:00.0]", "[00:00.5]", "[00:01.0]", "[00:01.5]"]
     assert any(len(line) > 10 for line in lines)  # random weights: some frames may stop at once
     bad = subprocess.run(
-        [sys.executable, "-m", "casa_live.cli", "caption", str(clip), "--model", str(tmp_path)],
+        [*CAPTION, str(clip), "--model", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=ROOT,
