@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from casa_live.model.checkpoint.hf import load_any
+from casa_live.model.checkpoint.load import load
 from casa_live.model.engine.engine import Engine, SessionSettings
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
@@ -167,7 +167,7 @@ def main() -> None:
     last = max(args.frames)
     with tempfile.TemporaryDirectory() as tmp:
         hf = write_checkpoint(Path(tmp), vocab)
-        model, tok, gen = load_any(tmp)
+        model, tok, gen = load(tmp)
     model.config.image_size = args.image_size
     gen.template.prefix, gen.template.caption_prefix = "<|im_start|>", ""
     engine = Engine(model, tok, gen, max_sessions=1, max_context_tokens=4096)

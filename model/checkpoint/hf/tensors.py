@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from casa_live.model.checkpoint.format import CheckpointError
+from casa_live.model.checkpoint.common import CheckpointError
 from safetensors import safe_open
 from safetensors.torch import load_file
 
