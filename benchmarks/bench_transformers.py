@@ -30,7 +30,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from benchmarks.bench_streaming import used_kv_bytes
-from casa_live.model.checkpoint.hf import load_any
+from casa_live.model.checkpoint.load import load
 from casa_live.model.engine.engine import Engine, SessionSettings
 
 SPECIAL = [
@@ -167,7 +167,7 @@ def main() -> None:
     last = max(args.frames)
     with tempfile.TemporaryDirectory() as tmp:
         hf = write_checkpoint(Path(tmp), vocab)
-        model, tok, gen = load_any(tmp)
+        model, tok, gen = load(tmp)
     model.config.image_size = args.image_size
     gen.template.prefix, gen.template.caption_prefix = "<|im_start|>", ""
     engine = Engine(model, tok, gen, max_sessions=1, max_context_tokens=4096)

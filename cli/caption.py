@@ -55,7 +55,8 @@ def format_ts(seconds: float) -> str:
 def run(args: argparse.Namespace) -> int:
     import av
 
-    from casa_live.model.checkpoint.format import CheckpointError, default_model_dir
+    from casa_live.model.checkpoint.assets import default_model_dir
+    from casa_live.model.checkpoint.common import CheckpointError
     from casa_live.model.checkpoint.hub import resolve_model
     from casa_live.model.engine.engine import Engine, SessionSettings
 

@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from casa_live.model.checkpoint.format import CheckpointError, save_checkpoint
+    from casa_live.model.checkpoint.common import CheckpointError
+    from casa_live.model.checkpoint.format import save_checkpoint
     from casa_live.model.checkpoint.hf import import_checkpoint
     from casa_live.model.checkpoint.hub import resolve_model
     from casa_live.model.config import CASAConfig

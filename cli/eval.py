@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from casa_live.model.checkpoint.format import default_model_dir
+    from casa_live.model.checkpoint.assets import default_model_dir
     from casa_live.model.engine.engine import Engine
     from casa_live.model.training.evaluate import evaluate
 

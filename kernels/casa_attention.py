@@ -1,6 +1,6 @@
 """Triton "prefix + causal segment" attention: CASA window prefill/decode and text-cache decode.
 
-Semantics (kernels/dispatch.py holds the torch reference, re-exported here):
+Semantics (kernels/reference.py holds the torch references, re-exported here):
 
     out[b, h, i] = softmax_j(q[b, h, i] . key_j * scale) . value_j
         over j in  prefix[b, :prefix_len[b]]        (all visible: the frame's image tokens)
@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from casa_live.kernels.dispatch import prefix_causal_attention_torch
+from casa_live.kernels.reference import prefix_causal_attention_torch, prefix_causal_attention_varlen_torch
 
 __all__ = [
     "prefix_causal_attention_torch",
@@ -465,43 +465,3 @@ def prefix_causal_attention_varlen(
         cu=(cu_seqlens_q, cu_seqlens_prefix, cu_seqlens_seg), num_splits=num_splits, block_n=block_n,
         out=out,
     )  # fmt: skip
-
-
-def prefix_causal_attention_varlen_torch(
-    q: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    max_seqlen_q: int,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    cu_seqlens_prefix: torch.Tensor | None,
-    seg_k: torch.Tensor | None,
-    seg_v: torch.Tensor | None,
-    cu_seqlens_seg: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """Reference for the varlen entry: the padded reference, one batch row at a time."""
-    out = torch.empty_like(q)
-    cq = cu_seqlens_q.tolist()
-    cp = cu_seqlens_prefix.tolist() if cu_seqlens_prefix is not None else None
-    cs = cu_seqlens_seg.tolist() if cu_seqlens_seg is not None else None
-    for b in range(len(cq) - 1):
-        qb = q[cq[b] : cq[b + 1]].transpose(0, 1)[None]  # (1, H, t, D)
-        if qb.shape[2] == 0:
-            continue
-        pk = pv = plen = sk = sv = qs = None
-        if cp is not None:
-            pk = prefix_k[cp[b] : cp[b + 1]].transpose(0, 1)[None]
-            pv = prefix_v[cp[b] : cp[b + 1]].transpose(0, 1)[None]
-            plen = torch.tensor([pk.shape[2]], device=q.device)
-        if cs is not None:
-            sk = seg_k[cs[b] : cs[b + 1]].transpose(0, 1)[None]
-            sv = seg_v[cs[b] : cs[b + 1]].transpose(0, 1)[None]
-            qs = torch.tensor([sk.shape[2] - qb.shape[2]], device=q.device)
-        o = prefix_causal_attention_torch(qb, pk, pv, plen, sk, sv, qs, scale)
-        out[cq[b] : cq[b + 1]] = o[0].transpose(0, 1)
-    return out
-
-
-def attention_flops(n_q: int, n_k: int, heads: int, head_dim: int) -> float:
-    """Dense FLOP count of one attention: QK^T and PV, 2 flops per MAC (benchmark helper)."""
-    return 4.0 * n_q * n_k * heads * head_dim

@@ -23,8 +23,9 @@ The fused elementwise kernels go through the same decision (`backend_for`):
   (kernels/rmsnorm.py);
 - `apply_rope(q, k, cos, sin) -> (q, k)`: rotate-half RoPE of q and k (k may be None) in one launch
   (kernels/rope.py).
-Their torch references live here too, so the CPU path never imports triton; the kernel modules
-re-export them next to their kernels.
+The torch references of all of them live in kernels/reference.py, which never imports triton, so
+the CPU path never does either; they are re-exported here (the model imports them from dispatch)
+and next to each kernel. This module imports a kernel module only when a call takes the Triton path.
 """
 
 from __future__ import annotations
@@ -33,7 +34,31 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
+
+from casa_live.kernels.reference import (
+    apply_rope_torch,
+    attention_mask,
+    decode_attention_torch,
+    prefix_causal_attention_torch,
+    prefix_causal_attention_varlen_torch,
+    rms_norm_torch,
+)
+
+__all__ = [
+    "apply_rope",
+    "apply_rope_torch",
+    "attention_mask",
+    "backend_for",
+    "decode_attention",
+    "decode_attention_torch",
+    "force",
+    "prefix_causal_attention",
+    "prefix_causal_attention_torch",
+    "prefix_causal_attention_varlen_torch",
+    "rms_norm",
+    "rms_norm_torch",
+    "triton_available",
+]
 
 _FORCED: str | None = None
 
@@ -127,106 +152,6 @@ def decode_attention(
     )
 
 
-def decode_attention_torch(
-    q: torch.Tensor,
-    k_new: torch.Tensor | None,
-    v_new: torch.Tensor | None,
-    cache_k: torch.Tensor | None,
-    cache_v: torch.Tensor | None,
-    cache_len: torch.Tensor | None,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    prefix_len: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """Reference: scores of each key group as a batched mat-vec, one softmax over their
-    concatenation (small: (B, Hkv, G, P+S+1)), then the weighted sums. No K/V is copied, which is
-    what matters at T = 1 (SDPA's CPU kernel costs ~0.5 ms a call here, mostly setup)."""
-    B, H, _, D = q.shape
-    ref = k_new if k_new is not None else (cache_k if cache_k is not None else prefix_k)
-    assert ref is not None, "decode_attention needs at least one key group"
-    Hkv = ref.shape[1]
-    qg = q.reshape(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D): GQA without repeating keys
-    scores, values = [], []
-    visible = None  # (B,) any key visible, tracked only when the new key is absent
-    for k, v, n in ((prefix_k, prefix_v, prefix_len), (cache_k, cache_v, cache_len)):
-        if k is None:
-            continue
-        m = torch.arange(k.shape[2], device=q.device)[None, :] < n[:, None]  # (B, P|S)
-        scores.append((qg @ k.transpose(-1, -2)).masked_fill(~m[:, None, None, :], float("-inf")))
-        values.append(v)
-        if k_new is None:
-            visible = m.any(-1) if visible is None else visible | m.any(-1)
-    if k_new is not None:
-        scores.append((qg * k_new).sum(-1, keepdim=True))  # (B, Hkv, G, 1)
-        values.append(v_new)
-    s = torch.cat(scores, dim=-1).float() * scale
-    if visible is not None:  # a row that sees nothing gets zeros, not NaN
-        s = s.masked_fill(~visible[:, None, None, None], 0.0)
-    p = torch.softmax(s, dim=-1).to(q.dtype)
-    out = None
-    start = 0
-    for v in values:
-        n = v.shape[2]
-        part = p[..., start : start + n] @ v  # (B, Hkv, G, D)
-        out = part if out is None else out + part
-        start += n
-    if visible is not None:
-        out = out * visible[:, None, None, None].to(out.dtype)
-    return out.reshape(B, H, 1, D)
-
-
-def attention_mask(
-    prefix_len: torch.Tensor | None, P: int, q_start: torch.Tensor | None, T: int, S: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask (B, 1, T, P+S) bool, any_visible (B, 1, T, 1)) for the torch path.
-
-    A query row with no visible key is given every key (SDPA would return NaN) and then zeroed
-    through any_visible.
-    """
-    masks = []
-    if prefix_len is not None:
-        # image tokens: all visible up to prefix_len
-        pm = torch.arange(P, device=prefix_len.device)[None, :] < prefix_len[:, None]
-        masks.append(pm[:, None, None, :].expand(-1, 1, T, P))
-    if q_start is not None:
-        # query i of row b sees segment slots <= q_start[b] + i
-        last = q_start[:, None] + torch.arange(T, device=q_start.device)[None, :]  # (B, T)
-        sm = torch.arange(S, device=q_start.device)[None, None, :] <= last[:, :, None]
-        masks.append(sm[:, None])
-    mask = torch.cat(masks, dim=3) if len(masks) > 1 else masks[0]
-    any_visible = mask.any(dim=-1, keepdim=True)
-    return mask | ~any_visible, any_visible
-
-
-def prefix_causal_attention_torch(
-    q: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    prefix_len: torch.Tensor | None,
-    seg_k: torch.Tensor | None,
-    seg_v: torch.Tensor | None,
-    q_start: torch.Tensor | None,
-    scale: float,
-    mask: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Reference: SDPA over [prefix ; segment] with a boolean mask built from the lengths."""
-    T = q.shape[2]
-    P = prefix_k.shape[2] if prefix_k is not None else 0
-    S = seg_k.shape[2] if seg_k is not None else 0
-    if mask is None:
-        mask = attention_mask(
-            prefix_len if prefix_k is not None else None, P, q_start if seg_k is not None else None, T, S
-        )
-    attn_mask, any_visible = mask
-    if prefix_k is not None and seg_k is not None:
-        k, v = torch.cat([prefix_k, seg_k], dim=2), torch.cat([prefix_v, seg_v], dim=2)
-    else:
-        k, v = (prefix_k, prefix_v) if prefix_k is not None else (seg_k, seg_v)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=True)
-    return out * any_visible.to(out.dtype)
-
-
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -238,20 +163,6 @@ def rms_norm(
     return rms_norm_torch(x, weight, eps, residual)
 
 
-def rms_norm_torch(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference (Qwen2RMSNorm op order): statistics in fp32, scale applied in the input dtype."""
-    h = x + residual if residual is not None else x
-    if h.dtype == torch.float32 and weight.dtype == torch.float32:
-        # one fused ATen op instead of seven small ones (the CPU decode step is op-bound); in fp32
-        # it is the same computation
-        return F.rms_norm(h, (h.shape[-1],), weight, eps), (h if residual is not None else None)
-    hf = h.float()
-    hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * hf.to(h.dtype), (h if residual is not None else None)
-
-
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -261,17 +172,3 @@ def apply_rope(
 
         return rope.apply_rope_triton(q, k, cos, sin)
     return apply_rope_torch(q, k, cos, sin)
-
-
-def apply_rope_torch(
-    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference: x * cos + rotate_half(x) * sin in fp32, result in x's dtype (as model/rope.py)."""
-    c, s = cos[:, None], sin[:, None]
-
-    def rot(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        x1, x2 = xf.chunk(2, dim=-1)
-        return (xf * c + torch.cat([-x2, x1], dim=-1) * s).to(x.dtype)
-
-    return rot(q), (rot(k) if k is not None else None)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from casa_live.kernels.dispatch import rms_norm_torch as rmsnorm_torch
+from casa_live.kernels.reference import rms_norm_torch as rmsnorm_torch
 
 __all__ = ["rmsnorm_torch", "rmsnorm_triton"]
 

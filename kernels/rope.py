@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from casa_live.kernels.dispatch import apply_rope_torch
+from casa_live.kernels.reference import apply_rope_torch
 
 __all__ = ["apply_rope_torch", "apply_rope_triton"]
 

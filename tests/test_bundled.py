@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from casa_live.model.checkpoint.format import default_model_dir, load_checkpoint
+from casa_live.model.checkpoint.assets import default_model_dir
+from casa_live.model.checkpoint.load import load
 from casa_live.model.config import DEFAULT_CONTEXT_TOKENS, GenerationConfig, ModelConfig
 from casa_live.model.engine.engine import Engine
 from casa_live.model.training.evaluate import evaluate
@@ -25,7 +26,7 @@ def test_bundled_checkpoint_is_complete_and_small():
     gen = GenerationConfig.load(DIR / "generation_config.json")
     assert cfg.name == "default" and cfg.casa.fusion == "casa"
     assert gen.stop_tokens == ["<|frame_end|>"]
-    model, tok, _ = load_checkpoint(DIR)
+    model, tok, _ = load(DIR)
     assert tok.vocab_size <= cfg.lm.vocab
     assert 1e6 < sum(p.numel() for p in model.parameters()) < 12e6
 
@@ -48,6 +49,6 @@ def test_text_cache_bound_comes_from_the_checkpoint_unless_given():
     assert GenerationConfig.load(DIR / "generation_config.json").context_tokens == 256
     assert Engine.from_checkpoint(DIR, max_sessions=1).state.text.capacity == 256
     assert Engine.from_checkpoint(DIR, max_sessions=1, max_context_tokens=512).state.text.capacity == 512
-    model, tok, gen = load_checkpoint(DIR)
+    model, tok, gen = load(DIR)
     gen.context_tokens = None
     assert Engine(model, tok, gen, max_sessions=1).state.text.capacity == DEFAULT_CONTEXT_TOKENS

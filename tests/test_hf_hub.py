@@ -18,8 +18,8 @@ import pytest
 
 from casa_live.cli import convert
 from casa_live.cli.main import build_parser
-from casa_live.model.checkpoint.format import load_checkpoint
 from casa_live.model.checkpoint.hub import HubError, parse_repo_id, resolve_model
+from casa_live.model.checkpoint.load import load
 from casa_live.model.engine.engine import Engine
 from tests.test_hf_import import write_hf_checkpoint
 
@@ -85,7 +85,7 @@ def test_a_repo_id_resolves_offline_and_loads(offline, tmp_path) -> None:
     cache, _old, new = offline
     path = resolve_model(REPO)
     assert path == cache / "models--tiny-org--Tiny-Qwen2.5-VL" / "snapshots" / new
-    model, _tok, gen = load_checkpoint(path)
+    model, _tok, gen = load(path)
     assert gen.top_p == 0.5 and model.config.processor == "qwen"  # main's generation config
     engine = Engine.from_checkpoint(path, max_sessions=1, max_context_tokens=256)
     row = engine.open()
@@ -102,7 +102,7 @@ def test_revisions_pin_a_commit_tag_or_branch(offline) -> None:
     assert resolve_model(f"{REPO}@{old}") == snaps / old
     assert resolve_model(REPO, revision="v1") == snaps / old
     assert resolve_model(REPO, revision="main") == snaps / new
-    assert load_checkpoint(resolve_model(f"{REPO}@v1"))[2].top_p == 1.0
+    assert load(resolve_model(f"{REPO}@v1"))[2].top_p == 1.0
     with pytest.raises(HubError, match="two revisions"):
         resolve_model(f"{REPO}@v1", revision="main")
     with pytest.raises(HubError, match="revision nope"):

@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from casa_live.model.checkpoint.format import CheckpointError, load_checkpoint
+from casa_live.model.checkpoint.common import CheckpointError
 from casa_live.model.checkpoint.hf import config as hfc
-from casa_live.model.checkpoint.hf import detect_layout, import_checkpoint, load_any
+from casa_live.model.checkpoint.hf import detect_layout, import_checkpoint
+from casa_live.model.checkpoint.load import load
 from casa_live.model.config import CASAConfig
 from casa_live.model.engine.engine import Engine, SessionSettings
 from casa_live.model.processor import QwenImageProcessor
@@ -321,13 +322,13 @@ def test_load_checkpoint_and_convert_roundtrip(hf_dir, tmp_path) -> None:
 
     path, _ = hf_dir
     assert detect_layout(path) == "qwen2.5-vl"
-    model, _, gen = load_checkpoint(path)
+    model, _, gen = load(path)
     assert gen.stop_tokens == ["<|im_end|>", "<|endoftext|>", STOP_WORD]
     assert gen.temperature == 0.4 and gen.top_k == 256 and gen.max_new_tokens == 20
     out = tmp_path / "ours"
     assert convert([str(path), str(out), "--casa-layers", "0,2"]) == 0
     assert detect_layout(out) == "casa"
-    ours, _, gen2 = load_any(out)
+    ours, _, gen2 = load(out)
     assert ours.lm.casa_ids == [0, 2] and gen2 == gen
     for k, v in ours.state_dict().items():
         if ".casa." not in k:

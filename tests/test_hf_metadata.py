@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from casa_live.model.checkpoint.format import CheckpointError
+from casa_live.model.checkpoint.common import CheckpointError
 from casa_live.model.checkpoint.hf import config as hfc
-from casa_live.model.checkpoint.hf import import_checkpoint, load_any
+from casa_live.model.checkpoint.hf import import_checkpoint
+from casa_live.model.checkpoint.load import load
 from casa_live.model.config import CASAConfig
 from casa_live.model.engine.engine import Engine, SessionSettings
 from tests.test_hf_import import CASA_BLOCKS, copy_with_tensors, kyutai_tensors, write_hf_checkpoint
@@ -61,10 +62,10 @@ def test_generation_config_fields_are_honoured_or_reported(hf_dir, tmp_path, cap
     assert "no_repeat_ngram_size 3 ignored" in notes and "max_new_tokens 128 ignored" in notes
     assert "pad_token_id" not in notes and "eos_token_id" not in notes  # bookkeeping is not reported
     with caplog.at_level(logging.INFO, logger="casa_live.model.checkpoint.hf"):
-        load_any(path)  # what `casa serve --model DIR` does: the same notes reach the log
+        load(path)  # what `casa serve --model DIR` does: the same notes reach the log
     assert "top_k 1 ignored" in caplog.text and "repetition_penalty 1.05 ignored" in caplog.text
     # the honoured top_p reaches the sampler; a session overrides it
-    engine = Engine(*load_any(path), max_sessions=2, max_context_tokens=256)
+    engine = Engine(*load(path), max_sessions=2, max_context_tokens=256)
     a, b = engine.open(), engine.open(None, SessionSettings(top_p=0.9, eos_bias=1.0))
     assert (engine.sampler.params[a].top_p, engine.sampler.params[a].eos_bias) == (0.001, 0.95)
     assert (engine.sampler.params[b].top_p, engine.sampler.params[b].eos_bias) == (0.9, 1.0)
@@ -131,7 +132,7 @@ def test_casa_block_list_from_config_json(hf_dir, tmp_path) -> None:
 
 def test_the_bundled_format_keeps_todays_behaviour() -> None:
     """casa-live's own generation config (the bundled model's) is unchanged by the new fields."""
-    from casa_live.model.checkpoint.format import default_model_dir
+    from casa_live.model.checkpoint.assets import default_model_dir
     from casa_live.model.config import GenerationConfig
 
     gen = GenerationConfig.load(default_model_dir() / "generation_config.json")

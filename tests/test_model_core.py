@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from casa_live.model.checkpoint.format import CheckpointError, load_checkpoint, save_checkpoint
+from casa_live.model.checkpoint.common import CheckpointError
+from casa_live.model.checkpoint.format import save_checkpoint
+from casa_live.model.checkpoint.load import load
 from casa_live.model.checkpoint.toy import toy_checkpoint, toy_generation_config, toy_model, word_tokenizer
 from casa_live.model.config import PRESETS, GenerationConfig, ModelConfig, preset
 from casa_live.model.engine.engine import CapacityError, Engine
@@ -56,7 +58,7 @@ def test_default_preset_size() -> None:
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path) -> None:
     path = toy_checkpoint(tmp_path / "ckpt")
-    model, tok, gen = load_checkpoint(path)
+    model, tok, gen = load(path)
     again = tmp_path / "again"
     save_checkpoint(again, model, tok, gen)
     a, b = load_file(str(path / "model.safetensors")), load_file(str(again / "model.safetensors"))
@@ -74,7 +76,7 @@ def test_missing_tensor_is_named(tmp_path: Path) -> None:
     tensors["lm.extra.weight"] = torch.zeros(2)
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(path)
+        load(path)
     assert "missing tensor: lm.layers.1.mlp.down_proj.weight" in str(e.value)
     assert "unexpected tensor: lm.extra.weight" in str(e.value)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from casa_live.model.checkpoint.format import load_checkpoint
+from casa_live.model.checkpoint.load import load
 from casa_live.model.config import preset
 from casa_live.model.engine.engine import Engine
 from casa_live.model.processor import ImageProcessor
@@ -126,7 +126,7 @@ def test_a_few_steps_lower_the_loss_and_resume_continues(tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps == [0, 2, 4, 6, 8, 10]
     # the exported checkpoint loads strictly and streams
-    model, tok, gen = load_checkpoint(out)
+    model, tok, gen = load(out)
     assert model.config.lm.vocab == 512
     engine = Engine(model, tok, gen, max_sessions=1)
     row = engine.open()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-CONFIG = "config.json"
+from casa_live.model.checkpoint.common import CONFIG
 
 
 def default_model_dir() -> Path:

@@ -1,6 +1,7 @@
 """Our checkpoint format: a directory with config.json, model.safetensors, tokenizer.json and
 generation_config.json. Loading is strict: every tensor consumed, every parameter filled, or an
-error that names each missing and unexpected tensor."""
+error that names each missing and unexpected tensor. This module reads our format only: load.py's
+`load` is the entry for any layout."""
 
 from __future__ import annotations
 
@@ -9,21 +10,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from casa_live.model.checkpoint.assets import default_model_dir as default_model_dir
+from casa_live.model.checkpoint.common import CONFIG, GENERATION, TOKENIZER, WEIGHTS, CheckpointError
 from casa_live.model.config import GenerationConfig, ModelConfig
 from casa_live.model.tokenizer import Tokenizer
 from casa_live.model.vlm import CASAModel
-
-CONFIG, WEIGHTS, TOKENIZER, GENERATION = (
-    "config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "generation_config.json",
-)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model it is loaded into."""
 
 
 def save_checkpoint(path: str | Path, model: CASAModel, tokenizer: Tokenizer, gen: GenerationConfig) -> None:
@@ -55,14 +45,11 @@ def strict_load(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source
     model.load_state_dict(tensors, strict=True)
 
 
-def load_checkpoint(
+def load_casa_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[CASAModel, Tokenizer, GenerationConfig]:
+    """A directory in our format (load.py's `load` also takes Qwen2.5-VL and Kyutai directories)."""
     path = Path(path)
-    from casa_live.model.checkpoint.hf import detect_layout, load_any  # lazy: hf imports this module
-
-    if (path / CONFIG).exists() and detect_layout(path) != "casa":  # Qwen2.5-VL / Kyutai directory
-        return load_any(path, device, dtype)
     for name in (CONFIG, WEIGHTS, TOKENIZER, GENERATION):
         if not (path / name).exists():
             raise CheckpointError(f"{path} is not a casa-live checkpoint: {name} is missing")

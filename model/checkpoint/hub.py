@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from casa_live.model.checkpoint.format import CheckpointError
+from casa_live.model.checkpoint.common import CheckpointError
 
 # what casa-live reads from a checkpoint (model/checkpoint/format.py, model/checkpoint/hf/): never remote code
 PATTERNS = [

@@ -110,7 +110,7 @@ class Engine:
     def from_checkpoint(
         cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, **kw
     ) -> Engine:
-        from casa_live.model.checkpoint.format import load_checkpoint
+        from casa_live.model.checkpoint.load import load as load_checkpoint
 
         model, tok, gen = load_checkpoint(path, device, dtype)
         return cls(model, tok, gen, device=device, dtype=dtype, **kw)

@@ -2,7 +2,8 @@
 
     layout = detect_layout(path)            # "casa" | "qwen2.5-vl" | "kyutai-casa"
     model, tokenizer, gen, report = import_checkpoint(path)
-    model, tokenizer, gen = load_any(path)  # any layout; what `--model DIR` uses
+
+Loading a directory of any layout (ours included) is `casa_live.model.checkpoint.load.load`.
 
 A plain Qwen2.5-VL checkpoint gets CASA layers initialised from each block's self-attention (the
 paper's starting point; every block by default, or `casa.layers`, or the shared variant). A Kyutai
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from casa_live.model.checkpoint.format import CONFIG, CheckpointError
+from casa_live.model.checkpoint.common import CONFIG, CheckpointError
 from casa_live.model.checkpoint.hf import config as hfc
 from casa_live.model.checkpoint.hf import tensors as hft
 from casa_live.model.config import CASAConfig, GenerationConfig
@@ -93,7 +94,9 @@ def import_checkpoint(
     path = Path(path)
     layout = layout or detect_layout(path)
     if layout == "casa":
-        raise CheckpointError(f"{path} is already a casa-live checkpoint; load it with load_checkpoint")
+        raise CheckpointError(
+            f"{path} is already a casa-live checkpoint; load it with casa_live.model.checkpoint.load.load"
+        )
     cfg = hfc.read_json(path / CONFIG)
     # the small files first: fail before reading gigabytes of weights
     lm_cfg, _ = hfc.lm_config(cfg), hfc.vision_config(cfg)
@@ -185,15 +188,3 @@ def _need_file(path: Path, name: str) -> Path:
     if not (path / name).exists():
         raise CheckpointError(f"{path} has no {name}")
     return path / name
-
-
-def load_any(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[CASAModel, Tokenizer, GenerationConfig]:
-    """Load a checkpoint directory of any supported layout (ours, Qwen2.5-VL, Kyutai CASA)."""
-    from casa_live.model.checkpoint.format import load_checkpoint
-
-    if detect_layout(path) == "casa":
-        return load_checkpoint(path, device, dtype)
-    model, tok, gen, _ = import_checkpoint(path, dtype=dtype)
-    return model.to(device=device, dtype=dtype).eval(), tok, gen

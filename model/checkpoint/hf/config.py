@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from casa_live.model.checkpoint.format import CheckpointError
+from casa_live.model.checkpoint.common import CheckpointError
 from casa_live.model.config import (
     CASAConfig,
     GenerationConfig,

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from casa_live.model.checkpoint.format import CheckpointError
+from casa_live.model.checkpoint.common import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 VISION_PREFIXES = ("model.image_prefix.visual.", "image_prefix.visual.", "model.visual.", "visual.")
