@@ -37,6 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="override a WorldConfig field for the training clips, e.g. change_prob=0.85 (repeatable); "
         "validation and `casa eval` keep the default world",
     )
+    p.add_argument(
+        "--init", default=None, metavar="DIR",
+        help="fine-tune: start from this checkpoint's weights and tokenizer (e.g. checkpoints/default)",
+    )  # fmt: skip
+    p.add_argument(
+        "--questions", action="store_true",
+        help="each training clip ends with a question about its last frame on a side branch "
+        "(the question language of model/world/questions.py)",
+    )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.set_defaults(func=run)
 
@@ -67,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         vision_probe=not args.no_vision_probe,
         time_budget_s=None if args.minutes is None else args.minutes * 60.0,
         world=world_overrides(args.world),
+        init=args.init,
+        questions=args.questions,
     )
     summary = train(cfg, args.out, resume=args.resume)
     print(json.dumps(summary, indent=2))

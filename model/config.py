@@ -158,6 +158,9 @@ class PromptTemplate:
     # the frame delimiters as token ids, when a checkpoint names them so (they win over the strings)
     pre_image_ids: list[int] | None = None
     post_image_ids: list[int] | None = None
+    # A question on a side branch of the stream, fed after a frame's caption is closed; the answer
+    # is generated after it and ends with a stop token. None: the model answers no questions.
+    question: str | None = None  # e.g. "<|question|>{question}<|answer|>"
 
 
 # The text KV cache bound of a checkpoint whose generation config names none.

@@ -39,6 +39,7 @@ from casa_live.model.processor import ImageProcessor
 from casa_live.model.reference import Interleaved
 from casa_live.model.tokenizer import Tokenizer
 from casa_live.model.vlm import CASAModel
+from casa_live.model.world.questions import sample as sample_question
 from casa_live.model.world.scene import (
     COLOURS,
     SHAPES,
@@ -55,6 +56,10 @@ log = logging.getLogger("casa.train")
 TRAIN_SEED_BASE = 1_000_000  # training clips: seeds >= this; held-out evaluation: seeds below
 VAL_SEED_BASE = 900_000  # the fixed validation batch logged during training
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|frame_end|>"]
+# A question on a side branch (model/world/questions.py's language): after a frame's caption is
+# closed, <|question|> the question <|answer|> the answer, then the stop token.
+QA_TOKENS = ["<|question|>", "<|answer|>"]
+QUESTION_TEMPLATE = "<|question|>{question}<|answer|>"
 STOP = "<|frame_end|>"
 COLOUR_IDS = {c: i for i, c in enumerate(COLOURS)}
 SHAPE_IDS = {c: i for i, c in enumerate(SHAPES)}
@@ -96,7 +101,16 @@ def train_tokenizer(vocab_size: int = 512, clips: int = 400) -> Tokenizer:
     return Tokenizer(tok)
 
 
-def generation_config() -> GenerationConfig:
+def with_qa_tokens(tok: Tokenizer) -> Tokenizer:
+    """The tokenizer with the question delimiters (appended after its vocabulary, so every other
+    token keeps its id and a trained model can learn them by fine-tuning)."""
+    missing = [t for t in QA_TOKENS if t not in tok.tok.get_vocab(with_added_tokens=True)]
+    if missing:
+        tok.tok.add_special_tokens(missing)
+    return tok
+
+
+def generation_config(qa: bool = False) -> GenerationConfig:
     return GenerationConfig(
         stop_tokens=[STOP],
         template=PromptTemplate(
@@ -105,6 +119,7 @@ def generation_config() -> GenerationConfig:
             post_image="<|vision_end|>",
             caption_prefix="",
             default_prompt=DEFAULT_PROMPT,
+            question=QUESTION_TEMPLATE if qa else None,
         ),
         max_new_tokens=20,
         temperature=0.0,
@@ -123,17 +138,39 @@ class Sequence:
     tokens: list[int]
     target: list[bool]  # target[i]: token i is a caption (or stop) token the loss predicts
     insert_at: list[int]  # frame f is inserted before text token insert_at[f]
+    answer: list[bool] = field(default_factory=list)  # answer[i]: token i is an answer (or its stop)
 
 
-def stream_layout(tok: Tokenizer, gen: GenerationConfig, captions: list[str], prompt: str | None) -> Sequence:
-    """The text stream the Engine feeds and generates for these captions (see module docstring)."""
-    return layout_ids(tok, gen, [tok.encode(c) for c in captions], prompt)
+def stream_layout(
+    tok: Tokenizer,
+    gen: GenerationConfig,
+    captions: list[str],
+    prompt: str | None,
+    qa: tuple[str, str] | None = None,
+) -> Sequence:
+    """The text stream the Engine feeds and generates for these captions (see module docstring);
+    with `qa` (question, answer), the side branch of a question about the last frame follows."""
+    return layout_ids(
+        tok, gen, [tok.encode(c) for c in captions], prompt, None if qa is None else qa_ids(tok, gen, *qa)
+    )
+
+
+def qa_ids(tok: Tokenizer, gen: GenerationConfig, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """The token ids a question branch feeds (the template around the question) and generates."""
+    assert gen.template.question is not None, "this generation config has no question template"
+    return tok.encode(gen.template.question.format(question=question)), tok.encode(answer)
 
 
 def layout_ids(
-    tok: Tokenizer, gen: GenerationConfig, captions: list[list[int]], prompt: str | None
+    tok: Tokenizer,
+    gen: GenerationConfig,
+    captions: list[list[int]],
+    prompt: str | None,
+    qa: tuple[list[int], list[int]] | None = None,
 ) -> Sequence:
-    """stream_layout over caption token ids (what a model generated, or encoded ground truth)."""
+    """stream_layout over caption token ids (what a model generated, or encoded ground truth).
+    A question branch (qa: fed ids, answer ids) starts where the engine branches a row: after the
+    last frame's caption is closed (its stop token and the next pre_image are fed)."""
     t = gen.template
     stop = tok.token_id(gen.stop_tokens[0])
     pre, post, cap_prefix = tok.encode(t.pre_image), tok.encode(t.post_image), tok.encode(t.caption_prefix)
@@ -149,7 +186,13 @@ def layout_ids(
         body = [*caption, stop]
         tokens += head + body
         target += [False] * len(head) + [True] * len(body)
-    return Sequence(tokens, target, insert_at)
+    answer = [False] * len(tokens)
+    if qa is not None:
+        fed, ans = [*pre, *qa[0]], [*qa[1], stop]
+        tokens += fed + ans
+        target += [False] * len(fed) + [True] * len(ans)
+        answer += [False] * len(fed) + [True] * len(ans)
+    return Sequence(tokens, target, insert_at, answer)
 
 
 @dataclass
@@ -161,6 +204,7 @@ class Batch:
     n_frames: torch.Tensor  # (B,)
     patches: torch.Tensor  # (sum F, patches, C*P*P) of the real frames, row-major over the batch
     token_labels: torch.Tensor  # (sum F, N, 3) long: colour, shape, size under each image token (0 = none)
+    answer: torch.Tensor | None = None  # (B, T) bool: answer tokens (a subset of target)
 
 
 def make_batch(
@@ -171,11 +215,18 @@ def make_batch(
     world: WorldConfig,
     frames: list[int],
     prompts: list[str | None],
+    questions: bool = False,
 ) -> Batch:
+    """questions: each clip's sequence ends with a question about its last frame on a branch
+    (one question a clip, drawn from the clip's seed so a step always sees the same ones)."""
     clips = [
         generate_clip(seed, WorldConfig(**{**asdict(world), "frames": n})) for seed, n in zip(seeds, frames)
     ]
-    return batch_from_clips(clips, tok, gen, processor, prompts)
+    qa = None
+    if questions:
+        qa = [sample_question(c.truth[-1].objects, np.random.default_rng([c.seed, 17])) for c in clips]
+        qa = [(q.text, q.answer) for q in qa]
+    return batch_from_clips(clips, tok, gen, processor, prompts, qa)
 
 
 def batch_from_clips(
@@ -184,13 +235,15 @@ def batch_from_clips(
     gen: GenerationConfig,
     processor: ImageProcessor,
     prompts: list[str | None],
+    qa: list[tuple[str, str]] | None = None,
 ) -> Batch:
-    """The padded training batch of these clips in the engine's stream layout."""
+    """The padded training batch of these clips in the engine's stream layout (each followed by
+    its question branch when `qa` gives one per clip)."""
     seqs, patches, labels = [], [], []
     side = processor.image_size // (processor.patch * processor.merge)
     grid = (side, side)
-    for clip, prompt in zip(clips, prompts):
-        seqs.append(stream_layout(tok, gen, clip.captions, prompt))
+    for k, (clip, prompt) in enumerate(zip(clips, prompts)):
+        seqs.append(stream_layout(tok, gen, clip.captions, prompt, None if qa is None else qa[k]))
         patches += [processor(f) for f in clip.frames]
         labels += [token_labels(t, grid) for t in clip.truth]
     frames = [len(c.truth) for c in clips]
@@ -198,10 +251,12 @@ def batch_from_clips(
     pad = tok.token_id("<|pad|>")
     tokens = torch.full((B, T), pad, dtype=torch.long)
     target = torch.zeros(B, T, dtype=torch.bool)
+    answer = torch.zeros(B, T, dtype=torch.bool)
     insert_at = torch.zeros(B, Fm, dtype=torch.long)
     for b, s in enumerate(seqs):
         tokens[b, : len(s.tokens)] = torch.tensor(s.tokens)
         target[b, : len(s.target)] = torch.tensor(s.target)
+        answer[b, : len(s.answer)] = torch.tensor(s.answer)
         insert_at[b, : len(s.insert_at)] = torch.tensor(s.insert_at)
     return Batch(
         tokens,
@@ -211,6 +266,7 @@ def batch_from_clips(
         torch.tensor(frames),
         torch.stack(patches),
         torch.stack(labels),
+        answer if qa is not None else None,
     )
 
 
@@ -287,8 +343,12 @@ def caption_loss(
     logits = logits[:, :-1][pred_mask].float()
     labels = batch.tokens[:, 1:][pred_mask]
     loss = F.cross_entropy(logits, labels)
-    acc = (logits.argmax(-1) == labels).float().mean().item()
+    hit = logits.argmax(-1) == labels
+    acc = hit.float().mean().item()
     stats = {"tokens": int(labels.numel()), "acc": acc, "caption_loss": loss.item()}
+    if batch.answer is not None:  # teacher-forced accuracy on the answers (and their stop) alone
+        is_answer = batch.answer[:, 1:][pred_mask]
+        stats["answer_acc"] = hit[is_answer].float().mean().item() if is_answer.any() else 0.0
     if probe is not None:
         aux = probe.loss(images, batch.token_labels)
         stats["vision_loss"] = aux.item()
@@ -323,6 +383,9 @@ class TrainConfig:
     vision_probe: bool = True  # auxiliary dense vision loss (VisionProbe); training only
     time_budget_s: float | None = None  # stop (and export) after this much wall time
     world: dict = field(default_factory=dict)  # WorldConfig overrides (size follows the model)
+    # fine-tuning: start from this checkpoint's weights and tokenizer instead of random weights
+    init: str | None = None
+    questions: bool = False  # each clip ends with a question branch (model/world/questions.py)
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -375,14 +438,24 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     state_path = out / "train_state.pt"
     mc = model_config(cfg)
     tok_path = out / "tokenizer.json"
+    init = None
+    if cfg.init is not None:  # fine-tuning: the checkpoint's model config, weights and tokenizer
+        from casa_live.model.checkpoint.format import load_casa_checkpoint
+
+        init, init_tok, _ = load_casa_checkpoint(cfg.init, "cpu", torch.float32)
+        mc = init.config
     if resume and tok_path.exists():
         tok = Tokenizer.from_file(tok_path)
+    elif cfg.init is not None:
+        tok = init_tok
     else:
         tok = train_tokenizer(mc.lm.vocab)
+    if cfg.questions:
+        tok = with_qa_tokens(tok)
     if tok.vocab_size > mc.lm.vocab:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens; the model's vocabulary is {mc.lm.vocab}")
-    gen = generation_config()
-    model = CASAModel.random(mc, seed=cfg.seed)
+    gen = generation_config(qa=cfg.questions)
+    model = init if init is not None else CASAModel.random(mc, seed=cfg.seed)
     probe = VisionProbe(mc.lm.hidden) if cfg.vision_probe else None
     params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
     opt = torch.optim.AdamW(
@@ -441,15 +514,19 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     val_seeds = [VAL_SEED_BASE + i for i in range(cfg.val_clips)]
     val_world = WorldConfig(size=mc.image_size)
     val_batch = make_batch(
-        val_seeds, tok, gen, processor, val_world, [cfg.max_frames] * cfg.val_clips, [None] * cfg.val_clips
-    )
+        val_seeds, tok, gen, processor, val_world, [cfg.max_frames] * cfg.val_clips, [None] * cfg.val_clips,
+        questions=cfg.questions,
+    )  # fmt: skip
 
     def validate() -> dict[str, float]:
         model.eval()
         with torch.no_grad():
             loss, stats = caption_loss(model, val_batch)
         model.train()
-        return {"val_loss": loss.item(), "val_acc": stats["acc"]}
+        out = {"val_loss": loss.item(), "val_acc": stats["acc"]}
+        if "answer_acc" in stats:
+            out["val_answer_acc"] = stats["answer_acc"]
+        return out
 
     def save(step: int, elapsed: float) -> None:
         torch.save(
@@ -481,7 +558,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         seeds, frames, prompts = step_clips(cfg, step)
-        batch = make_batch(seeds, tok, gen, processor, world, frames, prompts)
+        batch = make_batch(seeds, tok, gen, processor, world, frames, prompts, questions=cfg.questions)
         loss, stats = caption_loss(model, batch, probe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -496,6 +573,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         record = {"step": step, "loss": round(stats["caption_loss"], 4), "acc": round(stats["acc"], 4)}
         if "vision_loss" in stats:
             record["vision_loss"] = round(stats["vision_loss"], 4)
+        if "answer_acc" in stats:
+            record["answer_acc"] = round(stats["answer_acc"], 4)
         if step % cfg.log_every == 0 or step == cfg.steps:
             record |= {
                 "lr": round(lr, 6),
