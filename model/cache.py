@@ -250,6 +250,25 @@ class StreamState:
         if self.spans is not None:
             self.spans.reset(row)
 
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row `dst` a copy of row `src` (a question branch): its valid text K/V, lengths and
+        sink, its frame's image K/V and its window's text K/V. Only valid slots are copied."""
+        t = self.text
+        n = int(t.length[src])
+        t.k[:, dst, :, :n] = t.k[:, src, :, :n]
+        t.v[:, dst, :, :n] = t.v[:, src, :, :n]
+        t.length[dst], t.sink[dst], t.evicted[dst] = t.length[src], t.sink[src], t.evicted[src]
+        if self.casa is not None:
+            c = self.casa
+            n_img, w, N = int(c.n_img[src]), int(c.win_len[src]), c.image_tokens
+            for buf in (c.k, c.v):  # (Lc, B, Hkv, N + W + 1, D): the frame, then the window
+                buf[:, dst, :, :n_img] = buf[:, src, :, :n_img]
+                buf[:, dst, :, N : N + w] = buf[:, src, :, N : N + w]
+            c.n_img[dst], c.win_len[dst] = n_img, w
+        if self.spans is not None:
+            self.spans.items[dst] = collections.deque(self.spans.items[src])
+            self.spans.position[dst] = self.spans.position[src]
+
     def advance(self, rows: torch.Tensor, n: torch.Tensor | int) -> None:
         """After a forward fed `rows` (host int64) n tokens each (written at their lengths): the
         one place where the text cache and the CASA window grow."""

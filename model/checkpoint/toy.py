@@ -83,7 +83,10 @@ def toy_generation_config(**overrides) -> GenerationConfig:
     gen = GenerationConfig(
         stop_tokens=["<|frame_end|>", "<|im_end|>"],
         template=PromptTemplate(
-            prefix="{prompt}", caption_prefix="video shows", default_prompt="describe what you see"
+            prefix="{prompt}",
+            caption_prefix="video shows",
+            default_prompt="describe what you see",
+            question="<|im_end|> {question} <|vision_end|>",  # any form: the weights are random
         ),
     )
     for k, v in overrides.items():

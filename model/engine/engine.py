@@ -32,10 +32,10 @@ import torch
 from casa_live.model.cache import StreamState
 from casa_live.model.config import DEFAULT_CONTEXT_TOKENS, GenerationConfig
 from casa_live.model.engine.runner import Runner, StepResult
-from casa_live.model.engine.sampling import Sampler, SamplingParams
+from casa_live.model.engine.sampling import Sampler, SamplingParams, params_for
 from casa_live.model.engine.scheduler import CapacityError, Plan, Scheduler, Template, TokenEvent
-from casa_live.model.engine.settings import SessionSettings, effective
-from casa_live.model.engine.vision_pipeline import FrameEncoder, VisionPipeline
+from casa_live.model.engine.settings import SessionSettings
+from casa_live.model.engine.vision_pipeline import FrameEncoder, VisionPipeline, collect_encodings
 from casa_live.model.processor import ImageProcessor, QwenImageProcessor
 from casa_live.model.tokenizer import Tokenizer
 from casa_live.model.vlm import CASAModel
@@ -67,7 +67,9 @@ class Engine:
         vision_thread: bool = False,
         prefill_min: int = 8,
         max_pixels: int | None = None,
+        branch_rows: int = 4,
     ) -> None:
+        """max_sessions rows for sessions, and `branch_rows` more for question branches."""
         self.model = model.to(device=device, dtype=dtype).eval()
         self.model.lm.fuse_projections()
         self.model.vision.fuse()
@@ -84,11 +86,12 @@ class Engine:
         self.image_size = cfg.image_size
         self.insertion = cfg.casa.fusion == "insertion"
         self.max_sessions = max_sessions
+        rows = max_sessions + branch_rows
         lm = cfg.lm
         # the caller's bound, else the checkpoint's (generation_config.json "context_tokens")
         self.max_context_tokens = max_context_tokens or gen.context_tokens or DEFAULT_CONTEXT_TOKENS
         self.state = StreamState.allocate(
-            lm, max_sessions, self.max_context_tokens, len(model.lm.casa_ids), self.processor.max_tokens,
+            lm, rows, self.max_context_tokens, len(model.lm.casa_ids), self.processor.max_tokens,
             window_tokens, insertion=self.insertion, dtype=dtype, device=device,
         )  # fmt: skip
         self.template = Template.resolve(gen, tokenizer, self.insertion)
@@ -96,9 +99,9 @@ class Engine:
             # the first caption token is sampled at the first position that sees the frame
             raise ValueError("the template needs post_image tokens after the frame (e.g. <|vision_end|>)")
         self.window_tokens = window_tokens
-        self.sampler = Sampler(max_sessions, lm.vocab, self.template.stop)
-        self.scheduler = Scheduler(max_sessions, self.template, window_tokens, gen, prefill_min)
-        self.runner = Runner(self.model, self.state, max_sessions, compile=compile)
+        self.sampler = Sampler(rows, lm.vocab, self.template.stop)
+        self.scheduler = Scheduler(rows, self.template, window_tokens, gen, prefill_min, branch_rows)
+        self.runner = Runner(self.model, self.state, rows, compile=compile)
         self.observers: list[Callable[[StepResult], None]] = []
         self.last_result = StepResult()
         self._tickets = itertools.count(1)
@@ -161,7 +164,7 @@ class Engine:
         # everything the row owns starts afresh: its caches (the prompt is the attention sink,
         # never evicted) and its sampler
         self.state.reset(row, sink=len(ids))
-        self.sampler.reset(row, self._params(settings))
+        self.sampler.reset(row, params_for(self.gen, settings))
         return row
 
     def close(self, row: int) -> None:
@@ -170,18 +173,36 @@ class Engine:
 
     def update(self, row: int, settings: SessionSettings) -> None:
         self.scheduler.update(row, settings)
-        self.sampler.set_params(row, self._params(settings))
+        self.sampler.set_params(row, params_for(self.gen, settings))
 
-    def _params(self, settings: SessionSettings) -> SamplingParams:
-        e, g = effective(self.gen, settings), self.gen
-        names = ("temperature", "top_k", "repetition_penalty", "no_repeat_ngram", "seed", "top_p", "eos_bias")
-        return SamplingParams(
-            **{n: e[n] for n in names},
-            decay=g.repetition_decay,
-            clamp=g.repetition_clamp,
-            ngram_window=g.ngram_window,
-            counts=g.penalty_counts,
-        )
+    def ask(self, row: int, question: str, max_new_tokens: int | None = None) -> tuple[int, int]:
+        """Answer a question about `row`'s current frame on a side branch (docs/engine.md): the row's
+        tensors are copied into a branch row, which is fed the question and decodes the answer in the
+        batched steps. Returns the branch row (its TokenEvents are the answer; freed when it ends)
+        and the frame the answer sees. ValueError: no question template, the row is not at a frame
+        boundary (`can_ask`), or the question does not fit; CapacityError: no branch row is free."""
+        form = self.gen.template.question
+        if form is None:
+            raise ValueError(
+                "this model answers no questions (its generation config has no question template)"
+            )
+        fed = self.tokenizer.encode(form.format(question=question))
+        room = self.window_tokens - len(fed) - 1
+        if self.state.casa is not None:
+            room -= int(self.state.casa.win_len[row])
+        if room < 1:
+            raise ValueError(
+                f"the question is {len(fed)} tokens; it does not fit the model's window. Shorten it."
+            )
+        settings = SessionSettings(max_new_tokens=max_new_tokens, temperature=0.0)
+        branch = self.scheduler.branch(row, fed, settings, self.tokenizer.stream(), room)
+        self.state.copy_row(row, branch)
+        self.sampler.reset(branch, SamplingParams(temperature=0.0))  # answers are greedy, unpenalised
+        return branch, self.scheduler.row(branch).frames - 1
+
+    def can_ask(self, row: int) -> bool:
+        """The row is at a frame boundary and a branch row is free: `ask` would start now."""
+        return self.scheduler.can_branch(row) and self.scheduler.free_branch_row() is not None
 
     def busy(self, row: int) -> bool:
         """True while a submitted frame is waiting or being captioned."""
@@ -215,29 +236,6 @@ class Engine:
         patches, grid = self.frames.process(image)
         return self.scheduler.submit(row, ticket, deadline, patches, grid)
 
-    # ---- frames -----------------------------------------------------------------------------
-
-    def _collect_frames(self, involved: set[int]) -> list[TokenEvent]:
-        """Hand finished encodings to the scheduler: the vision thread's, or (without one) those
-        of the frames that can start now, encoded here. Their rows join `involved`. Returns the
-        error events of frames that failed."""
-        if self.pipeline is not None:
-            done = self.pipeline.take()
-            involved.update(d.row for d in done)
-            events = [self.scheduler.encoded(d.row, d.ticket, d.encoding) for d in done]
-            return [ev for ev in events if ev is not None]
-        rows = self.scheduler.to_encode()
-        involved.update(rows)
-        if rows:
-            t0 = time.perf_counter()
-            pending = [self.scheduler.row(i).pending for i in rows]
-            encs = self.frames.encode_patches([(p.patches, p.patch_grid) for p in pending])
-            share = (time.perf_counter() - t0) / len(rows)
-            for i, p, enc in zip(rows, pending, encs):
-                enc.seconds = share
-                self.scheduler.encoded(i, p.ticket, enc)
-        return []
-
     # ---- the batched step -------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -249,7 +247,7 @@ class Engine:
         self.last_result = res = StepResult()
         involved: set[int] = set()  # the rows this tick touches
         try:
-            events = self._collect_frames(involved)
+            events = collect_encodings(self.scheduler, self.frames, self.pipeline, involved)
             plan = self.scheduler.plan()
             involved.update(f.row for f in plan.frames)
             involved.update(plan.prefill, plan.decode)

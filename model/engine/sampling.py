@@ -26,9 +26,11 @@ What the penalty and the n-gram history count (`SamplingParams.counts`, docs/eng
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+
+from casa_live.model.engine.settings import SessionSettings, effective
 
 Counts = Literal["emitted", "fed"]
 
@@ -46,6 +48,19 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off; nucleus filter after top-k when sampling
     eos_bias: float = 1.0  # 1 = off; multiplies the stop tokens' logits (divides when negative)
     counts: Counts = "emitted"  # what the EMA penalty and the n-gram history count (module docstring)
+
+
+def params_for(gen: Any, settings: SessionSettings) -> SamplingParams:
+    """A session's sampling parameters: its settings where set, else the generation config's (gen)."""
+    e = effective(gen, settings)
+    names = ("temperature", "top_k", "repetition_penalty", "no_repeat_ngram", "seed", "top_p", "eos_bias")
+    return SamplingParams(
+        **{n: e[n] for n in names},
+        decay=gen.repetition_decay,
+        clamp=gen.repetition_clamp,
+        ngram_window=gen.ngram_window,
+        counts=gen.penalty_counts,
+    )
 
 
 def apply_repetition_penalty(

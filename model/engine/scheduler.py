@@ -129,6 +129,7 @@ class RowState:
     frames: int = 0  # frames started (or failed)
     last_stop: int | None = None  # the stop token this session's model emitted most recently
     generated: list[int] = field(default_factory=list)  # the current caption's tokens
+    branch_of: int | None = None  # a question branch: the session row it was copied from
 
     @property
     def busy(self) -> bool:
@@ -169,22 +170,30 @@ class Plan:
 
 class Scheduler:
     def __init__(
-        self, max_rows: int, template: Template, window_tokens: int, gen: object, prefill_min: int = 8
+        self,
+        max_rows: int,
+        template: Template,
+        window_tokens: int,
+        gen: object,
+        prefill_min: int = 8,
+        branch_rows: int = 0,
     ) -> None:
         """window_tokens: text tokens a CASA window holds (it caps max_new_tokens); gen: the
-        GenerationConfig whose fields are the settings' defaults."""
+        GenerationConfig whose fields are the settings' defaults; the last `branch_rows` of the
+        `max_rows` rows are kept for question branches (sessions never take them)."""
         self.rows: list[RowState | None] = [None] * max_rows
         self.template, self.window_tokens, self.gen = template, window_tokens, gen
         self.prefill_min = prefill_min
+        self.session_rows = max_rows - branch_rows
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def open(self, prompt_ids: list[int], settings: SessionSettings, detok: Detokenizer) -> int:
         """Claim a free row for a session; its prompt is forced first. CapacityError when full."""
         try:
-            i = self.rows.index(None)
+            i = self.rows.index(None, 0, self.session_rows)
         except ValueError:
-            raise CapacityError(f"all {len(self.rows)} session slots are in use") from None
+            raise CapacityError(f"all {self.session_rows} session slots are in use") from None
         r = RowState(settings, 0, 0, "", detok, forced=collections.deque(prompt_ids), prefill_forced=True)
         self._apply(r, settings)
         self.rows[i] = r
@@ -193,6 +202,35 @@ class Scheduler:
     def close(self, i: int) -> None:
         """Free the row (the engine resets its tensors when the row is next opened)."""
         self.rows[i] = None
+
+    def can_branch(self, parent: int) -> bool:
+        """The session row is at a frame boundary (a frame captioned and its caption closed, no
+        frame started since): its state is a frame and the text of that frame's window, whole."""
+        r = self.rows[parent]
+        return r is not None and r.branch_of is None and r.frames > 0 and not r.forced and not r.decoding
+
+    def free_branch_row(self) -> int | None:
+        return next((i for i in range(self.session_rows, len(self.rows)) if self.rows[i] is None), None)
+
+    def branch(
+        self, parent: int, fed_ids: list[int], settings: SessionSettings, detok: Detokenizer, room: int
+    ) -> int:
+        """Claim a branch row for a question on `parent` (can_branch must hold; the engine copies
+        the parent's tensors into it): `fed_ids` are forced, then the answer is sampled until a
+        stop token or max_new_tokens (capped by `room`, the window's free text slots). When the
+        answer ends, the row is freed. CapacityError when no branch row is free."""
+        if not self.can_branch(parent):
+            raise ValueError(f"row {parent} is not at a frame boundary; branch it after its caption closes")
+        i = self.free_branch_row()
+        if i is None:
+            raise CapacityError("every question branch row is busy; retry when an answer is done")
+        p = self.row(parent)
+        r = RowState(settings, 0, 0, "", detok, forced=collections.deque(fed_ids), branch_of=parent)
+        self._apply(r, settings)
+        r.max_new_tokens = max(1, min(r.max_new_tokens, room))
+        r.sample_after_forced, r.decoding, r.frames = True, True, p.frames
+        self.rows[i] = r
+        return i
 
     def update(self, i: int, settings: SessionSettings) -> None:
         """New settings apply from the next sampled token."""
@@ -215,7 +253,8 @@ class Scheduler:
         return r
 
     def free_rows(self) -> int:
-        return sum(r is None for r in self.rows)
+        """Free session rows."""
+        return sum(r is None for r in self.rows[: self.session_rows])
 
     def submit(
         self,
@@ -337,6 +376,8 @@ class Scheduler:
     def _advance(self, i: int, tok: int, now: float) -> TokenEvent:
         r = self.row(i)
         frame = r.frames - 1
+        if r.branch_of is not None:
+            return self._advance_branch(i, r, tok, frame)
         if tok in self.template.stop:
             r.last_stop = tok
             self._finish(r, [tok])
@@ -351,6 +392,20 @@ class Scheduler:
         if reason is not None:
             self._finish(r, self._cut_close(r, tok))
             return TokenEvent(i, frame, tok, text, done=True, reason=reason)
+        r.next_token = tok
+        return TokenEvent(i, frame, tok, text)
+
+    def _advance_branch(self, i: int, r: RowState, tok: int, frame: int) -> TokenEvent:
+        """An answer's token: it ends on a stop token or at max_new_tokens, and then its row is
+        freed at once (nothing is fed after an answer: the branch is discarded)."""
+        if tok in self.template.stop:
+            self.rows[i] = None
+            return TokenEvent(i, frame, None, "", done=True, reason="stop")
+        r.generated.append(tok)
+        text = r.detok.push(tok)
+        if len(r.generated) >= r.max_new_tokens:
+            self.rows[i] = None
+            return TokenEvent(i, frame, tok, text, done=True, reason="length")
         r.next_token = tok
         return TokenEvent(i, frame, tok, text)
 

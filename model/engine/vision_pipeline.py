@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from casa_live.model.engine.scheduler import FrameEncoding
+from casa_live.model.engine.scheduler import FrameEncoding, Scheduler, TokenEvent
 from casa_live.model.engine.threads import name_this_thread
 
 log = logging.getLogger("casa.vision")
@@ -153,3 +153,27 @@ class VisionPipeline:
                 self._cv.notify_all()
             if self.notify is not None:
                 self.notify()
+
+
+def collect_encodings(
+    scheduler: Scheduler, frames: FrameEncoder, pipeline: VisionPipeline | None, involved: set[int]
+) -> list[TokenEvent]:
+    """Hand finished encodings to the scheduler at the start of a tick: the vision thread's, or
+    (without one) those of the frames that can start now, encoded here. Their rows join
+    `involved` (the rows a failing tick names). Returns the error events of failed frames."""
+    if pipeline is not None:
+        done = pipeline.take()
+        involved.update(d.row for d in done)
+        events = [scheduler.encoded(d.row, d.ticket, d.encoding) for d in done]
+        return [ev for ev in events if ev is not None]
+    rows = scheduler.to_encode()
+    involved.update(rows)
+    if rows:
+        t0 = time.perf_counter()
+        pending = [scheduler.row(i).pending for i in rows]
+        encs = frames.encode_patches([(p.patches, p.patch_grid) for p in pending])
+        share = (time.perf_counter() - t0) / len(rows)
+        for i, p, enc in zip(rows, pending, encs):
+            enc.seconds = share
+            scheduler.encoded(i, p.ticket, enc)
+    return []

@@ -1,0 +1,114 @@
+"""Questions on side branches (Engine.ask): the branch's logits equal a dense reference forward of
+the session's stream followed by the question and the answer, and the session's own captions are
+token-for-token the same with and without questions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_model_streaming import Recorder, make_engine
+
+from casa_live.model.engine.engine import CapacityError, Engine, SessionSettings
+
+ATOL = 1e-5  # fp32, as the streaming-vs-dense comparison
+
+
+def frames(seed: int, n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (30, 41, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def drain(engine: Engine) -> list:
+    out = []
+    while engine.has_work():
+        out += engine.step()
+    return out
+
+
+def caption_all(engine: Engine, rows: list[int], images: list[np.ndarray], ask: bool) -> tuple[dict, dict]:
+    """Caption every frame on every row; with `ask`, a question is asked on each row at each frame
+    boundary and answered while the next frame is captioned. Returns captions and answers per row."""
+    captions: dict[int, list[int | None]] = {r: [] for r in rows}
+    answers: list[list[int | None]] = []
+    open_answers: dict[int, list[int | None]] = {}  # branch row -> its answer so far
+
+    def take(events) -> None:
+        for ev in events:
+            if ev.row in captions:
+                captions[ev.row].append(ev.token)
+            else:
+                open_answers[ev.row].append(ev.token)
+                if ev.done:
+                    answers.append(open_answers.pop(ev.row))
+
+    for image in images:
+        for r in rows:
+            if ask and engine.can_ask(r):
+                b, _ = engine.ask(r, "what is the red circle", max_new_tokens=4)
+                open_answers[b] = []
+            engine.submit_frame(r, image)
+        while any(engine.busy(r) for r in rows):
+            take(engine.step())
+        take(drain(engine))
+    return captions, answers
+
+
+def test_captions_are_identical_with_and_without_questions():
+    images = frames(0, 5)
+    plain, asking = make_engine(max_sessions=2), make_engine(max_sessions=2)
+    results = []
+    for engine, ask in ((plain, False), (asking, True)):
+        rows = [engine.open(p, SessionSettings(max_new_tokens=4)) for p in ("red circle", "blue square")]
+        drain(engine)
+        results.append(caption_all(engine, rows, images, ask))
+    assert results[0][0] == results[1][0]  # every caption token of both sessions
+    assert len(results[1][1]) >= 4 and all(results[1][1])  # questions were answered meanwhile
+    assert asking.scheduler.free_branch_row() is not None  # every branch row freed again
+
+
+def test_the_branch_matches_a_dense_forward_of_the_stream_then_the_question():
+    engine = make_engine(max_sessions=2, max_context_tokens=512)
+    rec = Recorder(engine)
+    row = engine.open("red circle", SessionSettings(max_new_tokens=3))
+    other = engine.open("blue square", SessionSettings(max_new_tokens=2))
+    drain(engine)
+    for image in frames(1, 2):
+        for r in (row, other):
+            engine.submit_frame(r, image)
+        drain(engine)
+    prefix = list(rec.tokens[row])
+    branch, frame = engine.ask(row, "what is the red circle", max_new_tokens=5)
+    assert frame == 1
+    events = drain(engine)
+    assert [ev.done for ev in events if ev.row == branch][-1]
+    # the reference: one sequence, the session's stream and then everything the branch fed
+    rec.tokens[branch] = prefix + rec.tokens[branch]
+    rec.frames[branch] = rec.frames[row]
+    with torch.no_grad():
+        dense = engine.model.forward_dense(rec.batch([branch]))
+    ours = torch.stack(rec.logits[branch])
+    ref = dense[0, len(prefix) : len(prefix) + len(ours)]
+    err = float((ours - ref).abs().max())
+    assert err <= ATOL, f"max abs err {err:.3g}"
+    assert rec.tokens[row] == prefix  # the session row was fed nothing
+
+
+def test_a_question_waits_for_a_frame_boundary_and_a_free_branch_row():
+    engine = make_engine(max_sessions=1, branch_rows=1)
+    row = engine.open("red circle", SessionSettings(max_new_tokens=3))
+    drain(engine)
+    assert not engine.can_ask(row)  # no frame yet
+    with pytest.raises(ValueError, match="frame boundary"):
+        engine.ask(row, "red")
+    engine.submit_frame(row, frames(2, 1)[0])
+    engine.step()
+    assert not engine.can_ask(row)  # captioning
+    drain(engine)
+    assert engine.can_ask(row)
+    branch, _ = engine.ask(row, "red", max_new_tokens=50)
+    assert not engine.can_ask(row)  # the only branch row is taken
+    with pytest.raises(CapacityError):
+        engine.ask(row, "red")
+    engine.close(branch)  # a cancelled answer: the row is free, the session untouched
+    assert engine.can_ask(row) and engine.kv_tokens(branch) == engine.kv_tokens(row)
