@@ -42,6 +42,10 @@ class InvalidSettings(CasaError):
     code = ErrorCode.INVALID_SETTINGS
 
 
+class InvalidRequest(CasaError):
+    code = ErrorCode.INVALID_REQUEST
+
+
 class BadFrame(CasaError):
     code = ErrorCode.BAD_FRAME
 
@@ -145,6 +149,8 @@ def _classify(exc: ValidationError, raw: object) -> CasaError:
     event_id = echo_id(raw)
     if event_type == "session.update":
         return InvalidSettings(f"session.update rejected, settings unchanged: {detail}", event_id=event_id)
+    if event_type in ("response.create", "response.cancel"):
+        return InvalidRequest(f"{event_type} rejected: {detail}", event_id=event_id)
     return BadJSON(f"malformed {event_type} event: {detail}", event_id=event_id)
 
 

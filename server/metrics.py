@@ -27,6 +27,7 @@ from casa_live.server.protocol import ErrorCode
 SESSION_OUTCOMES = ("closed", "disconnected", "timeout", "error", "shutdown", "drained")
 REJECT_REASONS = ("capacity", "unauthorized", "origin", "unavailable", "draining")
 DROP_REASONS = ("stale", "resample", "rate_limited", "closed")
+RESPONSE_STATUSES = ("completed", "incomplete", "cancelled", "failed")
 
 # seconds
 _DECODE = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
@@ -149,6 +150,25 @@ class Metrics:
             "How far the latest caption trails the live stream, worst session (0 when none).",
             registry=r,
         )
+        self.responses_total = Counter(
+            "casa_responses_total",
+            "Answers to questions (response.create) that ended, by status (completed = a stop token, "
+            "incomplete = cut by max_new_tokens, cancelled, failed).",
+            ["status"],
+            registry=r,
+        )
+        self.response_ttft_seconds = Histogram(
+            "casa_response_time_to_first_token_seconds",
+            "Question received -> first answer token.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.response_latency_seconds = Histogram(
+            "casa_response_latency_seconds",
+            "Question received -> answer done (completed or incomplete answers).",
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.build_info = Gauge(
             "casa_build_info", "Served model and protocol version.", ["model", "protocol"], registry=r
         )
@@ -161,6 +181,8 @@ class Metrics:
             self.frames_dropped_total.labels(reason)
         for code in ErrorCode:
             self.errors_total.labels(code.value)
+        for status in RESPONSE_STATUSES:
+            self.responses_total.labels(status)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

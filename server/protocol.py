@@ -38,6 +38,7 @@ class ErrorCode(str, Enum):
     BAD_JSON = "bad_json"
     UNKNOWN_TYPE = "unknown_type"
     INVALID_SETTINGS = "invalid_settings"
+    INVALID_REQUEST = "invalid_request"  # a response.create / response.cancel the server cannot take
     BAD_FRAME = "bad_frame"
     FRAME_TOO_LARGE = "frame_too_large"
     UNSUPPORTED_CODEC = "unsupported_codec"
@@ -282,8 +283,52 @@ class SessionClose(_Event):
     type: Literal["session.close"] = "session.close"
 
 
-ClientEvent = Annotated[SessionUpdate | InputMarker | SessionClose, Field(discriminator="type")]
-CLIENT_EVENT_TYPES = ("session.update", "input.marker", "session.close")
+# --- questions: the OpenAI Realtime response lifecycle, answered on a side branch of the stream ---
+
+MAX_RESPONSE_ID_CHARS = 128
+MAX_QUESTION_CHARS = 1000
+MAX_RESPONSES_IN_FLIGHT = 4  # per session; a fifth is rate_limited
+
+
+class ResponseRequest(_Strict):
+    id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_RESPONSE_ID_CHARS,
+        description="the client's id for the answer (default: the server assigns resp_...)",
+    )
+    question: str = Field(
+        min_length=1, max_length=MAX_QUESTION_CHARS, description="asked about the current frame"
+    )
+    max_new_tokens: int | None = _bounded("max_new_tokens")
+
+    _check_text = field_validator("id", "question")(_utf8)
+
+    @field_validator("question")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the question is blank; send the text of a question")
+        return value
+
+
+class ResponseCreate(_Event):
+    """Ask a question about what the stream shows now. It is answered on a side branch of the
+    session: the captions never see it."""
+
+    type: Literal["response.create"] = "response.create"
+    response: ResponseRequest
+
+
+class ResponseCancel(_Event):
+    type: Literal["response.cancel"] = "response.cancel"
+    response_id: str = Field(min_length=1, max_length=MAX_RESPONSE_ID_CHARS)
+
+
+ClientEvent = Annotated[
+    SessionUpdate | InputMarker | SessionClose | ResponseCreate | ResponseCancel, Field(discriminator="type")
+]
+CLIENT_EVENT_TYPES = ("session.update", "input.marker", "session.close", "response.create", "response.cancel")
 
 # --- server -> client ---
 
@@ -355,6 +400,40 @@ class SessionClosed(_Event):
     stats: Stats | None = None
 
 
+class ResponseStarted(BaseModel):
+    id: str
+    frame: int = Field(description="the frame whose image the answer sees (the latest captioned)")
+
+
+class ResponseCreated(_Event):
+    type: Literal["response.created"] = "response.created"
+    response: ResponseStarted
+
+
+class ResponseOutputTextDelta(_Event):
+    type: Literal["response.output_text.delta"] = "response.output_text.delta"
+    response_id: str
+    delta: str
+
+
+class ResponseResult(BaseModel):
+    id: str
+    frame: int | None = Field(description="the frame the answer saw (None: it never started)")
+    pts: float | None = Field(description="that frame's presentation time, seconds")
+    text: str
+    status: Literal["completed", "incomplete", "cancelled", "failed"] = Field(
+        description="completed: ended by a stop token; incomplete: cut by max_new_tokens; cancelled: "
+        "by response.cancel or the session's end; failed: an internal error (the session goes on)"
+    )
+    ttft_ms: float | None = Field(description="question received -> first answer token")
+    latency_ms: float = Field(description="question received -> done")
+
+
+class ResponseDone(_Event):
+    type: Literal["response.done"] = "response.done"
+    response: ResponseResult
+
+
 class SessionDraining(_Event):
     """The server is stopping (SIGTERM: a rollout, a scale-down, a node drain). It captions the frames
     already sent, then sends `session.closed` (reason `draining`) and closes with 1012; the client
@@ -376,6 +455,9 @@ AnyServerEvent = (
     | Error
     | SessionClosed
     | SessionDraining
+    | ResponseCreated
+    | ResponseOutputTextDelta
+    | ResponseDone
 )
 ServerEvent = Annotated[AnyServerEvent, Field(discriminator="type")]
 
@@ -383,7 +465,9 @@ client_event_adapter: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
 server_event_adapter: TypeAdapter[ServerEvent] = TypeAdapter(ServerEvent)
 
 
-def parse_client_event(text: str | bytes) -> SessionUpdate | InputMarker | SessionClose:
+def parse_client_event(
+    text: str | bytes,
+) -> SessionUpdate | InputMarker | SessionClose | ResponseCreate | ResponseCancel:
     """Raises pydantic.ValidationError; the server maps it to bad_json / unknown_type / invalid_settings."""
     return client_event_adapter.validate_json(text)
 

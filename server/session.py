@@ -32,7 +32,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,15 +46,17 @@ from casa_live.server.errors import (
     BadJSON,
     CasaError,
     FrameTooLarge,
+    InvalidRequest,
     InvalidSettings,
     RateLimited,
     UnknownType,
     UnsupportedCodec,
+    clip,
     from_validation_error,
     report,
 )
 from casa_live.server.ingest import FrameLimits, Ingest
-from casa_live.server.worker import FrameJob, FrameOutput, Slot
+from casa_live.server.worker import AskJob, FrameJob, FrameOutput, ResponseOutput, Slot
 
 if TYPE_CHECKING:
     from casa_live.server.context import ServerContext
@@ -120,6 +122,8 @@ class Session:
         self.last_rate_error = 0.0
         self.segments: list[p.CaptionSegment] | None = [] if record else None
         self._stats_key: tuple | None = None
+        self.responses: dict[str, _Response] = {}  # questions in flight, by response id
+        self.answers: list[p.ResponseResult] | None = [] if record else None
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -243,7 +247,84 @@ class Session:
             self._check_markers()
         elif isinstance(event, p.SessionClose):
             return event
+        elif isinstance(event, p.ResponseCreate):
+            self.ask(event)
+        elif isinstance(event, p.ResponseCancel):
+            if event.response_id not in self.responses:
+                raise InvalidRequest(
+                    f"no response {clip(event.response_id)!r} is in flight (it ended, or was never created)",
+                    event_id=event.event_id,
+                )
+            assert self.slot is not None
+            self.ctx.worker.cancel(self.slot, event.response_id)
         return None
+
+    # ---- questions ------------------------------------------------------------------------------
+
+    def ask(self, event: p.ResponseCreate) -> str:
+        """Queue a question about the current frame; returns its response id."""
+        req = event.response
+        if self.ctx.engine.gen.template.question is None:
+            raise InvalidRequest(
+                "this model answers no questions (its checkpoint has no question template); "
+                "serve a model that does, e.g. the bundled one",
+                event_id=event.event_id,
+            )
+        rid = req.id or "resp_" + uuid.uuid4().hex[:20]
+        if rid in self.responses:
+            raise InvalidRequest(
+                f"response {clip(rid)!r} is already in flight; give each question its own id",
+                event_id=event.event_id,
+            )
+        if len(self.responses) >= p.MAX_RESPONSES_IN_FLIGHT:
+            raise RateLimited(
+                f"{p.MAX_RESPONSES_IN_FLIGHT} questions are already in flight in this session; "
+                "wait for a response.done",
+                event_id=event.event_id,
+            )
+        if self.slot is None or self.closing:
+            raise InvalidRequest(
+                "the session is closing; questions are no longer taken", event_id=event.event_id
+            )
+        now = time.monotonic()
+        self.responses[rid] = _Response(now)
+        self.ctx.worker.ask(self.slot, AskJob(rid, req.question, req.max_new_tokens, now))
+        return rid
+
+    def worker_responses(self, outputs: list[ResponseOutput]) -> None:
+        m = self.ctx.metrics
+        for out in outputs:
+            r = self.responses.get(out.id)
+            if r is None:
+                continue
+            if out.started is not None:
+                r.frame, r.pts = out.started.index, out.started.pts
+                self.emit(p.ResponseCreated(response=p.ResponseStarted(id=out.id, frame=r.frame)))
+            if out.token and r.first_at is None:
+                r.first_at = out.at
+                m.response_ttft_seconds.observe(out.at - r.received)
+            if out.delta:
+                r.text.append(out.delta)
+                self.emit(p.ResponseOutputTextDelta(response_id=out.id, delta=out.delta))
+            if out.status is not None:
+                del self.responses[out.id]
+                if out.error is not None:
+                    self.send_error(out.error)
+                m.responses_total.labels(out.status).inc()
+                if out.status in ("completed", "incomplete"):
+                    m.response_latency_seconds.observe(out.at - r.received)
+                result = p.ResponseResult(
+                    id=out.id,
+                    frame=r.frame,
+                    pts=r.pts,
+                    text="".join(r.text).strip(),
+                    status=out.status,
+                    ttft_ms=None if r.first_at is None else round((r.first_at - r.received) * 1000, 3),
+                    latency_ms=round((out.at - r.received) * 1000, 3),
+                )
+                if self.answers is not None:
+                    self.answers.append(result)
+                self.emit(p.ResponseDone(response=result))
 
     async def handle_binary(self, data: bytes) -> None:
         self.messages_in += 1
@@ -461,7 +542,20 @@ class Session:
         self.emit(CloseRequest(code))
 
 
-def _parse(text: str) -> p.SessionUpdate | p.InputMarker | p.SessionClose:
+@dataclass
+class _Response:
+    """A question in flight, as the session tracks it (event loop only)."""
+
+    received: float  # time.monotonic()
+    frame: int | None = None
+    pts: float | None = None
+    first_at: float | None = None
+    text: list[str] = field(default_factory=list)
+
+
+def _parse(
+    text: str,
+) -> p.SessionUpdate | p.InputMarker | p.SessionClose | p.ResponseCreate | p.ResponseCancel:
     """A client event, or a typed error: any failure to parse a client message is the client's
     (bad_json, unknown_type, invalid_settings), never an internal error, whatever the input."""
     try:

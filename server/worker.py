@@ -39,7 +39,14 @@ import torch
 
 from casa_live.model.engine.engine import CapacityError, Engine, SessionSettings, StepFailed, TokenEvent
 from casa_live.model.engine.threads import name_this_thread
-from casa_live.server.errors import Capacity, CasaError, FrameFailed, InternalError, InvalidSettings
+from casa_live.server.errors import (
+    Capacity,
+    CasaError,
+    FrameFailed,
+    InternalError,
+    InvalidRequest,
+    InvalidSettings,
+)
 from casa_live.server.metrics import Metrics
 
 log = logging.getLogger("casa.worker")
@@ -67,12 +74,36 @@ class FrameOutput:
     first_token_at: float | None = None
 
 
+@dataclass
+class AskJob:
+    """A question (response.create) for the session's current frame."""
+
+    id: str
+    question: str
+    max_new_tokens: int | None
+    received: float  # time.monotonic() when the event arrived
+
+
+@dataclass
+class ResponseOutput:
+    """What happened to one answer: it started on a frame, a piece of text, or its end."""
+
+    id: str
+    at: float  # time.monotonic()
+    started: FrameJob | None = None  # the frame whose image the answer sees (when it starts)
+    delta: str = ""
+    status: str | None = None  # when done: completed | incomplete | cancelled | failed
+    error: CasaError | None = None  # why it failed, when the client can do something about it
+    token: bool = False  # the model produced a token (a stop token carries no text)
+
+
 class Listener(Protocol):
     """A session, as the worker sees it. Every method runs on the event loop."""
 
     def worker_output(self, outputs: list[FrameOutput], kv_tokens: int) -> None: ...
     def worker_dropped(self, job: FrameJob, reason: str) -> None: ...
     def worker_failed(self, job: FrameJob | None, error: CasaError) -> None: ...
+    def worker_responses(self, outputs: list[ResponseOutput]) -> None: ...
 
 
 @dataclass
@@ -97,6 +128,16 @@ class Slot:
     reset_to: tuple[str | None, SessionSettings] | None = None  # prompt change at the next frame
     closed: bool = False
     checked: SessionSettings | None = None  # the settings object last found computable
+    questions: collections.deque[AskJob] = field(default_factory=collections.deque)  # waiting
+    last_captioned: FrameJob | None = None  # the frame a question asked now would see
+
+
+@dataclass
+class _Answer:
+    """A question being answered on a branch row."""
+
+    job: AskJob
+    slot: Slot
 
 
 class Worker:
@@ -116,6 +157,7 @@ class Worker:
             collections.deque()
         )
         self._slots: list[Slot] = []
+        self._answers: dict[int, _Answer] = {}  # branch row -> the question it answers
         self._stop = False
         self._last_step = 0.0
         self._thread = threading.Thread(target=self._run, name="casa-worker", daemon=True)
@@ -184,12 +226,50 @@ class Worker:
             slot.closed = True
             self._slots.remove(slot)
             self.engine.close(slot.row)
+            slot.questions.clear()
+            for b in [b for b, a in self._answers.items() if a.slot is slot]:
+                del self._answers[b]
+                self.engine.close(b)
             # the step loop sets this gauge only when a step runs: without this, the last session's
             # tokens would stay on the dashboard after it leaves
             self.metrics.kv_cache_tokens.set(sum(self.engine.kv_tokens(s.row) for s in self._slots))
 
+        self._command(do)
+
+    def ask(self, slot: Slot, job: AskJob) -> None:
+        """Queue a question; it is answered on a branch at the slot's next frame boundary."""
+
+        def do() -> None:
+            if slot.closed:
+                self._notify(
+                    slot, "worker_responses", [ResponseOutput(job.id, time.monotonic(), status="cancelled")]
+                )
+            else:
+                slot.questions.append(job)
+
+        self._command(do)
+
+    def cancel(self, slot: Slot, response_id: str) -> None:
+        """End a question, waiting or being answered, with status cancelled."""
+
+        def do() -> None:
+            waiting = [j for j in slot.questions if j.id == response_id]
+            for job in waiting:
+                slot.questions.remove(job)
+            running = [b for b, a in self._answers.items() if a.slot is slot and a.job.id == response_id]
+            for b in running:
+                del self._answers[b]
+                self.engine.close(b)  # the branch is discarded; the session's row never saw it
+            if waiting or running:
+                out = ResponseOutput(response_id, time.monotonic(), status="cancelled")
+                self._notify(slot, "worker_responses", [out])
+
+        self._command(do)
+
+    def _command(self, fn: Callable[[], Any]) -> None:
+        """Run fn on the worker thread (fire and forget)."""
         with self._cv:
-            self._commands.append((do, concurrent.futures.Future()))
+            self._commands.append((fn, concurrent.futures.Future()))
             self._cv.notify_all()
 
     def offer(self, slot: Slot, job: FrameJob) -> None:
@@ -257,6 +337,7 @@ class Worker:
                     future.set_exception(exc)
             self.free_rows = self.engine.free_rows()
             try:
+                self._admit_questions()  # first: a branch copies the row before its next frame starts
                 self._admit()
                 if self.engine.has_work():
                     self._pace()
@@ -282,7 +363,27 @@ class Worker:
         """Anything to do without a command: engine work, or a frame for a free row (lock held)."""
         if self.engine.has_work():
             return True
+        if any(s.questions and self.engine.can_ask(s.row) for s in self._slots):
+            return True
         return any(s.mailbox and s.inflight is None for s in self._slots)
+
+    def _admit_questions(self) -> None:
+        """Start waiting questions on branches of rows at a frame boundary (a frame captioned, its
+        caption closed), while branch rows are free."""
+        now = time.monotonic()
+        for slot in self._slots:
+            outs = []
+            while slot.questions and slot.last_captioned is not None and self.engine.can_ask(slot.row):
+                job = slot.questions.popleft()
+                try:
+                    branch, _ = self.engine.ask(slot.row, job.question, job.max_new_tokens)
+                except ValueError as exc:  # the question does not fit the model's window
+                    outs.append(ResponseOutput(job.id, now, status="failed", error=InvalidRequest(str(exc))))
+                    continue
+                self._answers[branch] = _Answer(job, slot)
+                outs.append(ResponseOutput(job.id, now, started=slot.last_captioned))
+            if outs:
+                self._notify(slot, "worker_responses", outs)
 
     def _admit(self) -> None:
         for slot in list(self._slots):
@@ -317,10 +418,12 @@ class Worker:
             events = engine.step()
         except StepFailed as exc:  # the engine names the rows that took part
             log.error("engine step failed for rows %s; resetting them", exc.rows, exc_info=exc.__cause__)
+            self._fail_answers([b for b in self._answers if b in exc.rows])
             self._reset_after_failure([s for s in self._slots if s.row in exc.rows])
             return
         except Exception:  # not the engine's own failure (nothing ran): the rows with a frame in flight
             log.exception("engine step failed; resetting the sessions with a frame in flight")
+            self._fail_answers(list(self._answers))
             self._reset_after_failure([s for s in self._slots if s.inflight is not None])
             return
         dt = time.perf_counter() - t0
@@ -335,7 +438,17 @@ class Worker:
             m.prefill_seconds.observe(res.prefill_s)
         by_row = {s.row: s for s in self._slots}
         outputs: dict[int, list[FrameOutput]] = {}
+        answers: dict[Slot, list[ResponseOutput]] = {}
         for ev in events:
+            if ev.row in self._answers:
+                answer = self._answers[ev.row]
+                status = None if not ev.done else ("completed" if ev.reason == "stop" else "incomplete")
+                if ev.done:
+                    del self._answers[ev.row]  # the engine freed the branch row
+                answers.setdefault(answer.slot, []).append(
+                    ResponseOutput(answer.job.id, now, delta=ev.text, status=status, token=True)
+                )
+                continue
             slot = by_row.get(ev.row)
             if slot is None or slot.inflight is None:
                 continue
@@ -346,13 +459,15 @@ class Worker:
             out = self._account(slot, ev, now)
             outputs.setdefault(ev.row, []).append(out)
             if ev.done:
-                slot.inflight = None
+                slot.last_captioned, slot.inflight = slot.inflight.job, None
         if events:
             m.generated_tokens_total.inc(
                 sum(1 for ev in events if ev.token is not None or ev.reason == "stop")
             )
         for row, outs in outputs.items():
             self._notify(by_row[row], "worker_output", outs, engine.kv_tokens(row))
+        for slot, outs in answers.items():
+            self._notify(slot, "worker_responses", outs)
         m.kv_cache_tokens.set(sum(engine.kv_tokens(s.row) for s in self._slots))
 
     def _account(self, slot: Slot, ev: TokenEvent, now: float) -> FrameOutput:
@@ -370,10 +485,21 @@ class Worker:
             m.frame_latency_seconds.observe(now - f.job.received)
         return FrameOutput(f.job, ev.text, now, ev.done, ev.reason, f.tokens, f.first_at)
 
+    def _fail_answers(self, branches: list[int]) -> None:
+        """Answers whose branch took part in a failed step: freed, told `failed` (the session goes on)."""
+        now = time.monotonic()
+        for b in branches:
+            answer = self._answers.pop(b)
+            self.engine.close(b)
+            self._notify(
+                answer.slot, "worker_responses", [ResponseOutput(answer.job.id, now, status="failed")]
+            )
+
     def _reopen(self, slot: Slot, prompt: str | None, settings: SessionSettings) -> None:
         """Give the slot a fresh engine row (new prompt, or after a failure). If even that fails, the
         slot is lost: its session gets a fatal internal error and the connection closes."""
         self.engine.close(slot.row)
+        slot.last_captioned = None  # the new row has seen no frame: questions wait for its first
         try:
             slot.row, slot.prompt, slot.settings = self._engine_open(prompt, settings), prompt, settings
         except Exception:
