@@ -15,6 +15,7 @@ from casa_live.model.checkpoint.toy import toy_checkpoint, toy_generation_config
 from casa_live.model.config import PRESETS, GenerationConfig, ModelConfig, preset
 from casa_live.model.engine.engine import CapacityError, Engine
 from casa_live.model.engine.sampling import Sampler, SamplingParams, apply_repetition_penalty, ngram_banned
+from conftest import SAME_MATH_ATOL, assert_close
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,7 +199,9 @@ def test_fused_projections_match_and_share_storage() -> None:
     proj.fuse()
     mlp.fuse()
     q1, k1, v1 = proj.qkv(x)
-    torch.testing.assert_close((q1, k1, v1, mlp(x)), (q0, k0, v0, m0), rtol=1e-6, atol=1e-6)
+    assert_close(
+        [q1, k1, v1, mlp(x)], [q0, k0, v0, m0], torch.float32, "fused q/k/v, gate/up", atol=SAME_MATH_ATOL
+    )
     new = {k: torch.randn_like(v) for k, v in proj.state_dict().items()}
     proj.load_state_dict(new)  # copies into the views: the fused weight follows
     q2, _, v2 = proj.qkv(x)

@@ -23,17 +23,11 @@ from server_helpers import (
     packet_messages,
     png,
     stream,
-    toy_model_dir,
     world_frames,
 )
 from starlette.websockets import WebSocketDisconnect
 
 TOKENS = 4  # short captions keep this file fast
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return toy_model_dir(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
