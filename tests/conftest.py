@@ -72,22 +72,18 @@ def assert_close(
 
     Without `atol`: max|out - ref| / max|ref| <= TOL[dtype]. With `atol` (ATOL or SAME_MATH_ATOL):
     max|out - ref| <= atol[dtype]. Lists/tuples of tensors are compared pairwise as one (same maxima).
-    Shapes must match exactly (no broadcasting); dtypes must match unless `ref` is an fp32 reference
-    for a lower-precision `out`; a NaN in `out` fails (an unwritten or unmasked element). The failure
-    message gives the max and mean absolute error, the max relative error and the tolerance.
+    Shapes must match exactly (no broadcasting); dtypes must match, except that a relative check
+    accepts an fp32 reference for a lower-precision `out`; a NaN in `out` fails (an unwritten or
+    unmasked element). The failure message gives the max and mean absolute error, the max relative
+    error and the tolerance.
     """
     if isinstance(out, (list, tuple)) or isinstance(ref, (list, tuple)):
         assert len(out) == len(ref), f"{what}: {len(out)} tensors != {len(ref)}"
-        for i, (o, r) in enumerate(zip(out, ref)):
-            assert o.shape == r.shape, f"{what}[{i}]: shape {tuple(o.shape)} != {tuple(r.shape)}"
-            assert o.dtype == r.dtype or r.dtype == torch.float32, (
-                f"{what}[{i}]: dtype {o.dtype} != {r.dtype}"
-            )
-    else:
-        assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-        assert out.dtype == ref.dtype or ref.dtype == torch.float32, (
-            f"{what}: dtype {out.dtype} != {ref.dtype}"
-        )
+    pairs = list(zip(out, ref)) if isinstance(out, (list, tuple)) else [(out, ref)]
+    for o, r in pairs:
+        assert o.shape == r.shape, f"{what}: shape {tuple(o.shape)} != {tuple(r.shape)}"
+        fp32_ref = atol is None and r.dtype == torch.float32
+        assert o.dtype == r.dtype or fp32_ref, f"{what}: dtype {o.dtype} != {r.dtype}"
     out, ref = _flat(out).float(), _flat(ref).float()
     nan = int(out.isnan().sum())
     assert nan == 0, f"{what}: {nan} NaN in the output (unwritten element or unmasked read)"
