@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint format bench clean
+.PHONY: install serve test test-quick lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,8 +19,16 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/casa serve
 
+# test: the whole suite, system tests included (CI runs it).
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest
+
+# test-quick: the development loop, stopping at the first failure. Leaves out the system tests (the
+# podman image and compose stack) and the tests marked slow (the browser demo, the GPU check's smoke
+# run, the sm_90 AOT compile, the 3-replica cluster, the training run, the compiled decode step, the
+# bundled model's held-out evaluation: each 20 s or more on a 2-core box). `make test` runs everything.
+test-quick: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -x -m "not system and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,5 +1,6 @@
-"""Helpers for the server tests: a random test-tiny checkpoint, app/websocket drivers with timeouts, and
-synthetic media of the world model (JPEG frames, container streams, encoded packets), all made locally."""
+"""Helpers for the server tests: app/websocket drivers with timeouts, and synthetic media of the world
+model (JPEG frames, container streams, encoded packets), all made locally. The random test-tiny
+checkpoint they serve is the `model_dir` fixture (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -22,15 +23,6 @@ from casa_live.server.settings import Settings
 
 FPS = 2.0
 SIZE = 64  # synthetic frames: 64x64 (the test-tiny model sees 24x24)
-
-
-def toy_model_dir(root: Path) -> Path:
-    from casa_live.model.checkpoint.toy import toy_checkpoint
-
-    path = root / "toy"
-    if not (path / "config.json").exists():
-        toy_checkpoint(path)
-    return path
 
 
 def settings(model_dir: Path, **overrides) -> Settings:

@@ -31,6 +31,7 @@ def test_bundled_checkpoint_is_complete_and_small():
     assert 1e6 < sum(p.numel() for p in model.parameters()) < 12e6
 
 
+@pytest.mark.slow  # 20 clips x 16 frames through the engine: ~80 s on the 2-core box
 def test_bundled_model_captions_held_out_clips():
     torch.manual_seed(0)
     engine = Engine.from_checkpoint(DIR, max_sessions=10)

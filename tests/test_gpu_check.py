@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every section of the GPU check end to end: ~60 s on the 2-core box
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

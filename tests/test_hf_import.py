@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ATOL, assert_close
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
@@ -29,7 +30,6 @@ from casa_live.model.reference import Interleaved, dense_forward
 
 transformers = pytest.importorskip("transformers")
 
-ATOL = {torch.float32: 1e-5}
 QWEN_SPECIAL = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -144,11 +144,6 @@ def text_only(tokens: torch.Tensor, grid: tuple[int, int], hidden: int) -> Inter
     )
 
 
-def report(ours: torch.Tensor, ref: torch.Tensor) -> str:
-    d = (ours - ref).abs()
-    return f"max abs err {d.max():.2e}, mean {d.mean():.2e}"
-
-
 # ---- equivalence with transformers -------------------------------------------------------------
 
 
@@ -165,7 +160,7 @@ def test_vision_tower_matches_transformers(hf_dir, size: tuple[int, int]) -> Non
         ref = hf.model.visual(hf_rows, grid_thw=torch.tensor([[1, gh, gw]])).pooler_output
         ours = model.vision(patches[None], (gh, gw))[0]
     assert ours.shape == ref.shape == (gh * gw // 4, 64)
-    assert torch.allclose(ours, ref, atol=ATOL[torch.float32], rtol=0), report(ours, ref)
+    assert_close(ours, ref, torch.float32, "vision tower", atol=ATOL)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -185,7 +180,7 @@ def test_lm_logits_match_transformers(hf_dir, tmp_path, tie: bool, casa: CASACon
         h = hf.model.language_model(input_ids=tokens).last_hidden_state
         ref = hf.lm_head(h)
         ours = dense_forward(model.lm, text_only(tokens, model.grid, 64))
-    assert torch.allclose(ours, ref, atol=ATOL[torch.float32], rtol=0), report(ours, ref)
+    assert_close(ours, ref, torch.float32, "lm logits", atol=ATOL)
 
 
 def test_insertion_fusion_matches_transformers_with_an_image(hf_dir) -> None:
@@ -218,7 +213,7 @@ def test_insertion_fusion_matches_transformers_with_an_image(hf_dir) -> None:
             grid=(gh // 2, gw // 2),
         )
         ours = dense_forward(model.lm, batch)[0]
-    assert torch.allclose(ours, ref, atol=ATOL[torch.float32], rtol=0), report(ours, ref)
+    assert_close(ours, ref, torch.float32, "insertion logits", atol=ATOL)
 
 
 @pytest.mark.parametrize(
@@ -243,7 +238,7 @@ def test_image_processor_matches_transformers(shape, image_size, max_pixels) -> 
     proc = QwenImageProcessor(14, 2, image_size=image_size, max_pixels=max_pixels)
     patches, grid = proc.process(image)
     assert grid == (gh, gw)
-    assert torch.allclose(patches, ref, atol=1e-5, rtol=0), report(patches, ref)
+    assert_close(patches, ref, torch.float32, "pixel patches", atol=ATOL)
 
 
 # ---- strict accounting ---------------------------------------------------------------------------

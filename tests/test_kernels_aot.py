@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # the real sm_90 compile of every kernel: ~20 s on the 2-core box
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90

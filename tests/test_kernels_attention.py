@@ -3,7 +3,7 @@
 Every case: fresh seeded random inputs, several sessions per launch with ragged lengths, K/V arenas
 whose unused slots are NaN (an unmasked read turns the output NaN), and a NaN-poisoned output
 buffer (an unwritten element fails). Tolerance = max|out - ref| / max|ref| against an fp32
-reference, per dtype in TOL.
+reference, per dtype in TOL (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is im
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICE, assert_close
 
 pytest.importorskip("triton")
 
@@ -21,26 +22,15 @@ from casa_live.kernels import casa_attention as ca
 from casa_live.kernels import dispatch
 
 # Interpreter on CPU by default; with a GPU and TRITON_INTERPRET=0 the same tests run the compiled
-# kernels on CUDA (every tensor is created on DEVICE through the autouse fixture).
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# kernels on CUDA (every tensor is created on KERNEL_DEVICE through the autouse fixture).
 
 
 @pytest.fixture(autouse=True)
 def _poison_workspace(monkeypatch):
     monkeypatch.setattr(ca, "POISON_WORKSPACE", True)
     torch.manual_seed(0)
-    with torch.device(DEVICE):
+    with torch.device(KERNEL_DEVICE):
         yield
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    out, ref = out.float(), ref.float()
-    assert not out.isnan().any(), f"{what}: {int(out.isnan().sum())} NaN (unwritten or unmasked read)"
-    err = (out - ref).abs()
-    scale = ref.abs().max().clamp_min(1e-6)
-    rel = (err.max() / scale).item()
-    assert rel <= TOL[dtype], f"{what}: max rel err {rel:.3g} > {TOL[dtype]:.1g} (mean abs {err.mean():.3g})"
 
 
 def make_case(

@@ -1,7 +1,7 @@
 """Fused RMSNorm(+residual) and RoPE kernels vs their torch references, in the interpreter (CPU).
 
 Outputs are NaN-poisoned buffers where the kernel writes in place, and fresh `empty` otherwise
-checked for NaN; tolerance = max|out - ref| / max|ref| per dtype (fp32 1e-5).
+checked for NaN; tolerance = max|out - ref| / max|ref| per dtype (TOL in tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -12,32 +12,22 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is im
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICE, assert_close
 
 pytest.importorskip("triton")
 
 from casa_live.kernels import dispatch, rmsnorm, rope
 
 # Interpreter on CPU by default; with a GPU and TRITON_INTERPRET=0 the same tests run the compiled
-# kernels on CUDA (every tensor is created on DEVICE through the autouse fixture).
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# kernels on CUDA (every tensor is created on KERNEL_DEVICE through the autouse fixture).
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-    with torch.device(DEVICE):
+    with torch.device(KERNEL_DEVICE):
         yield
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} != {ref.dtype}"
-    out, ref = out.float(), ref.float()
-    assert not out.isnan().any(), f"{what}: NaN in output (unwritten element)"
-    err = (out - ref).abs()
-    rel = (err.max() / ref.abs().max().clamp_min(1e-6)).item()
-    assert rel <= TOL[dtype], f"{what}: max rel err {rel:.3g} > {TOL[dtype]:.1g} (mean abs {err.mean():.3g})"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

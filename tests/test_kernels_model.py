@@ -15,15 +15,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is im
 import numpy as np
 import pytest
 import torch
+from conftest import KERNEL_DEVICE, assert_close
 
 pytest.importorskip("triton")
 
 from casa_live.kernels import dispatch
 from casa_live.model.checkpoint.toy import toy_generation_config, toy_model, word_tokenizer
 from casa_live.model.engine.engine import Engine, SessionSettings
-
-# compiled kernels on CUDA when a GPU is there and TRITON_INTERPRET=0; the interpreter on CPU otherwise
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 def make_engine(fusion: str) -> Engine:
@@ -33,8 +31,13 @@ def make_engine(fusion: str) -> Engine:
             if p.dim() >= 2:
                 p.normal_(std=0.15)
         model.lm.init_casa_from_self_attention()
+    # compiled kernels on CUDA when a GPU is there and TRITON_INTERPRET=0; the interpreter on CPU otherwise
     return Engine(
-        model, word_tokenizer(model.config.lm.vocab), toy_generation_config(), max_sessions=2, device=DEVICE
+        model,
+        word_tokenizer(model.config.lm.vocab),
+        toy_generation_config(),
+        max_sessions=2,
+        device=KERNEL_DEVICE,
     )
 
 
@@ -69,6 +72,4 @@ def test_streaming_logits_triton_matches_torch(fusion: str) -> None:
     out, out_tokens = stream_logits(make_engine(fusion), "triton")
     assert out_tokens == ref_tokens
     assert len(out) == len(ref) > 10
-    scale = max(float(r.abs().max()) for r in ref)
-    err = max(float((o - r).abs().max()) for o, r in zip(out, ref))
-    assert err / scale <= 1e-5, f"max rel err {err / scale:.3g} over {len(ref)} tokens"
+    assert_close(out, ref, torch.float32, f"logits of {len(ref)} fed tokens")

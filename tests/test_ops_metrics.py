@@ -285,12 +285,9 @@ class CasaServer:
 
 
 @pytest.fixture(scope="module")
-def casa_server(tmp_path_factory) -> Iterator[CasaServer]:
+def casa_server(model_dir, tmp_path_factory) -> Iterator[CasaServer]:
     """`casa serve` as a user runs it (python -m casa_live.cli serve), on a random-weight test-tiny checkpoint."""
-    from casa_live.model.checkpoint.toy import toy_checkpoint
-
     tmp = tmp_path_factory.mktemp("casa-serve")
-    model_dir = toy_checkpoint(tmp / "model")
     port = _free_port()
     log = tmp / "serve.log"
     env = {**os.environ, "CASA_MODEL_DIR": str(model_dir), "CASA_MAX_SESSIONS": "4", "PYTHONUNBUFFERED": "1"}

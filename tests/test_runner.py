@@ -11,13 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import ATOL, assert_close
 
 from casa_live.model.checkpoint.toy import toy_generation_config, toy_model, word_tokenizer
 from casa_live.model.decode import DecodeInputs, commit, decode_step, fused_decode_step
 from casa_live.model.engine.engine import Engine, SessionSettings
 from casa_live.model.engine.runner import buckets_for, segments_for
-
-ATOL = {torch.float32: 1e-5}
 
 
 def make_engine(fusion: str = "casa", shared: bool = False, **kw) -> Engine:
@@ -190,7 +189,7 @@ def test_traced_vision_tower_matches_eager() -> None:
         with torch.no_grad():
             traced, _ = runner.encode(patches)
             eager = engine.model.encode_images(patches)
-        torch.testing.assert_close(traced, eager, rtol=0, atol=ATOL[torch.float32])
+        assert_close(traced, eager, torch.float32, f"traced vision tower, batch {n}", atol=ATOL)
     grid = engine.model.patch_grid
     assert set(runner._vision) == {(1, grid), (3, grid)}  # one trace per batch size and grid
 

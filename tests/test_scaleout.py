@@ -22,10 +22,13 @@ from casa_live.clients.sources import open_source
 from casa_live.clients.stream import Streamer, StreamOptions
 from casa_live.clients.writers import open_writers
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("haproxy") is None,
-    reason="haproxy is not installed: apt-get install haproxy (.ci/run installs it)",
-)
+pytestmark = [
+    pytest.mark.slow,  # 3 replicas and HAProxy: ~45 s on the 2-core box
+    pytest.mark.skipif(
+        shutil.which("haproxy") is None,
+        reason="haproxy is not installed: apt-get install haproxy (.ci/run installs it)",
+    ),
+]
 
 DRAIN = 20.0
 CLIENTS = 4

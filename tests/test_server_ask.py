@@ -6,14 +6,9 @@ answers, so the tests check the lifecycle, the bookkeeping and that the session 
 from __future__ import annotations
 
 import pytest
-from server_helpers import client, errors, image_messages, jpeg, of_type, stream, toy_model_dir, world_frames
+from server_helpers import client, errors, image_messages, jpeg, of_type, stream, world_frames
 
 from casa_live.server import protocol as p
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return toy_model_dir(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets
-from server_helpers import client, image_messages, stream, toy_model_dir, world_frames
+from server_helpers import client, image_messages, stream, world_frames
 from test_server_uvicorn import free_port
 from websockets.exceptions import ConnectionClosed
 
@@ -43,8 +43,7 @@ def poll(fn, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no
         time.sleep(0.05)
 
 
-def test_readyz_is_503_while_full_and_200_when_a_slot_frees(tmp_path: Path) -> None:
-    model_dir = toy_model_dir(tmp_path)
+def test_readyz_is_503_while_full_and_200_when_a_slot_frees(model_dir: Path) -> None:
     with client(model_dir, max_sessions=2) as c:
         ready = c.get("/readyz")
         assert ready.status_code == 200 and ready.json()["free"] == 2
@@ -64,10 +63,10 @@ def test_readyz_is_503_while_full_and_200_when_a_slot_frees(tmp_path: Path) -> N
             assert metric(c.get("/metrics").text, "casa_session_slots_free") == 1
 
 
-def test_drain_in_process_refuses_new_sessions(tmp_path: Path) -> None:
+def test_drain_in_process_refuses_new_sessions(model_dir: Path) -> None:
     from casa_live.server.drain import drain
 
-    with client(toy_model_dir(tmp_path), max_sessions=2) as c:
+    with client(model_dir, max_sessions=2) as c:
         ctx = c.app.state.ctx
         with stream(c) as ws:
             ws.send_bytes(image_messages(world_frames(1))[0])
@@ -132,9 +131,9 @@ async def _recv_all(ws) -> list[dict]:  # type: ignore[no-untyped-def]
     return events
 
 
-def test_sigterm_drains_sessions_then_exits(tmp_path: Path) -> None:
+def test_sigterm_drains_sessions_then_exits(model_dir: Path, tmp_path: Path) -> None:
     proc, port = start_server(
-        toy_model_dir(tmp_path), tmp_path / "serve.log", "--max-sessions", "3", "--drain-seconds", str(GRACE)
+        model_dir, tmp_path / "serve.log", "--max-sessions", "3", "--drain-seconds", str(GRACE)
     )
     url, ws_url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}{p.STREAM_PATH}"
     frames = image_messages(world_frames(6))

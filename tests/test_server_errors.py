@@ -22,7 +22,6 @@ from server_helpers import (
     packet_messages,
     png,
     stream,
-    toy_model_dir,
     world_frames,
 )
 from starlette.websockets import WebSocketDisconnect
@@ -30,11 +29,6 @@ from starlette.websockets import WebSocketDisconnect
 from casa_live.server import protocol as p
 
 TOKENS = 4  # short captions keep this file fast
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return toy_model_dir(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

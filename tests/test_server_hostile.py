@@ -27,7 +27,6 @@ from server_helpers import (
     of_type,
     packet_messages,
     stream,
-    toy_model_dir,
     world_frames,
 )
 from starlette.websockets import WebSocketDisconnect
@@ -45,11 +44,6 @@ EXAMPLES = settings(
 CODES = {c.value for c in p.ErrorCode}
 FATAL = {"capacity", "unauthorized", "session_timeout"}
 _ids = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return toy_model_dir(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from server_helpers import encode_stream, jpeg, packet_messages, toy_model_dir, world_frames
+from server_helpers import encode_stream, jpeg, packet_messages, world_frames
 
 from casa_live.server import protocol as p
 
@@ -73,8 +73,7 @@ def peak_rss(pid: int):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_dir = toy_model_dir(tmp_path_factory.getbasetemp())
+def server(model_dir, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -17,7 +17,6 @@ from server_helpers import (
     offline_events,
     packet_messages,
     stream,
-    toy_model_dir,
     world_frames,
 )
 
@@ -25,11 +24,6 @@ from casa_live.server import protocol as p
 
 N = 6
 TOKENS = 8  # short captions keep the suite fast (the random model never stops on its own)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return toy_model_dir(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets
-from server_helpers import container_messages, encode_stream, image_messages, toy_model_dir, world_frames
+from server_helpers import container_messages, encode_stream, image_messages, world_frames
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from casa_live.server import protocol as p
@@ -33,8 +33,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_dir = toy_model_dir(tmp_path_factory.getbasetemp())
+def server(model_dir, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "CASA_AUTH_KEYS": KEY, "PYTHONUNBUFFERED": "1"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from server_helpers import FPS, client, toy_model_dir, world_frames
+from server_helpers import FPS, client, world_frames
 from subtitle_helpers import assert_monotonic, parse_srt, parse_vtt
 
 from casa_live.clients.writers import Segment, open_writers
@@ -38,11 +38,6 @@ def test_cue_text_and_timestamps() -> None:
         assert_monotonic(cues[:1])
         assert all(end > start for start, end, _ in cues)
     assert to_srt([]) == "" and to_vtt([]) == "WEBVTT\n\n"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return toy_model_dir(tmp_path_factory.getbasetemp())
 
 
 @pytest.mark.parametrize("fmt", ["srt", "vtt"])

@@ -220,9 +220,8 @@ def test_image_size_and_no_source_tree(image, container):
         "print(pathlib.Path('/app').exists(), pathlib.Path('/src').exists())"
     )
     out = oci.podman("exec", container.name, "python", "-c", probe).stdout.split()
-    assert out[0].startswith("/opt/venv/lib/") and out[0].endswith("site-packages/casa_live/model/bundled"), (
-        out
-    )
+    bundled = "site-packages/casa_live/model/bundled"
+    assert out[0].startswith("/opt/venv/lib/") and out[0].endswith(bundled), out
     assert out[1].endswith("site-packages/casa_live/clients/web"), out
     assert out[2:] == ["False", "False"]
 

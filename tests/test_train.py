@@ -113,6 +113,7 @@ def _tiny(steps: int, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.slow  # ~40 s of training steps on the 2-core box
 def test_a_few_steps_lower_the_loss_and_resume_continues(tmp_path):
     out = tmp_path / "run"
     summary = train(_tiny(8), out)

@@ -87,10 +87,9 @@ def _repo_packages() -> set[str]:
 def test_package_list_names_every_package():
     listed = set(PACKAGES)
     assert _repo_packages() <= listed, f"add to [tool.setuptools] packages: {_repo_packages() - listed}"
-    assert {
-        **{f"casa_live.{top}": top for top in FOLDERS},
-        "casa_live.model.bundled": "checkpoints/default",
-    } == PACKAGE_DIR
+    expected = {f"casa_live.{top}": top for top in FOLDERS}
+    expected["casa_live.model.bundled"] = "checkpoints/default"
+    assert expected == PACKAGE_DIR
     assert "casa_live.model.bundled" in listed and "casa_live.clients.web" in listed
 
 
