@@ -67,8 +67,9 @@ def test_captions_are_identical_with_and_without_questions():
     assert asking.scheduler.free_branch_row() is not None  # every branch row freed again
 
 
-def test_the_branch_matches_a_dense_forward_of_the_stream_then_the_question():
-    engine = make_engine(max_sessions=2, max_context_tokens=512)
+@pytest.mark.parametrize("fusion", ["casa", "insertion"])
+def test_the_branch_matches_a_dense_forward_of_the_stream_then_the_question(fusion):
+    engine = make_engine(fusion, max_sessions=2, max_context_tokens=512)
     rec = Recorder(engine)
     row = engine.open("red circle", SessionSettings(max_new_tokens=3))
     other = engine.open("blue square", SessionSettings(max_new_tokens=2))
