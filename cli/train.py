@@ -46,6 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="each training clip ends with a question about its last frame on a side branch "
         "(the question language of model/world/questions.py)",
     )  # fmt: skip
+    p.add_argument(
+        "--qa-clips", type=int, default=0,
+        help="with --questions: this many more short clips a step, each ending with a question",
+    )  # fmt: skip
+    p.add_argument("--qa-frames", type=int, default=3, help="the short question clips' longest length")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.set_defaults(func=run)
 
@@ -78,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         world=world_overrides(args.world),
         init=args.init,
         questions=args.questions,
+        qa_clips=args.qa_clips,
+        qa_frames=args.qa_frames,
     )
     summary = train(cfg, args.out, resume=args.resume)
     print(json.dumps(summary, indent=2))

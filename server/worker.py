@@ -363,7 +363,9 @@ class Worker:
         """Anything to do without a command: engine work, or a frame for a free row (lock held)."""
         if self.engine.has_work():
             return True
-        if any(s.questions and self.engine.can_ask(s.row) for s in self._slots):
+        if any(
+            s.questions and s.last_captioned is not None and self.engine.can_ask(s.row) for s in self._slots
+        ):
             return True
         return any(s.mailbox and s.inflight is None for s in self._slots)
 

@@ -386,6 +386,11 @@ class TrainConfig:
     # fine-tuning: start from this checkpoint's weights and tokenizer instead of random weights
     init: str | None = None
     questions: bool = False  # each clip ends with a question branch (model/world/questions.py)
+    # With questions: this many more short clips per step (1..qa_frames frames, one length a step),
+    # each ending with a question: more answers per step for little vision work (an answer depends
+    # on its frame, and the frame's window, not on a long history).
+    qa_clips: int = 0
+    qa_frames: int = 3
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -421,6 +426,14 @@ def step_clips(cfg: TrainConfig, step: int) -> tuple[list[int], list[int], list[
         for _ in range(cfg.batch)
     ]
     return seeds, frames, prompts
+
+
+def qa_step_clips(cfg: TrainConfig, step: int) -> tuple[list[int], list[int], list[str | None]]:
+    """The short question clips of training step `step` (seeds apart from step_clips')."""
+    rng = np.random.default_rng([cfg.seed, step, 1])
+    base = TRAIN_SEED_BASE + 500_000_000 + (cfg.seed * 7919 + step) * cfg.qa_clips
+    n = int(rng.integers(1, cfg.qa_frames + 1))
+    return [base + i for i in range(cfg.qa_clips)], [n] * cfg.qa_clips, [None] * cfg.qa_clips
 
 
 def export(model: CASAModel, tok: Tokenizer, gen: GenerationConfig, path: str | Path) -> Path:
@@ -560,6 +573,13 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         seeds, frames, prompts = step_clips(cfg, step)
         batch = make_batch(seeds, tok, gen, processor, world, frames, prompts, questions=cfg.questions)
         loss, stats = caption_loss(model, batch, probe)
+        if cfg.questions and cfg.qa_clips:
+            qa_seeds, qa_frames, qa_prompts = qa_step_clips(cfg, step)
+            qa_batch = make_batch(qa_seeds, tok, gen, processor, world, qa_frames, qa_prompts, questions=True)
+            qa_loss, qa_stats = caption_loss(model, qa_batch)
+            loss = loss + qa_loss
+            stats["answer_acc"] = (stats["answer_acc"] + qa_stats["answer_acc"]) / 2
+            frames = frames + qa_frames
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
