@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
     from casa_live.clients.stream import EXIT_USAGE, StreamError, StreamOptions, run_stream, stream_url
     from casa_live.clients.writers import open_writers
 
-    printer = LivePrinter(quiet=args.quiet)
+    # --interactive: final caption lines only, even on a terminal, so that no rewritten partial line
+    # runs over the question being typed
+    printer = LivePrinter(quiet=args.quiet, live=False if args.interactive else None)
     if args.ask_every is not None and not (args.ask_every > 0 and args.ask):
         printer.message("error: --ask-every needs a positive number of seconds and at least one --ask")
         return EXIT_USAGE
