@@ -15,6 +15,8 @@ sources:
 examples:
   casa stream synthetic:7 --srt out.srt --vtt out.vtt
   casa stream talk.mp4 --server ws://gpu-box:8000 --token $KEY --no-realtime --jsonl talk.jsonl
+  casa stream synthetic:7 --ask "how many objects are there?" --ask-every 2 --jsonl out.jsonl
+  casa stream /dev/video0 --interactive     # each line typed is a question about the current frame
 exit codes: 0 done, 1 server or connection error, 2 bad arguments or source, 130 interrupted (Ctrl-C)
 """
 
@@ -79,15 +81,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--duration", type=float, help="stop after this many seconds of video")
     i.add_argument("--synthetic-seconds", type=float, default=8.0, help="length of a synthetic:SEED clip")
 
+    q = p.add_argument_group(
+        "questions (answered about the latest captioned frame; the captions never see them)"
+    )
+    q.add_argument(
+        "--ask",
+        metavar="QUESTION",
+        action="append",
+        default=[],
+        help="ask this right after the session starts (repeatable); answers print as "
+        '\'? QUESTION -> ANSWER (frame N)\' and go into --jsonl as {"type": "answer", ...} records',
+    )
+    q.add_argument(
+        "--ask-every",
+        metavar="SECONDS",
+        type=float,
+        help="ask the --ask questions again every SECONDS of stream time",
+    )
+    q.add_argument(
+        "--interactive",
+        action="store_true",
+        help="read questions from stdin while the stream runs: each line typed is asked",
+    )
+
     o = p.add_argument_group("output")
     o.add_argument("--srt", metavar="PATH", help="write SRT subtitles")
     o.add_argument("--vtt", metavar="PATH", help="write WebVTT subtitles")
     o.add_argument(
         "--jsonl",
         metavar="PATH",
-        help="write one JSON line per frame (start, end, text, ttft_ms, latency_ms)",
+        help="write one JSON line per frame (start, end, text, ttft_ms, latency_ms) and one per answer "
+        "(type answer)",
     )
-    o.add_argument("--quiet", action="store_true", help="no captions on stdout (files and errors only)")
+    o.add_argument(
+        "--quiet", action="store_true", help="no captions on stdout (files, answers and errors only)"
+    )
     p.set_defaults(func=run)
 
 
@@ -97,7 +125,12 @@ def run(args: argparse.Namespace) -> int:
     from casa_live.clients.stream import EXIT_USAGE, StreamError, StreamOptions, run_stream, stream_url
     from casa_live.clients.writers import open_writers
 
-    printer = LivePrinter(quiet=args.quiet)
+    # --interactive: final caption lines only, even on a terminal, so that no rewritten partial line
+    # runs over the question being typed
+    printer = LivePrinter(quiet=args.quiet, live=False if args.interactive else None)
+    if args.ask_every is not None and not (args.ask_every > 0 and args.ask):
+        printer.message("error: --ask-every needs a positive number of seconds and at least one --ask")
+        return EXIT_USAGE
     session = {
         key: getattr(args, key)
         for key in (
@@ -123,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
             max_side=args.max_side or None,
             duration=args.duration,
             reconnect_tries=max(0, args.reconnect_tries),
+            questions=list(args.ask),
+            ask_every=args.ask_every,
+            interactive=args.interactive,
         )
         source = open_source(args.source, seconds=args.synthetic_seconds)
     except (StreamError, SourceError) as e:

@@ -3,7 +3,8 @@
 On a terminal, `caption.delta` text rewrites the current line (carriage return + erase line) as tokens
 arrive, and each `caption.segment` replaces it with a final timestamped line. When stdout is a pipe or
 a file, only the final lines are written, so `casa stream x.mp4 > captions.txt` gives clean text.
-Status and warnings go to stderr and never tear the caption line.
+Answers to questions get lines of their own, `? QUESTION -> ANSWER (frame N)`, apart from the
+captions' `[start --> end] text`. Status and warnings go to stderr and never tear the caption line.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 import sys
 from typing import TextIO
 
-from casa_live.clients.writers import Segment
+from casa_live.clients.writers import Answer, Segment
 from casa_live.server.subtitles import format_timestamp
 
 ERASE_LINE = "\r\x1b[K"
@@ -67,6 +68,25 @@ class LivePrinter:
         self.out.write(f"[{stamp(segment.start)} --> {stamp(segment.end)}] {segment.text.strip()}\n")
         self.out.flush()
 
+    def answer(self, answer: Answer) -> None:
+        """`? QUESTION -> ANSWER (frame N)`; the status too when it is not `completed`. Printed even
+        with `quiet` (that hides the captions): a question was asked to be answered."""
+        self._clear()
+        text = answer.text.strip() or "(no words)"
+        notes = [] if answer.frame is None else [f"frame {answer.frame}"]
+        if answer.status != "completed":
+            notes.append(answer.status)
+        if answer.error:
+            text = f"({answer.status}: {answer.error})"
+            notes = notes[:-1]
+        elif answer.frame is None and not answer.text.strip():
+            text, notes = f"({answer.status})", []
+        tail = f" ({', '.join(notes)})" if notes else ""
+        self.out.write(f"? {_one_line(answer.question)} -> {_one_line(text)}{tail}\n")
+        self.out.flush()
+        if self.live and not self.quiet and self._frame is not None:  # the partial caption goes on below
+            self.delta(self._frame, self._pts, "")
+
     def message(self, text: str) -> None:
         """A status or warning line on stderr; the partial caption line is erased first."""
         if self.live:
@@ -80,3 +100,7 @@ class LivePrinter:
             self.out.write("\n")
             self.out.flush()
             self._dirty = False
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -7,18 +7,28 @@ event becomes `None` for the caller to ignore.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import ValidationError
 
 from casa_live.server import protocol
 from casa_live.server.protocol import (
+    MAX_QUESTION_CHARS,
+    MAX_RESPONSES_IN_FLIGHT,
     STREAM_PATH,
     CaptionDelta,
     CaptionSegment,
     Error,
     InputMarker,
     Marker,
+    ResponseCancel,
+    ResponseCreate,
+    ResponseCreated,
+    ResponseDone,
+    ResponseOutputTextDelta,
+    ResponseRequest,
+    ResponseResult,
     SessionClose,
     SessionClosed,
     SessionCreated,
@@ -30,11 +40,17 @@ from casa_live.server.protocol import (
 )
 
 __all__ = [
+    "MAX_QUESTION_CHARS",
+    "MAX_RESPONSES_IN_FLIGHT",
     "STREAM_PATH",
     "CaptionDelta",
     "CaptionSegment",
     "Error",
     "Marker",
+    "ResponseCreated",
+    "ResponseDone",
+    "ResponseOutputTextDelta",
+    "ResponseResult",
     "SessionClosed",
     "SessionCreated",
     "SessionDraining",
@@ -46,6 +62,8 @@ __all__ = [
     "image_frame",
     "marker",
     "parse_event",
+    "response_cancel",
+    "response_create",
     "session_close",
     "session_update",
 ]
@@ -61,6 +79,7 @@ ERROR_HINTS = {
     "rate_limited": "frames are arriving faster than the server allows (lower --fps)",
     "session_timeout": "the session ran past the server's time limit",
     "internal": "the server hit an internal error",
+    "invalid_request": "the server refused a question",
 }
 
 
@@ -89,6 +108,18 @@ def session_close() -> str:
     return protocol.dump(SessionClose())
 
 
+def response_create(response_id: str, question: str, max_new_tokens: int | None = None) -> str:
+    """A question about the stream's current frame. The event_id is the response id, so an `error`
+    the server answers to it (invalid_request, rate_limited) names the question it refuses.
+    Raises pydantic.ValidationError for a question the server would refuse (blank, too long)."""
+    request = ResponseRequest(id=response_id, question=question, max_new_tokens=max_new_tokens)
+    return protocol.dump(ResponseCreate(response=request, event_id=response_id))
+
+
+def response_cancel(response_id: str) -> str:
+    return protocol.dump(ResponseCancel(response_id=response_id))
+
+
 def parse_event(raw: str | bytes):
     """A typed server event, or None for binary, unknown or unreadable messages."""
     if isinstance(raw, bytes):
@@ -96,6 +127,25 @@ def parse_event(raw: str | bytes):
     try:
         return protocol.parse_server_event(raw)
     except ValidationError:
+        return _response_done_without_optionals(raw)
+
+
+# The fields of a `response.done` that docs/protocol.md says are absent when an answer never started
+# or never produced a token (the server leaves None out of the JSON), but that ResponseResult declares
+# without a default: fill them in, so that a cancelled answer is read like any other.
+_OPTIONAL_RESULT_FIELDS = ("frame", "pts", "ttft_ms")
+
+
+def _response_done_without_optionals(raw: str):
+    try:
+        data = json.loads(raw)
+        response = data["response"]
+        if data.get("type") != "response.done" or not isinstance(response, dict):
+            return None
+        for name in _OPTIONAL_RESULT_FIELDS:
+            response.setdefault(name, None)
+        return ResponseDone.model_validate(data)
+    except (ValueError, TypeError, KeyError, ValidationError):
         return None
 
 

@@ -2,7 +2,9 @@
 
 Each `caption.segment` from the server becomes one `Segment` (media seconds from the first frame) and
 goes to every open writer at once, then the file is flushed: a stream stopped by Ctrl-C or a lost
-connection leaves files that are valid up to the last caption. Times are what the server reports;
+connection leaves files that are valid up to the last caption. Each answer to a question (`casa stream
+--ask`, `--interactive`) becomes one `Answer`: the JSONL file gets it as a record of its own, with
+`"type": "answer"` (caption records have no `type`); subtitles hold captions only. Times are what the server reports;
 the cues (timestamps, cleaned text, `end > start`) come from server/subtitles.py, the formatter of the
 upload endpoint's SRT and WebVTT, so a streamed file equals the upload's answer for the same segments.
 """
@@ -29,6 +31,28 @@ class Segment:
     latency_ms: float | None = None
 
 
+@dataclass
+class Answer:
+    """One question's answer, as the server's `response.done` gave it (`frame` in the stream's
+    numbering, `pts` in media seconds; both None when the answer never started)."""
+
+    id: str
+    question: str
+    frame: int | None
+    pts: float | None
+    text: str
+    status: str  # completed | incomplete | cancelled | failed
+    ttft_ms: float | None = None
+    latency_ms: float | None = None
+    error: str | None = None  # why the server refused it, or why it got no answer (only then)
+
+    def record(self) -> dict:
+        row = {"type": "answer", **asdict(self)}
+        if row["error"] is None:
+            del row["error"]
+        return row
+
+
 class CaptionWriter:
     """Base: owns one text file, writes a segment at a time, flushes after each."""
 
@@ -49,6 +73,9 @@ class CaptionWriter:
     def write(self, segment: Segment) -> None:
         self._write(segment)
         self._file.flush()
+
+    def write_answer(self, answer: Answer) -> None:
+        """Subtitles hold captions only; the JSONL writer records answers."""
 
     def close(self) -> None:
         if not self._file.closed:
@@ -87,12 +114,17 @@ class VTTWriter(_CueWriter):
 
 
 class JSONLWriter(CaptionWriter):
-    """One JSON object per frame, empty captions included (they still carry timings)."""
+    """One JSON object per frame, empty captions included (they still carry timings), and one per
+    answer (`"type": "answer"`)."""
 
     suffix = ".jsonl"
 
     def _write(self, segment: Segment) -> None:
         self._file.write(json.dumps(asdict(segment), ensure_ascii=False) + "\n")
+
+    def write_answer(self, answer: Answer) -> None:
+        self._file.write(json.dumps(answer.record(), ensure_ascii=False) + "\n")
+        self._file.flush()
 
 
 WRITERS: dict[str, type[CaptionWriter]] = {"srt": SRTWriter, "vtt": VTTWriter, "jsonl": JSONLWriter}

@@ -5,6 +5,13 @@ Query parameters: `format=json|srt|vtt` (default json) and any session setting (
 `max_new_tokens`, `temperature`, `top_k`, `repetition_penalty`, `no_repeat_ngram`, `seed`). SRT and
 WebVTT come from server/subtitles.py, the formatter the command-line streamer's writers use too.
 
+`question=...` (repeatable, at most MAX_RESPONSES_IN_FLIGHT) asks about the file's LAST frame: once
+every frame is captioned, each question is a `response.create` on the same session, answered at once
+(the session is between frames) on a side branch, and the JSON answer gets `"answers": [{question,
+frame, pts, text, status}]` in the order asked. Questions need format=json (SRT and WebVTT hold
+captions only) and a model with a question template; otherwise 400 `invalid_request`, before the body
+is read.
+
 It runs exactly the streaming path: a `Session` in offline mode (every sampled frame captioned in full,
 no real-time budget, backpressure instead of drops) whose ingest thread runs a seekable PyAV decode,
 so an upload holds one model slot like a websocket session and batches with them.
@@ -16,6 +23,9 @@ at most `max_concurrent_uploads` bodies are held at once (503 `capacity` past it
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -29,6 +39,7 @@ from casa_live.server.session import Session
 from casa_live.server.subtitles import to_srt, to_vtt
 
 FORMATS = {"json", "srt", "vtt"}
+ANSWER_TIMEOUT = 60.0  # seconds to wait for the answers once the captions are done
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -38,6 +49,39 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 def _invalid(ctx: ServerContext, message: str) -> JSONResponse:
     ctx.metrics.errors_total.labels("invalid_settings").inc()
     return _error(400, "invalid_settings", message)
+
+
+def _invalid_request(ctx: ServerContext, message: str) -> JSONResponse:
+    ctx.metrics.errors_total.labels("invalid_request").inc()
+    return _error(400, "invalid_request", message)
+
+
+def _check_questions(ctx: ServerContext, questions: list[str], fmt: str) -> JSONResponse | None:
+    """A 400 for questions the upload cannot answer, or None."""
+    if not questions:
+        return None
+    if fmt != "json":
+        return _invalid_request(
+            ctx,
+            f"questions need format=json (format={fmt} holds captions only); drop question= or ask for json",
+        )
+    if len(questions) > p.MAX_RESPONSES_IN_FLIGHT:
+        return _invalid_request(
+            ctx, f"{len(questions)} questions; an upload answers at most {p.MAX_RESPONSES_IN_FLIGHT}"
+        )
+    for i, question in enumerate(questions):
+        try:
+            p.ResponseRequest(question=question)
+        except ValidationError as exc:
+            why = "; ".join(clip(e["msg"], 200) for e in exc.errors(include_url=False, include_input=False))
+            return _invalid_request(ctx, f"question {i + 1} is refused: {why}")
+    if ctx.engine.gen.template.question is None:
+        return _invalid_request(
+            ctx,
+            "this model answers no questions (its checkpoint has no question template); serve a model that "
+            "does, or drop question=",
+        )
+    return None
 
 
 def _too_large(ctx: ServerContext, what: str) -> JSONResponse:
@@ -54,9 +98,14 @@ def _too_large(ctx: ServerContext, what: str) -> JSONResponse:
 async def caption_upload(ctx: ServerContext, request: Request) -> Response:
     query = dict(request.query_params)
     query.pop("token", None)
+    questions = request.query_params.getlist("question")
+    query.pop("question", None)
     fmt = query.pop("format", "json")
     if fmt not in FORMATS:
         return _invalid(ctx, f"format is {clip(fmt, 40)!r}; it must be one of {sorted(FORMATS)}")
+    refused = _check_questions(ctx, questions, fmt)
+    if refused is not None:
+        return refused
     try:
         settings = p.SessionSettings.model_validate({**query, "mode": "offline"})
     except ValidationError as exc:
@@ -86,13 +135,18 @@ async def caption_upload(ctx: ServerContext, request: Request) -> Response:
         )
     ctx.uploads += 1
     try:
-        return await _caption(ctx, request, settings, fmt, cap)
+        return await _caption(ctx, request, settings, fmt, cap, questions)
     finally:
         ctx.uploads -= 1
 
 
 async def _caption(
-    ctx: ServerContext, request: Request, settings: p.SessionSettings, fmt: str, cap: int
+    ctx: ServerContext,
+    request: Request,
+    settings: p.SessionSettings,
+    fmt: str,
+    cap: int,
+    questions: list[str],
 ) -> Response:
     data = bytearray()
     try:
@@ -125,6 +179,7 @@ async def _caption(
         warning = await session.ingest.decode_file(data)  # on the session's own ingest thread
         del data
         await session.flush()
+        answers = await _answer(session, questions)
         outcome = "closed"
     except Exception as exc:  # typed errors are 400; anything else is ours, answered as JSON all the same
         event, _ = report(exc, m, session_id=session.id)
@@ -146,6 +201,33 @@ async def _caption(
         "frames_captioned": session.captioned,
         "segments": [s.model_dump(exclude={"type", "event_id"}) for s in segments],
     }
+    if questions:
+        body["answers"] = answers
     if warning:
         body["warning"] = warning
     return JSONResponse(body)
+
+
+async def _answer(session: Session, questions: list[str]) -> list[dict]:
+    """Ask each question once every frame is captioned (so about the last one), and wait until the
+    session has no response in flight. A question still unanswered at ANSWER_TIMEOUT (no frame was
+    ever captioned) is `failed`, with no frame."""
+    if not questions:
+        return []
+    ids = [
+        session.ask(p.ResponseCreate(response=p.ResponseRequest(id=f"q{i + 1}", question=q)))
+        for i, q in enumerate(questions)
+    ]
+    deadline = time.monotonic() + ANSWER_TIMEOUT
+    while session.responses and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)  # answers end at the row's step boundaries: a few ms each
+    done = {a.id: a for a in session.answers or []}
+    answers = []
+    for rid, question in zip(ids, questions, strict=True):
+        a = done.get(rid)
+        answers.append(
+            {"question": question, "frame": a.frame, "pts": a.pts, "text": a.text, "status": a.status}
+            if a is not None
+            else {"question": question, "frame": None, "pts": None, "text": "", "status": "failed"}
+        )
+    return answers

@@ -3,6 +3,11 @@
 
 The camera is Chromium's fake capture device playing a Y4M of the synthetic world, so the page runs
 its real getUserMedia -> canvas -> JPEG -> websocket path. Screenshots land in artifacts/browser/.
+
+The question box is tested on `ask_server` (test_clients_e2e.py): the bundled model when it answers
+questions, else a random toy checkpoint that answers random words. The lifecycle is checked either
+way; the answer to "how many objects are there?" against the demo clip's ground truth only with the
+trained model.
 Skips (with the reason) when Chromium or the playwright package is missing; .ci/run installs Chromium.
 """
 
@@ -17,16 +22,19 @@ import pytest
 from test_clients_e2e import (
     COLOURS,
     NEEDS_BUNDLED,
+    NEEDS_BUNDLED_ANSWERS,
     REPO,
     SHAPES,
     LiveServer,
+    ask_server,
     assert_matches_truth,
     live_server,
     mentions,
     start_server,
 )
 
-__all__ = ["live_server"]  # the module-scoped server fixture, shared with test_clients_e2e.py
+# the module-scoped server fixtures, shared with test_clients_e2e.py
+__all__ = ["ask_server", "live_server"]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = REPO / "artifacts" / "browser"
@@ -266,3 +274,102 @@ def test_page_reconnects_when_its_replica_drains(browser, tmp_path: Path) -> Non
         page.close()
         cluster.stop()
     assert not errors, errors
+
+
+# ---------------------------------------------------------------------------------- questions
+
+COUNT = "how many objects are there?"
+
+# Records, for each answer element, whether its text changed while it was still answering: the deltas
+# streamed into the element before response.done.
+WATCH_ANSWERS = """() => {
+  window.__streamed = new Set();
+  new MutationObserver(() => {
+    for (const li of document.querySelectorAll("#answers li.answer")) {
+      const text = li.querySelector(".text").textContent;
+      if (li.dataset.status === "answering" && text && text !== "…") window.__streamed.add(li.dataset.id);
+    }
+  }).observe(document.querySelector("#answers"), { subtree: true, childList: true, characterData: true, attributes: true });
+}"""
+
+
+@pytest.fixture(scope="module")
+def ask_run(browser, ask_server: LiveServer) -> dict:
+    """The demo clip with two questions, one sent with Enter, one with the Ask button."""
+    page, errors = open_page(browser)
+    try:
+        page.goto(ask_server.http + "/")
+        assert page.is_disabled("#question") and page.is_disabled("#ask")  # nothing to ask about yet
+        page.select_option("#source", "demo")
+        page.fill("#fps", "2")
+        page.click("#start")
+        page.wait_for_function("document.querySelectorAll('#history li').length >= 2", timeout=120_000)
+        assert page.is_enabled("#question") and page.is_enabled("#ask")
+        page.evaluate(WATCH_ANSWERS)
+        done = "document.querySelectorAll('#answers li.answer[data-status=done]').length"
+        page.fill("#question", COUNT)
+        page.press("#question", "Enter")
+        assert page.input_value("#question") == ""  # sent: the box is ready for the next question
+        page.wait_for_function(f"{done} >= 1", timeout=90_000)
+        page.fill("#question", COUNT)
+        page.click("#ask")
+        page.wait_for_function(f"{done} >= 2", timeout=90_000)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "answers.png"))
+        elements = page.evaluate(
+            """() => [...document.querySelectorAll('#answers li.answer')].map((li) => ({
+              id: li.dataset.id, status: li.dataset.status, result: li.dataset.result, frame: li.dataset.frame,
+              badge: li.querySelector('.badge').textContent, question: li.querySelector('.question').textContent,
+              text: li.querySelector('.text').textContent, meta: li.querySelector('.meta').textContent,
+            }))"""
+        )
+        snap = page.evaluate("window.casaDemo.snapshot()")
+        streamed = page.evaluate("[...window.__streamed]")
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        page.click("#stop")
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.startsWith('closed')", timeout=15000
+        )
+    finally:
+        page.close()
+    return {"elements": elements, "snapshot": snap, "streamed": streamed, "errors": errors}
+
+
+def test_demo_clip_question_is_answered(ask_run: dict) -> None:
+    assert not ask_run["errors"], f"JavaScript errors on the page: {ask_run['errors']}"
+    answers = ask_run["snapshot"]["answers"]
+    assert [a["id"] for a in answers] == ["a1", "a2"], answers
+    captioned = {s["frame"] for s in ask_run["snapshot"]["segments"]}
+    elements = {e["id"]: e for e in ask_run["elements"]}
+    for a in answers:
+        assert a["question"] == COUNT and a["status"] in ("completed", "incomplete"), a
+        assert a["frame"] in captioned and a["video_time"] is not None and a["error"] is None, a
+        assert 0 <= a["ttft_ms"] <= a["latency_ms"], a
+        e = elements[a["id"]]
+        # an element of its own, marked as an answer, with the frame it saw and the final text
+        assert (e["status"], e["result"], e["badge"]) == ("done", a["status"], "answer"), e
+        assert e["question"] == COUNT and e["frame"] == str(a["frame"]), e
+        assert e["meta"].startswith(f"frame {a['frame']} · "), e
+        assert e["text"] == (a["text"].strip() or "(no words)"), (e, a)
+    # a random model may say nothing to one question (a stop token, or tokens that decode to no text),
+    # but not to every one; the words that came streamed into the element before it was done
+    said = [a for a in answers if a["text"].strip()]
+    assert said, answers
+    assert {a["id"] for a in said} <= set(ask_run["streamed"]), ask_run["streamed"]
+
+
+def test_demo_clip_answer_matches_the_scene(ask_run: dict, ask_server: LiveServer) -> None:
+    if not ask_server.trained:
+        pytest.skip(NEEDS_BUNDLED_ANSWERS)
+    from casa_live.model.world import questions
+    from casa_live.model.world.demo import demo_clip
+
+    clip = demo_clip()
+    fps, n = clip.config.fps, len(clip.truth)
+    for a in ask_run["snapshot"]["answers"]:
+        # the clip's picture at the video time the frame was drawn (the <video> loops the clip); a
+        # frame drawn within 0.1 s of a picture change may show either picture
+        t = a["video_time"]
+        pictures = {int(max(0.0, t + dt) * fps) % n for dt in (-0.1, 0.0, 0.1)}
+        truth = {questions.answer(COUNT, clip.truth[i].objects).answer for i in pictures}
+        assert a["text"].strip() in truth, (a, sorted(pictures), truth)

@@ -4,6 +4,12 @@ The served model is the bundled one (checkpoints/default/) when it exists, other
 test-tiny checkpoint: then captions are noise and only their form is checked, and the ground-truth
 check (caption colours and shapes match the synthetic clip) is skipped with the reason.
 `live_server` is shared with test_browser_demo.py.
+
+Questions (`--ask`, `--interactive`) need a model with a question template: `ask_server` serves the
+bundled model when its generation config has one, and otherwise a random toy checkpoint (whose
+template answers random words), so the lifecycle and the JSONL records are checked either way and the
+answers against the world's ground truth only with the trained model. `ask_server` is shared with
+test_browser_demo.py too.
 """
 
 from __future__ import annotations
@@ -40,6 +46,26 @@ class LiveServer:
     ws: str  # ws://127.0.0.1:PORT
     log: Path
     trained: bool
+    answers: bool = False  # the served model has a question template
+
+
+def answers_questions(model_dir: Path) -> bool:
+    """Whether a checkpoint answers questions: its generation config has a question template."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return False
+    template = json.loads(path.read_text()).get("template") or {}
+    return bool(template.get("question"))
+
+
+BUNDLED_ANSWERS = HAVE_BUNDLED and answers_questions(BUNDLED)
+# A toy checkpoint (random weights) whose answers on the synthetic world are words: with seed 0 the
+# tiny model mostly emits tokens that decode to nothing, so its answers would be empty.
+ANSWERING_TOY_SEED = 2
+NEEDS_BUNDLED_ANSWERS = (
+    "the answers' ground truth needs the trained bundled model with a question template; serving a "
+    "random toy checkpoint that answers random words"
+)
 
 
 def free_port() -> int:
@@ -48,16 +74,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp: Path, **env: str) -> Iterator[LiveServer]:
-    """Run `casa serve` on a free port until it answers /readyz; stop it afterwards."""
-    if HAVE_BUNDLED:
+def start_server(tmp: Path, *, questions: bool = False, **env: str) -> Iterator[LiveServer]:
+    """Run `casa serve` on a free port until it answers /readyz; stop it afterwards. The bundled model
+    when it exists (with `questions`: when it also answers questions), else a random toy checkpoint."""
+    trained = BUNDLED_ANSWERS if questions else HAVE_BUNDLED
+    if trained:
         model_dir = BUNDLED
     else:
         from casa_live.model.checkpoint.toy import toy_checkpoint
 
-        model_dir = tmp / "tiny-model"
+        model_dir = tmp / ("tiny-model-answers" if questions else "tiny-model")
         if not model_dir.exists():
-            toy_checkpoint(model_dir)
+            toy_checkpoint(model_dir, seed=ANSWERING_TOY_SEED if questions else 0)
     port = free_port()
     log = tmp / f"server-{port}.log"
     environ = {
@@ -98,7 +126,9 @@ def start_server(tmp: Path, **env: str) -> Iterator[LiveServer]:
             if time.monotonic() > deadline:
                 pytest.fail(f"casa serve not ready after 120 s:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
-        yield LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", log, HAVE_BUNDLED)
+        yield LiveServer(
+            f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", log, trained, answers_questions(model_dir)
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -112,6 +142,12 @@ def start_server(tmp: Path, **env: str) -> Iterator[LiveServer]:
 def live_server(tmp_path_factory) -> Iterator[LiveServer]:
     # Two slots, so test_capacity_is_a_clear_message can fill them.
     yield from start_server(tmp_path_factory.mktemp("live-server"), CASA_MAX_SESSIONS="2")
+
+
+@pytest.fixture(scope="module")
+def ask_server(tmp_path_factory) -> Iterator[LiveServer]:
+    """A server whose model answers questions (the bundled one when it can, else a toy)."""
+    yield from start_server(tmp_path_factory.mktemp("ask-server"), questions=True, CASA_MAX_SESSIONS="2")
 
 
 def casa_stream(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -250,3 +286,113 @@ def test_capacity_is_a_clear_message(live_server: LiveServer) -> None:
         done = casa_stream("synthetic:1", "--server", live_server.ws, timeout=60)
     assert done.returncode == 1
     assert "capacity: the server is full; try again shortly" in done.stderr, done.stderr
+
+
+# ---------------------------------------------------------------------------------- questions
+
+COUNT = "how many objects are there?"
+ANSWER_KEYS = {"type", "id", "question", "frame", "pts", "text", "status", "ttft_ms", "latency_ms"}
+
+
+def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(caption records, answer records) of a JSONL file."""
+    return [r for r in rows if "type" not in r], [r for r in rows if r.get("type") == "answer"]
+
+
+def check_answers(answers: list[dict], captions: list[dict]) -> None:
+    """Each answer names a captioned frame and its pts, with the lifecycle's timings."""
+    starts = {c["frame"]: c["start"] for c in captions}
+    for a in answers:
+        assert set(a) == ANSWER_KEYS, a
+        assert a["status"] in ("completed", "incomplete"), a
+        assert a["frame"] in starts and a["pts"] == pytest.approx(starts[a["frame"]]), (a, starts)
+        assert 0 <= a["ttft_ms"] <= a["latency_ms"], a
+        assert a["text"] == a["text"].strip()
+
+
+def test_ask_every_seconds_of_stream_time(ask_server: LiveServer, tmp_path: Path) -> None:
+    jsonl = tmp_path / "ask.jsonl"
+    done = casa_stream("synthetic:3", "--server", ask_server.ws, "--no-realtime", "--synthetic-seconds", "4",
+                       "--ask", COUNT, "--ask-every", "1", "--jsonl", str(jsonl))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    captions, answers = split_rows(read_jsonl(jsonl))
+    assert [c["frame"] for c in captions] == list(range(8)), done.stderr  # captions as without questions
+    # at the start, then at 1, 2 and 3 s of stream time
+    assert [a["id"] for a in answers] == ["q1", "q2", "q3", "q4"], answers
+    assert all(a["question"] == COUNT for a in answers)
+    check_answers(answers, captions)
+    frames = [a["frame"] for a in answers]
+    assert frames == sorted(frames), frames  # each round sees the stream further on
+    lines = [line for line in done.stdout.splitlines() if line.startswith(f"? {COUNT} -> ")]
+    assert len(lines) == 4 and all(line.endswith(")") and "(frame " in line for line in lines), done.stdout
+    assert done.stdout.count(" --> ") == 8  # the caption lines are still there, apart
+    assert "answered 4 of 4 questions" in done.stderr
+    if not ask_server.trained:
+        return  # random words: the lifecycle is all there is to check
+    from casa_live.model.world import questions
+    from casa_live.model.world.scene import WorldConfig, generate_clip
+
+    clip = generate_clip(3, WorldConfig(frames=8))
+    right = [a["text"] == questions.answer(COUNT, clip.truth[a["frame"]].objects).answer for a in answers]
+    assert sum(right) >= 3, (answers, [questions.answer(COUNT, t.objects).answer for t in clip.truth])
+
+
+def test_interactive_questions_while_the_stream_runs(ask_server: LiveServer, tmp_path: Path) -> None:
+    import queue
+    import threading
+
+    jsonl = tmp_path / "interactive.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "casa_live.cli.main", "stream", "synthetic:5", "--server", ask_server.ws,
+         "--synthetic-seconds", "8", "--interactive", "--jsonl", str(jsonl)],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+
+    def wait_for(prefix: str) -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                line = lines.get(timeout=0.5)
+                if line.startswith(prefix):
+                    return line
+        raise AssertionError(f"no line starting {prefix!r} within 60 s")
+
+    try:
+        wait_for("[")  # the stream runs: a caption came
+        proc.stdin.write(f"{COUNT}\n")
+        proc.stdin.flush()
+        assert wait_for(f"? {COUNT} -> ")
+        proc.stdin.write("\nis the scene empty?\n")  # the blank line is no question
+        proc.stdin.close()  # end of input: no more questions, the stream goes on to its end
+        proc.wait(120)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "interactive: type a question" in err
+    captions, answers = split_rows(read_jsonl(jsonl))
+    assert [(a["id"], a["question"]) for a in answers] == [("q1", COUNT), ("q2", "is the scene empty?")]
+    check_answers(answers, captions)
+    assert captions[-1]["start"] > 3  # the stream went on after the questions, to the clip's end
+
+
+def test_a_model_without_a_question_template_refuses_and_the_stream_goes_on(
+    live_server: LiveServer, tmp_path: Path
+) -> None:
+    jsonl = tmp_path / "refused.jsonl"
+    done = casa_stream("synthetic:2", "--server", live_server.ws, "--no-realtime", "--synthetic-seconds", "2",
+                       "--ask", COUNT, "--jsonl", str(jsonl))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    captions, (answer,) = split_rows(read_jsonl(jsonl))
+    assert len(captions) == 4
+    if live_server.answers:
+        check_answers([answer], captions)
+        return
+    assert answer["status"] == "failed" and answer["frame"] is None and answer["text"] == ""
+    assert answer["error"].startswith("invalid_request: the server refused a question"), answer
+    assert "no question template" in answer["error"]
+    assert f"? {COUNT} -> (failed: invalid_request" in done.stdout

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 from subtitle_helpers import assert_monotonic, parse_srt, parse_vtt
 
 from casa_live.clients import wire
@@ -33,7 +34,7 @@ from casa_live.clients.stream import (
     run_stream,
     stream_url,
 )
-from casa_live.clients.writers import Segment, open_writers
+from casa_live.clients.writers import Answer, Segment, open_writers
 from casa_live.server import protocol
 from casa_live.server.subtitles import format_timestamp
 
@@ -155,10 +156,18 @@ class ScriptedServer:
     """/v1/stream speaking server/protocol.py, in a thread. `mode` picks a failure:
     ok | capacity | fatal_after_2 | drop_after_2 | drain_after_2 | bad_settings; `token` requires a
     Bearer key. A failure happens once (at the third frame received over all connections); each
-    connection numbers its frames from 0, as a real server does, and captions say the overall count."""
+    connection numbers its frames from 0, as a real server does, and captions say the overall count.
 
-    def __init__(self, mode: str = "ok", token: str | None = None) -> None:
-        self.mode, self.token = mode, token
+    Questions (`response.create`) are answered as the real server does, about the latest captioned
+    frame, at once when one was captioned and otherwise after the next caption: `response.created`,
+    two deltas, `response.done` with the text `seen N` (N the overall frame count). `questions`:
+    answer | refuse (invalid_request, echoing the event_id, as a model without a question template) |
+    hold_first (the first connection never answers; the later ones do)."""
+
+    def __init__(self, mode: str = "ok", token: str | None = None, questions: str = "answer") -> None:
+        self.mode, self.token, self.question_mode = mode, token, questions
+        self.questions: list[tuple[int, dict]] = []  # (connection, response.create as sent)
+        self.max_in_flight = 0
         self.frames: list[protocol.BinaryMessage] = []
         self.arrivals: list[float] = []  # time.monotonic() of each binary message
         self.updates: list[dict] = []
@@ -199,6 +208,31 @@ class ScriptedServer:
         self.headers = dict(ws.request.headers)
         self.connections += 1
         k = -1  # this connection's frame index
+        n = -1  # the overall frame count of the latest caption
+        conn = self.connections
+        pending: list[protocol.ResponseCreate] = []  # questions not answered yet
+
+        async def answer(frame: int, n: int, pts: float) -> None:
+            if self.question_mode == "hold_first" and conn == 1:
+                return
+            while pending:
+                req = pending.pop(0).response
+                await send(
+                    protocol.ResponseCreated(response=protocol.ResponseStarted(id=req.id, frame=frame))
+                )
+                for piece in ("seen", f" {n}"):
+                    await send(protocol.ResponseOutputTextDelta(response_id=req.id, delta=piece))
+                result = protocol.ResponseResult(
+                    id=req.id,
+                    frame=frame,
+                    pts=pts,
+                    text=f"seen {n}",
+                    status="completed",
+                    ttft_ms=3.0,
+                    latency_ms=7.0,
+                )
+                await send(protocol.ResponseDone(response=result))
+
         if self.token and ws.request.headers.get("Authorization") != f"Bearer {self.token}":
             await send(protocol.Error(code="unauthorized", message="missing or wrong key", fatal=True))
             await ws.close(1008, "unauthorized")
@@ -258,6 +292,7 @@ class ScriptedServer:
                         latency_ms=9.0,
                     )
                 )
+                await answer(k, n, pts)
                 if n == 2 and self.mode == "drain_after_2":
                     # as the real drain does: frames already on the wire are still captioned;
                     # close once none has arrived for 0.3 s
@@ -293,6 +328,22 @@ class ScriptedServer:
                 merged = settings.model_dump() | event.session.model_dump(exclude_none=True)
                 settings = protocol.SessionSettings(**merged)
                 await send(protocol.SessionUpdated(settings=settings, input=protocol.InputSettings()))
+            elif event.type == "response.create":
+                self.questions.append((conn, json.loads(raw)))
+                if self.question_mode == "refuse":
+                    await send(
+                        protocol.Error(
+                            code="invalid_request",
+                            message="this model answers no questions (its checkpoint has no question template)",
+                            fatal=False,
+                            event_id=event.event_id,
+                        )
+                    )
+                    continue
+                pending.append(event)
+                self.max_in_flight = max(self.max_in_flight, len(pending))
+                if k >= 0:
+                    await answer(k, n, self.frames[-1].pts)
             elif event.type == "input.marker":
                 await send(protocol.Marker(id=event.id))
             elif event.type == "session.close":
@@ -471,3 +522,181 @@ def test_http_url_source(tmp_path: Path) -> None:
         assert [f.pts for f in source.frames(2.0)] == [0.0, 0.5, 1.0, 1.5]
     finally:
         httpd.shutdown()
+
+
+# ---------------------------------------------------------------------------------- questions
+
+COUNT = "how many objects are there?"
+
+
+def test_question_messages_follow_the_protocol() -> None:
+    event = protocol.parse_client_event(wire.response_create("q7", COUNT, 8))
+    assert event.type == "response.create" and event.event_id == "q7"  # an error about it names it
+    assert (event.response.id, event.response.question, event.response.max_new_tokens) == ("q7", COUNT, 8)
+    assert protocol.parse_client_event(wire.response_cancel("q7")).response_id == "q7"
+    for bad in ("", "   ", "x" * (protocol.MAX_QUESTION_CHARS + 1)):
+        with pytest.raises(ValidationError):
+            wire.response_create("q1", bad)
+    # The server leaves frame, pts and ttft_ms out of an answer that never started: still an answer.
+    done = wire.parse_event(
+        '{"type":"response.done","response":{"id":"q1","text":"","status":"cancelled","latency_ms":2.5}}'
+    )
+    assert isinstance(done, wire.ResponseDone)
+    assert (done.response.frame, done.response.pts, done.response.ttft_ms) == (None, None, None)
+    assert done.response.status == "cancelled"
+    assert wire.parse_event('{"type":"response.done","response":{"id":"q1"}}') is None
+    full = protocol.ResponseResult(
+        id="q2", frame=3, pts=1.5, text="two", status="completed", ttft_ms=4.0, latency_ms=9.0
+    )
+    assert wire.parse_event(protocol.dump(protocol.ResponseDone(response=full))).response == full
+
+
+def test_printer_writes_answers_apart_from_captions() -> None:
+    out = io.StringIO()
+    p = LivePrinter(out, io.StringIO(), live=False, quiet=True)  # quiet hides captions, not answers
+    p.segment(Segment(0, 0.0, 0.5, "a red circle"))
+    p.answer(Answer("q1", COUNT, 4, 2.0, "two", "completed", 5.0, 9.0))
+    p.answer(Answer("q2", "where is\nit?", 5, 2.5, "top", "incomplete", 5.0, 9.0))
+    p.answer(Answer("q3", COUNT, None, None, "", "cancelled", None, 1.0))
+    p.answer(Answer("q4", COUNT, None, None, "", "failed", error="invalid_request: no template"))
+    assert out.getvalue().splitlines() == [
+        "? how many objects are there? -> two (frame 4)",
+        "? where is it? -> top (frame 5, incomplete)",
+        "? how many objects are there? -> (cancelled)",
+        "? how many objects are there? -> (failed: invalid_request: no template)",
+    ]
+    out = io.StringIO()
+    p = LivePrinter(out, io.StringIO(), live=True)  # a terminal: the partial caption line goes on below
+    p.delta(7, 3.5, "a blue")
+    p.answer(Answer("q1", COUNT, 6, 3.0, "one", "completed", 5.0, 9.0))
+    assert out.getvalue().endswith(
+        "\r\x1b[K? how many objects are there? -> one (frame 6)\n\r\x1b[K[00:00:03.500] a blue"
+    )
+
+
+def test_jsonl_records_answers_apart_from_captions(tmp_path: Path) -> None:
+    writers = open_writers(srt=tmp_path / "a.srt", jsonl=tmp_path / "a.jsonl")
+    for w in writers:
+        w.write(Segment(0, 0.0, 0.5, "a red circle", 12.0, 40.0))
+        w.write_answer(Answer("q1", COUNT, 0, 0.0, "one", "completed", 5.0, 9.0))
+        w.write_answer(Answer("q2", COUNT, None, None, "", "failed", error="refused"))
+        w.close()
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert rows[0] == {
+        "frame": 0,
+        "start": 0.0,
+        "end": 0.5,
+        "text": "a red circle",
+        "ttft_ms": 12.0,
+        "latency_ms": 40.0,
+    }
+    assert rows[1] == {
+        "type": "answer", "id": "q1", "question": COUNT, "frame": 0, "pts": 0.0, "text": "one",
+        "status": "completed", "ttft_ms": 5.0, "latency_ms": 9.0,
+    }  # fmt: skip
+    assert rows[2]["status"] == "failed" and rows[2]["error"] == "refused" and rows[2]["frame"] is None
+    assert len(parse_srt((tmp_path / "a.srt").read_text())) == 1  # subtitles: captions only
+
+
+def _run_ask(
+    srv: ScriptedServer, tmp_path: Path, capsys, stdin=None, **kw
+) -> tuple[int, str, str, list[dict]]:
+    options = StreamOptions(
+        url=srv.url, open_timeout=5, reply_timeout=10, close_timeout=5, realtime=False, **kw
+    )
+    writers = open_writers(srt=tmp_path / "out.srt", jsonl=tmp_path / "out.jsonl")
+    code = run_stream(open_source("synthetic:1", seconds=3), options, writers, LivePrinter(live=False), stdin)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err, rows
+
+
+def test_ask_at_the_start_and_every_seconds_of_stream_time(tmp_path: Path, capsys) -> None:
+    with ScriptedServer() as srv:
+        code, out, err, rows = _run_ask(
+            srv, tmp_path, capsys, questions=[COUNT, "is the scene empty?"], ask_every=1.0
+        )
+    assert code == EXIT_OK, err
+    # at the start, then when the stream reaches 1.0 s and 2.0 s (frames at 0, 0.5, ... 2.5 s)
+    asked = [(q["response"]["id"], q["response"]["question"]) for _, q in srv.questions]
+    assert asked == [(f"q{i + 1}", (COUNT, "is the scene empty?")[i % 2]) for i in range(6)]
+    assert all(q["event_id"] == q["response"]["id"] for _, q in srv.questions)
+    captions = [r for r in rows if "type" not in r]
+    answers = [r for r in rows if r.get("type") == "answer"]
+    assert [r["text"] for r in captions] == [f"frame {i}" for i in range(6)]  # caption records as before
+    assert sorted(a["id"] for a in answers) == [f"q{i}" for i in range(1, 7)]
+    for a in answers:
+        assert a["status"] == "completed" and a["text"] == f"seen {a['frame']}"
+        assert a["pts"] == a["frame"] * 0.5 and a["ttft_ms"] == 3.0 and a["latency_ms"] == 7.0
+    first = next(a for a in answers if a["id"] == "q1")
+    assert first["question"] == COUNT and first["frame"] == 0  # asked before any frame: about the first
+    by_id = {a["id"]: a for a in answers}
+    assert by_id["q3"]["frame"] >= 2 and by_id["q5"]["frame"] >= 4  # the later rounds see later frames
+    lines = out.splitlines()
+    assert sum(line.startswith("[") for line in lines) == 6  # the captions keep their own lines
+    assert f"? {COUNT} -> seen 0 (frame 0)" in lines
+    assert sum(line.startswith("? ") for line in lines) == 6
+    assert "answered 6 of 6 questions" in err
+
+
+def test_interactive_lines_are_questions(tmp_path: Path, capsys) -> None:
+    stdin = io.StringIO(
+        f"{COUNT}\n\n   \nis there a red circle?\n{'x' * (protocol.MAX_QUESTION_CHARS + 1)}\n"
+    )
+    with ScriptedServer() as srv:
+        code, out, err, rows = _run_ask(srv, tmp_path, capsys, stdin=stdin, interactive=True)
+    assert code == EXIT_OK, err
+    assert [q["response"]["question"] for _, q in srv.questions] == [COUNT, "is there a red circle?"]
+    answers = [r for r in rows if r.get("type") == "answer"]
+    assert [(a["id"], a["question"], a["status"]) for a in answers] == [
+        ("q1", COUNT, "completed"),
+        ("q2", "is there a red circle?", "completed"),
+    ]
+    assert "interactive: type a question" in err
+    assert f"question not asked: String should have at most {protocol.MAX_QUESTION_CHARS} characters" in err
+    assert "? is there a red circle? -> seen" in out
+
+
+def test_at_most_four_questions_in_flight(tmp_path: Path, capsys) -> None:
+    questions = [f"is there a {c} circle?" for c in ("red", "green", "blue", "yellow", "purple", "white")]
+    with ScriptedServer() as srv:
+        code, _, err, rows = _run_ask(srv, tmp_path, capsys, questions=questions)
+    assert code == EXIT_OK, err
+    assert srv.max_in_flight == protocol.MAX_RESPONSES_IN_FLIGHT  # a fifth would be rate_limited
+    answers = [r for r in rows if r.get("type") == "answer"]
+    assert [a["question"] for a in answers] == questions and all(a["status"] == "completed" for a in answers)
+    assert "rate_limited" not in err
+
+
+def test_a_refused_question_is_recorded_and_the_stream_goes_on(tmp_path: Path, capsys) -> None:
+    with ScriptedServer(questions="refuse") as srv:
+        code, out, err, rows = _run_ask(srv, tmp_path, capsys, questions=[COUNT])
+    assert code == EXIT_OK, err
+    captions = [r for r in rows if "type" not in r]
+    (answer,) = [r for r in rows if r.get("type") == "answer"]
+    assert len(captions) == 6
+    assert answer["status"] == "failed" and answer["frame"] is None and answer["text"] == ""
+    assert answer["error"].startswith(
+        "invalid_request: the server refused a question - this model answers no questions"
+    )
+    assert f"? {COUNT} -> (failed: invalid_request" in out
+    assert "answered 0 of 1 questions" in err
+
+
+def test_bad_questions_are_usage_errors(tmp_path: Path, capsys) -> None:
+    code, err, _ = _run("ws://127.0.0.1:9/v1/stream", tmp_path, capsys, questions=["  "])
+    assert code == EXIT_USAGE and "invalid question" in err
+
+
+def test_questions_lost_with_a_connection_are_asked_again(tmp_path: Path, capsys) -> None:
+    with ScriptedServer("drop_after_2", questions="hold_first") as srv:
+        code, _, err, rows = _run_ask(srv, tmp_path, capsys, questions=[COUNT])
+    assert code == EXIT_OK, err
+    assert srv.connections == 2
+    assert [(conn, q["response"]["id"]) for conn, q in srv.questions] == [(1, "q1"), (2, "q1")]
+    (answer,) = [r for r in rows if r.get("type") == "answer"]
+    captions = [r for r in rows if "type" not in r]
+    assert answer["status"] == "completed"
+    # frame numbers go on across sessions, for answers as for captions
+    assert answer["frame"] in [c["frame"] for c in captions[2:]], (answer, captions)
+    assert answer["text"] == f"seen {answer['frame'] + (len(srv.frames) - len(captions))}"

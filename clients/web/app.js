@@ -7,6 +7,13 @@
 // Captions stream back as caption.delta (shown live over the video) and caption.segment (final).
 // Latency shown here is measured by the page: frame sent -> its caption.segment received.
 //
+// Questions: the box under the video sends response.create {id, question} about what the stream shows
+// now; the server answers on a side branch of the session (the captions never see it) about the
+// latest captioned frame: response.created (the frame it sees) -> response.output_text.delta* ->
+// response.done. Each answer is an element of its own in the Answers list beside the captions, marked
+// as an answer, its text streaming in, then the frame it saw and its status. Questions in flight when
+// a session ends get no answer (closing a session discards them): the page says so.
+//
 // Reconnect: a close with 1006 (dropped), 1011 (server error), 1012 (the server drained the session:
 // session.draining came first) or 1013 (capacity) opens a new session after a jittered exponential
 // backoff, at most MAX_TRIES in a row, shown in the status pill. The video, its clock (pts) and the
@@ -21,6 +28,8 @@
   const MAX_BUFFERED = 2 << 20; // skip a frame while the socket still holds this many unsent bytes
   const SPARK_POINTS = 60;
   const HISTORY_MAX = 200;
+  const ANSWERS_MAX = 100;
+  const VIDEO_TIMES_MAX = 400; // the video time of the frames sent recently, by pts
   const RETRY_CODES = new Set([1006, 1011, 1012, 1013]);
   const MAX_TRIES = 6;
   const BACKOFF_BASE_MS = 250;
@@ -36,6 +45,7 @@
     rate_limited: "Frames were sent faster than the server allows. Lower the frames per second.",
     session_timeout: "The session reached the server's time limit. Press Start to begin a new one.",
     internal: "The server hit an internal error; its log has the details.",
+    invalid_request: "The server did not take the question.",
     bad_json: "The page and the server disagree about the protocol.",
     unknown_type: "The page and the server disagree about the protocol.",
   };
@@ -51,7 +61,9 @@
     model: $("model"), status: $("status"), error: $("error"), form: $("controls"),
     source: $("source"), prompt: $("prompt"), fps: $("fps"), token: $("token"),
     start: $("start"), stop: $("stop"), grab: $("grab"), spark: $("spark"),
+    askForm: $("ask-form"), question: $("question"), ask: $("ask"), answers: $("answers"),
   };
+  let askSeq = 0; // response ids a1, a2, ... for the page's lifetime
 
   // Everything about the current run; replaced on each Start.
   let run = null;
@@ -66,6 +78,9 @@
       tries: 0, reconnects: 0, retryTimer: null, draining: false,
       offset: 0, nextFrame: 0, // session frame index + offset = the run's frame number (goes on across sessions)
       statuses: [],
+      questions: new Map(), // response id -> {id, question, li, text, frame, pts, status, ...} in flight
+      answers: [], // the questions done (answered, refused or lost), in the order they ended
+      videoTimes: new Map(), // pts (us) of a frame sent -> the video's currentTime when it was drawn
     };
   }
 
@@ -189,11 +204,13 @@
           if (r.reconnects) clearError();
         }
         startCapture(r);
+        setAsk(true);
         setStatus(`live · ${r.fps} fps${r.reconnects ? ` · reconnected ${r.reconnects}×` : ""}`, "live");
         break;
       case "session.draining":
         r.draining = true;
-        stopCapture(r); // the server captions what it has, then closes with 1012: we reconnect
+        stopCapture(r);
+        setAsk(false); // the server captions what it has, then closes with 1012: we reconnect
         setStatus("server draining · reconnecting", "connecting");
         break;
       case "caption.delta":
@@ -210,7 +227,20 @@
         r.kv = event.kv_tokens;
         renderStats(r);
         break;
+      case "response.created":
+        onAnswerStarted(r, event.response);
+        break;
+      case "response.output_text.delta":
+        onAnswerDelta(r, event);
+        break;
+      case "response.done":
+        onAnswerDone(r, event.response);
+        break;
       case "error":
+        if (event.event_id && r.questions.has(event.event_id)) { // a question the server did not take
+          onAnswerRefused(r, event.event_id, serverErrorWords(event));
+          break;
+        }
         // capacity and internal errors end in 1013 / 1011: the reconnect says what happens next
         if (!(event.fatal && (event.code === "capacity" || event.code === "internal"))) showError(serverErrorWords(event));
         else r.lastError = serverErrorWords(event);
@@ -231,6 +261,8 @@
   function onClose(r, ev) {
     stopCapture(r);
     r.live = false;
+    for (const id of [...r.questions.keys()]) onAnswerRefused(r, id, "No answer: the session ended first.");
+    if (r === run) setAsk(false);
     if (r !== run) { // an earlier run closing late: leave the current one's video and buttons alone
       if (r.media) r.media.getTracks().forEach((t) => t.stop());
       return;
@@ -286,6 +318,7 @@
     const canvas = el.grab;
     if (canvas.width !== w || canvas.height !== h) { canvas.width = w; canvas.height = h; }
     canvas.getContext("2d").drawImage(video, 0, 0, w, h);
+    const videoTime = video.currentTime; // which picture of the clip this frame is
     const ptsUs = Math.round((performance.now() - r.t0) * 1000);
     r.capturing = true;
     canvas.toBlob(async (blob) => {
@@ -297,6 +330,8 @@
       new DataView(msg.buffer).setBigInt64(1, BigInt(ptsUs), false);
       msg.set(jpeg, 9);
       ws.send(msg.buffer);
+      r.videoTimes.set(ptsUs, videoTime);
+      if (r.videoTimes.size > VIDEO_TIMES_MAX) r.videoTimes.delete(r.videoTimes.keys().next().value);
       r.sent += 1;
       r.inflight.push({ pts: ptsUs, t: performance.now() });
       if (r.inflight.length > 100) r.inflight.shift(); // frames the server dropped never come back
@@ -355,6 +390,119 @@
     el.history.prepend(li);
     while (el.history.children.length > HISTORY_MAX) el.history.lastChild.remove();
     renderStats(r);
+  }
+
+  // ---- questions ---------------------------------------------------------------------------
+  function setAsk(enabled) {
+    el.question.disabled = !enabled;
+    el.ask.disabled = !enabled;
+  }
+
+  function ask() {
+    const r = run;
+    const question = el.question.value.trim();
+    if (!question) return;
+    if (!r || !r.live || !r.ws || r.ws.readyState !== WebSocket.OPEN) {
+      showError("Start a stream first: a question is about what the video shows now.");
+      return;
+    }
+    const id = `a${++askSeq}`;
+    const q = { id, question, text: "", frame: null, pts: null, status: "waiting", result: null, videoTime: null };
+    q.li = answerElement(q);
+    r.questions.set(id, q);
+    el.answers.querySelectorAll(".hint").forEach((h) => h.remove());
+    el.answers.prepend(q.li);
+    while (el.answers.children.length > ANSWERS_MAX) el.answers.lastChild.remove();
+    send(r, { type: "response.create", response: { id, question }, event_id: id });
+    el.question.value = "";
+  }
+
+  function answerElement(q) {
+    const li = document.createElement("li");
+    li.className = "answer";
+    li.dataset.id = q.id;
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.textContent = "answer";
+    const question = document.createElement("span");
+    question.className = "question";
+    question.textContent = q.question;
+    const text = document.createElement("span");
+    text.className = "text";
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    li.append(badge, question, text, meta);
+    renderAnswer(q, li);
+    return li;
+  }
+
+  function renderAnswer(q, li = q.li) {
+    li.dataset.status = q.status; // waiting -> answering -> done
+    if (q.result) li.dataset.result = q.result; // completed | incomplete | cancelled | failed
+    if (q.frame !== null) li.dataset.frame = String(q.frame);
+    const text = li.querySelector(".text");
+    const meta = li.querySelector(".meta");
+    if (q.error) text.textContent = q.error;
+    else if (q.status === "waiting") text.textContent = "…waiting for the next frame";
+    else text.textContent = q.text.trim() || (q.status === "done" ? "(no words)" : "…");
+    const parts = [];
+    if (q.frame !== null) parts.push(`frame ${q.frame}${q.pts !== null ? ` · ${stamp(q.pts)}` : ""}`);
+    if (q.status === "done" && q.result !== "completed") parts.push(q.result);
+    if (q.latency !== undefined && q.latency !== null) parts.push(`${Math.round(q.latency)} ms`);
+    meta.textContent = parts.join(" · ");
+  }
+
+  function onAnswerStarted(r, started) {
+    const q = r.questions.get(started.id);
+    if (!q) return;
+    q.status = "answering";
+    q.frame = r.offset + started.frame; // the run's numbering, as the captions
+    renderAnswer(q);
+  }
+
+  function onAnswerDelta(r, event) {
+    const q = r.questions.get(event.response_id);
+    if (!q) return;
+    q.status = "answering";
+    q.text += event.delta;
+    renderAnswer(q);
+  }
+
+  function onAnswerDone(r, done) {
+    const q = r.questions.get(done.id);
+    if (!q) return;
+    r.questions.delete(done.id);
+    q.status = "done";
+    q.result = done.status;
+    q.text = done.text;
+    if (done.frame !== undefined && done.frame !== null) q.frame = r.offset + done.frame;
+    if (done.pts !== undefined && done.pts !== null) {
+      q.pts = done.pts;
+      q.videoTime = videoTimeOf(r, done.pts);
+    }
+    q.latency = done.latency_ms;
+    q.ttft = done.ttft_ms;
+    if (done.status === "cancelled" && !done.text) q.error = "Cancelled: no answer.";
+    renderAnswer(q);
+    r.answers.push(q);
+  }
+
+  function onAnswerRefused(r, id, words) {
+    const q = r.questions.get(id);
+    if (!q) return;
+    r.questions.delete(id);
+    q.status = "done";
+    q.result = "failed";
+    q.error = words;
+    renderAnswer(q);
+    r.answers.push(q);
+  }
+
+  function videoTimeOf(r, pts) {
+    const key = Math.round(pts * 1e6);
+    if (r.videoTimes.has(key)) return r.videoTimes.get(key);
+    for (const [us, t] of r.videoTimes) if (Math.abs(us - key) < 2000) return t;
+    return null;
   }
 
   function percentile(values, q) {
@@ -417,6 +565,7 @@
     const r = newRun();
     run = r;
     el.history.replaceChildren();
+    el.answers.replaceChildren();
     el.caption.hidden = true;
     renderStats(r);
     setButtons(true);
@@ -464,6 +613,7 @@
   el.stop.addEventListener("click", stop);
   el.prompt.addEventListener("change", pushSettings);
   el.fps.addEventListener("change", pushSettings);
+  el.askForm.addEventListener("submit", (e) => { e.preventDefault(); ask(); });
 
   // Settings from the query string: ?source=camera&fps=2&prompt=...&token=...&autostart=1
   const params = new URLSearchParams(location.search);
@@ -479,6 +629,11 @@
       sent: run.sent, captioned: run.captioned, dropped: run.dropped, lag_ms: run.lag,
       latencies_ms: [...run.latencies], segments: run.segments.map((s) => ({ ...s })), session_id: run.sessionId,
       reconnects: run.reconnects, statuses: [...run.statuses],
+      // answers done, in the order they ended; video_time: the clip time of the frame the answer saw
+      answers: run.answers.map((q) => ({
+        id: q.id, question: q.question, frame: q.frame, pts: q.pts, text: q.text, status: q.result,
+        error: q.error || null, video_time: q.videoTime, latency_ms: q.latency ?? null, ttft_ms: q.ttft ?? null,
+      })),
     },
   };
 })();
