@@ -7,7 +7,6 @@ event becomes `None` for the caller to ignore.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import ValidationError
@@ -127,25 +126,6 @@ def parse_event(raw: str | bytes):
     try:
         return protocol.parse_server_event(raw)
     except ValidationError:
-        return _response_done_without_optionals(raw)
-
-
-# The fields of a `response.done` that docs/protocol.md says are absent when an answer never started
-# or never produced a token (the server leaves None out of the JSON), but that ResponseResult declares
-# without a default: fill them in, so that a cancelled answer is read like any other.
-_OPTIONAL_RESULT_FIELDS = ("frame", "pts", "ttft_ms")
-
-
-def _response_done_without_optionals(raw: str):
-    try:
-        data = json.loads(raw)
-        response = data["response"]
-        if data.get("type") != "response.done" or not isinstance(response, dict):
-            return None
-        for name in _OPTIONAL_RESULT_FIELDS:
-            response.setdefault(name, None)
-        return ResponseDone.model_validate(data)
-    except (ValueError, TypeError, KeyError, ValidationError):
         return None
 
 

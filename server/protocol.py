@@ -418,14 +418,16 @@ class ResponseOutputTextDelta(_Event):
 
 class ResponseResult(BaseModel):
     id: str
-    frame: int | None = Field(description="the frame the answer saw (None: it never started)")
-    pts: float | None = Field(description="that frame's presentation time, seconds")
+    frame: int | None = Field(default=None, description="the frame the answer saw (absent: it never started)")
+    pts: float | None = Field(default=None, description="that frame's presentation time, seconds")
     text: str
     status: Literal["completed", "incomplete", "cancelled", "failed"] = Field(
         description="completed: ended by a stop token; incomplete: cut by max_new_tokens; cancelled: "
         "by response.cancel or the session's end; failed: an internal error (the session goes on)"
     )
-    ttft_ms: float | None = Field(description="question received -> first answer token")
+    ttft_ms: float | None = Field(
+        default=None, description="question received -> first answer token (absent: no token)"
+    )
     latency_ms: float = Field(description="question received -> done")
 
 

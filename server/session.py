@@ -419,6 +419,10 @@ class Session:
                 break
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.finished.wait(), 1.0)
+        # then the answers that can end: started ones, and waiting ones once a frame is captioned
+        # (they start at the row's next frame boundary); a question with no frame to see never can
+        while self.responses and self.captioned and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def drain(self, deadline: float, reason: str = "shutdown") -> None:
         """Graceful end on a server drain: `session.draining`, caption the frames in flight (those sent
@@ -537,7 +541,11 @@ class Session:
             self.emit(self.stats())
 
     def finish(self, reason: str, code: int) -> None:
-        """Queue the last events: stats, session.closed, then the close itself."""
+        """Queue the last events: a `cancelled` response.done for each question still in flight,
+        stats, session.closed, then the close itself."""
+        now = time.monotonic()
+        for rid in list(self.responses):
+            self.worker_responses([ResponseOutput(rid, now, status="cancelled")])
         self.emit(p.SessionClosed(reason=reason, stats=self.stats()))
         self.emit(CloseRequest(code))
 

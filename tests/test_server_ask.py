@@ -143,3 +143,25 @@ def test_metrics_count_responses_by_status(app):
     assert answered == 1
     assert count(after, status) - count(before, status) >= 1
     assert "casa_response_time_to_first_token_seconds_count" in after
+
+
+def test_session_close_answers_what_it_can_and_cancels_the_rest(app):
+    with stream(app) as ws:
+        ask(ws, id="never")  # no frame will come: it can never start
+        ws.send({"type": "session.close"})
+        events = ws.drain()
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "session.closed" and ws.close_code == 1000
+    done = [e["response"] for e in events if e["type"] == "response.done"]
+    assert [(d["id"], d["status"]) for d in done] == [("never", "cancelled")]
+    assert kinds.index("response.done") < kinds.index("session.closed")
+    with stream(app) as ws:
+        ws.update(mode="offline", max_new_tokens=2)
+        caption_one(ws, 0)
+        ask(ws, id="answered", max_new_tokens=2)
+        ws.send({"type": "session.close"})
+        events = ws.drain()
+    done = [e["response"] for e in events if e["type"] == "response.done"]
+    assert [d["id"] for d in done] == ["answered"] and done[0]["status"] in ("completed", "incomplete")
+    assert p.parse_server_event('{"type": "response.done", "response": {"id": "x", "text": "", '
+                                '"status": "cancelled", "latency_ms": 1.0}}').response.frame is None  # fmt: skip
