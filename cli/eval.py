@@ -1,4 +1,5 @@
-"""`casa eval`: caption held-out synthetic clips with the streaming engine and score them."""
+"""`casa eval`: caption held-out synthetic clips with the streaming engine and score them, and ask
+questions at frame boundaries (model/world/questions.py) when the model answers questions."""
 
 from __future__ import annotations
 
@@ -22,7 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-context", type=int, default=4096, help="text KV cache bound (insertion stores frames there)"
     )
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    p.add_argument("--show", type=int, default=5, help="print this many wrong captions")
+    p.add_argument(
+        "--questions",
+        type=int,
+        default=2,
+        help="questions per clip, asked at that many frame boundaries (greedy answers, exact match per "
+        "question kind); 0: none. Only for a model whose generation config has a question template",
+    )
+    p.add_argument("--show", type=int, default=5, help="print this many wrong captions (and wrong answers)")
     p.add_argument(
         "--slots",
         action="store_true",
@@ -47,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.model) if args.model else default_model_dir()
     engine = Engine.from_checkpoint(path, max_sessions=args.sessions, max_context_tokens=args.max_context)
     seeds = range(args.seed_start, args.seed_start + args.clips)
-    result = evaluate(engine, seeds, frames=args.frames, prompt=args.prompt)
+    result = evaluate(engine, seeds, frames=args.frames, prompt=args.prompt, questions=args.questions)
     m = result.metrics
     print(
         f"model {path} ({engine.model.config.casa.fusion}): {m['clips']} clips x {args.frames} frames, seeds {args.seed_start}..{args.seed_start + args.clips - 1}"
@@ -69,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {'frames per second (streaming, batched)':<42} {m['frames_per_s']:.1f}")
     for seed, frame, pred, true in result.mistakes(args.show):
         print(f"  seed {seed} frame {frame}: got {pred!r}, expected {true!r}")
+    print_questions(result, args)
     if args.slots:
         from casa_live.model.training.evaluate import slot_accuracy
 
@@ -81,3 +90,22 @@ def run(args: argparse.Namespace) -> int:
         args.min_recall is None or m["event_recall"] >= args.min_recall
     )
     return 0 if ok else 1
+
+
+def print_questions(result, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    """The question accuracy table per kind (or why there is none)."""
+    if result.answers_questions is None:
+        return
+    if not result.answers_questions:
+        print("questions: the model answers no questions (its generation config has no question template)")
+        return
+    m = result.metrics
+    print(
+        f"questions: {m['questions']} ({args.questions} per clip, at frame boundaries), greedy answers, "
+        "exact match with the ground truth of the frame the answer saw"
+    )
+    print(f"  {'kind':<12} {'asked':>6} {'accuracy':>9}")
+    for kind, asked, acc in result.question_table():
+        print(f"  {kind:<12} {asked:>6} {acc:>9.4f}")
+    for a in result.wrong_answers(args.show):
+        print(f"  seed {a.seed} frame {a.frame}: {a.question!r} got {a.answer!r}, expected {a.truth!r}")

@@ -10,7 +10,11 @@ Metrics (all micro-averaged over frames):
 - attribute F1 over (colour, shape, position) of the objects a caption mentions: per frame, the
   multiset of (attribute, value) pairs parsed from the caption against the ground truth's;
 - change-event recall (and precision): an event "appears / moves <direction> / leaves" of a given
-  colour + shape at frame t > 0 is recalled when the caption of frame t reports it.
+  colour + shape at frame t > 0 is recalled when the caption of frame t reports it;
+- question accuracy, overall and per kind of model/world/questions.py (only for a model whose
+  generation config has a question template): at a few frame boundaries per clip a question is asked
+  on a side branch (Engine.ask, greedy) right after that frame's caption closed, before the next
+  frame is submitted, and its answer (stripped) must equal the ground truth of the frame it saw.
 Held-out seeds are below TRAIN_SEED_BASE (model/training/train.py), which training never uses.
 """
 
@@ -21,11 +25,13 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from casa_live.model.config import GenerationConfig
 from casa_live.model.engine.engine import Engine
 from casa_live.model.tokenizer import Tokenizer
+from casa_live.model.world import questions as qa
 from casa_live.model.world.scene import Clip, Event, FrameTruth, WorldConfig, generate_clip, parse_caption
 
 ATTRIBUTES = ("colour", "shape", "position")
@@ -104,13 +110,81 @@ class Scores:
 
 
 @dataclass
+class Answer:
+    """One question asked at a frame boundary, its answer and the ground truth of the frame it saw."""
+
+    seed: int
+    frame: int  # the frame the answer saw (Engine.ask's)
+    kind: str
+    question: str
+    answer: str  # the decoded answer, stripped
+    truth: str  # questions.answer(question, truth[frame].objects)
+    reason: str | None = None  # how the answer ended: "stop" | "length"
+
+    @property
+    def correct(self) -> bool:
+        return self.answer == self.truth
+
+
+@dataclass
+class QuestionScores:
+    """Exact-match accuracy of the answers, overall and per question kind (questions.KINDS)."""
+
+    asked: Counter = field(default_factory=Counter)
+    correct: Counter = field(default_factory=Counter)
+
+    def add(self, answer: Answer) -> None:
+        self.asked[answer.kind] += 1
+        self.correct[answer.kind] += answer.correct
+
+    def summary(self) -> dict:
+        n = sum(self.asked.values())
+        out: dict = {"questions": n, "question_accuracy": sum(self.correct.values()) / max(1, n)}
+        for k in qa.KINDS:
+            out[f"questions_{k}"] = self.asked[k]
+            out[f"question_accuracy_{k}"] = self.correct[k] / self.asked[k] if self.asked[k] else float("nan")
+        return out
+
+
+def question_plan(clips: list[Clip], per_clip: int) -> list[dict[int, qa.Question]]:
+    """Per clip, the questions to ask after some of its frames ({frame: question}): `per_clip`
+    distinct frames drawn with an rng seeded by the clip's seed, each question sampled from that
+    frame's objects (questions.sample, an rng seeded by clip and frame). Kinds take turns by seed, so
+    over consecutive seeds all nine come up equally often."""
+    plan = []
+    for clip in clips:
+        n = min(per_clip, len(clip.truth))
+        frames = sorted(
+            int(f) for f in np.random.default_rng([clip.seed, 0]).choice(len(clip.truth), n, False)
+        )
+        asks = {}
+        for k, f in enumerate(frames):
+            kind = qa.KINDS[(clip.seed * per_clip + k) % len(qa.KINDS)]
+            asks[f] = qa.sample(clip.truth[f].objects, np.random.default_rng([clip.seed, 1, f]), kind)
+        plan.append(asks)
+    return plan
+
+
+@dataclass
 class EvalResult:
     metrics: dict
     seconds: float
     clips: list[tuple[int, list[str], list[str]]]  # (seed, predicted captions, true captions)
+    answers: list[Answer] = field(default_factory=list)
+    # whether the model has a question template (None: no questions were asked)
+    answers_questions: bool | None = None
 
     def to_dict(self) -> dict:
         return {"metrics": self.metrics, "seconds": self.seconds}
+
+    def question_table(self) -> list[tuple[str, int, float]]:
+        """(kind, asked, accuracy) per question kind, then ("all", ...)."""
+        m = self.metrics
+        rows = [(k, m[f"questions_{k}"], m[f"question_accuracy_{k}"]) for k in qa.KINDS]
+        return [*rows, ("all", m["questions"], m["question_accuracy"])]
+
+    def wrong_answers(self, limit: int = 10) -> list[Answer]:
+        return [a for a in self.answers if not a.correct][: max(0, limit)]
 
     def mistakes(self, limit: int = 10) -> list[tuple[int, int, str, str]]:
         """(seed, frame, predicted, true) of the first wrong captions."""
@@ -128,19 +202,57 @@ class EvalResult:
 
 def caption_clips(engine: Engine, clips: list[Clip], prompt: str | None = None) -> list[list[str]]:
     """Stream every clip through the engine (up to max_sessions at once); captions per clip."""
+    return stream_clips(engine, clips, prompt)[0]
+
+
+def stream_clips(
+    engine: Engine,
+    clips: list[Clip],
+    prompt: str | None = None,
+    asks: list[dict[int, qa.Question]] | None = None,
+) -> tuple[list[list[str]], list[Answer]]:
+    """Stream every clip through the engine (up to max_sessions at once): captions per clip, and the
+    answers to `asks` (per clip, {frame: question}). A question for frame f is asked at f's boundary,
+    once its caption is closed (Engine.can_ask: the close fed, a branch row free) and before frame
+    f + 1 is submitted; its answer is decoded in the same batched steps as the captions (greedy,
+    Engine.ask) and ends at its done event."""
     results: list[list[str]] = [[] for _ in clips]
+    answers: list[Answer] = []
     todo = list(range(len(clips)))[::-1]
-    active: dict[int, dict] = {}  # row -> {clip, next, ids, waiting}
+    active: dict[int, dict] = {}  # row -> {clip, next, ids, waiting, ask}
+    branches: dict[int, dict] = {}  # branch row -> {clip, question, frame, ids}
     tok = engine.tokenizer
-    while todo or active:
+    while todo or active or branches:
         while todo and len(active) < engine.max_sessions:
             row = engine.open(prompt)
-            active[row] = {"clip": todo.pop(), "next": 0, "ids": [], "waiting": False}
+            active[row] = {"clip": todo.pop(), "next": 0, "ids": [], "waiting": False, "ask": None}
         for row, st in active.items():
-            if not st["waiting"] and not engine.busy(row):
+            if st["waiting"]:
+                continue
+            if st["ask"] is not None:  # a question at this frame boundary, before the next frame
+                if not engine.can_ask(row):
+                    continue  # the caption's close is still being fed, or every branch row is busy
+                branch, frame = engine.ask(row, st["ask"].text)
+                branches[branch] = {"clip": st["clip"], "question": st["ask"], "frame": frame, "ids": []}
+                st["ask"] = None
+            if st["next"] < len(clips[st["clip"]].truth) and not engine.busy(row):
                 engine.submit_frame(row, clips[st["clip"]].frames[st["next"]])
                 st["waiting"] = True
         for ev in engine.step():
+            b = branches.get(ev.row)
+            if b is not None:
+                if ev.token is not None:
+                    b["ids"].append(ev.token)
+                if ev.done:
+                    del branches[ev.row]
+                    clip, q = clips[b["clip"]], b["question"]
+                    truth = qa.answer(q.text, clip.truth[b["frame"]].objects)
+                    assert truth is not None, q.text
+                    text = tok.decode(b["ids"]).strip()
+                    answers.append(
+                        Answer(clip.seed, b["frame"], q.kind, q.text, text, truth.answer, ev.reason)
+                    )
+                continue
             st = active.get(ev.row)
             if st is None:
                 continue
@@ -149,11 +261,15 @@ def caption_clips(engine: Engine, clips: list[Clip], prompt: str | None = None) 
             if ev.done:
                 results[st["clip"]].append(tok.decode(st["ids"]))
                 st["ids"], st["waiting"] = [], False
+                if asks is not None:
+                    st["ask"] = asks[st["clip"]].get(st["next"])
                 st["next"] += 1
-        for row in [r for r, st in active.items() if st["next"] >= len(clips[st["clip"]].truth)]:
-            engine.close(row)
+        for row in [
+            r for r, st in active.items() if st["next"] >= len(clips[st["clip"]].truth) and st["ask"] is None
+        ]:
+            engine.close(row)  # a branch still answering is a copy: it does not need the row
             del active[row]
-    return results
+    return results, answers
 
 
 def evaluate(
@@ -162,8 +278,11 @@ def evaluate(
     frames: int = 16,
     prompt: str | None = None,
     world: WorldConfig | None = None,
+    questions: int = 0,
 ) -> EvalResult:
-    """Caption held-out clips with the engine and score them against the ground truth."""
+    """Caption held-out clips with the engine and score them against the ground truth; with
+    `questions`, also ask that many questions per clip at frame boundaries (question_plan) and score
+    the answers, when the model answers questions (its generation config has a question template)."""
     from casa_live.model.training.train import TRAIN_SEED_BASE
 
     seeds = list(seeds)
@@ -173,15 +292,30 @@ def evaluate(
         )
     cfg = WorldConfig(**{**asdict(world or WorldConfig()), "frames": frames, "size": engine.image_size})
     clips = [generate_clip(s, cfg) for s in seeds]
+    answers_questions = None if questions <= 0 else engine.gen.template.question is not None
+    asks = question_plan(clips, questions) if answers_questions else None
     t0 = time.monotonic()
-    captions = caption_clips(engine, clips, prompt)
+    captions, answers = stream_clips(engine, clips, prompt, asks)
     seconds = time.monotonic() - t0
     scores = Scores()
     for clip, preds in zip(clips, captions):
         for truth, caption in zip(clip.truth, preds):
             scores.add(truth, caption)
     metrics = scores.summary() | {"clips": len(clips), "frames_per_s": scores.frames / max(seconds, 1e-9)}
-    return EvalResult(metrics, seconds, [(c.seed, p, c.captions) for c, p in zip(clips, captions)])
+    if answers_questions:
+        order = {s: i for i, s in enumerate(seeds)}
+        answers.sort(key=lambda a: (order[a.seed], a.frame))
+        q = QuestionScores()
+        for a in answers:
+            q.add(a)
+        metrics |= q.summary()
+    return EvalResult(
+        metrics,
+        seconds,
+        [(c.seed, p, c.captions) for c, p in zip(clips, captions)],
+        answers,
+        answers_questions,
+    )
 
 
 # ---------------------------------------------------------------- teacher-forced diagnosis

@@ -12,7 +12,9 @@ around each frame (or config.json's `pre_image_tokens`/`post_image_tokens`), sto
 `generation_config.json`'s `eos_token_id`, and the sampling of Kyutai's newest live-captioning
 script (2 fps, 20 tokens, temperature 0.4, top-k 256, EMA repetition penalty 1.15 counting fed
 tokens, stop-token bias 0.95, 4-gram blocking over 60 tokens, a cut caption closed with the model's
-last stop token). Of generation_config.json's sampling fields, `top_p` is honoured (transformers'
+last stop token). Questions (Engine.ask) close that assistant turn on their side branch and open
+a user turn with the question and an assistant turn for the answer (`QUESTION_TEMPLATE`), which
+ends on `<|im_end|>`. Of generation_config.json's sampling fields, `top_p` is honoured (transformers'
 generate applies it under that script too); the others are reported, with the reason, by
 `generation_config`'s notes.
 """
@@ -40,6 +42,13 @@ USER_PROMPT = "Please describe what you see in the video in real-time. Stick to 
 CAPTION_PREFIX = "In this video"
 LIVE_IMAGE_SIZE = 448  # the LiveCC runs' frame side (256 image tokens)
 EOS_BIAS = 0.95  # Kyutai's newest live-captioning script (their older one: 1.0)
+# A question on a side branch (Engine.ask), fed at a frame boundary (after the caption's stop token
+# and the next frame's <|vision_start|>): the never-ending assistant turn is closed, the question is
+# a user turn, and the answer an assistant turn, in Qwen's chat template (its messages are
+# "<|im_start|>{role}\n{content}<|im_end|>\n"; add_generation_prompt appends "<|im_start|>assistant\n").
+# The answer ends on <|im_end|>, which must therefore be a stop token.
+QUESTION_TEMPLATE = "<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 # config.json keys read when present, at the top level or under text_config (docs/checkpoints.md):
 # the frame delimiters (token ids or token strings) and the blocks that carry a CASA layer.
@@ -256,6 +265,23 @@ def sampling_fields(hf_gen: dict[str, Any], gen: GenerationConfig) -> list[str]:
     return notes
 
 
+def question_template(tokenizer: Tokenizer, stop_names: list[str]) -> tuple[str | None, list[str]]:
+    """The chat-format question template (`QUESTION_TEMPLATE`) and notes: None, with a note saying
+    why, when the tokenizer lacks Qwen's chat tokens or `<|im_end|>` is not a stop token (an answer
+    would then run to max_new_tokens: such a checkpoint answers no questions)."""
+    missing = [t for t in CHAT_TOKENS if tokenizer.tok.token_to_id(t) is None]
+    if missing:
+        return None, [
+            f"tokenizer.json has no {', '.join(missing)}: no chat format, so the model answers no questions"
+        ]
+    if "<|im_end|>" not in stop_names:
+        return None, [
+            "generation_config.json: <|im_end|> is not among eos_token_id, so an answer in the chat "
+            "format would not end: the model answers no questions"
+        ]
+    return QUESTION_TEMPLATE, []
+
+
 def generation_config(
     tokenizer: Tokenizer,
     eos_ids: list[int],
@@ -269,6 +295,7 @@ def generation_config(
     The engine takes stop tokens as strings; each id goes through the tokenizer's own vocabulary
     (LiveCC's extra stop ids are ordinary BPE tokens, not registered special tokens). config.json's
     frame delimiters (`pre_image_tokens`, `post_image_tokens`) replace the vision tokens when present.
+    Questions get the chat-format template of `question_template` (answers end on `<|im_end|>`).
     """
     names = []
     for i in eos_ids:
@@ -286,7 +313,7 @@ def generation_config(
         caption_prefix=CAPTION_PREFIX,
         default_prompt=USER_PROMPT,
     )
-    notes = []
+    template.question, notes = question_template(tokenizer, names)
     if cfg is not None:
         template.pre_image_ids, template.post_image_ids = frame_token_ids(cfg, tokenizer)
         for key, ids in zip(FRAME_KEYS, (template.pre_image_ids, template.post_image_ids)):
