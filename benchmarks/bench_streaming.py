@@ -89,7 +89,9 @@ def main() -> None:
             capacity = prompt_len + (max(args.frames) + args.repeat + 1) * per_frame
         else:
             capacity = args.max_context
-        engine = Engine(model, tok, toy_generation_config(), max_sessions=1, max_context_tokens=capacity)
+        engine = Engine(
+            model, tok, toy_generation_config(), max_sessions=1, max_context_tokens=capacity, branch_rows=0
+        )
         row = engine.open(None, settings)
         frame_cost(engine, row, image)  # warm-up (and frame 0's prompt)
         for f in args.frames:

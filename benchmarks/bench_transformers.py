@@ -170,7 +170,7 @@ def main() -> None:
         model, tok, gen = load(tmp)
     model.config.image_size = args.image_size
     gen.template.prefix, gen.template.caption_prefix = "<|im_start|>", ""
-    engine = Engine(model, tok, gen, max_sessions=1, max_context_tokens=4096)
+    engine = Engine(model, tok, gen, max_sessions=1, max_context_tokens=4096, branch_rows=0)
     settings = SessionSettings(max_new_tokens=args.tokens, min_new_tokens=args.tokens, temperature=0.0)
     row = engine.open(None, settings)
     image = np.random.default_rng(0).integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8)

@@ -182,6 +182,7 @@ def stream_runs(smoke: bool, budget: float) -> int:
                 device=device,
                 dtype=dtype,
                 compile=spec.compiled and not smoke,
+                branch_rows=0,  # no questions here: only the session's row is warmed up and stepped
             )
             if spec.compiled:
                 torch._dynamo.reset()  # one engine's compiled step per process, as when serving

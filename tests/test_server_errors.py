@@ -185,7 +185,7 @@ def test_bad_json(ws, frames, text):
     still_alive(ws, frames[0])
 
 
-@pytest.mark.parametrize("event", [{"type": "response.create"}, {"session": {"fps": 1}}])
+@pytest.mark.parametrize("event", [{"type": "conversation.item.create"}, {"session": {"fps": 1}}])
 def test_unknown_type(ws, frames, event):
     ws.send(event)
     expect_error(ws, "unknown_type")
