@@ -266,8 +266,8 @@ class Session:
         req = event.response
         if self.ctx.engine.gen.template.question is None:
             raise InvalidRequest(
-                "this model answers no questions: its generation_config.json has no template.question "
-                "(docs/checkpoints.md); serve a checkpoint that has one",
+                "this model answers no questions (its checkpoint has no question template: no "
+                "template.question in generation_config.json, docs/checkpoints.md); serve one that has",
                 event_id=event.event_id,
             )
         rid = req.id or "resp_" + uuid.uuid4().hex[:20]
