@@ -132,17 +132,7 @@ async def run_asker(
             async for message in ws:
                 event = json.loads(message)
                 kind, now = event["type"], time.monotonic()
-                if kind == "caption.segment":  # as loadtest.run_client scores it
-                    if event["frame"] in sent_at:
-                        result.latencies.append(now - sent_at[event["frame"]])
-                    result.server_latencies.append(event["latency_ms"] / 1000)
-                    result.worst.append((event["latency_ms"] / 1000, event["frame"]))
-                    result.segments += 1
-                    result.cut += event["reason"] != "stop"
-                    truth = wc.clip.truth[event["frame"]]
-                    result.exact += event["text"].strip() == truth
-                    result.f1 += lt.token_f1(event["text"], truth)
-                elif kind == "response.output_text.delta":
+                if kind == "response.output_text.delta":
                     a = asked.get(event["response_id"])
                     if a is not None and a.first is None:
                         a.first = now
@@ -156,14 +146,8 @@ async def run_asker(
                     if a.frame is not None and a.frame < len(wc.objects):
                         truth_q = qa.answer(a.question, wc.objects[a.frame])
                         a.truth = truth_q.answer if truth_q else None
-                elif kind == "stats":
-                    result.max_lag_ms = max(result.max_lag_ms, event["lag_ms"])
-                elif kind == "error":
-                    result.errors.append(event["code"])
-                elif kind == "session.closed":
-                    stats = event["stats"]
-                    result.dropped, result.captioned = stats["frames_dropped"], stats["frames_captioned"]
-                    result.max_lag_ms = max(result.max_lag_ms, stats["lag_ms"])
+                else:  # captions, stats, errors: as loadtest.run_client scores them
+                    lt.record_event(result, wc.clip, event, sent_at, now)
 
         receiver = asyncio.create_task(receive())
         start = time.monotonic()

@@ -242,27 +242,7 @@ async def run_client(uri: str, clip: Clip, duration: float, fps: float, token: s
 
         async def receive() -> None:
             async for message in ws:
-                event = json.loads(message)
-                kind = event["type"]
-                if kind == "caption.segment":
-                    now = time.monotonic()
-                    if event["frame"] in sent_at:
-                        result.latencies.append(now - sent_at[event["frame"]])
-                    result.server_latencies.append(event["latency_ms"] / 1000)
-                    result.worst.append((event["latency_ms"] / 1000, event["frame"]))
-                    result.segments += 1
-                    result.cut += event["reason"] != "stop"
-                    truth = clip.truth[event["frame"]]
-                    result.exact += event["text"].strip() == truth
-                    result.f1 += token_f1(event["text"], truth)
-                elif kind == "stats":
-                    result.max_lag_ms = max(result.max_lag_ms, event["lag_ms"])
-                elif kind == "error":
-                    result.errors.append(event["code"])
-                elif kind == "session.closed":
-                    stats = event["stats"]
-                    result.dropped, result.captioned = stats["frames_dropped"], stats["frames_captioned"]
-                    result.max_lag_ms = max(result.max_lag_ms, stats["lag_ms"])
+                record_event(result, clip, json.loads(message), sent_at, time.monotonic())
 
         receiver = asyncio.create_task(receive())
         start = time.monotonic()
@@ -277,6 +257,32 @@ async def run_client(uri: str, clip: Clip, duration: float, fps: float, token: s
         await ws.send(json.dumps({"type": "session.close"}))
         await receiver
     return result
+
+
+def record_event(
+    result: ClientResult, clip: Clip, event: dict, sent_at: dict[int, float], now: float
+) -> None:
+    """Score one server event into a client's result: a caption segment (latency, cut short, exact
+    match and token F1 against the clip's truth), stats (lag), an error, the closing stats."""
+    kind = event["type"]
+    if kind == "caption.segment":
+        if event["frame"] in sent_at:
+            result.latencies.append(now - sent_at[event["frame"]])
+        result.server_latencies.append(event["latency_ms"] / 1000)
+        result.worst.append((event["latency_ms"] / 1000, event["frame"]))
+        result.segments += 1
+        result.cut += event["reason"] != "stop"
+        truth = clip.truth[event["frame"]]
+        result.exact += event["text"].strip() == truth
+        result.f1 += token_f1(event["text"], truth)
+    elif kind == "stats":
+        result.max_lag_ms = max(result.max_lag_ms, event["lag_ms"])
+    elif kind == "error":
+        result.errors.append(event["code"])
+    elif kind == "session.closed":
+        stats = event["stats"]
+        result.dropped, result.captioned = stats["frames_dropped"], stats["frames_captioned"]
+        result.max_lag_ms = max(result.max_lag_ms, stats["lag_ms"])
 
 
 def percentile(values: list[float], q: float) -> float:

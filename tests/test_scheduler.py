@@ -59,6 +59,15 @@ def feed_forced(s: Scheduler, row: int, expected: list[int]) -> Plan:
     return plan
 
 
+def start_first_frame(s: Scheduler, row: int, deadline: float | None = None) -> None:
+    """Frame 0 submitted, encoded and started, its post_image and caption prefix fed: the next
+    update_from_output gives the caption's first token."""
+    s.submit(row, 1, deadline)
+    s.encoded(row, 1, encoding())
+    s.plan()
+    assert feed_forced(s, row, PREFIX).sample == [row]
+
+
 def test_a_lone_prompt_is_prefilled_at_once_and_then_the_row_waits():
     s = scheduler()
     row = open_and_prefill(s)
@@ -83,10 +92,7 @@ def test_a_frame_waits_for_its_encoding_then_starts_with_post_and_caption_prefix
 def test_a_caption_ends_on_a_stop_token_and_its_close_is_forced():
     s = scheduler()
     row = open_and_prefill(s)
-    s.submit(row, 1, None)
-    s.encoded(row, 1, encoding())
-    s.plan()
-    feed_forced(s, row, PREFIX)
+    start_first_frame(s, row)
     events = s.update_from_output([row], [20], now=0.0)
     assert (events[0].token, events[0].text, events[0].done) == (20, "w20 ", False)
     plan = s.plan()
@@ -102,10 +108,7 @@ def test_a_caption_ends_on_a_stop_token_and_its_close_is_forced():
 def test_a_caption_cut_by_max_new_tokens_is_closed_as_configured(close):
     s = scheduler()
     row = open_and_prefill(s, SessionSettings(max_new_tokens=2, truncated_close=close))
-    s.submit(row, 1, None)
-    s.encoded(row, 1, encoding())
-    s.plan()
-    feed_forced(s, row, PREFIX)
+    start_first_frame(s, row)
     s.update_from_output([row], [20], now=0.0)
     s.plan()
     (cut,) = s.update_from_output([row], [21], now=0.0)
@@ -119,10 +122,7 @@ def test_a_caption_cut_by_max_new_tokens_is_closed_as_configured(close):
 def test_the_deadline_cuts_a_caption_and_the_next_frame_keeps_its_own():
     s = scheduler()
     row = open_and_prefill(s)
-    s.submit(row, 1, deadline=10.0)
-    s.encoded(row, 1, encoding())
-    s.plan()
-    feed_forced(s, row, PREFIX)
+    start_first_frame(s, row, deadline=10.0)
     (ev,) = s.update_from_output([row], [20], now=9.9)
     assert not ev.done
     s.plan()
@@ -139,10 +139,7 @@ def test_the_deadline_cuts_a_caption_and_the_next_frame_keeps_its_own():
 def test_a_frame_submitted_while_the_close_is_fed_starts_after_it():
     s = scheduler()
     row = open_and_prefill(s)
-    s.submit(row, 1, None)
-    s.encoded(row, 1, encoding())
-    s.plan()
-    feed_forced(s, row, PREFIX)
+    start_first_frame(s, row)
     s.update_from_output([row], [STOP], now=0.0)
     s.submit(row, 2, None, patches=torch.zeros(4, 3), patch_grid=(4, 4))
     assert s.to_encode() == []  # not startable: the close is still to be fed
@@ -217,10 +214,7 @@ def test_min_new_tokens_bans_stops_and_settings_resolve_against_the_model():
     row = open_and_prefill(s, SessionSettings(min_new_tokens=2))
     r = s.row(row)
     assert (r.max_new_tokens, r.min_new_tokens, r.truncated_close) == (7, 2, "cut_word")
-    s.submit(row, 1, None)
-    s.encoded(row, 1, encoding())
-    s.plan()
-    feed_forced(s, row, PREFIX)
+    start_first_frame(s, row)
     assert s.stop_banned([row]) == [True]
     s.update_from_output([row], [20], now=0.0)
     s.plan()
