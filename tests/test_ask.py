@@ -7,16 +7,29 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import ATOL, assert_close
 from test_model_streaming import Recorder, make_engine
 
 from casa_live.model.engine.engine import CapacityError, Engine, SessionSettings
-
-ATOL = 1e-5  # fp32, as the streaming-vs-dense comparison
 
 
 def frames(seed: int, n: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (30, 41, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def assert_branch_matches_dense(
+    engine: Engine, rec: Recorder, branch: int, prefix: list[int]
+) -> torch.Tensor:
+    """The branch's recorded logits equal a dense forward of one sequence: the session's stream
+    (`prefix`, already joined to what the branch fed in `rec.tokens[branch]`, with the session's
+    frames) then the question and the answer. Returns the branch's logits (n, V)."""
+    with torch.no_grad():
+        dense = engine.model.forward_dense(rec.batch([branch]))
+    ours = torch.stack(rec.logits[branch])
+    ref = dense[0, len(prefix) : len(prefix) + len(ours)]
+    assert_close(ours, ref, torch.float32, "branch vs dense", atol=ATOL)
+    return ours
 
 
 def drain(engine: Engine) -> list:
@@ -86,12 +99,7 @@ def test_the_branch_matches_a_dense_forward_of_the_stream_then_the_question(fusi
     # the reference: one sequence, the session's stream and then everything the branch fed
     rec.tokens[branch] = prefix + rec.tokens[branch]
     rec.frames[branch] = rec.frames[row]
-    with torch.no_grad():
-        dense = engine.model.forward_dense(rec.batch([branch]))
-    ours = torch.stack(rec.logits[branch])
-    ref = dense[0, len(prefix) : len(prefix) + len(ours)]
-    err = float((ours - ref).abs().max())
-    assert err <= ATOL, f"max abs err {err:.3g}"
+    assert_branch_matches_dense(engine, rec, branch, prefix)
     assert rec.tokens[row] == prefix  # the session row was fed nothing
 
 

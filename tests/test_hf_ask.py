@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_ask import drain
+from conftest import ATOL, assert_close
+from test_ask import assert_branch_matches_dense, drain
 from test_hf_import import QWEN_SPECIAL, copy_with_tensors, write_hf_checkpoint
 from test_model_streaming import Recorder
 
@@ -25,7 +26,6 @@ from casa_live.model.config import CASAConfig
 from casa_live.model.engine.engine import Engine, SessionSettings
 
 pytest.importorskip("transformers")
-ATOL = 1e-5  # fp32, as every streaming-vs-dense comparison
 QUESTION = "what you see in the video"  # words of the test tokenizer's vocabulary
 SIZE = 112  # frames of 112 x 112 pixels: 8 x 8 patches, 4 x 4 image tokens
 
@@ -104,12 +104,7 @@ def ask_after_captions(path: Path, fusion: str, images: list[np.ndarray]):
 @pytest.mark.parametrize("fusion", ["casa", "insertion"])
 def test_the_answer_matches_a_dense_forward_of_the_chat_sequence(hf_dir, fusion: str) -> None:
     engine, rec, branch, prefix = ask_after_captions(hf_dir[0], fusion, frames(1, 2))
-    with torch.no_grad():
-        dense = engine.model.forward_dense(rec.batch([branch]))
-    ours = torch.stack(rec.logits[branch])
-    ref = dense[0, len(prefix) : len(prefix) + len(ours)]
-    err = float((ours - ref).abs().max())
-    assert err <= ATOL, f"max abs err {err:.3g}"
+    ours = assert_branch_matches_dense(engine, rec, branch, prefix)
     batch = rec.batch([branch])  # the check has teeth: a reference without the frames disagrees
     batch.n_frames[:] = 0
     with torch.no_grad():
@@ -149,10 +144,8 @@ def test_the_insertion_answer_matches_transformers(hf_dir) -> None:
         ).logits[0]
     ours = torch.stack(rec.logits[branch])
     ref = logits[text_at[len(prefix) : len(prefix) + len(ours)]]
-    err = float((ours - ref).abs().max())
-    assert err <= ATOL, f"max abs err {err:.3g}"
+    assert_close(ours, ref, torch.float32, "branch vs transformers", atol=ATOL)
     # the session's own stream (prompt, frames, captions, closes) matches transformers too
     row = next(r for r in rec.tokens if r != branch and rec.tokens[r] == prefix)
     stream = torch.stack(rec.logits[row])
-    err = float((stream - logits[text_at[: len(prefix)]]).abs().max())
-    assert err <= ATOL, f"stream: max abs err {err:.3g}"
+    assert_close(stream, logits[text_at[: len(prefix)]], torch.float32, "stream vs transformers", atol=ATOL)
