@@ -226,10 +226,7 @@ class Worker:
             slot.closed = True
             self._slots.remove(slot)
             self.engine.close(slot.row)
-            slot.questions.clear()
-            for b in [b for b, a in self._answers.items() if a.slot is slot]:
-                del self._answers[b]
-                self.engine.close(b)
+            self._discard_questions(slot)
             # the step loop sets this gauge only when a step runs: without this, the last session's
             # tokens would stay on the dashboard after it leaves
             self.metrics.kv_cache_tokens.set(sum(self.engine.kv_tokens(s.row) for s in self._slots))
@@ -253,18 +250,27 @@ class Worker:
         """End a question, waiting or being answered, with status cancelled."""
 
         def do() -> None:
-            waiting = [j for j in slot.questions if j.id == response_id]
-            for job in waiting:
-                slot.questions.remove(job)
-            running = [b for b, a in self._answers.items() if a.slot is slot and a.job.id == response_id]
-            for b in running:
-                del self._answers[b]
-                self.engine.close(b)  # the branch is discarded; the session's row never saw it
-            if waiting or running:
+            if self._discard_questions(slot, response_id):
                 out = ResponseOutput(response_id, time.monotonic(), status="cancelled")
                 self._notify(slot, "worker_responses", [out])
 
         self._command(do)
+
+    def _discard_questions(self, slot: Slot, response_id: str | None = None) -> bool:
+        """Drop the slot's questions (only `response_id`'s when given), waiting or being answered:
+        their branches are freed, and the session's row never saw them. Whether any was found."""
+        waiting = [j for j in slot.questions if response_id is None or j.id == response_id]
+        for job in waiting:
+            slot.questions.remove(job)
+        running = [
+            b
+            for b, a in self._answers.items()
+            if a.slot is slot and (response_id is None or a.job.id == response_id)
+        ]
+        for b in running:
+            del self._answers[b]
+            self.engine.close(b)
+        return bool(waiting or running)
 
     def _command(self, fn: Callable[[], Any]) -> None:
         """Run fn on the worker thread (fire and forget)."""
