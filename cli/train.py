@@ -51,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with --questions: this many more short clips a step, each ending with a question",
     )  # fmt: skip
     p.add_argument("--qa-frames", type=int, default=3, help="the short question clips' longest length")
+    p.add_argument(
+        "--qa-weight", action="append", default=[], metavar="KIND=W",
+        help="with --questions: train on question kind KIND W times as often as a kind of weight 1 "
+        "(repeatable; e.g. what_at=3)",
+    )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.set_defaults(func=run)
 
@@ -85,10 +90,29 @@ def run(args: argparse.Namespace) -> int:
         questions=args.questions,
         qa_clips=args.qa_clips,
         qa_frames=args.qa_frames,
+        qa_weights=qa_weights(args.qa_weight),
     )
     summary = train(cfg, args.out, resume=args.resume)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def qa_weights(items: list[str]) -> dict[str, float]:
+    """["what_at=3", ...] -> {"what_at": 3.0}, kinds checked against the question language."""
+    from casa_live.model.world.questions import KINDS
+
+    out: dict[str, float] = {}
+    for item in items:
+        kind, sep, value = item.partition("=")
+        if not sep or kind not in KINDS:
+            raise SystemExit(f"--qa-weight {item!r}: expected KIND=W with KIND one of {', '.join(KINDS)}")
+        try:
+            out[kind] = float(value)
+        except ValueError:
+            raise SystemExit(f"--qa-weight {item!r}: W must be a number") from None
+        if out[kind] < 0:
+            raise SystemExit(f"--qa-weight {item!r}: W must be >= 0")
+    return out
 
 
 def world_overrides(items: list[str]) -> dict:

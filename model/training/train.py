@@ -216,15 +216,20 @@ def make_batch(
     frames: list[int],
     prompts: list[str | None],
     questions: bool = False,
+    qa_weights: dict[str, float] | None = None,
 ) -> Batch:
     """questions: each clip's sequence ends with a question about its last frame on a branch
-    (one question a clip, drawn from the clip's seed so a step always sees the same ones)."""
+    (one question a clip, drawn from the clip's seed so a step always sees the same ones; its
+    kind in proportion to `qa_weights`, uniform when None)."""
     clips = [
         generate_clip(seed, WorldConfig(**{**asdict(world), "frames": n})) for seed, n in zip(seeds, frames)
     ]
     qa = None
     if questions:
-        qa = [sample_question(c.truth[-1].objects, np.random.default_rng([c.seed, 17])) for c in clips]
+        qa = [
+            sample_question(c.truth[-1].objects, np.random.default_rng([c.seed, 17]), weights=qa_weights)
+            for c in clips
+        ]
         qa = [(q.text, q.answer) for q in qa]
     return batch_from_clips(clips, tok, gen, processor, prompts, qa)
 
@@ -391,6 +396,9 @@ class TrainConfig:
     # on its frame, and the frame's window, not on a long history).
     qa_clips: int = 0
     qa_frames: int = 3
+    # question kind -> relative weight in training (missing kinds weigh 1): more of the kinds the
+    # model answers worst
+    qa_weights: dict[str, float] = field(default_factory=dict)
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -571,11 +579,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         seeds, frames, prompts = step_clips(cfg, step)
-        batch = make_batch(seeds, tok, gen, processor, world, frames, prompts, questions=cfg.questions)
+        qa_kw = {"questions": cfg.questions, "qa_weights": cfg.qa_weights}
+        batch = make_batch(seeds, tok, gen, processor, world, frames, prompts, **qa_kw)
         loss, stats = caption_loss(model, batch, probe)
         if cfg.questions and cfg.qa_clips:
             qa_seeds, qa_frames, qa_prompts = qa_step_clips(cfg, step)
-            qa_batch = make_batch(qa_seeds, tok, gen, processor, world, qa_frames, qa_prompts, questions=True)
+            qa_batch = make_batch(qa_seeds, tok, gen, processor, world, qa_frames, qa_prompts, **qa_kw)
             qa_loss, qa_stats = caption_loss(model, qa_batch)
             loss = loss + qa_loss
             stats["answer_acc"] = (stats["answer_acc"] + qa_stats["answer_acc"]) / 2

@@ -86,11 +86,22 @@ def what_at(objects: tuple[ObjectState, ...], row: str, col: str) -> Question:
     return Question("what_at", f"what is at the {row} {col}?", answer)
 
 
-def sample(objects: tuple[ObjectState, ...], rng: np.random.Generator, kind: str | None = None) -> Question:
-    """One question about this frame, of `kind` (any kind when None). Subjects are drawn half the
+def sample(
+    objects: tuple[ObjectState, ...],
+    rng: np.random.Generator,
+    kind: str | None = None,
+    weights: dict[str, float] | None = None,
+) -> Question:
+    """One question about this frame, of `kind` (when None, a kind drawn uniformly, or in
+    proportion to `weights`, kind -> weight, missing kinds weighing 1). Subjects are drawn half the
     time from the objects present and half the time at random, so "yes" and "no", and answers and
     "none", both come up often."""
-    kind = kind or KINDS[int(rng.integers(len(KINDS)))]
+    if kind is None:
+        if weights:
+            w = np.array([float(weights.get(k, 1.0)) for k in KINDS])
+            kind = KINDS[int(rng.choice(len(KINDS), p=w / w.sum()))]
+        else:
+            kind = KINDS[int(rng.integers(len(KINDS)))]
     present = bool(objects) and rng.random() < 0.5
     pick = objects[int(rng.integers(len(objects)))] if present else None
     colour = pick.colour if pick else list(COLOURS)[int(rng.integers(len(COLOURS)))]
