@@ -42,6 +42,7 @@ from casa_live.kernels.reference import (
     prefix_causal_attention_torch,
     prefix_causal_attention_varlen_torch,
     rms_norm_torch,
+    tree_attention_mask,
 )
 
 __all__ = [
@@ -57,6 +58,8 @@ __all__ = [
     "prefix_causal_attention_varlen_torch",
     "rms_norm",
     "rms_norm_torch",
+    "tree_attention",
+    "tree_attention_mask",
     "triton_available",
 ]
 
@@ -112,6 +115,22 @@ def prefix_causal_attention(
     return prefix_causal_attention_torch(
         q, prefix_k, prefix_v, prefix_len, seg_k, seg_v, q_start, scale, mask
     )
+
+
+def tree_attention(
+    q: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    seg_k: torch.Tensor | None,
+    seg_v: torch.Tensor | None,
+    scale: float,
+    mask: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """The prefix + segment pattern with an explicit mask (`tree_attention_mask`): the watch
+    scoring forward, whose new tokens are a shared question prefix and its branches rather than a
+    causal run. Torch SDPA on every device: the Triton kernels read lengths, not masks, and a
+    scoring forward is a few hundred tokens a tick (docs/engine.md, "Watches")."""
+    return prefix_causal_attention_torch(q, prefix_k, prefix_v, None, seg_k, seg_v, None, scale, mask)
 
 
 def decode_attention(

@@ -88,10 +88,13 @@ class TextCache:
         dtype: torch.dtype,
         device: torch.device | str,
         evict_chunk: int | None = None,
+        score_slots: int = 0,
     ) -> None:
         # one scratch slot past the capacity: idle rows of a fixed-shape decode step write there
-        # (model/decode.py), so a step never needs to know which rows are working
-        shape = (layers, batch, kv_heads, capacity + 1, head_dim)
+        # (model/decode.py), so a step never needs to know which rows are working; and
+        # `score_slots` more, where a watch-scoring forward writes its question tokens' K/V past a
+        # full row's valid slots without evicting anything (model/engine/runner.py `_score`)
+        shape = (layers, batch, kv_heads, capacity + 1 + score_slots, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
@@ -150,11 +153,12 @@ class CASAState:
         window: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        score_slots: int = 0,
     ) -> None:
-        # One buffer per layer holds [image tokens (N) | window text (W) | scratch (1)], so the
-        # decode step attends to a frame and its window with one matmul (model/decode.py);
-        # img_* and win_* are views of it.
-        shape = (layers, batch, kv_heads, image_tokens + window + 1, head_dim)
+        # One buffer per layer holds [image tokens (N) | window text (W) | scratch (1) | score
+        # slots], so the decode step attends to a frame and its window with one matmul
+        # (model/decode.py); img_* and win_* are views of it. The score slots: as TextCache's.
+        shape = (layers, batch, kv_heads, image_tokens + window + 1 + score_slots, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.image_tokens = image_tokens
@@ -227,16 +231,28 @@ class StreamState:
         insertion: bool,
         dtype: torch.dtype,
         device: torch.device | str,
+        score_slots: int = 0,
     ) -> StreamState:
         """The whole state for `rows` sessions of a model whose decoder is `lm` (an LMConfig):
         a text cache bounded at context_tokens; for CASA models, the CASA state sized for the
         largest frame (image_tokens) and a window of window_tokens; for token insertion, the
-        bookkeeping of its bounded cache instead."""
-        text = TextCache(lm.layers, rows, lm.kv_heads, lm.head_dim, context_tokens, dtype, device)
+        bookkeeping of its bounded cache instead. score_slots: room past every row's valid
+        slots for a watch-scoring forward (TextCache)."""
+        text = TextCache(
+            lm.layers, rows, lm.kv_heads, lm.head_dim, context_tokens, dtype, device, score_slots=score_slots
+        )
         if insertion:
             return cls(text, None, InsertionSpans(rows))
         casa = CASAState(
-            casa_layers, rows, lm.kv_heads, lm.head_dim, image_tokens, window_tokens, dtype, device
+            casa_layers,
+            rows,
+            lm.kv_heads,
+            lm.head_dim,
+            image_tokens,
+            window_tokens,
+            dtype,
+            device,
+            score_slots,
         )
         return cls(text, casa)
 

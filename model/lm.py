@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from casa_live.kernels.dispatch import apply_rope as rope_qk
-from casa_live.kernels.dispatch import attention_mask, backend_for, prefix_causal_attention
+from casa_live.kernels.dispatch import (
+    attention_mask,
+    backend_for,
+    prefix_causal_attention,
+    tree_attention,
+    tree_attention_mask,
+)
 from casa_live.model.cache import StreamState
 from casa_live.model.casa import CASALayer
 from casa_live.model.config import ModelConfig
@@ -60,6 +66,7 @@ class StepInputs:
     ca_rows: torch.Tensor | None = None  # ... and in the CASA window
     sa_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # torch backend: built once per step
     ca_mask: tuple[torch.Tensor, torch.Tensor] | None = None
+    tree: bool = False  # a scoring forward: explicit tree masks, torch attention (kernels/dispatch.py)
 
 
 def flat_rows(b_idx: torch.Tensor, slots: torch.Tensor, heads: int, capacity: int) -> torch.Tensor:
@@ -155,6 +162,7 @@ class LanguageModel(nn.Module):
         state: StreamState,
         sa_positions: torch.Tensor,
         ca_positions: torch.Tensor | None = None,
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Feed rows [0, R) n_valid[r] tokens each; returns final hidden states (R, T, hidden). The
         tokens' K/V are written at the rows' lengths; the caller advances the lengths afterwards
@@ -164,6 +172,10 @@ class LanguageModel(nn.Module):
            padded past n_valid[r]. sa_positions: (R, T, 3) positions of the new tokens in the
            self-attention frame (cache slots for CASA models). ca_positions: (R, T, 3) window-local
            positions for the CASA layers. Rows with n_valid == 0 are untouched.
+        tree: (R, T, T) bool, for a scoring forward (watches, model/engine/runner.py): new token i
+           sees new token j when tree[r, i, j] instead of when j <= i, so several questions share
+           one prefix; their K/V may then use the score slots past the capacity (model/cache.py),
+           and the caller never advances the lengths, which leaves the row as it was.
         """
         R, T, _ = x.shape
         dev = x.device
@@ -172,7 +184,7 @@ class LanguageModel(nn.Module):
         valid = torch.arange(T)[None, :] < n_valid[:, None]
         b_idx, t_idx = valid.nonzero(as_tuple=True)
         sa_start = text.length[:R].clone()
-        if int((sa_start + n_valid).max()) > text.capacity:
+        if int((sa_start + n_valid).max()) > (text.capacity if tree is None else text.k.shape[3]):
             raise ValueError("text cache overflow: call make_room before step")
         sa_cos, sa_sin = self.cos_sin(sa_positions)
         inp = StepInputs(
@@ -187,7 +199,9 @@ class LanguageModel(nn.Module):
         )
         if cs is not None and self.casa_ids:
             ca_start = cs.win_len[:R].clone()
-            if int((ca_start + n_valid).max()) > cs.window:
+            if int((ca_start + n_valid).max()) > (
+                cs.window if tree is None else cs.k.shape[3] - cs.image_tokens
+            ):
                 raise ValueError(f"CASA window overflow: a window holds at most {cs.window} text tokens")
             inp.ca_start = ca_start.to(dev)
             inp.ca_slots = (ca_start[b_idx] + t_idx).to(dev)
@@ -202,7 +216,18 @@ class LanguageModel(nn.Module):
         if inp.ca_slots is not None:
             # window slots sit after the image tokens in the CASA buffer
             inp.ca_rows = flat_rows(inp.b_idx, inp.ca_slots + cs.image_tokens, kvh, cs.k.shape[3])
-        if backend_for(x) == "torch":
+        if tree is not None:
+            inp.tree = True
+            tree = tree.to(dev)
+            inp.sa_mask = tree_attention_mask(None, 0, inp.sa_start, tree, inp.sa_len)
+            if inp.n_img is not None:
+                P = max(inp.img_len, 1)
+                inp.ca_mask = (
+                    tree_attention_mask(inp.n_img, P, inp.ca_start, tree, inp.ca_len)
+                    if self.fusion == "casa"
+                    else attention_mask(inp.n_img, P, None, T, inp.ca_len)
+                )
+        elif backend_for(x) == "torch":
             inp.sa_mask = attention_mask(None, 0, inp.sa_start, T, inp.sa_len)
             if inp.n_img is not None:
                 seg = inp.ca_start if self.fusion == "casa" else None
@@ -223,16 +248,8 @@ class LanguageModel(nn.Module):
         write_rows(text.k[li], inp.sa_rows, ks, inp.b_idx, inp.t_idx)
         write_rows(text.v[li], inp.sa_rows, v, inp.b_idx, inp.t_idx)
         S = inp.sa_len
-        o = prefix_causal_attention(
-            qs,
-            None,
-            None,
-            None,
-            text.k[li, :R, :, :S],
-            text.v[li, :R, :, :S],
-            inp.sa_start,
-            self.scale,
-            inp.sa_mask,
+        o = self._attend(
+            inp, qs, None, None, None, text.k[li, :R, :, :S], text.v[li, :R, :, :S], inp.sa_start, inp.sa_mask
         )
         a = block.self_attn.out(o)
         if ci is not None:
@@ -269,7 +286,8 @@ class LanguageModel(nn.Module):
             seg_k, seg_v = cs.win_k[ci, :R, :, : inp.ca_len], cs.win_v[ci, :R, :, : inp.ca_len]
             seg_start = inp.ca_start
         N = max(inp.img_len, 1)
-        o = prefix_causal_attention(
+        o = self._attend(
+            inp,
             q,
             cs.img_k[ci, :R, :, :N],
             cs.img_v[ci, :R, :, :N],
@@ -277,7 +295,26 @@ class LanguageModel(nn.Module):
             seg_k,
             seg_v,
             seg_start,
-            self.scale,
             inp.ca_mask,
         )
         return proj.out(o)
+
+    def _attend(
+        self,
+        inp: StepInputs,
+        q: torch.Tensor,
+        prefix_k: torch.Tensor | None,
+        prefix_v: torch.Tensor | None,
+        prefix_len: torch.Tensor | None,
+        seg_k: torch.Tensor | None,
+        seg_v: torch.Tensor | None,
+        seg_start: torch.Tensor | None,
+        mask: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """prefix + causal segment attention, or with a scoring forward's tree mask."""
+        if inp.tree:
+            assert mask is not None
+            return tree_attention(q, prefix_k, prefix_v, seg_k, seg_v, self.scale, mask)
+        return prefix_causal_attention(
+            q, prefix_k, prefix_v, prefix_len, seg_k, seg_v, seg_start, self.scale, mask
+        )

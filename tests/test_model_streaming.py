@@ -270,8 +270,9 @@ def test_bounded_text_cache_matches_restricted_reference() -> None:
     capacity = 40
     engine, rec, rows, k_before = stream_past_bound("casa", capacity)
     assert (
-        engine.state.text.k.data_ptr() == k_before and engine.state.text.k.shape[3] == capacity + 1
-    )  # + scratch
+        engine.state.text.k.data_ptr() == k_before
+        and engine.state.text.k.shape[3] == capacity + 1 + engine.watch_tokens
+    )  # + scratch + the watch scoring slots
     for r in rows:
         assert engine.state.text.evicted[r] > 0, "the stream must have outgrown the cache"
         assert sum(rec.feed_sizes[r]) > capacity

@@ -110,13 +110,13 @@ def test_decode_step_leaves_idle_rows_untouched(path) -> None:  # type: ignore[n
         _, new = path(engine.model.lm, state, inp, 64, 16)
         if new is not None:
             commit(state, inp, new)
-    changed = (state.text.k != text_k).any(-1)  # (L, B, Hkv, C + 1)
+    changed = (state.text.k != text_k).any(-1)  # (L, B, Hkv, C + 1 + score slots)
     for b in (0, 1, 3):
         assert not changed[:, b, :, : state.text.capacity].any()
     assert changed[:, 2, :, int(lengths[2])].all()  # the working row wrote its slot
-    changed = (state.casa.k != ca_k).any(-1)
+    changed = (state.casa.k != ca_k).any(-1)  # (Lc, B, Hkv, N + W + 1 + score slots)
     for b in (0, 1, 3):
-        assert not changed[:, b, :, :-1].any()
+        assert not changed[:, b, :, : state.casa.image_tokens + state.casa.window].any()
 
 
 def test_segments_cover_working_rows_with_few_matmuls() -> None:

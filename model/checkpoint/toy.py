@@ -62,6 +62,8 @@ WORDS = [
     "you",
     "see",
     "now",
+    "yes",  # the answers a watch weighs (model/engine/scheduler.py answer_ids)
+    "no",
 ]
 
 

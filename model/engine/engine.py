@@ -31,16 +31,26 @@ import torch
 
 from casa_live.model.cache import StreamState
 from casa_live.model.config import DEFAULT_CONTEXT_TOKENS, GenerationConfig
-from casa_live.model.engine.runner import Runner, StepResult
+from casa_live.model.engine.runner import Runner, StepResult, pack_tree
 from casa_live.model.engine.sampling import Sampler, SamplingParams, params_for
-from casa_live.model.engine.scheduler import CapacityError, Plan, Scheduler, Template, TokenEvent
+from casa_live.model.engine.scheduler import CapacityError, Plan, Scheduler, ScoreEvent, Template, TokenEvent
 from casa_live.model.engine.settings import SessionSettings
 from casa_live.model.engine.vision_pipeline import FrameEncoder, VisionPipeline, collect_encodings
 from casa_live.model.processor import ImageProcessor, QwenImageProcessor
 from casa_live.model.tokenizer import Tokenizer
 from casa_live.model.vlm import CASAModel
 
-__all__ = ["CapacityError", "Engine", "SessionSettings", "StepFailed", "StepResult", "TokenEvent"]
+__all__ = [
+    "CapacityError",
+    "Engine",
+    "ScoreEvent",
+    "SessionSettings",
+    "StepFailed",
+    "StepResult",
+    "TokenEvent",
+]
+
+MAX_WATCHES = 8  # per session (docs/protocol.md)
 
 
 class StepFailed(RuntimeError):
@@ -68,8 +78,11 @@ class Engine:
         prefill_min: int = 8,
         max_pixels: int | None = None,
         branch_rows: int = 4,
+        watch_tokens: int = 128,
     ) -> None:
-        """max_sessions rows for sessions, and `branch_rows` more for question branches."""
+        """max_sessions rows for sessions, and `branch_rows` more for question branches;
+        `watch_tokens`: the most tokens a row's watches take once packed (their shared prefix
+        once, then each one's rest), the room the caches keep past every row for scoring."""
         self.model = model.to(device=device, dtype=dtype).eval()
         self.model.lm.fuse_projections()
         self.model.vision.fuse()
@@ -92,8 +105,9 @@ class Engine:
         self.max_context_tokens = max_context_tokens or gen.context_tokens or DEFAULT_CONTEXT_TOKENS
         self.state = StreamState.allocate(
             lm, rows, self.max_context_tokens, len(model.lm.casa_ids), self.processor.max_tokens,
-            window_tokens, insertion=self.insertion, dtype=dtype, device=device,
+            window_tokens, insertion=self.insertion, dtype=dtype, device=device, score_slots=watch_tokens,
         )  # fmt: skip
+        self.watch_tokens = watch_tokens
         self.template = Template.resolve(gen, tokenizer, self.insertion)
         if not self.insertion and not self.template.post:
             # the first caption token is sampled at the first position that sees the frame
@@ -102,6 +116,8 @@ class Engine:
         self.sampler = Sampler(rows, lm.vocab, self.template.stop)
         self.scheduler = Scheduler(rows, self.template, window_tokens, gen, prefill_min, branch_rows)
         self.runner = Runner(self.model, self.state, rows, compile=compile)
+        if gen.template.question is not None and self.template.yes and self.template.no:
+            self.runner.yes_no = (self.template.yes, self.template.no)
         self.observers: list[Callable[[StepResult], None]] = []
         self.last_result = StepResult()
         self._tickets = itertools.count(1)
@@ -200,6 +216,30 @@ class Engine:
         self.sampler.reset(branch, SamplingParams(temperature=0.0))  # answers are greedy, unpenalised
         return branch, self.scheduler.row(branch).frames - 1
 
+    def set_watches(self, row: int, questions: list[str]) -> None:
+        """Score these yes/no questions on each of `row`'s frames from now on (replacing any
+        before; [] stops): after a frame's caption closes, every question is fed on a branch of
+        the row in one forward with no decoding, and a ScoreEvent gives P(yes) / (P(yes) + P(no))
+        per question (docs/engine.md, "Watches"). ValueError: the model answers no questions, or
+        the questions do not fit `watch_tokens`."""
+        if questions and self.runner.yes_no is None:
+            raise ValueError(
+                "this model cannot score watches (its generation config has no question template, "
+                "or its tokenizer has no distinct first tokens for yes and no)"
+            )
+        if len(questions) > MAX_WATCHES:
+            raise ValueError(f"{len(questions)} watches; at most {MAX_WATCHES} a session")
+        form = self.gen.template.question
+        fed = [self.tokenizer.encode(form.format(question=q)) for q in questions] if form else []
+        if any(not f for f in fed):
+            raise ValueError("a watch's question is empty")
+        if fed and (n := len(pack_tree(fed).ids)) > self.watch_tokens:
+            raise ValueError(
+                f"the watches' questions take {n} tokens together; at most {self.watch_tokens} fit. "
+                "Shorten them or set fewer."
+            )
+        self.scheduler.set_watches(row, fed)
+
     def can_ask(self, row: int) -> bool:
         """The row is at a frame boundary and a branch row is free: `ask` would start now."""
         return self.scheduler.can_branch(row) and self.scheduler.free_branch_row() is not None
@@ -239,8 +279,9 @@ class Engine:
     # ---- the batched step -------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> list[TokenEvent]:
-        """One tick for every row with work; returns the caption tokens it produced. Inference
+    def step(self) -> list[TokenEvent | ScoreEvent]:
+        """One tick for every row with work; returns the caption (and answer) tokens it produced,
+        and the watch scores of the frames it scored (ScoreEvent, only for rows with watches). Inference
         mode, not just no_grad: no version counters or view tracking, 5-10% of a CPU decode step
         at small batches (where the step is bound by op dispatch, docs/engine.md). The caches are
         ordinary tensors updated in place, which inference mode allows."""
@@ -250,7 +291,7 @@ class Engine:
             events = collect_encodings(self.scheduler, self.frames, self.pipeline, involved)
             plan = self.scheduler.plan()
             involved.update(f.row for f in plan.frames)
-            involved.update(plan.prefill, plan.decode)
+            involved.update(plan.prefill, plan.decode, plan.score)
             if plan.empty():
                 if not events and self.pipeline is not None and self.pipeline.pending:
                     self.pipeline.wait(1.0)  # single-stream use: nothing to do until a frame is encoded
@@ -259,20 +300,23 @@ class Engine:
         except Exception as exc:
             raise StepFailed(sorted(involved)) from exc
 
-    def _run(self, plan: Plan, res: StepResult) -> list[TokenEvent]:
+    def _run(self, plan: Plan, res: StepResult) -> list[TokenEvent | ScoreEvent]:
         """Execute a plan, sample, and hand the sampled tokens back to the scheduler."""
         self.runner.run(plan, res)
         for fn in self.observers:
             fn(res)
+        scored: list[TokenEvent | ScoreEvent] = [
+            ScoreEvent(i, frame, res.scores[i]) for i, (frame, _) in plan.score.items()
+        ]
         rows = [i for i in plan.sample if i in res.sample_logits]
         if any(p.counts == "fed" for p in self.sampler.params):
             self.sampler.feed_plan(plan.prefill, plan.decode, rows)
         if not rows:
-            return []
+            return scored
         logits = torch.stack([res.sample_logits[i] for i in rows])
         tokens = self.sampler.sample(rows, logits, self.scheduler.stop_banned(rows))
         self.sampler.observe_many(rows, tokens)
-        return self.scheduler.update_from_output(rows, tokens, time.monotonic())
+        return scored + self.scheduler.update_from_output(rows, tokens, time.monotonic())
 
     # ---- convenience ------------------------------------------------------------------------
 
@@ -284,7 +328,7 @@ class Engine:
         self.submit_frame(row, image, deadline)
         while True:
             for ev in self.step():
-                if ev.row == row:
+                if isinstance(ev, TokenEvent) and ev.row == row:
                     yield ev
                     if ev.done:
                         return

@@ -70,6 +70,8 @@ class StepResult:
     frame_vision_s: list[float] = field(default_factory=list)  # ... and of each of them
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    scores: dict[int, list[float]] = field(default_factory=dict)  # row -> one score per watch
+    score_s: float = 0.0
 
 
 class Runner:
@@ -89,6 +91,9 @@ class Runner:
         self.buckets = buckets_for(max_sessions)
         self.span_round = span_round
         self.record = False  # observers asked for the logits of every fed token
+        # token ids whose probabilities make a watch's "yes" and "no" (Template.yes/no); set by
+        # the engine when the model answers questions
+        self.yes_no: tuple[list[int], list[int]] | None = None
         self._decode: Callable[..., tuple[torch.Tensor, object]] = decode_step
         self.fused = False
         if compile:
@@ -163,7 +168,13 @@ class Runner:
 
     @torch.no_grad()
     def run(self, plan: Plan, res: StepResult) -> None:
-        """Execute one tick's plan: start its frames, then prefill, then decode."""
+        """Execute one tick's plan: score watches, start its frames, then prefill, then decode.
+        Scoring goes first: it reads the frames its rows have just captioned, which a starting
+        frame overwrites."""
+        if plan.score:
+            t0 = time.perf_counter()
+            self._score(plan.score, res)
+            res.score_s = time.perf_counter() - t0
         if plan.frames:
             self._start_frames(plan, res)
         prefill, decode, sample_set = plan.prefill, plan.decode, set(plan.sample)
@@ -236,6 +247,48 @@ class Runner:
             if self.record:
                 at = _text_offsets(items)
                 res.fed_logits[i] = lm.logits(h[i, at]).float()
+
+    def _score(self, rows: dict[int, tuple[int, list[list[int]]]], res: StepResult) -> None:
+        """Score each row's watches on its current frame in one forward over rows [0, R) that
+        leaves every row as it was (docs/engine.md, "Watches"). A row's watches share their
+        longest common prefix: its tokens are fed once, then each watch's rest as a branch of
+        it (a tree mask), all at the positions a question branch would give them. The K/V go to
+        the slots past each row's valid ones (the caches' score slots) and the lengths are not
+        advanced, so the next feed overwrites them. A watch's score is
+        P(yes) / (P(yes) + P(no)) from its last token's logits: the softmax's normaliser cancels,
+        so only the yes and no rows of the output matrix are computed."""
+        assert self.yes_no is not None, "the engine sets the yes/no ids before scoring"
+        lm, text, cs = self.lm, self.state.text, self.state.casa
+        packed = {i: pack_tree(watches) for i, (_, watches) in rows.items()}
+        R = max(rows) + 1
+        T = max(len(p.ids) for p in packed.values())
+        ids = torch.zeros(R, T, dtype=torch.long)
+        depth = torch.zeros(R, T, dtype=torch.long)
+        tree = torch.zeros(R, T, T, dtype=torch.bool)
+        n_valid = torch.zeros(R, dtype=torch.long)
+        for i, p in packed.items():
+            n = len(p.ids)
+            ids[i, :n], depth[i, :n], tree[i, :n, :n], n_valid[i] = torch.tensor(p.ids), p.depth, p.tree, n
+        x = lm.embed_tokens(ids.to(self.device))
+        base = torch.tensor(self.state.spans.position[:R]) if self.insertion else text.length[:R]
+        sa_pos = (base[:, None] + depth)[..., None].expand(-1, -1, 3)
+        ca_pos = None
+        if cs is not None:
+            ca_pos = (cs.win_len[:R][:, None] + depth)[..., None].expand(-1, -1, 3).to(self.device)
+        h = lm.step(x, n_valid, self.state, sa_pos.to(self.device), ca_pos, tree=tree)
+        yes, no = self.yes_no
+        w = lm.embed_tokens.weight if lm.lm_head is None else lm.lm_head.weight
+        w = w[torch.tensor(yes + no, device=self.device)]  # (|yes| + |no|, hidden)
+        order = sorted(packed)
+        last = torch.cat([h[i, packed[i].last] for i in order])  # (watches, hidden)
+        logits = (last @ w.t()).float()
+        margin = torch.logsumexp(logits[:, : len(yes)], -1) - torch.logsumexp(logits[:, len(yes) :], -1)
+        scores = torch.sigmoid(margin).tolist()
+        k = 0
+        for i in order:
+            n = len(packed[i].last)
+            res.scores[i] = scores[k : k + n]
+            k += n
 
     def _insertion_positions(self, i: int, items: list[Item]) -> torch.Tensor:
         """Absolute Qwen2.5-VL positions of a row's items for the insertion baseline (see
@@ -350,6 +403,39 @@ class Runner:
                     )
                     if new is not None:
                         commit(self.state, inp, new)
+
+
+@dataclass
+class PackedTree:
+    """Several token sequences fed as one: their longest common prefix once, then each one's rest."""
+
+    ids: list[int]  # prefix, then each sequence's rest, in order
+    depth: torch.Tensor  # (n,) each token's offset in its own sequence (its position past the row's)
+    tree: torch.Tensor  # (n, n) bool: token i sees token j (j is i or an earlier token of i's sequence)
+    last: list[int]  # index of each sequence's last token
+
+
+def pack_tree(seqs: list[list[int]]) -> PackedTree:
+    """Pack non-empty sequences around their longest common prefix (kept shorter than every
+    sequence, so each has a last token of its own)."""
+    shortest = min(len(q) for q in seqs)
+    p = 0
+    while p < shortest - 1 and all(q[p] == seqs[0][p] for q in seqs):
+        p += 1
+    ids = list(seqs[0][:p])
+    depth = list(range(p))
+    n = p + sum(len(q) - p for q in seqs)
+    tree = torch.zeros(n, n, dtype=torch.bool)
+    tree[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+    last = []
+    for q in seqs:
+        a, m = len(ids), len(q) - p
+        ids += q[p:]
+        depth += range(p, p + m)
+        tree[a : a + m, :p] = True
+        tree[a : a + m, a : a + m] = torch.ones(m, m, dtype=torch.bool).tril()
+        last.append(a + m - 1)
+    return PackedTree(ids, torch.tensor(depth), tree, last)
 
 
 def segments_for(rows: list[int], max_gap: int = 2, max_segments: int = 4) -> list[tuple[int, int]]:

@@ -63,6 +63,10 @@ class Template:
     caption_prefix: list[int]  # after frame 0's post tokens (e.g. "This video shows")
     stop: list[int]  # tokens that end a caption
     insertion: bool = False  # token insertion: the image tokens are fed in the text stream
+    # first tokens of the answers "yes" and "no" (and their capitalised forms): a watch's score
+    # weighs one set against the other (docs/engine.md, "Watches")
+    yes: list[int] = field(default_factory=list)
+    no: list[int] = field(default_factory=list)
 
     @classmethod
     def resolve(cls, gen: Any, tokenizer: Any, insertion: bool) -> Template:
@@ -75,7 +79,21 @@ class Template:
             caption_prefix=tokenizer.encode(t.caption_prefix),
             stop=[tokenizer.token_id(s) for s in gen.stop_tokens],
             insertion=insertion,
+            **answer_ids(tokenizer),
         )
+
+
+def answer_ids(tokenizer: Any) -> dict[str, list[int]]:
+    """{"yes": ids, "no": ids}: the first token of each of "yes", "Yes", "YES" (and of "no"...),
+    those that begin both answers left out. The first token decides a yes/no answer: a model
+    that answers "yes" has put its weight on the first token of "yes" (with a byte-level BPE that
+    may be just "y", so the score is P(first token), docs/engine.md)."""
+    first = {
+        word: {ids[0] for v in (word, word.capitalize(), word.upper()) if (ids := tokenizer.encode(v))}
+        for word in ("yes", "no")
+    }
+    both = first["yes"] & first["no"]
+    return {word: sorted(ids - both) for word, ids in first.items()}
 
 
 @dataclass
@@ -130,6 +148,8 @@ class RowState:
     last_stop: int | None = None  # the stop token this session's model emitted most recently
     generated: list[int] = field(default_factory=list)  # the current caption's tokens
     branch_of: int | None = None  # a question branch: the session row it was copied from
+    watches: list[list[int]] = field(default_factory=list)  # fed ids of each watch's question
+    scored: int = 0  # frames whose watches are scored (or that need none: failed, no watches)
 
     @property
     def busy(self) -> bool:
@@ -152,6 +172,16 @@ class TokenEvent:
 
 
 @dataclass
+class ScoreEvent:
+    """A frame's watch scores: P(yes) / (P(yes) + P(no)) after each watch's question, in the
+    order the row's watches were set (docs/engine.md, "Watches")."""
+
+    row: int
+    frame: int
+    scores: list[float]
+
+
+@dataclass
 class FrameStart:
     row: int
     encoding: FrameEncoding
@@ -163,9 +193,12 @@ class Plan:
     prefill: dict[int, list[Item]] = field(default_factory=dict)
     decode: dict[int, int] = field(default_factory=dict)
     sample: list[int] = field(default_factory=list)
+    # rows whose last frame's watches are scored this tick, before any frame starts (the scoring
+    # forward reads the frame's image K/V and its closed window): row -> (frame, fed ids per watch)
+    score: dict[int, tuple[int, list[list[int]]]] = field(default_factory=dict)
 
     def empty(self) -> bool:
-        return not (self.prefill or self.decode)
+        return not (self.prefill or self.decode or self.score)
 
 
 class Scheduler:
@@ -232,6 +265,23 @@ class Scheduler:
         self.rows[i] = r
         return i
 
+    def set_watches(self, i: int, watches: list[list[int]]) -> None:
+        """The questions (fed ids) scored on each of the row's frames from now on, replacing any
+        before. A frame already captioned and not scored yet is scored with the new list."""
+        r = self.row(i)
+        if r.branch_of is not None:
+            raise ValueError(f"row {i} is a question branch; watches belong to session rows")
+        r.watches = [list(w) for w in watches]
+
+    def _needs_score(self, r: RowState) -> bool:
+        return (
+            bool(r.watches)
+            and r.scored < r.frames
+            and r.branch_of is None
+            and not r.forced
+            and not r.decoding
+        )
+
     def update(self, i: int, settings: SessionSettings) -> None:
         """New settings apply from the next sampled token."""
         self._apply(self.row(i), settings)
@@ -293,6 +343,7 @@ class Scheduler:
         if encoding is None:
             r.pending = None
             r.frames += 1
+            r.scored = r.frames  # the row still holds the previous frame: nothing new to score
             return TokenEvent(i, r.frames - 1, None, "", done=True, reason="error")
         r.pending.encoding, r.pending.patches = encoding, None
         return None
@@ -308,15 +359,20 @@ class Scheduler:
             r = self.rows[j]
             if r is None:
                 continue
-            if r.forced or r.decoding:
+            if r.forced or r.decoding or self._needs_score(r):
                 return True
             if r.pending is not None and (r.pending.encoding is not None or r.pending.patches is not None):
                 return True
         return False
 
     def plan(self) -> Plan:
-        """Start every frame that can start, then assign each row with work its feed."""
+        """Score the watches of every row whose frame is captioned and closed, start every frame
+        that can start, then assign each row with work its feed."""
         plan = Plan()
+        for i, r in enumerate(self.rows):
+            if r is not None and self._needs_score(r):
+                plan.score[i] = (r.frames - 1, r.watches)
+                r.scored = r.frames
         # rows that feed something this tick without a prompt prefill of their own (counted
         # before frames start: a starting frame's short forced run does not make a prompt wait)
         busy = sum(
