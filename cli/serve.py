@@ -2,7 +2,8 @@
 
 Every flag mirrors a field of server.settings.Settings; a flag left out keeps the value from the
 environment (`CASA_*`) or the default. Keys are better passed as `CASA_AUTH_KEYS=k1,k2` than as flags,
-which other users of the machine can read in the process list.
+which other users of the machine can read in the process list (the webhook secret too:
+`CASA_ALERT_WEBHOOK_SECRET`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ FLAGS: dict[str, tuple[str, type, str]] = {
         "on SIGTERM, drain sessions for up to this long before exiting (default 30)",
     ),
     "--log-level": ("log_level", str, "debug | info | warning | error (default info)"),
+    "--alert-webhook": (
+        "alert_webhook",
+        str,
+        "POST each watch alert as JSON to this http(s) URL (docs/operations.md, 'Alert delivery')",
+    ),
+    "--alert-webhook-secret": (
+        "alert_webhook_secret",
+        str,
+        "sign webhook bodies (X-Casa-Signature: sha256=HMAC); better CASA_ALERT_WEBHOOK_SECRET",
+    ),
+    "--mqtt-url": ("mqtt_url", str, "publish each watch alert to this broker, mqtt://HOST:PORT (QoS 1)"),
 }
 
 
@@ -139,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
+    from pydantic import ValidationError
 
     from casa_live.model.checkpoint.hub import HubError
     from casa_live.server.app import create_app
@@ -149,6 +162,11 @@ def run(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except HubError as e:
         print(f"error: {e}")
+        return 2
+    except ValidationError as e:  # one line per bad setting, without pydantic's input echo (secrets)
+        for problem in e.errors():
+            where = ".".join(str(part) for part in problem["loc"]) or "settings"
+            print(f"error: {where}: {problem['msg'].removeprefix('Value error, ')}")
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -44,6 +44,10 @@ from casa_live.server.worker import Worker
 
 log = logging.getLogger("casa.server")
 
+# On shutdown, how long the alert sinks may take to deliver what they hold (after the sessions closed,
+# so their forced-end alerts are in): bounded, so a receiver that is down cannot hold the exit up.
+ALERT_FLUSH_SECONDS = 5.0
+
 DRAINING = "the server is draining (it is stopping): reconnect, the load balancer picks another replica"
 
 
@@ -138,6 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_interval=settings.max_step_interval_ms / 1000,
         )
         ctx.worker.start()
+        ctx.alerts.start()  # no network wait: the sinks connect and deliver in the background
         ctx.metrics.stream_lag_seconds.set_function(ctx.max_lag)
         ctx.metrics.sessions_active.set(0)
         ctx.metrics.session_slots.set(engine.max_sessions)
@@ -155,6 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             ctx.ready = False
             await asyncio.to_thread(ctx.worker.stop)
+            await ctx.alerts.stop(ALERT_FLUSH_SECONDS)
             engine.shutdown()  # the lifespan made the engine (and its vision thread): it stops it
             sys.setswitchinterval(switch)
 

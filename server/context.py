@@ -1,6 +1,6 @@
 """`ServerContext`: what the routes, connections and sessions share (settings, metrics, the engine and
-its worker, the live sessions, the upload budget, the drain state). Its own module so that app, connection, session and
-upload import it and not each other."""
+its worker, the live sessions, the upload budget, the drain state, the alert sinks). Its own module so
+that app, connection, session and upload import it and not each other."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from casa_live.model.engine.settings import effective
 from casa_live.server import protocol as p
+from casa_live.server.alerts import AlertDispatcher
 from casa_live.server.metrics import Metrics
 from casa_live.server.settings import Settings
 
@@ -30,6 +31,9 @@ class ServerContext:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        # watch alerts go out through here (server/alerts.py); no sink configured = counted only.
+        # The lifespan starts and stops it.
+        self.alerts = AlertDispatcher.from_settings(settings, self.metrics)
         self.engine: Engine | None = None  # set by the lifespan
         self.worker: Worker | None = None
         self.model_name = ""

@@ -28,6 +28,9 @@ SESSION_OUTCOMES = ("closed", "disconnected", "timeout", "error", "shutdown", "d
 REJECT_REASONS = ("capacity", "unauthorized", "origin", "unavailable", "draining")
 DROP_REASONS = ("stale", "resample", "rate_limited", "closed")
 RESPONSE_STATUSES = ("completed", "incomplete", "cancelled", "failed")
+ALERT_EVENTS = ("started", "ended")
+ALERT_SINKS = ("webhook", "mqtt")
+DELIVERY_OUTCOMES = ("delivered", "retried", "failed", "dropped")
 
 # seconds
 _DECODE = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
@@ -169,6 +172,28 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
+        self.alerts_total = Counter(
+            "casa_alerts_total",
+            "Watch alerts raised, by event (started, ended; forced ends of a removed watch or a closed "
+            "session count as ended), whether or not a sink is configured.",
+            ["event"],
+            registry=r,
+        )
+        self.alert_deliveries_total = Counter(
+            "casa_alert_deliveries_total",
+            "Alert deliveries to a sink, by sink and outcome (delivered = acknowledged: a 2xx answer or an "
+            "MQTT PUBACK; retried = one more webhook attempt after a failed one; failed = given up after "
+            "the last try, or cut by shutdown; dropped = not queued: the sink's queue was full or it was "
+            "stopped).",
+            ["sink", "outcome"],
+            registry=r,
+        )
+        self.watch_scoring_seconds = Histogram(
+            "casa_watch_scoring_seconds",
+            "Model time spent scoring the watches of one frame (all its watches together).",
+            buckets=_MODEL,
+            registry=r,
+        )
         self.build_info = Gauge(
             "casa_build_info", "Served model and protocol version.", ["model", "protocol"], registry=r
         )
@@ -183,6 +208,11 @@ class Metrics:
             self.errors_total.labels(code.value)
         for status in RESPONSE_STATUSES:
             self.responses_total.labels(status)
+        for event in ALERT_EVENTS:
+            self.alerts_total.labels(event)
+        for sink in ALERT_SINKS:
+            for outcome in DELIVERY_OUTCOMES:
+                self.alert_deliveries_total.labels(sink, outcome)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

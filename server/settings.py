@@ -4,20 +4,68 @@ service runs, not what the model is.
 
 List settings (auth keys, allowed origins) accept a comma-separated string in the environment, e.g.
 `CASA_AUTH_KEYS=key1,key2`. Keys are secrets: `SecretStr` keeps them out of reprs and logs.
+
+The alert sinks' URLs (webhook, MQTT broker) are checked here, when the settings are read, so that a
+typo stops `casa serve` at start with a message instead of losing every alert later; server/alerts.py
+parses them with the same functions.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from casa_live.model.checkpoint.assets import default_model_dir
 from casa_live.server.protocol import Limits
 
 DEFAULT_MODEL_DIR = default_model_dir()
+MQTT_DEFAULT_PORT = 1883
+
+
+def check_webhook_url(url: str) -> str:
+    """`url` if it is an absolute http(s) URL with a host, else ValueError. The message never repeats
+    the URL: webhook URLs often carry a token in their path or query."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parses the port: a bad one raises here, not at the first alert)
+    except ValueError as e:
+        raise ValueError(f"the alert webhook URL does not parse ({e})") from None
+    if parts.scheme not in ("http", "https"):
+        scheme = f"'{parts.scheme}://'" if parts.scheme else "no scheme"
+        raise ValueError(
+            f"the alert webhook must be an http:// or https:// URL, e.g. https://hooks.example.com/casa "
+            f"(this one has {scheme})"
+        )
+    if not parts.hostname:
+        raise ValueError("the alert webhook URL has no host, e.g. https://hooks.example.com/casa")
+    return url
+
+
+def mqtt_address(url: str) -> tuple[str, int]:
+    """(host, port) of `mqtt://HOST[:PORT]` (port 1883 by default), else ValueError. Plain TCP only, and
+    nothing but a host and port: no credentials, path or query, which the sink would not use."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"the MQTT URL {url!r} does not parse ({e})") from None
+    if parts.scheme != "mqtt":
+        raise ValueError(
+            f"the MQTT URL must be mqtt://HOST:PORT, e.g. mqtt://127.0.0.1:1883 (got {url!r}; only plain "
+            "TCP brokers are supported, not mqtts:// or websockets)"
+        )
+    if not parts.hostname:
+        raise ValueError(f"the MQTT URL {url!r} has no host: mqtt://HOST:PORT, e.g. mqtt://127.0.0.1:1883")
+    if parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(
+            f"the MQTT URL takes a host and a port only: mqtt://{parts.hostname}:{port or MQTT_DEFAULT_PORT} "
+            "(no credentials, path or query)"
+        )
+    return parts.hostname, port or MQTT_DEFAULT_PORT
 
 
 def _split(value: object) -> object:
@@ -116,6 +164,39 @@ class Settings(BaseSettings):
         "(docs/scaling.md). Keep Kubernetes' terminationGracePeriodSeconds above preStop + this",
     )
     log_level: str = "info"
+
+    # alert delivery beyond the websocket (server/alerts.py, docs/operations.md "Alert delivery")
+    alert_webhook: str | None = Field(
+        default=None, description="POST every watch alert as JSON to this http(s) URL; None = no webhook"
+    )
+    alert_webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="sign each webhook body with HMAC-SHA256 under this secret (X-Casa-Signature header)",
+    )
+    mqtt_url: str | None = Field(
+        default=None,
+        description="publish every watch alert to this broker, mqtt://HOST:PORT (QoS 1, topic "
+        "casa/alerts/SESSION/WATCH); None = no MQTT",
+    )
+
+    @field_validator("alert_webhook")
+    @classmethod
+    def _webhook(cls, value: str | None) -> str | None:
+        return None if value is None else check_webhook_url(value)
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt(cls, value: str | None) -> str | None:
+        if value is not None:
+            mqtt_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _secret_needs_a_webhook(self) -> Settings:
+        # a secret alone is a half-done configuration: say so rather than sign nothing
+        if self.alert_webhook_secret is not None and self.alert_webhook is None:
+            raise ValueError("alert_webhook_secret is set but alert_webhook is not: set both, or neither")
+        return self
 
     @field_validator("auth_keys", "allowed_origins", mode="before")
     @classmethod
