@@ -188,6 +188,41 @@ def _bounded(name: str, description: str | None = None) -> Any:
     return Field(default=None, ge=lo, le=hi, description=description)
 
 
+MAX_WATCHES = 8  # per session
+MAX_WATCH_ID_CHARS = 64
+MAX_WATCH_FRAMES = 100
+MAX_METADATA_KEYS = 16
+MAX_METADATA_CHARS = 256
+
+
+class Watch(_Strict):
+    """A yes/no alert rule the model scores on every captioned frame (docs/protocol.md, "Watches")."""
+
+    id: str = Field(min_length=1, max_length=MAX_WATCH_ID_CHARS, description="unique in the session")
+    question: str = Field(
+        min_length=1, max_length=1000, description="a yes/no question about the current frame"
+    )
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="alert when P(yes) >= threshold")
+    min_frames: int = Field(
+        default=1, ge=1, le=MAX_WATCH_FRAMES, description="consecutive frames at or above it to start"
+    )
+    clear_frames: int = Field(
+        default=1, ge=1, le=MAX_WATCH_FRAMES, description="consecutive frames below it to end"
+    )
+    cooldown_s: float = Field(
+        default=0.0, ge=0.0, description="no new start within this many seconds (stream time) of an end"
+    )
+
+    _check_text = field_validator("id", "question")(_utf8)
+
+    @field_validator("question")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the watch's question is blank; send the text of a yes/no question")
+        return value
+
+
 class SessionSettings(_Strict):
     """Per-session settings. In session.update every field is optional (None = keep the current value);
     session.created and session.updated echo the full effective settings. Every field is bounded to the
@@ -224,7 +259,41 @@ class SessionSettings(_Strict):
         "(backpressure instead of drops), for files and evaluation",
     )
 
+    watches: list[Watch] | None = Field(
+        default=None,
+        max_length=MAX_WATCHES,
+        description="yes/no alert rules scored on every captioned frame; sending it replaces the list "
+        "([] clears it)",
+    )
+    metadata: dict[str, str] | None = Field(
+        default=None,
+        description=f"string keys and values (at most {MAX_METADATA_KEYS} keys, {MAX_METADATA_CHARS} "
+        'characters each), echoed in every alert, e.g. {"camera": "door-3"}',
+    )
+
     _check_prompt = field_validator("prompt")(_utf8)
+
+    @field_validator("watches")
+    @classmethod
+    def _unique_watch_ids(cls, value: list[Watch] | None) -> list[Watch] | None:
+        if value is not None:
+            ids = [w.id for w in value]
+            if dup := sorted({i for i in ids if ids.count(i) > 1}):
+                raise ValueError(f"watch ids must be unique in the session; repeated: {', '.join(dup)}")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_METADATA_KEYS:
+            raise ValueError(f"metadata has {len(value)} keys; at most {MAX_METADATA_KEYS}")
+        for k, v in value.items():
+            if len(k) > MAX_METADATA_CHARS or len(v) > MAX_METADATA_CHARS:
+                raise ValueError(f"metadata keys and values are at most {MAX_METADATA_CHARS} characters")
+            _utf8(k), _utf8(v)
+        return value
 
     @field_validator("temperature")
     @classmethod
@@ -370,6 +439,9 @@ class CaptionSegment(_Event):
     reason: Literal["stop", "length", "deadline"]
     ttft_ms: float = Field(description="frame received -> first token")
     latency_ms: float = Field(description="frame received -> caption final")
+    watch_scores: dict[str, float] | None = Field(
+        default=None, description="watch id -> P(yes) on this frame, when the session has watches"
+    )
 
 
 class Stats(_Event):
@@ -436,6 +508,32 @@ class ResponseDone(_Event):
     response: ResponseResult
 
 
+class AlertStarted(_Event):
+    """A watch's score stayed at or above its threshold for min_frames frames."""
+
+    type: Literal["alert.started"] = "alert.started"
+    watch_id: str
+    frame: int = Field(description="the frame that started it")
+    pts: float = Field(description="that frame's presentation time, seconds")
+    score: float = Field(description="the watch's P(yes) on that frame")
+    metadata: dict[str, str] | None = Field(default=None, description="the session's metadata")
+
+
+class AlertEnded(_Event):
+    """A watch's score stayed below its threshold for clear_frames frames, or the alert was ended
+    by the watch's removal or the session's end (`reason`)."""
+
+    type: Literal["alert.ended"] = "alert.ended"
+    watch_id: str
+    frame: int = Field(description="the frame that ended it (the last frame scored, on a forced end)")
+    pts: float
+    score: float = Field(description="the watch's P(yes) on that frame")
+    metadata: dict[str, str] | None = None
+    reason: Literal["watch_removed", "session_closed"] | None = Field(
+        default=None, description="absent: the score fell; otherwise why the alert was ended"
+    )
+
+
 class SessionDraining(_Event):
     """The server is stopping (SIGTERM: a rollout, a scale-down, a node drain). It captions the frames
     already sent, then sends `session.closed` (reason `draining`) and closes with 1012; the client
@@ -460,6 +558,8 @@ AnyServerEvent = (
     | ResponseCreated
     | ResponseOutputTextDelta
     | ResponseDone
+    | AlertStarted
+    | AlertEnded
 )
 ServerEvent = Annotated[AnyServerEvent, Field(discriminator="type")]
 

@@ -56,6 +56,7 @@ from casa_live.server.errors import (
     report,
 )
 from casa_live.server.ingest import FrameLimits, Ingest
+from casa_live.server.watches import SessionWatches
 from casa_live.server.worker import AskJob, FrameJob, FrameOutput, ResponseOutput, Slot
 
 if TYPE_CHECKING:
@@ -124,6 +125,10 @@ class Session:
         self._stats_key: tuple | None = None
         self.responses: dict[str, _Response] = {}  # questions in flight, by response id
         self.answers: list[p.ResponseResult] | None = [] if record else None
+        self.watches = SessionWatches(self.id, ctx.alerts, self.emit, record)
+        # with watches, a frame's segment waits for its scores (they follow its caption's close):
+        # frame index -> the segment, sent with `watch_scores` when they come
+        self.pending: dict[int, p.CaptionSegment] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -134,6 +139,9 @@ class Session:
         self.slot = await self.ctx.worker.open(
             self, self.settings.prompt, self._engine_settings(), self.settings.mode == "live"
         )
+        if self.settings.watches:
+            await self._set_watches(self.settings.watches)
+        self.watches.metadata = dict(self.settings.metadata or {})
         self.ingest = Ingest(
             self,
             self.loop,
@@ -160,6 +168,7 @@ class Session:
         """Release everything now, without awaiting (safe inside a cancelled task): the ingest thread
         (it stops on its own), the model slot; frames still pending count as dropped (closed)."""
         self.closing = True
+        self.watches.close()  # a client gone without session.close: its sinks still see the ends
         if self.ingest is not None:
             self.ingest.close()
         if self.slot is not None:
@@ -172,7 +181,8 @@ class Session:
     # ---- settings -------------------------------------------------------------------------------
 
     def _merge(self, patch: p.SessionSettings) -> p.SessionSettings:
-        update = patch.model_dump(exclude_unset=True, exclude_none=True)
+        # the fields set, as the models they are (a dump would turn watches into dicts)
+        update = {k: v for k in patch.model_fields_set if (v := getattr(patch, k)) is not None}
         merged = self.settings.model_copy(update=update)
         if merged.fps is not None and merged.fps > self.ctx.settings.max_fps:
             raise InvalidSettings(
@@ -215,13 +225,21 @@ class Session:
                 )
         old = self.settings
         self.settings = new
+        new_watches = event.session.watches if event.session is not None else None
         try:
             engine_settings = self._engine_settings()
             assert self.slot is not None
+            if new_watches is not None:  # first: the one part the model may refuse (too long)
+                await self._set_watches(new_watches)
             await self.ctx.worker.update(self.slot, new.prompt, engine_settings, new.mode == "live")
         except CasaError:
             self.settings = old
             raise
+        if new_watches is not None:
+            self.watches.replace(new_watches)
+            if not new_watches:  # no more scores are coming
+                self._release_pending()
+        self.watches.metadata = dict(new.metadata or {})
         self.input = new_input
         assert self.ingest is not None
         await self.ingest.configure(
@@ -231,6 +249,16 @@ class Session:
             container=new_input.container,
         )
         self.emit(p.SessionUpdated(settings=self.settings, input=self.input, event_id=event.event_id))
+
+    async def _set_watches(self, watches: list[p.Watch]) -> None:
+        """The model scores these from now on (InvalidSettings when it cannot)."""
+        if watches and self.ctx.engine.gen.template.question is None:
+            raise InvalidSettings(
+                "this model scores no watches (its checkpoint has no question template: no "
+                "template.question in generation_config.json, docs/checkpoints.md); settings unchanged"
+            )
+        assert self.slot is not None
+        await self.ctx.worker.set_watches(self.slot, [(w.id, w.question) for w in watches])
 
     # ---- input ----------------------------------------------------------------------------------
 
@@ -465,6 +493,8 @@ class Session:
         self.kv_tokens = kv_tokens
         for out in outputs:
             job = out.job
+            # a later frame's output: an earlier frame still waiting for scores will get none
+            self._release_pending(before=job.index)
             if out.text:
                 self.texts.setdefault(job.index, []).append(out.text)
                 self.emit(p.CaptionDelta(frame=job.index, pts=job.pts, text=out.text))
@@ -481,12 +511,32 @@ class Session:
                     ttft_ms=round(((out.first_token_at or out.at) - job.received) * 1000, 3),
                     latency_ms=round((out.at - job.received) * 1000, 3),
                 )
-                self.captioned += 1
-                self.ctx.metrics.frames_captioned_total.inc()
-                if self.segments is not None:
-                    self.segments.append(segment)
-                self.emit(segment)
-                self._finish(job.index)
+                if self.watches:
+                    self.pending[job.index] = segment
+                else:
+                    self._complete(segment)
+
+    def worker_scores(self, job: FrameJob, scores: dict[str, float]) -> None:
+        """A captioned frame's watch scores: alerts, then the frame's segment carrying them."""
+        segment = self.pending.pop(job.index, None)
+        self.watches.observe(job.index, job.pts, scores, segment.text if segment is not None else None)
+        if segment is not None:
+            segment.watch_scores = scores
+            self._complete(segment)
+
+    def _complete(self, segment: p.CaptionSegment) -> None:
+        self.captioned += 1
+        self.ctx.metrics.frames_captioned_total.inc()
+        if self.segments is not None:
+            self.segments.append(segment)
+        self.emit(segment)
+        self._finish(segment.frame)
+
+    def _release_pending(self, before: int | None = None) -> None:
+        """Send the segments waiting for scores that will not come (all, or those before a frame)."""
+        for index in sorted(self.pending):
+            if before is None or index < before:
+                self._complete(self.pending.pop(index))
 
     def worker_dropped(self, job: FrameJob, reason: str) -> None:
         self.dropped += 1
@@ -494,6 +544,7 @@ class Session:
         self._finish(job.index)
 
     def worker_failed(self, job: FrameJob | None, error: CasaError) -> None:
+        self._release_pending()  # a failure resets the row: its scores are lost
         if job is not None:
             self.texts.pop(job.index, None)
             self._finish(job.index)
@@ -546,6 +597,8 @@ class Session:
         now = time.monotonic()
         for rid in list(self.responses):
             self.worker_responses([ResponseOutput(rid, now, status="cancelled")])
+        self._release_pending()
+        self.watches.close()
         self.emit(p.SessionClosed(reason=reason, stats=self.stats()))
         self.emit(CloseRequest(code))
 

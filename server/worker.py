@@ -37,7 +37,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from casa_live.model.engine.engine import CapacityError, Engine, SessionSettings, StepFailed, TokenEvent
+from casa_live.model.engine.engine import (
+    CapacityError,
+    Engine,
+    ScoreEvent,
+    SessionSettings,
+    StepFailed,
+    TokenEvent,
+)
 from casa_live.model.engine.threads import name_this_thread
 from casa_live.server.errors import (
     Capacity,
@@ -104,6 +111,7 @@ class Listener(Protocol):
     def worker_dropped(self, job: FrameJob, reason: str) -> None: ...
     def worker_failed(self, job: FrameJob | None, error: CasaError) -> None: ...
     def worker_responses(self, outputs: list[ResponseOutput]) -> None: ...
+    def worker_scores(self, job: FrameJob, scores: dict[str, float]) -> None: ...
 
 
 @dataclass
@@ -130,6 +138,7 @@ class Slot:
     checked: SessionSettings | None = None  # the settings object last found computable
     questions: collections.deque[AskJob] = field(default_factory=collections.deque)  # waiting
     last_captioned: FrameJob | None = None  # the frame a question asked now would see
+    watches: list[tuple[str, str]] = field(default_factory=list)  # (id, question), scored per frame
 
 
 @dataclass
@@ -213,6 +222,21 @@ class Worker:
                 slot.reset_to = (prompt, settings)
             self.engine.update(slot.row, settings)
             slot.settings, slot.live = settings, live
+
+        await self._call(do)
+
+    async def set_watches(self, slot: Slot, watches: list[tuple[str, str]]) -> None:
+        """Score these (id, question) watches on each of the slot's frames from now on, replacing
+        any before. InvalidSettings when the model cannot score them (nothing changed then)."""
+
+        def do() -> None:
+            if slot.closed:
+                return
+            try:
+                self.engine.set_watches(slot.row, [q for _, q in watches])
+            except ValueError as exc:
+                raise InvalidSettings(f"watches unchanged: {exc}") from None
+            slot.watches = list(watches)
 
         await self._call(do)
 
@@ -447,7 +471,17 @@ class Worker:
         by_row = {s.row: s for s in self._slots}
         outputs: dict[int, list[FrameOutput]] = {}
         answers: dict[Slot, list[ResponseOutput]] = {}
+        scored = [ev for ev in events if isinstance(ev, ScoreEvent)]
+        for ev in scored:  # told first: a frame's scores come before the next frame's tokens
+            slot = by_row.get(ev.row)
+            m.watch_scoring_seconds.observe(res.score_s / len(scored))  # each frame's share
+            # the scored frame is the last captioned: scoring runs before the row's next frame starts
+            if slot is not None and slot.last_captioned is not None and len(ev.scores) == len(slot.watches):
+                scores = {wid: round(x, 4) for (wid, _), x in zip(slot.watches, ev.scores)}
+                self._notify(slot, "worker_scores", slot.last_captioned, scores)
         for ev in events:
+            if isinstance(ev, ScoreEvent):
+                continue
             if ev.row in self._answers:
                 answer = self._answers[ev.row]
                 status = None if not ev.done else ("completed" if ev.reason == "stop" else "incomplete")
@@ -470,7 +504,11 @@ class Worker:
                 slot.last_captioned, slot.inflight = slot.inflight.job, None
         if events:
             m.generated_tokens_total.inc(
-                sum(1 for ev in events if ev.token is not None or ev.reason == "stop")
+                sum(
+                    1
+                    for ev in events
+                    if isinstance(ev, TokenEvent) and (ev.token is not None or ev.reason == "stop")
+                )
             )
         for row, outs in outputs.items():
             self._notify(by_row[row], "worker_output", outs, engine.kv_tokens(row))
@@ -510,6 +548,8 @@ class Worker:
         slot.last_captioned = None  # the new row has seen no frame: questions wait for its first
         try:
             slot.row, slot.prompt, slot.settings = self._engine_open(prompt, settings), prompt, settings
+            if slot.watches:  # they were checked when set: the same questions fit the new row
+                self.engine.set_watches(slot.row, [q for _, q in slot.watches])
         except Exception:
             log.exception("could not reopen an engine row")
             slot.closed = True
