@@ -14,7 +14,6 @@ import pytest
 from server_helpers import client, errors, image_messages, of_type, stream, world_frames
 from test_alert_delivery import Broker, Receiver, free_port, mosquitto_binary, subscriber, wait_for
 
-from casa_live.server import protocol as p
 from casa_live.server.alerts import sign
 
 ALWAYS, NEVER = 1e-9, 1 - 1e-9  # thresholds: every score is above the first, none reaches the second
