@@ -225,7 +225,22 @@ class ClientResult:
     errors: list[str] = field(default_factory=list)
 
 
-async def run_client(uri: str, clip: Clip, duration: float, fps: float, token: str | None) -> ClientResult:
+# the yes/no forms of the world's question language (model/world/questions.py), for --watches
+WATCH_QUESTIONS = (
+    "is there a red circle?",
+    "is there a blue object?",
+    "is there a star?",
+    "is the scene empty?",
+    "is there a green square?",
+    "is there a yellow object?",
+    "is there a cross?",
+    "is there a white triangle?",
+)
+
+
+async def run_client(
+    uri: str, clip: Clip, duration: float, fps: float, token: str | None, watches: int = 0
+) -> ClientResult:
     import websockets
 
     from casa_live.server import protocol as p
@@ -238,7 +253,12 @@ async def run_client(uri: str, clip: Clip, duration: float, fps: float, token: s
         if created.get("type") != "session.created":
             result.errors.append(created.get("code", "no session"))
             return result
-        await ws.send(json.dumps({"type": "session.update", "session": {"fps": fps, "mode": "live"}}))
+        session: dict = {"fps": fps, "mode": "live"}
+        if watches:
+            session["watches"] = [
+                {"id": f"w{k}", "question": q} for k, q in enumerate(WATCH_QUESTIONS[:watches])
+            ]
+        await ws.send(json.dumps({"type": "session.update", "session": session}))
 
         async def receive() -> None:
             async for message in ws:
@@ -292,13 +312,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run_level(
-    uri: str, n: int, duration: float, fps: float, token: str | None, clips: list[Clip]
+    uri: str, n: int, duration: float, fps: float, token: str | None, clips: list[Clip], watches: int = 0
 ) -> list[ClientResult]:
     starts = []
     for k in range(n):  # stagger the starts over one frame period, like independent cameras
         starts.append(
             asyncio.create_task(
-                _delayed(k * (1.0 / fps) / n, run_client(uri, clips[k % len(clips)], duration, fps, token))
+                _delayed(
+                    k * (1.0 / fps) / n, run_client(uri, clips[k % len(clips)], duration, fps, token, watches)
+                )
             )
         )
     results = await asyncio.gather(*starts)
@@ -356,6 +378,15 @@ def main(argv: list[str] | None = None) -> int:
         help="distinct world clips the clients cycle through (client k streams clip k mod CLIPS); "
         "each level's exact match is compared with the no-load reference of the same clips",
     )
+    ap.add_argument(
+        "--watches",
+        type=int,
+        default=0,
+        choices=range(len(WATCH_QUESTIONS) + 1),
+        metavar=f"0..{len(WATCH_QUESTIONS)}",
+        help="each client sets this many watches (yes/no questions scored on every frame): what "
+        "watches cost, against the same command without",
+    )
     ap.add_argument("--out", default=None, help="also write the markdown tables here")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.clients.split(",")]
@@ -380,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu0, own0, t0 = (server.cpu_seconds() if server else 0.0), time.process_time(), time.monotonic()
             threads0 = server.thread_cpu() if server else {}
             stages0 = scrape(server.http) if server else {}
-            results = asyncio.run(run_level(uri, n, args.duration, args.fps, args.token, clips))
+            results = asyncio.run(run_level(uri, n, args.duration, args.fps, args.token, clips, args.watches))
             wall = time.monotonic() - t0
             rows.append(level_row(n, results, wall, own0, cpu0, threads0, stages0, server))
             # what these clients would score with no load at all (each clip's reference, by frames)
