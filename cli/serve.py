@@ -22,7 +22,12 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--device": ("device", str, "torch device, e.g. cpu or cuda (default cpu)"),
     "--dtype": ("dtype", str, "float32 | bfloat16 | float16 (default float32)"),
     "--threads": ("threads", int, "torch threads of the model worker; 0 = torch default (default 1)"),
-    "--max-sessions": ("max_sessions", int, "concurrent streams = engine batch rows (default 32)"),
+    "--max-sessions": (
+        "max_sessions",
+        str,
+        "concurrent streams = engine batch rows (default 32); auto: admit while the server has measured "
+        "headroom (docs/scaling.md)",
+    ),
     "--step-pacing-ms": ("step_pacing_ms", float, "decode-step spacing per open session, ms (default 0.4)"),
     "--max-step-interval-ms": ("max_step_interval_ms", float, "cap of the step spacing, ms (default 12)"),
     "--max-context-tokens": (
@@ -116,6 +121,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="encode frames on the decode thread (one core) instead of a thread of their own",
     )
     p.add_argument(
+        "--no-overload-governor",
+        action="store_true",
+        help="past capacity, start every frame at once and cut captions at their deadline instead of "
+        "holding frames back (docs/scaling.md, 'Past capacity')",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the decode step (CUDA graphs on a GPU); slower start, see docs/engine.md",
@@ -140,6 +151,8 @@ def settings_from_args(args: argparse.Namespace):  # -> server.settings.Settings
         overrides["allowed_origins"] = args.allowed_origin
     if args.no_warmup:
         overrides["warmup"] = False
+    if args.no_overload_governor:
+        overrides["overload_governor"] = False
     if args.no_vision_thread:
         overrides["vision_thread"] = False
     if args.compile:

@@ -39,6 +39,7 @@ from casa_live.server.demo import mount_demo
 from casa_live.server.errors import Capacity, Unauthorized, report
 from casa_live.server.logs import install_redaction
 from casa_live.server.metrics import CONTENT_TYPE
+from casa_live.server.overload import Governor
 from casa_live.server.settings import Settings
 from casa_live.server.worker import Worker
 
@@ -64,7 +65,7 @@ def load_engine(settings: Settings) -> Engine:
         settings.model_dir,
         device=settings.device,
         dtype=dtype,
-        max_sessions=settings.max_sessions,
+        max_sessions=settings.session_rows,
         max_context_tokens=settings.max_context_tokens,
         vision_thread=settings.vision_thread,
         compile=settings.compile,
@@ -140,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.threads,
             pace_per_session=settings.step_pacing_ms / 1000,
             max_interval=settings.max_step_interval_ms / 1000,
+            governor=Governor(engine.max_sessions) if settings.overload_governor else None,
         )
         ctx.worker.start()
         ctx.alerts.start()  # no network wait: the sinks connect and deliver in the background
@@ -147,6 +149,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ctx.metrics.sessions_active.set(0)
         ctx.metrics.session_slots.set(engine.max_sessions)
         ctx.metrics.session_slots_free.set_function(ctx.free_slots)
+        ctx.metrics.overloaded.set_function(lambda: float(ctx.overloaded()))
+        ctx.metrics.frame_budget_headroom.set_function(ctx.headroom)
+        ctx.metrics.frames_in_flight_cap.set_function(
+            lambda: ctx.worker.governor.cap if ctx.worker and ctx.worker.governor else engine.max_sessions
+        )
         ctx.metrics.build_info.labels(ctx.model_name, str(p.PROTOCOL_VERSION)).set(1)
         ctx.ready = True
         log.info(
@@ -184,6 +191,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"status": "draining", "reason": "the server is stopping", **slots}, 503)
         if slots["free"] == 0:
             return JSONResponse({"status": "full", "reason": "every session slot is taken", **slots}, 503)
+        if ctx.overloaded():
+            return JSONResponse(
+                {
+                    "status": "overloaded",
+                    "reason": "live frames are being shed: the server is past capacity",
+                    **slots,
+                },
+                503,
+            )
         return JSONResponse({"status": "ready", "model": ctx.model_name, **slots})
 
     @app.get("/metrics")

@@ -65,6 +65,22 @@ class ServerContext:
             **effective(gen),  # every generation setting at the model's default
         )
 
+    def overloaded(self) -> bool:
+        """Live frames are being held back past capacity (server/overload.py)."""
+        return (
+            self.worker is not None and self.worker.governor is not None and self.worker.governor.overloaded
+        )
+
+    def headroom(self) -> float:
+        """The share of a live frame's budget its caption leaves unused (1 with no governor)."""
+        if self.worker is None or self.worker.governor is None:
+            return 1.0
+        return self.worker.governor.headroom
+
+    def admits(self) -> bool:
+        """With --max-sessions auto, a new session is admitted only while nothing is shed."""
+        return self.settings.max_sessions != "auto" or not self.overloaded()
+
     def max_lag(self) -> float:
         now = time.monotonic()
         return max((s.current_lag(now) for s in list(self.sessions)), default=0.0)

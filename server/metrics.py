@@ -26,7 +26,7 @@ from casa_live.server.protocol import ErrorCode
 
 SESSION_OUTCOMES = ("closed", "disconnected", "timeout", "error", "shutdown", "drained")
 REJECT_REASONS = ("capacity", "unauthorized", "origin", "unavailable", "draining")
-DROP_REASONS = ("stale", "resample", "rate_limited", "closed")
+DROP_REASONS = ("stale", "overload", "resample", "rate_limited", "closed")
 RESPONSE_STATUSES = ("completed", "incomplete", "cancelled", "failed")
 ALERT_EVENTS = ("started", "ended")
 ALERT_SINKS = ("webhook", "mqtt")
@@ -73,6 +73,21 @@ class Metrics:
             "Session slots free now: the headroom an autoscaler and /readyz look at (0 while draining).",
             registry=r,
         )
+        self.overloaded = Gauge(
+            "casa_overloaded",
+            "1 while live frames are held back past capacity (server/overload.py; /readyz answers 503), else 0.",
+            registry=r,
+        )
+        self.frame_budget_headroom = Gauge(
+            "casa_frame_budget_headroom",
+            "Share of a live frame's budget (1/fps) its caption leaves unused, moving average; 0 while overloaded.",
+            registry=r,
+        )
+        self.frames_in_flight_cap = Gauge(
+            "casa_frames_in_flight_cap",
+            "Live frames the overload governor lets run at once (the session slots when it does not bind).",
+            registry=r,
+        )
         self.draining = Gauge(
             "casa_draining",
             "1 while the server drains its sessions before stopping (SIGTERM), else 0.",
@@ -85,7 +100,9 @@ class Metrics:
         )
         self.frames_dropped_total = Counter(
             "casa_frames_dropped_total",
-            "Frames not captioned, by reason (stale = a newer frame was waiting, latest wins; resample = above "
+            "Frames not captioned, by reason (stale = a newer frame came while its session's previous caption "
+            "was running, latest wins; overload = it waited for a place past capacity, server/overload.py; "
+            "resample = above "
             "the session fps; rate_limited = input faster than max_input_rate; closed = pending at session end).",
             ["reason"],
             registry=r,

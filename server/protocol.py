@@ -450,6 +450,14 @@ class Stats(_Event):
     frames_skipped: int = Field(description="frames above the session fps, skipped by design")
     frames_captioned: int
     frames_dropped: int = Field(description="frames dropped because a newer frame was waiting (live mode)")
+    frames_dropped_reasons: dict[str, int] | None = Field(
+        default=None,
+        description="frames_dropped by reason (when any): stale (the session's previous caption was still "
+        "running), overload (the server is past capacity and captions fewer frames, each in full)",
+    )
+    caption_rate: float | None = Field(
+        default=None, description="captions finished per second over the last 10 s (the effective rate)"
+    )
     lag_ms: float = Field(description="how far the latest caption trails the live stream")
     kv_tokens: int = Field(description="text tokens held in this session's KV cache")
 

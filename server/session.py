@@ -44,6 +44,7 @@ from casa_live.server import protocol as p
 from casa_live.server.errors import (
     BadFrame,
     BadJSON,
+    Capacity,
     CasaError,
     FrameTooLarge,
     InvalidRequest,
@@ -69,6 +70,7 @@ BARRIER_TIMEOUT = 60.0
 # A drained session closes once nothing new has arrived for this long after its frames were captioned:
 # frames the client sent before it read `session.draining` are still on the wire, and are captioned too.
 DRAIN_SETTLE = 0.3
+RATE_WINDOW = 10.0  # seconds: stats.caption_rate counts the captions finished in this window
 
 
 @dataclass
@@ -118,6 +120,8 @@ class Session:
         self.finished = asyncio.Event()  # set whenever a frame finishes
         self.texts: dict[int, list[str]] = {}
         self.received = self.skipped = self.captioned = self.dropped = 0
+        self.drop_reasons: collections.Counter[str] = collections.Counter()
+        self.caption_times: collections.deque[float] = collections.deque()  # last RATE_WINDOW s
         self.kv_tokens = 0
         self.lag_peak = 0.0
         self.last_rate_error = 0.0
@@ -134,6 +138,11 @@ class Session:
 
     async def start(self, settings: p.SessionSettings | None = None) -> p.SessionCreated:
         """Claim a model slot (Capacity when full). Optional initial settings (the upload endpoint)."""
+        if not self.ctx.admits():
+            raise Capacity(
+                "the server is overloaded (past capacity, it is captioning fewer frames of its open "
+                "streams); retry later or connect to another replica"
+            )
         if settings is not None:
             self.settings = self._merge(settings)
         self.slot = await self.ctx.worker.open(
@@ -397,8 +406,8 @@ class Session:
         if credited:
             self.credited.add(index)
         live = self.settings.mode == "live"
-        deadline = now + 1.0 / (self.settings.fps or 2.0) if live else None
-        self.ctx.worker.offer(self.slot, FrameJob(index, pts, image, now, deadline))
+        budget = 1.0 / (self.settings.fps or 2.0) if live else None
+        self.ctx.worker.offer(self.slot, FrameJob(index, pts, image, now, budget))
 
     def _give_credit(self, credited: bool) -> None:
         if credited and self.ingest is not None:
@@ -526,6 +535,7 @@ class Session:
 
     def _complete(self, segment: p.CaptionSegment) -> None:
         self.captioned += 1
+        self.caption_times.append(time.monotonic())
         self.ctx.metrics.frames_captioned_total.inc()
         if self.segments is not None:
             self.segments.append(segment)
@@ -540,6 +550,7 @@ class Session:
 
     def worker_dropped(self, job: FrameJob, reason: str) -> None:
         self.dropped += 1
+        self.drop_reasons[reason] += 1
         self.ctx.metrics.frames_dropped_total.labels(reason).inc()
         self._finish(job.index)
 
@@ -576,7 +587,12 @@ class Session:
     def stats(self) -> p.Stats:
         lag = max(self.lag_peak, self.current_lag())
         self.lag_peak = 0.0
+        now = time.monotonic()
+        while self.caption_times and now - self.caption_times[0] > RATE_WINDOW:
+            self.caption_times.popleft()
         return p.Stats(
+            frames_dropped_reasons=dict(self.drop_reasons) or None,
+            caption_rate=round(len(self.caption_times) / RATE_WINDOW, 3),
             frames_received=self.received,
             frames_skipped=self.skipped,
             frames_captioned=self.captioned,

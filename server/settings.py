@@ -22,6 +22,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from casa_live.model.checkpoint.assets import default_model_dir
 from casa_live.server.protocol import Limits
 
+# engine rows with --max-sessions auto: sessions are admitted while the server has headroom
+# (server/overload.py), up to this many
+AUTO_SESSION_ROWS = 128
+
 DEFAULT_MODEL_DIR = default_model_dir()
 MQTT_DEFAULT_PORT = 1883
 
@@ -84,7 +88,16 @@ class Settings(BaseSettings):
     model_dir: Path = Field(default=DEFAULT_MODEL_DIR, description="checkpoint directory to serve")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_sessions: int = Field(default=32, ge=1, description="concurrent streams = engine batch rows")
+    max_sessions: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default=32,
+        description="concurrent streams = engine batch rows; auto: admit while there is measured headroom "
+        f"({AUTO_SESSION_ROWS} rows)",
+    )
+    overload_governor: bool = Field(
+        default=True,
+        description="past capacity, hold live frames back so that the captioned ones finish whole "
+        "(server/overload.py); off: every frame starts at once and captions are cut at their deadline",
+    )
     max_context_tokens: int | None = Field(
         default=None,
         ge=64,
@@ -207,6 +220,11 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_origins(cls, value: list[str]) -> list[str]:
         return [origin.rstrip("/").lower() for origin in value]
+
+    @property
+    def session_rows(self) -> int:
+        """Engine batch rows for sessions: max_sessions, or AUTO_SESSION_ROWS with auto."""
+        return AUTO_SESSION_ROWS if self.max_sessions == "auto" else self.max_sessions
 
     def limits(self) -> Limits:
         return Limits(

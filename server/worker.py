@@ -55,6 +55,7 @@ from casa_live.server.errors import (
     InvalidSettings,
 )
 from casa_live.server.metrics import Metrics
+from casa_live.server.overload import Governor
 
 log = logging.getLogger("casa.worker")
 
@@ -65,7 +66,7 @@ class FrameJob:
     pts: float  # seconds
     image: np.ndarray  # (h, w, 3) uint8 at the engine processor's size (server/ingest/frames.py)
     received: float  # time.monotonic() when the frame was decoded
-    deadline: float | None  # time.monotonic() after which its generation stops (live mode)
+    budget: float | None  # live mode: seconds its caption may take from its start (1/fps); None offline
 
 
 @dataclass
@@ -117,6 +118,8 @@ class Listener(Protocol):
 @dataclass
 class _InFlight:
     job: FrameJob
+    started: float = 0.0  # time.monotonic() when submitted to the engine
+    started_tick: int = 0  # the worker's step count then
     tokens: int = 0
     first_at: float | None = None
     last_at: float | None = None
@@ -139,6 +142,7 @@ class Slot:
     questions: collections.deque[AskJob] = field(default_factory=collections.deque)  # waiting
     last_captioned: FrameJob | None = None  # the frame a question asked now would see
     watches: list[tuple[str, str]] = field(default_factory=list)  # (id, question), scored per frame
+    last_started: float = 0.0  # when its last frame started (the governor serves the longest waiting first)
 
 
 @dataclass
@@ -158,8 +162,14 @@ class Worker:
         threads: int = 0,
         pace_per_session: float = 0.0,
         max_interval: float = 0.0,
+        governor: Governor | None = None,
     ) -> None:
+        """governor: holds live frames back past capacity (server/overload.py); None: every frame
+        starts as soon as its row is free."""
         self.engine, self.metrics, self.loop, self.threads = engine, metrics, loop, threads
+        self.governor = governor
+        self._ticks = 0  # engine steps run
+        self._prev_step = (0.0, 0.0)  # perf_counter() at the last step's start and end
         self.pace_per_session, self.max_interval = pace_per_session, max_interval
         self._cv = threading.Condition()
         self._commands: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
@@ -303,15 +313,18 @@ class Worker:
             self._cv.notify_all()
 
     def offer(self, slot: Slot, job: FrameJob) -> None:
-        """Queue a frame for captioning (from the event loop). Live: the newest frame replaces a waiting one."""
+        """Queue a frame for captioning (from the event loop). Live: the newest frame replaces a
+        waiting one: `stale` when it waited for its session's previous caption, `overload` when
+        the row was free and the frame waited for a place (the governor's cap)."""
         replaced = None
         with self._cv:
             if slot.live and slot.mailbox:
                 replaced = slot.mailbox.popleft()
+                reason = "stale" if slot.inflight is not None else "overload"
             slot.mailbox.append(job)
             self._cv.notify_all()
         if replaced is not None:
-            slot.listener.worker_dropped(replaced, "stale")
+            slot.listener.worker_dropped(replaced, reason)
 
     # ---- worker thread ------------------------------------------------------------------------
 
@@ -397,7 +410,14 @@ class Worker:
             s.questions and s.last_captioned is not None and self.engine.can_ask(s.row) for s in self._slots
         ):
             return True
-        return any(s.mailbox and s.inflight is None for s in self._slots)
+        if not any(s.mailbox and s.inflight is None for s in self._slots):
+            return False
+        # past capacity a waiting frame is work only once a place frees up (no busy loop meanwhile)
+        return self.governor is None or self._live_in_flight() < self.governor.cap
+
+    def _live_in_flight(self) -> int:
+        """Live frames in flight (the ones the governor counts: offline frames have no budget)."""
+        return sum(1 for s in self._slots if s.inflight is not None and s.inflight.job.budget)
 
     def _admit_questions(self) -> None:
         """Start waiting questions on branches of rows at a frame boundary (a frame captioned, its
@@ -418,9 +438,17 @@ class Worker:
                 self._notify(slot, "worker_responses", outs)
 
     def _admit(self) -> None:
-        for slot in list(self._slots):
-            if slot.inflight is not None:  # the slot's frame in flight: the worker's one record of it
-                continue
+        # sessions with a frame waiting and a free row; past capacity the governor lets only some
+        # start, the ones whose last frame started longest ago (each session gets its turn)
+        free = [s for s in self._slots if s.inflight is None and s.mailbox]
+        if self.governor is not None and free:
+            live = [s for s in free if s.live]
+            n = self.governor.admit(self._live_in_flight(), len(live))
+            live.sort(key=lambda s: s.last_started)
+            held = set(live[n:])
+            free = [s for s in free if s not in held]
+        now = time.monotonic()
+        for slot in free:
             with self._cv:
                 job = slot.mailbox.popleft() if slot.mailbox else None
             if job is None:
@@ -432,8 +460,14 @@ class Worker:
                     self._reopen(slot, prompt, settings)
                     if slot.closed:
                         continue
-                self.engine.submit_frame(slot.row, job.image, job.deadline)
-                slot.inflight = _InFlight(job)
+                # the budget runs from the frame's start: a frame the governor held is not cut
+                # for the time it waited (cutting at the deadline is a last resort)
+                deadline = None if job.budget is None else now + job.budget
+                self.engine.submit_frame(slot.row, job.image, deadline)
+                slot.inflight = _InFlight(job, started=now, started_tick=self._ticks)
+                slot.last_started = now
+                if self.governor is not None:
+                    self.governor.started(job.budget)
             except Exception:
                 log.exception("frame %d could not be submitted", job.index)
                 self._frame_failed(slot, job)
@@ -460,6 +494,14 @@ class Worker:
             return
         dt = time.perf_counter() - t0
         now = time.monotonic()
+        self._ticks += 1
+        if self.governor is not None:
+            # a caption's ticks come back to back under load: the interval between step starts
+            # (pacing and the worker's own work included) is what a tick costs it; after an idle
+            # gap, only the step itself
+            back_to_back = t0 - self._prev_step[1] < 0.02
+            self.governor.tick(t0 + dt - self._prev_step[0] if back_to_back else dt, self._live_in_flight())
+            self._prev_step = (t0, t0 + dt)
         m = self.metrics
         res = engine.last_result
         m.step_seconds.observe(dt)
@@ -501,6 +543,11 @@ class Worker:
             out = self._account(slot, ev, now)
             outputs.setdefault(ev.row, []).append(out)
             if ev.done:
+                if self.governor is not None:
+                    f = slot.inflight
+                    self.governor.done(
+                        now - f.started, f.job.budget, self._live_in_flight(), self._ticks - f.started_tick
+                    )
                 slot.last_captioned, slot.inflight = slot.inflight.job, None
         if events:
             m.generated_tokens_total.inc(

@@ -1,0 +1,129 @@
+"""The overload governor (server/overload.py): it never binds under capacity, it caps the frames in
+flight when captions overrun their budget, recovers when they fit again, and with the worker's
+longest-waiting-first choice every stream gets the same share of captioned frames. The dynamics are
+checked on a simulated engine whose step slows down with every row in it (the real one's shape:
+a fixed cost per tick plus a cost per row); benchmarks/loadtest.py measures the real server."""
+
+from __future__ import annotations
+
+from server_helpers import client
+
+from casa_live.server.overload import Governor, OverloadConfig
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_under_capacity_it_never_binds():
+    clock = Clock()
+    g = Governor(8, clock=clock)
+    for _ in range(100):
+        assert g.admit(in_flight=3, wanting=5) == 5
+        g.tick(0.008, in_flight=8)
+        g.done(service_s=0.1, budget_s=0.5, in_flight=8, ticks=12)
+        clock.t += 0.1
+    assert g.cap == 8 and not g.overloaded and g.headroom == 1 - g.ratio > 0.7
+
+
+def test_overrun_shrinks_the_cap_and_holds_frames_back_then_it_recovers():
+    clock = Clock()
+    g = Governor(32, OverloadConfig(settle=0.5, hold_s=2.0), clock=clock)
+    g.done(service_s=0.48, budget_s=0.5, in_flight=32)  # 96% of the budget: too slow
+    assert g.cap == int(32 * 0.85)
+    g.done(service_s=0.48, budget_s=0.5, in_flight=27)  # within `settle`: no second cut yet
+    assert g.cap == 27
+    assert g.admit(in_flight=27, wanting=4) == 0 and g.overloaded and g.headroom == 0.0
+    clock.t += 0.6
+    g.done(service_s=0.48, budget_s=0.5, in_flight=27)
+    assert g.cap == int(27 * 0.85)
+    # captions fit again while frames wait: one more place per caption that fits
+    cap = g.cap
+    for k in range(3):
+        g.admit(in_flight=g.cap, wanting=2)
+        g.done(service_s=0.1, budget_s=0.5, in_flight=g.cap)
+        assert g.cap == cap + k + 1
+    clock.t += 2.1  # nothing waited since: not overloaded any more
+    assert not g.overloaded
+    g.done(service_s=0.1, budget_s=None, in_flight=1)  # offline frames carry no budget: ignored
+    assert g.cap == cap + 3
+
+
+def simulate(streams: int, seconds: float, fps: float = 2.0, governed: bool = True) -> dict:
+    """Live streams on a simulated engine: a tick costs 4 ms + 0.6 ms per decoding row, a caption
+    takes 10 ticks, the budget is one frame period. Returns the captions each stream finished
+    whole and cut."""
+    clock = Clock()
+    g = Governor(streams, clock=clock) if governed else None
+    budget = 1.0 / fps
+    waiting: dict[int, float] = {}  # stream -> when its waiting frame arrived
+    running: dict[int, list[float]] = {}  # stream -> [started, ticks left]
+    last_started = dict.fromkeys(range(streams), -1.0)
+    whole = dict.fromkeys(range(streams), 0)
+    cut = dict.fromkeys(range(streams), 0)
+    next_frame = [k * budget / streams for k in range(streams)]
+    while clock.t < seconds:
+        for k in range(streams):
+            if clock.t >= next_frame[k]:
+                waiting[k] = clock.t  # latest wins: replaces a waiting one
+                next_frame[k] += budget
+        free = sorted((k for k in waiting if k not in running), key=lambda k: last_started[k])
+        n = g.admit(len(running), len(free)) if g else len(free)
+        for k in free[:n]:
+            del waiting[k]
+            running[k] = [clock.t, 10]
+            last_started[k] = clock.t
+        tick = 0.004 + 0.0006 * len(running)
+        clock.t += tick
+        if g:
+            g.tick(tick, len(running))
+        for k in list(running):
+            running[k][1] -= 1
+            started = running[k][0]
+            if running[k][1] == 0 or clock.t - started >= budget:
+                if running[k][1] == 0:
+                    whole[k] += 1
+                else:
+                    cut[k] += 1
+                if g:
+                    g.done(clock.t - started, budget, len(running), 10 - running[k][1])
+                del running[k]
+    return {"whole": whole, "cut": cut, "governor": g}
+
+
+def test_past_capacity_fewer_frames_are_captioned_whole_and_each_stream_gets_its_share():
+    # capacity of this engine: ~10 ticks of 4 + 0.6 n ms within 500 ms -> n ~ 76 rows in flight;
+    # 200 streams at 2 fps want far more
+    ungoverned = simulate(200, 30.0, governed=False)
+    governed = simulate(200, 30.0)
+    total_cut = sum(ungoverned["cut"].values())
+    assert total_cut > 10 * sum(ungoverned["whole"].values())  # the collapse: nearly every caption cut
+    whole, cut = governed["whole"], governed["cut"]
+    assert sum(cut.values()) <= 0.01 * sum(whole.values())
+    assert sum(whole.values()) > 5 * sum(ungoverned["whole"].values())  # goodput
+    mean = sum(whole.values()) / len(whole)
+    assert all(abs(w - mean) <= 0.3 * mean for w in whole.values())  # fairness within 30%
+    assert governed["governor"].overloaded
+
+
+def test_under_capacity_the_governor_changes_nothing():
+    governed, free = simulate(20, 20.0), simulate(20, 20.0, governed=False)
+    assert governed["whole"] == free["whole"] and governed["cut"] == free["cut"]
+    assert sum(free["cut"].values()) == 0 and not governed["governor"].overloaded
+
+
+def test_readyz_and_auto_admission_follow_the_governor(model_dir):
+    with client(model_dir, max_sessions="auto") as c:
+        assert c.get("/readyz").status_code == 200
+        governor = c.app.state.ctx.worker.governor
+        governor.admit(in_flight=governor.cap, wanting=1)  # a frame is held back now
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "overloaded"
+        with c.websocket_connect("/v1/stream") as ws:
+            event = ws.receive_json()
+        assert event["type"] == "error" and event["code"] == "capacity" and "overloaded" in event["message"]
+        assert "casa_overloaded 1.0" in c.get("/metrics").text
