@@ -500,7 +500,7 @@ class Worker:
             # (pacing and the worker's own work included) is what a tick costs it; after an idle
             # gap, only the step itself
             back_to_back = t0 - self._prev_step[1] < 0.02
-            self.governor.tick(t0 + dt - self._prev_step[0] if back_to_back else dt, self._live_in_flight())
+            self.governor.tick(t0 - self._prev_step[0] if back_to_back else dt, self._live_in_flight())
             self._prev_step = (t0, t0 + dt)
         m = self.metrics
         res = engine.last_result
