@@ -149,7 +149,13 @@ class Session:
             self, self.settings.prompt, self._engine_settings(), self.settings.mode == "live"
         )
         if self.settings.watches:
-            await self._set_watches(self.settings.watches)
+            try:
+                await self._set_watches(self.settings.watches)
+            except CasaError:
+                self.ctx.worker.close(self.slot)  # refused: the slot it claimed goes back
+                self.slot = None
+                raise
+            self.watches.replace(self.settings.watches)
         self.watches.metadata = dict(self.settings.metadata or {})
         self.ingest = Ingest(
             self,
