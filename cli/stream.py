@@ -17,6 +17,7 @@ examples:
   casa stream talk.mp4 --server ws://gpu-box:8000 --token $KEY --no-realtime --jsonl talk.jsonl
   casa stream synthetic:7 --ask "how many objects are there?" --ask-every 2 --jsonl out.jsonl
   casa stream /dev/video0 --interactive     # each line typed is a question about the current frame
+  casa stream door.mp4 --watch "is there a red circle?" --watch-min-frames 2 --jsonl door.jsonl
 exit codes: 0 done, 1 server or connection error, 2 bad arguments or source, 130 interrupted (Ctrl-C)
 """
 
@@ -104,25 +105,94 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="read questions from stdin while the stream runs: each line typed is asked",
     )
 
+    w = p.add_argument_group(
+        "watches (yes/no questions scored on every captioned frame; an alert starts and ends with the answer)"
+    )
+    w.add_argument(
+        "--watch",
+        metavar="QUESTION",
+        action="append",
+        default=[],
+        help="alert me when the answer is yes (repeatable, at most 8; ids w1, w2, ... in order); alerts "
+        "print as '[alert w1 started] frame N @ Ts score S — QUESTION' and go into --jsonl as "
+        '{"type": "alert", ...} records',
+    )
+    w.add_argument(
+        "--watch-threshold",
+        metavar="P",
+        type=_probability,
+        help="a frame counts as yes when P(yes) >= P, strictly between 0 and 1 (default 0.5)",
+    )
+    w.add_argument(
+        "--watch-min-frames",
+        metavar="N",
+        type=_frames,
+        help="consecutive yes frames that start an alert, 1-100 (default 1)",
+    )
+    w.add_argument(
+        "--watch-clear-frames",
+        metavar="N",
+        type=_frames,
+        help="consecutive no frames that end it, 1-100 (default 1)",
+    )
+    w.add_argument(
+        "--watch-cooldown",
+        metavar="SECONDS",
+        type=_seconds,
+        help="no new alert of a watch within SECONDS of stream time after its last one ended (default 0)",
+    )
+
     o = p.add_argument_group("output")
     o.add_argument("--srt", metavar="PATH", help="write SRT subtitles")
     o.add_argument("--vtt", metavar="PATH", help="write WebVTT subtitles")
     o.add_argument(
         "--jsonl",
         metavar="PATH",
-        help="write one JSON line per frame (start, end, text, ttft_ms, latency_ms) and one per answer "
-        "(type answer)",
+        help="write one JSON line per frame (start, end, text, ttft_ms, latency_ms, and watch_scores with "
+        "--watch), one per answer (type answer) and one per alert start or end (type alert)",
     )
     o.add_argument(
-        "--quiet", action="store_true", help="no captions on stdout (files, answers and errors only)"
+        "--quiet", action="store_true", help="no captions on stdout (files, answers, alerts and errors only)"
     )
     p.set_defaults(func=run)
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability strictly between 0 and 1, e.g. 0.5")
+    return value
+
+
+def _frames(text: str) -> int:
+    from casa_live.clients.wire import MAX_WATCH_FRAMES
+
+    if not text.strip().isdigit() or not 1 <= int(text) <= MAX_WATCH_FRAMES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number of frames from 1 to {MAX_WATCH_FRAMES}"
+        )
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
     from casa_live.clients.printer import LivePrinter
     from casa_live.clients.sources import SourceError, open_source
     from casa_live.clients.stream import EXIT_USAGE, StreamError, StreamOptions, run_stream, stream_url
+    from casa_live.clients.watches import watch_rules
+    from casa_live.clients.wire import MAX_WATCHES
     from casa_live.clients.writers import open_writers
 
     # --interactive: final caption lines only, even on a terminal, so that no rewritten partial line
@@ -130,6 +200,20 @@ def run(args: argparse.Namespace) -> int:
     printer = LivePrinter(quiet=args.quiet, live=False if args.interactive else None)
     if args.ask_every is not None and not (args.ask_every > 0 and args.ask):
         printer.message("error: --ask-every needs a positive number of seconds and at least one --ask")
+        return EXIT_USAGE
+    rule = {
+        "threshold": args.watch_threshold,
+        "min_frames": args.watch_min_frames,
+        "clear_frames": args.watch_clear_frames,
+        "cooldown_s": args.watch_cooldown,
+    }
+    rule = {k: v for k, v in rule.items() if v is not None}
+    if rule and not args.watch:
+        flags = ", ".join(f"--watch-{k.removesuffix('_s').replace('_', '-')}" for k in rule)
+        printer.message(f"error: {flags} need{'s' if len(rule) == 1 else ''} at least one --watch")
+        return EXIT_USAGE
+    if len(args.watch) > MAX_WATCHES:
+        printer.message(f"error: {len(args.watch)} --watch questions; a session has at most {MAX_WATCHES}")
         return EXIT_USAGE
     session = {
         key: getattr(args, key)
@@ -159,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
             questions=list(args.ask),
             ask_every=args.ask_every,
             interactive=args.interactive,
+            watches=watch_rules(args.watch, **rule),
         )
         source = open_source(args.source, seconds=args.synthetic_seconds)
     except (StreamError, SourceError) as e:

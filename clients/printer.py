@@ -4,7 +4,9 @@ On a terminal, `caption.delta` text rewrites the current line (carriage return +
 arrive, and each `caption.segment` replaces it with a final timestamped line. When stdout is a pipe or
 a file, only the final lines are written, so `casa stream x.mp4 > captions.txt` gives clean text.
 Answers to questions get lines of their own, `? QUESTION -> ANSWER (frame N)`, apart from the
-captions' `[start --> end] text`. Status and warnings go to stderr and never tear the caption line.
+captions' `[start --> end] text`, and so do the starts and ends of watch alerts, `[alert w1 started]
+frame 31 @ 15.5s score 0.97 — QUESTION`. Status and warnings go to stderr and never tear the caption
+line.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import shutil
 import sys
 from typing import TextIO
 
-from casa_live.clients.writers import Answer, Segment
+from casa_live.clients.writers import Alert, Answer, Segment
 from casa_live.server.subtitles import format_timestamp
 
 ERASE_LINE = "\r\x1b[K"
@@ -71,7 +73,6 @@ class LivePrinter:
     def answer(self, answer: Answer) -> None:
         """`? QUESTION -> ANSWER (frame N)`; the status too when it is not `completed`. Printed even
         with `quiet` (that hides the captions): a question was asked to be answered."""
-        self._clear()
         text = answer.text.strip() or "(no words)"
         notes = [] if answer.frame is None else [f"frame {answer.frame}"]
         if answer.status != "completed":
@@ -82,9 +83,24 @@ class LivePrinter:
         elif answer.frame is None and not answer.text.strip():
             text, notes = f"({answer.status})", []
         tail = f" ({', '.join(notes)})" if notes else ""
-        self.out.write(f"? {_one_line(answer.question)} -> {_one_line(text)}{tail}\n")
+        self._line(f"? {_one_line(answer.question)} -> {_one_line(text)}{tail}")
+
+    def alert(self, alert: Alert) -> None:
+        """`[alert ID started] frame N @ PTSs score S — QUESTION`; an end forced by something other
+        than the score says why (`[alert ID ended: session_closed]`). Printed even with `quiet`, like
+        answers: alerts are what a watch was set for."""
+        head = f"alert {alert.watch_id} {alert.event}" + (f": {alert.reason}" if alert.reason else "")
+        self._line(
+            f"[{head}] frame {alert.frame} @ {round(alert.pts, 3):g}s score {alert.score:.2f} — "
+            f"{_one_line(alert.question)}"
+        )
+
+    def _line(self, text: str) -> None:
+        """A line of its own on stdout between captions; on a terminal the partial caption goes on below."""
+        self._clear()
+        self.out.write(text + "\n")
         self.out.flush()
-        if self.live and not self.quiet and self._frame is not None:  # the partial caption goes on below
+        if self.live and not self.quiet and self._frame is not None:
             self.delta(self._frame, self._pts, "")
 
     def message(self, text: str) -> None:

@@ -19,29 +19,22 @@ Design:
   new session's frame 0 is the stream's next frame, so SRT/VTT cues and JSONL frames have no gaps or
   duplicates, and timestamps are the source's. A container stream cannot resume (its header went to
   the old session), so it ends with an error instead.
-- Questions (`--ask`, `--ask-every`, `--interactive`): `response.create` events, answered on a side
-  branch of the session about its latest captioned frame. They wait in one queue that outlives the
-  connection: the `--ask` questions go in before the first session, again every `ask_every` seconds of
-  stream time (the pts of the frames sent), and each line typed on stdin (read by a daemon thread) goes
-  in as it is typed. A third task per connection, the asker, sends them, at most
-  MAX_RESPONSES_IN_FLIGHT at once (the server refuses a fifth), with the response id as the event id,
-  so that an `error` about one names it. Each `response.done` (or such an error) becomes an `Answer`:
-  a line on stdout and a JSONL record. Before `session.close` the client waits (bounded) for the
-  answers in flight, since closing a session discards its questions; questions a dropped connection
-  took with it are asked again on the next session.
+- Questions (`--ask`, `--ask-every`, `--interactive`) are clients/questions.py: a queue that outlives
+  the connection and a third task per connection, the asker, that sends them. Before `session.close`
+  the client waits (bounded) for the answers in flight, since closing a session discards its
+  questions; questions a dropped connection took with it are asked again on the next session.
+- Watches (`--watch`) are clients/watches.py: the rules go in the session.update of every session;
+  the receiver hands it the alerts and each segment's scores.
 - Only the documented protocol is spoken (docs/protocol.md, server/protocol.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import random
 import signal
 import socket
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,8 +42,10 @@ from typing import Any, Literal, TextIO
 
 from casa_live.clients import wire
 from casa_live.clients.printer import LivePrinter
+from casa_live.clients.questions import Questions
 from casa_live.clients.sources import Frame, Source, SourceError, encode_jpeg
-from casa_live.clients.writers import Answer, CaptionWriter, Segment
+from casa_live.clients.watches import Watches
+from casa_live.clients.writers import CaptionWriter, Segment
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -98,6 +93,7 @@ class StreamOptions:
     ask_every: float | None = None  # ...and again every this many seconds of stream time
     interactive: bool = False  # each line typed on stdin is a question
     answer_max_new_tokens: int | None = None  # the longest answer (None: the server's setting)
+    watches: list[dict[str, Any]] = field(default_factory=list)  # session.update watches (watch_rules)
 
 
 @dataclass
@@ -113,6 +109,8 @@ class StreamStats:
     lost: int = 0  # frames sent on a session that ended before their caption came
     asked: int = 0  # questions sent
     answered: int = 0  # answers completed or incomplete (cut by their token limit)
+    alerts: int = 0  # alerts started
+    watching: bool = False  # the stream has watches: the summary counts its alerts
 
     def summary(self) -> str:
         lat = sorted(self.latencies_ms)
@@ -120,6 +118,8 @@ class StreamStats:
         text = f"sent {self.sent} {self.unit}, captioned {self.captioned}, dropped {self.dropped}, latency p50 {p50}"
         if self.asked:
             text += f", answered {self.answered} of {self.asked} questions"
+        if self.watching:
+            text += f", {self.alerts} alert{'' if self.alerts == 1 else 's'}"
         if self.reconnect_seconds:
             text += f", reconnected {len(self.reconnect_seconds)}x ({self.lost} frames lost)"
         return text
@@ -171,7 +171,7 @@ class Streamer:
         self.stdin = stdin  # where --interactive reads questions (default: sys.stdin)
         self.writers = writers or []
         self.printer = printer or LivePrinter()
-        self.stats = StreamStats()
+        self.stats = StreamStats(watching=bool(options.watches))
         self.settings: wire.SessionSettings | None = None  # the effective settings, once updated
         self.interrupted = asyncio.Event()
         self._closed = asyncio.Event()  # session.closed received (this connection)
@@ -191,14 +191,15 @@ class Streamer:
         self._dropped_before = 0  # frames the previous sessions dropped
         self._lost_at: float | None = None  # when the last connection ended in a retryable way
         self._fetch: asyncio.Future | None = None  # the next frame being read and encoded
-        # questions: a queue across connections, and the ones in flight on this connection
-        self.answers: list[Answer] = []
-        self._asks: collections.deque[tuple[str, str]] = collections.deque()  # (response id, question)
-        self._asked: dict[str, str] = {}  # response id -> question, sent on this connection, not done
-        self._ask_wake = asyncio.Event()  # a question queued, or one done
-        self._ask_seq = 0
-        self._next_ask_at = options.ask_every  # stream time of the next --ask-every round
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.questions = Questions(
+            options.questions,
+            options.ask_every,
+            options.answer_max_new_tokens,
+            self.writers,
+            self.printer,
+            self.stats,
+        )
+        self.watches = Watches(options.watches, self.writers, self.printer, self.stats)
 
     # ---- connection -------------------------------------------------------------------------
     async def _connect(self, reconnecting: bool = False):
@@ -279,17 +280,14 @@ class Streamer:
         1013, a drain) is followed by a new one after a jittered backoff, at most `reconnect_tries` in a
         row; the new session gets the same settings and goes on from the next frame."""
         update = self._update_message()  # bad flags fail here, before connecting
-        self._loop = asyncio.get_running_loop()
         for question in self.opt.questions:  # a question the server would refuse fails here too
-            if not self._queue_question(question):
+            if not self.questions.queue(question):
                 raise StreamError(f"invalid question {question!r}", EXIT_USAGE)
         if self.opt.interactive:
-            self._start_reader()
+            self.questions.start_reader(asyncio.get_running_loop(), self.stdin)
         try:
             code = await self._sessions(update)
-            for rid, question in self._asks:  # typed too late, or requeued after the last session
-                self._record(Answer(rid, question, None, None, "", "failed", error="the stream ended first"))
-            self._asks.clear()
+            self.questions.stream_ended()
             return code
         finally:
             if self._fetch is not None:
@@ -365,7 +363,7 @@ class Streamer:
             self._credits = asyncio.Semaphore(max(1, self.opt.window))
             receiver = asyncio.create_task(self._receive(ws))
             sender = asyncio.create_task(self._send(ws, fps))
-            asker = asyncio.create_task(self._ask(ws))
+            asker = asyncio.create_task(self.questions.send(ws, self._draining))
             stopper = asyncio.create_task(self.interrupted.wait())
             await asyncio.wait({sender, receiver, stopper}, return_when=asyncio.FIRST_COMPLETED)
             # Stop producing; the receiver keeps going until session.closed or the close timeout.
@@ -373,14 +371,19 @@ class Streamer:
             sender.cancel()  # a frame it holds is kept for the next session (_send_frames)
             with contextlib.suppress(asyncio.CancelledError):
                 await sender  # expected failures are in self._fatal; anything else is a bug and propagates
-            await self._await_answers(receiver, asker)
+            await self.questions.settle(
+                receiver, asker, self._draining, self.interrupted, self.opt.close_timeout
+            )
             asker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asker
             await self._finish(ws, receiver)
         finally:
             await ws.close()
-            self._connection_ended()
+            self.questions.connection_ended(
+                retry=self._retry is not None and self._fatal is None and not self.interrupted.is_set()
+            )
+            self.watches.connection_ended()
             self.printer.finish()
         if self._fatal is not None:
             raise self._fatal
@@ -493,7 +496,7 @@ class Streamer:
                 raise
             self.stats.sent += 1
             self._conn_sent += 1
-            self._ask_again(frame.pts)
+            self.questions.ask_again(frame.pts)
             await self._marker(ws)
 
     async def _send_container(self, ws) -> None:
@@ -512,7 +515,7 @@ class Streamer:
             await self._flow(ws)
             await ws.send(wire.container_chunk(chunk.data))
             self.stats.sent += 1
-            self._ask_again(chunk.time)
+            self.questions.ask_again(chunk.time)
             await self._marker(ws)
 
     # ---- receiver ---------------------------------------------------------------------------
@@ -529,7 +532,11 @@ class Streamer:
                 elif isinstance(event, wire.Stats):
                     self._stats(event)
                 elif isinstance(event, wire.ResponseDone):
-                    self._answered(event.response)
+                    self.questions.answered(event.response, self._offset)
+                elif isinstance(event, wire.AlertStarted):
+                    self.watches.started(event, self._offset)
+                elif isinstance(event, wire.AlertEnded):
+                    self.watches.ended(event, self._offset)
                 elif isinstance(event, wire.Marker):
                     if self._credits is not None and not self.opt.realtime:
                         self._credits.release()
@@ -541,8 +548,8 @@ class Streamer:
                         )
                 elif isinstance(event, wire.Error):
                     message = wire.describe_error(event)
-                    if not event.fatal and event.event_id in self._asked:
-                        self._refused(event.event_id, message)  # the server refused this question
+                    if not event.fatal and self.questions.in_flight(event.event_id):
+                        self.questions.refused(event.event_id, message)  # the server refused this question
                     elif event.fatal and event.code in ("capacity", "internal"):
                         self._retry = message  # the close (1013, 1011) follows: a new session may work
                     elif event.fatal:
@@ -579,8 +586,11 @@ class Streamer:
 
     def _segment(self, event: wire.CaptionSegment) -> None:
         frame = self._offset + event.frame  # stream numbering: it goes on across reconnects
-        seg = Segment(frame, event.start, event.end, event.text, event.ttft_ms, event.latency_ms)
+        seg = Segment(
+            frame, event.start, event.end, event.text, event.ttft_ms, event.latency_ms, event.watch_scores
+        )
         self._next_frame = max(self._next_frame, frame + 1)
+        self.watches.scored(frame, event.start, event.watch_scores)
         for w in self.writers:
             w.write(seg)
         self.printer.segment(seg)
@@ -594,149 +604,12 @@ class Streamer:
         self._conn_dropped = event.frames_dropped
         self.stats.lag_ms = event.lag_ms
 
-    # ---- questions ----------------------------------------------------------------------------
-    def _queue_question(self, question: str) -> bool:
-        """Queue a question with the next response id; False (and a message) for one the server
-        would refuse (blank, or above MAX_QUESTION_CHARS)."""
-        from pydantic import ValidationError
-
-        question = question.strip()
-        rid = f"q{self._ask_seq + 1}"
-        try:
-            wire.response_create(rid, question, self.opt.answer_max_new_tokens)
-        except ValidationError as e:
-            why = "; ".join(err["msg"] for err in e.errors())
-            self.printer.message(f"question not asked: {why} (at most {wire.MAX_QUESTION_CHARS} characters)")
-            return False
-        self._ask_seq += 1
-        self._asks.append((rid, question))
-        self._ask_wake.set()
-        return True
-
-    def _ask_again(self, stream_time: float) -> None:
-        """--ask-every: queue the --ask questions again once the stream reaches the next round."""
-        every = self.opt.ask_every
-        if not every or self._next_ask_at is None or stream_time < self._next_ask_at:
-            return
-        while self._next_ask_at <= stream_time:
-            self._next_ask_at += every
-        for question in self.opt.questions:
-            self._queue_question(question)
-
-    def _start_reader(self) -> None:
-        """--interactive: a daemon thread reads stdin; each non-blank line is queued as a question. A
-        daemon, not asyncio.to_thread: a read blocked on a terminal must not hold up the exit."""
-        stream, loop = self.stdin or sys.stdin, self._loop
-
-        def read() -> None:
-            for line in iter(stream.readline, ""):
-                if line.strip():
-                    try:
-                        loop.call_soon_threadsafe(self._queue_question, line)
-                    except RuntimeError:  # the loop is closed: the stream is over
-                        return
-
-        self.printer.message(
-            "interactive: type a question and press Enter; it is asked about the current frame"
-        )
-        threading.Thread(target=read, name="casa-questions", daemon=True).start()
-
-    async def _ask(self, ws) -> None:
-        """Send queued questions, at most MAX_RESPONSES_IN_FLIGHT in flight. A question whose send
-        fails stays queued for the next session."""
-        from websockets.exceptions import ConnectionClosed
-
-        while True:
-            while (
-                not self._asks or len(self._asked) >= wire.MAX_RESPONSES_IN_FLIGHT or self._draining.is_set()
-            ):
-                self._ask_wake.clear()
-                await self._ask_wake.wait()
-            rid, question = self._asks[0]
-            try:
-                await ws.send(wire.response_create(rid, question, self.opt.answer_max_new_tokens))
-            except ConnectionClosed:
-                return
-            self._asks.popleft()
-            self._asked[rid] = question
-            self.stats.asked += 1
-
-    async def _await_answers(self, receiver: asyncio.Task, asker: asyncio.Task) -> None:
-        """Before session.close: closing a session discards its questions, so wait (bounded) for the
-        answers in flight, and, unless interrupted, for the questions still queued to be asked and
-        answered."""
-        if self._draining.is_set():
-            return
-        interrupted = self.interrupted.is_set()
-        deadline = time.monotonic() + (
-            min(self.opt.close_timeout, 3.0) if interrupted else self.opt.close_timeout
-        )
-
-        def waiting() -> bool:
-            return bool(self._asked) or (not self.interrupted.is_set() and bool(self._asks))
-
-        while waiting() and not receiver.done() and not asker.done():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.printer.message(
-                    f"warning: {len(self._asked) + len(self._asks)} question(s) got no answer within "
-                    f"{self.opt.close_timeout:.0f} s; closing anyway"
-                )
-                return
-            self._ask_wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ask_wake.wait(), min(left, 0.25))
-
-    def _answered(self, result: wire.ResponseResult) -> None:
-        question = self._asked.pop(result.id, None)
-        if question is None:
-            return  # not one of ours (or already settled)
-        frame = None if result.frame is None else self._offset + result.frame  # the stream's numbering
-        self._record(
-            Answer(
-                result.id,
-                question,
-                frame,
-                result.pts,
-                result.text,
-                result.status,
-                result.ttft_ms,
-                result.latency_ms,
-            )
-        )
-        if result.status in ("completed", "incomplete"):
-            self.stats.answered += 1
-
-    def _refused(self, rid: str, message: str) -> None:
-        question = self._asked.pop(rid)
-        self._record(Answer(rid, question, None, None, "", "failed", error=message))
-
-    def _record(self, answer: Answer) -> None:
-        self.answers.append(answer)
-        for w in self.writers:
-            w.write_answer(answer)
-        self.printer.answer(answer)
-        self._ask_wake.set()
-
-    def _connection_ended(self) -> None:
-        """Questions this connection took with it: asked again on the next session (a retryable
-        end), or recorded as failed when the stream ends here."""
-        if not self._asked:
-            return
-        lost = list(self._asked.items())
-        self._asked.clear()
-        if self._retry is not None and self._fatal is None and not self.interrupted.is_set():
-            self._asks.extendleft(reversed(lost))
-            return
-        for rid, question in lost:
-            self._record(
-                Answer(rid, question, None, None, "", "failed", error="no answer before the session ended")
-            )
-
     def _update_message(self) -> str:
         from pydantic import ValidationError
 
         session = {**self.opt.session, "mode": "live" if self.opt.realtime else "offline"}
+        if self.opt.watches:
+            session["watches"] = self.opt.watches
         container = (
             {"container": self.opt.container} if self.opt.send == "container" and self.opt.container else None
         )

@@ -15,7 +15,11 @@ from casa_live.server import protocol
 from casa_live.server.protocol import (
     MAX_QUESTION_CHARS,
     MAX_RESPONSES_IN_FLIGHT,
+    MAX_WATCH_FRAMES,
+    MAX_WATCHES,
     STREAM_PATH,
+    AlertEnded,
+    AlertStarted,
     CaptionDelta,
     CaptionSegment,
     Error,
@@ -36,12 +40,17 @@ from casa_live.server.protocol import (
     SessionUpdate,
     SessionUpdated,
     Stats,
+    Watch,
 )
 
 __all__ = [
     "MAX_QUESTION_CHARS",
     "MAX_RESPONSES_IN_FLIGHT",
+    "MAX_WATCHES",
+    "MAX_WATCH_FRAMES",
     "STREAM_PATH",
+    "AlertEnded",
+    "AlertStarted",
     "CaptionDelta",
     "CaptionSegment",
     "Error",
@@ -56,6 +65,7 @@ __all__ = [
     "SessionSettings",
     "SessionUpdated",
     "Stats",
+    "Watch",
     "container_chunk",
     "describe_error",
     "image_frame",

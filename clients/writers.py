@@ -4,7 +4,9 @@ Each `caption.segment` from the server becomes one `Segment` (media seconds from
 goes to every open writer at once, then the file is flushed: a stream stopped by Ctrl-C or a lost
 connection leaves files that are valid up to the last caption. Each answer to a question (`casa stream
 --ask`, `--interactive`) becomes one `Answer`: the JSONL file gets it as a record of its own, with
-`"type": "answer"` (caption records have no `type`); subtitles hold captions only. Times are what the server reports;
+`"type": "answer"` (caption records have no `type`), and each start and end of a watch's alert (`casa
+stream --watch`) one `Alert`, a record with `"type": "alert"`; a caption record carries the frame's
+`watch_scores` when the session has watches. Subtitles hold captions only. Times are what the server reports;
 the cues (timestamps, cleaned text, `end > start`) come from server/subtitles.py, the formatter of the
 upload endpoint's SRT and WebVTT, so a streamed file equals the upload's answer for the same segments.
 """
@@ -29,6 +31,13 @@ class Segment:
     text: str
     ttft_ms: float | None = None
     latency_ms: float | None = None
+    watch_scores: dict[str, float] | None = None  # watch id -> P(yes), when the session has watches
+
+    def record(self) -> dict:
+        row = asdict(self)
+        if row["watch_scores"] is None:  # a stream without watches keeps the records it always had
+            del row["watch_scores"]
+        return row
 
 
 @dataclass
@@ -50,6 +59,28 @@ class Answer:
         row = {"type": "answer", **asdict(self)}
         if row["error"] is None:
             del row["error"]
+        return row
+
+
+@dataclass
+class Alert:
+    """One start or end of a watch's alert, as the server's `alert.started` / `alert.ended` gave it
+    (`frame` in the stream's numbering, `pts` in media seconds), with the watch's question."""
+
+    event: str  # started | ended
+    watch_id: str
+    question: str
+    frame: int
+    pts: float
+    score: float  # the watch's P(yes) on that frame
+    reason: str | None = None  # a forced end: watch_removed | session_closed | connection_lost
+    metadata: dict[str, str] | None = None  # the session's metadata, echoed by the server
+
+    def record(self) -> dict:
+        row = {"type": "alert", **asdict(self)}
+        for key in ("reason", "metadata"):
+            if row[key] is None:
+                del row[key]
         return row
 
 
@@ -76,6 +107,9 @@ class CaptionWriter:
 
     def write_answer(self, answer: Answer) -> None:
         """Subtitles hold captions only; the JSONL writer records answers."""
+
+    def write_alert(self, alert: Alert) -> None:
+        """Subtitles hold captions only; the JSONL writer records alerts."""
 
     def close(self) -> None:
         if not self._file.closed:
@@ -114,17 +148,24 @@ class VTTWriter(_CueWriter):
 
 
 class JSONLWriter(CaptionWriter):
-    """One JSON object per frame, empty captions included (they still carry timings), and one per
-    answer (`"type": "answer"`)."""
+    """One JSON object per frame, empty captions included (they still carry timings), one per
+    answer (`"type": "answer"`) and one per alert start or end (`"type": "alert"`)."""
 
     suffix = ".jsonl"
 
     def _write(self, segment: Segment) -> None:
-        self._file.write(json.dumps(asdict(segment), ensure_ascii=False) + "\n")
+        self._line(segment.record())
 
     def write_answer(self, answer: Answer) -> None:
-        self._file.write(json.dumps(answer.record(), ensure_ascii=False) + "\n")
+        self._line(answer.record())
         self._file.flush()
+
+    def write_alert(self, alert: Alert) -> None:
+        self._line(alert.record())
+        self._file.flush()
+
+    def _line(self, row: dict) -> None:
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 WRITERS: dict[str, type[CaptionWriter]] = {"srt": SRTWriter, "vtt": VTTWriter, "jsonl": JSONLWriter}

@@ -14,6 +14,8 @@ Skips (with the reason) when Chromium or the playwright package is missing; .ci/
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -373,3 +375,137 @@ def test_demo_clip_answer_matches_the_scene(ask_run: dict, ask_server: LiveServe
         pictures = {int(max(0.0, t + dt) * fps) % n for dt in (-0.1, 0.0, 0.1)}
         truth = {questions.answer(COUNT, clip.truth[i].objects).answer for i in pictures}
         assert a["text"].strip() in truth, (a, sorted(pictures), truth)
+
+
+# ---------------------------------------------------------------------------------- watches
+
+# True of 34 of the demo clip's 40 pictures, so a trained model alerts on it too; a threshold of 1e-6
+# makes the alert certain whatever the model (a random one scores about 0.5).
+SQUARE = "is there a square?"
+ALERT_THRESHOLD = "1e-6"
+
+
+def sent_events(page) -> list[dict]:
+    """Every JSON message the page sends on its websockets, as the browser sends it."""
+    sent: list[dict] = []
+
+    def on_socket(ws) -> None:
+        ws.on(
+            "framesent",
+            lambda payload: sent.append(json.loads(payload)) if isinstance(payload, str) else None,
+        )
+
+    page.on("websocket", on_socket)
+    return sent
+
+
+def watch_updates(sent: list[dict]) -> list[dict]:
+    return [e for e in sent if e["type"] == "session.update" and "watches" in (e.get("session") or {})]
+
+
+@pytest.fixture(scope="module")
+def watch_run(browser, ask_server: LiveServer) -> dict:
+    """The demo clip; a watch added with the threshold from the URL, its alert, then its removal."""
+    page, errors = open_page(browser)
+    sent = sent_events(page)
+    try:
+        page.goto(f"{ask_server.http}/?watch_threshold={ALERT_THRESHOLD}")
+        assert page.input_value("#watch-threshold") == ALERT_THRESHOLD
+        page.select_option("#source", "demo")
+        page.fill("#fps", "2")
+        page.click("#start")
+        page.wait_for_function("document.querySelectorAll('#history li').length >= 2", timeout=120_000)
+        page.fill("#watch-question", SQUARE)
+        page.press("#watch-question", "Enter")
+        assert page.input_value("#watch-question") == ""  # added: the box is ready for the next one
+        items = page.evaluate("[...document.querySelectorAll('#watches li')].map((li) => li.dataset.id)")
+        page.wait_for_selector("#alert-banner", state="visible", timeout=90_000)
+        banner = page.inner_text("#alert-banner")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "alert.png"))
+        alerting = page.evaluate(SNAP)
+        page.click("#watches li[data-id=w1] button.remove")
+        page.wait_for_selector("#alert-banner", state="hidden", timeout=30_000)
+        page.wait_for_function(f"{SNAP}.alerts.some((a) => a.event === 'ended')", timeout=30_000)
+        log = page.evaluate(
+            """() => [...document.querySelectorAll('#history li.alert')].reverse().map((li) => ({
+              cls: li.className, watch: li.dataset.watch, badge: li.querySelector('.badge').textContent,
+              text: li.querySelector('.text').textContent,
+            }))"""
+        )
+        left = page.evaluate("document.querySelectorAll('#watches li').length")
+        snap = page.evaluate(SNAP)
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        page.click("#stop")
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.startsWith('closed')", timeout=15000
+        )
+    finally:
+        page.close()
+    return {
+        "sent": sent, "items": items, "banner": banner, "alerting": alerting, "log": log, "left": left,
+        "snapshot": snap, "errors": errors,
+    }  # fmt: skip
+
+
+def test_an_added_watch_goes_out_in_a_session_update(watch_run: dict) -> None:
+    assert not watch_run["errors"], f"JavaScript errors on the page: {watch_run['errors']}"
+    assert watch_run["items"] == ["w1"]
+    added, removed = watch_updates(watch_run["sent"])
+    # the full list each time, in an update of its own that names itself
+    assert added["session"] == {"watches": [{"id": "w1", "question": SQUARE, "threshold": 1e-6}]}
+    assert removed["session"] == {"watches": []} and watch_run["left"] == 0
+    assert added["event_id"] != removed["event_id"] and added["event_id"].startswith("watches-")
+    # the server took it (session.updated echoes the list, its defaults filled in)
+    accepted = watch_run["alerting"]["accepted"]
+    assert [(w["id"], w["question"], w["threshold"], w["min_frames"]) for w in accepted] == [
+        ("w1", SQUARE, 1e-6, 1)
+    ]
+
+
+def test_the_alert_banner_shows_the_question_and_clears_on_the_end(watch_run: dict) -> None:
+    assert SQUARE in watch_run["banner"] and re.search(r"\b[01]\.\d\d\b", watch_run["banner"]), watch_run[
+        "banner"
+    ]
+    assert watch_run["alerting"]["active"] == ["w1"]
+    alerts = watch_run["snapshot"]["alerts"]
+    assert [(a["event"], a["watch_id"], a["question"], a["reason"]) for a in alerts] == [
+        ("started", "w1", SQUARE, None),
+        ("ended", "w1", SQUARE, "watch_removed"),  # removing the watch ended its alert
+    ]
+    assert watch_run["snapshot"]["active"] == []
+    started = alerts[0]
+    assert 1e-6 <= started["score"] <= 1 and started["frame"] in {
+        s["frame"] for s in watch_run["snapshot"]["segments"]
+    }
+    # every frame captioned while the watch was on carries its score
+    scored = [s for s in watch_run["snapshot"]["segments"] if s["watch_scores"]]
+    assert scored and all(set(s["watch_scores"]) == {"w1"} for s in scored)
+    # the caption log holds both, marked as alerts
+    assert [(e["cls"], e["watch"], e["badge"]) for e in watch_run["log"]] == [
+        ("alert started", "w1", "alert"),
+        ("alert ended", "w1", "alert ended"),
+    ]
+    assert all(e["text"].startswith(SQUARE) for e in watch_run["log"])
+
+
+def test_a_refused_watch_list_is_taken_back_and_the_captions_go_on(browser, ask_server: LiveServer) -> None:
+    page, errors = open_page(browser)
+    try:
+        page.goto(ask_server.http + "/")
+        page.select_option("#source", "demo")
+        page.fill("#fps", "2")
+        page.click("#start")
+        page.wait_for_function(f"{SNAP} && {SNAP}.captioned >= 2", timeout=120_000)
+        page.fill("#watch-question", "is there " * 90)  # within the protocol's bound, too long for any model
+        page.click("#watch-add")
+        page.wait_for_selector("#error", state="visible", timeout=30_000)
+        assert "did not take the watch list" in page.inner_text("#error")
+        assert page.evaluate("document.querySelectorAll('#watches li').length") == 0
+        before = page.evaluate(SNAP)["captioned"]
+        page.wait_for_function(f"{SNAP}.captioned >= {before + 2}", timeout=60_000)
+        assert page.evaluate(SNAP)["watches"] == []
+        page.click("#stop")
+    finally:
+        page.close()
+    assert not errors, errors

@@ -396,3 +396,40 @@ def test_a_model_without_a_question_template_refuses_and_the_stream_goes_on(
     assert answer["error"].startswith("invalid_request: the server refused a question"), answer
     assert "no question template" in answer["error"]
     assert f"? {COUNT} -> (failed: invalid_request" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# watches: `ask_server` scores them (a model with a question template); a threshold of 1e-6 makes the
+# alert certain whatever the model, so the lifecycle is checked with the random one as with a trained one
+
+
+def test_watch_alerts_are_printed_and_recorded(ask_server: LiveServer, tmp_path: Path) -> None:
+    jsonl = tmp_path / "watch.jsonl"
+    square, empty = "is there a square?", "is the scene empty?"
+    done = casa_stream("synthetic:3", "--server", ask_server.ws, "--no-realtime", "--synthetic-seconds", "3",
+                       "--watch", square, "--watch", empty, "--watch-threshold", "1e-6", "--jsonl", str(jsonl))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = read_jsonl(jsonl)
+    captions = [r for r in rows if "type" not in r]
+    alerts = [r for r in rows if r.get("type") == "alert"]
+    assert [c["frame"] for c in captions] == list(range(6)), done.stderr
+    assert all(set(c["watch_scores"]) == {"w1", "w2"} for c in captions)
+    # both alerts start on the first frame and are ended by the session's close on the last one
+    assert [(a["event"], a["watch_id"], a["question"], a["frame"], a.get("reason")) for a in alerts] == [
+        ("started", "w1", square, 0, None),
+        ("started", "w2", empty, 0, None),
+        ("ended", "w1", square, 5, "session_closed"),
+        ("ended", "w2", empty, 5, "session_closed"),
+    ]
+    for a in alerts:
+        caption = captions[a["frame"]]
+        assert (
+            a["pts"] == pytest.approx(caption["start"])
+            and a["score"] == caption["watch_scores"][a["watch_id"]]
+        )
+    assert rows.index(alerts[0]) < rows.index(captions[0])  # a frame's alerts come before its caption
+    lines = done.stdout.splitlines()
+    assert f"[alert w1 started] frame 0 @ 0s score {alerts[0]['score']:.2f} — {square}" in lines, done.stdout
+    assert sum(line.startswith("[alert w2 ended: session_closed] frame 5 @ 2.5s") for line in lines) == 1
+    assert done.stdout.count(" --> ") == 6  # the caption lines are still there, apart
+    assert "2 alerts" in done.stderr

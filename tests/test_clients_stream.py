@@ -34,8 +34,10 @@ from casa_live.clients.stream import (
     run_stream,
     stream_url,
 )
-from casa_live.clients.writers import Answer, Segment, open_writers
+from casa_live.clients.watches import watch_rules
+from casa_live.clients.writers import Alert, Answer, Segment, open_writers
 from casa_live.server import protocol
+from casa_live.server.alerts import AlertTracker
 from casa_live.server.subtitles import format_timestamp
 
 # ---------------------------------------------------------------------------------- pure parts
@@ -162,10 +164,21 @@ class ScriptedServer:
     frame, at once when one was captioned and otherwise after the next caption: `response.created`,
     two deltas, `response.done` with the text `seen N` (N the overall frame count). `questions`:
     answer | refuse (invalid_request, echoing the event_id, as a model without a question template) |
-    hold_first (the first connection never answers; the later ones do)."""
+    hold_first (the first connection never answers; the later ones do).
 
-    def __init__(self, mode: str = "ok", token: str | None = None, questions: str = "answer") -> None:
-        self.mode, self.token, self.question_mode = mode, token, questions
+    Watches (session.update `watches`) are scored `scores(n)` on the overall frame n, the same for
+    every watch, and debounced by the server's own AlertTracker: alert.started / alert.ended come
+    before the frame's segment, which carries watch_scores; session.close ends the active alerts
+    (reason session_closed), as the real server does."""
+
+    def __init__(
+        self,
+        mode: str = "ok",
+        token: str | None = None,
+        questions: str = "answer",
+        scores=lambda n: 0.5,
+    ) -> None:
+        self.mode, self.token, self.question_mode, self.scores = mode, token, questions, scores
         self.questions: list[tuple[int, dict]] = []  # (connection, response.create as sent)
         self.max_in_flight = 0
         self.frames: list[protocol.BinaryMessage] = []
@@ -211,6 +224,21 @@ class ScriptedServer:
         n = -1  # the overall frame count of the latest caption
         conn = self.connections
         pending: list[protocol.ResponseCreate] = []  # questions not answered yet
+        trackers: dict[str, AlertTracker] = {}  # this session's watches
+        last: dict[str, tuple[int, float, float]] = {}  # watch id -> (frame, pts, score) last scored
+
+        async def score(k: int, n: int, pts: float) -> dict[str, float] | None:
+            if not trackers:
+                return None
+            scores = {wid: self.scores(n) for wid in trackers}
+            for wid, tracker in trackers.items():
+                last[wid] = (k, pts, scores[wid])
+                change = tracker.observe(k, pts, scores[wid])
+                if change == "started":
+                    await send(protocol.AlertStarted(watch_id=wid, frame=k, pts=pts, score=scores[wid]))
+                elif change == "ended":
+                    await send(protocol.AlertEnded(watch_id=wid, frame=k, pts=pts, score=scores[wid]))
+            return scores
 
         async def answer(frame: int, n: int, pts: float) -> None:
             if self.question_mode == "hold_first" and conn == 1:
@@ -280,6 +308,7 @@ class ScriptedServer:
                 pts = msg.pts if msg.pts is not None else n / settings.fps
                 for piece in ("frame", f" {n}"):
                     await send(protocol.CaptionDelta(frame=k, pts=pts, text=piece))
+                watch_scores = await score(k, n, pts)
                 await send(
                     protocol.CaptionSegment(
                         frame=k,
@@ -290,6 +319,7 @@ class ScriptedServer:
                         reason="stop",
                         ttft_ms=5.0,
                         latency_ms=9.0,
+                        watch_scores=watch_scores,
                     )
                 )
                 await answer(k, n, pts)
@@ -327,6 +357,8 @@ class ScriptedServer:
                     continue
                 merged = settings.model_dump() | event.session.model_dump(exclude_none=True)
                 settings = protocol.SessionSettings(**merged)
+                for w in event.session.watches or []:
+                    trackers[w.id] = AlertTracker(w.threshold, w.min_frames, w.clear_frames, w.cooldown_s)
                 await send(protocol.SessionUpdated(settings=settings, input=protocol.InputSettings()))
             elif event.type == "response.create":
                 self.questions.append((conn, json.loads(raw)))
@@ -347,6 +379,13 @@ class ScriptedServer:
             elif event.type == "input.marker":
                 await send(protocol.Marker(id=event.id))
             elif event.type == "session.close":
+                for wid, tracker in trackers.items():
+                    if wid in last and tracker.end(last[wid][0], last[wid][1]):
+                        frame, pts, value = last[wid]
+                        ended = protocol.AlertEnded(
+                            watch_id=wid, frame=frame, pts=pts, score=value, reason="session_closed"
+                        )
+                        await send(ended)
                 await send(protocol.SessionClosed(reason="client"))
                 await ws.close(1000)
                 return
@@ -700,3 +739,136 @@ def test_questions_lost_with_a_connection_are_asked_again(tmp_path: Path, capsys
     # frame numbers go on across sessions, for answers as for captions
     assert answer["frame"] in [c["frame"] for c in captions[2:]], (answer, captions)
     assert answer["text"] == f"seen {answer['frame'] + (len(srv.frames) - len(captions))}"
+
+
+# ---------------------------------------------------------------------------------- watches
+
+RED = "is there a red circle?"
+EMPTY = "is the scene empty?"
+
+
+def test_printer_and_jsonl_record_alerts_apart_from_captions(tmp_path: Path) -> None:
+    out = io.StringIO()
+    p = LivePrinter(out, io.StringIO(), live=False, quiet=True)  # quiet hides captions, not alerts
+    p.segment(Segment(0, 0.0, 0.5, "a red circle"))
+    started = Alert("started", "w1", RED, 31, 15.5, 0.968, metadata={"camera": "door-3"})
+    ended = Alert("ended", "w1", "is there\na red circle?", 40, 20.0, 0.12, "session_closed")
+    p.alert(started)
+    p.alert(ended)
+    assert out.getvalue().splitlines() == [
+        f"[alert w1 started] frame 31 @ 15.5s score 0.97 — {RED}",
+        f"[alert w1 ended: session_closed] frame 40 @ 20s score 0.12 — {RED}",
+    ]
+    writers = open_writers(srt=tmp_path / "a.srt", jsonl=tmp_path / "a.jsonl")
+    for w in writers:
+        w.write(Segment(0, 0.0, 0.5, "a red circle", 12.0, 40.0, {"w1": 0.968}))
+        w.write_alert(started)
+        w.write_alert(ended)
+        w.close()
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert rows[0]["watch_scores"] == {"w1": 0.968}
+    assert rows[1] == {
+        "type": "alert", "event": "started", "watch_id": "w1", "question": RED, "frame": 31, "pts": 15.5,
+        "score": 0.968, "metadata": {"camera": "door-3"},
+    }  # fmt: skip
+    assert rows[2]["reason"] == "session_closed" and "metadata" not in rows[2]
+    assert len(parse_srt((tmp_path / "a.srt").read_text())) == 1  # subtitles: captions only
+
+
+def test_watch_rules_number_the_questions() -> None:
+    rules = watch_rules([RED, f" {EMPTY} "], threshold=0.2, min_frames=2)
+    assert [(r["id"], r["question"]) for r in rules] == [("w1", RED), ("w2", EMPTY)]
+    assert all(
+        (r["threshold"], r["min_frames"], r["clear_frames"], r["cooldown_s"]) == (0.2, 2, 1, 0.0)
+        for r in rules
+    )
+    assert [protocol.Watch(**r).id for r in rules] == ["w1", "w2"]  # what the server accepts
+
+
+def test_watches_are_set_and_their_alerts_printed_and_recorded(tmp_path: Path, capsys) -> None:
+    # yes on frames 1 and 2 (0.5 s and 1.0 s), no elsewhere: one alert from frame 1 to frame 3
+    with ScriptedServer(scores=lambda n: 0.9 if n in (1, 2) else 0.1) as srv:
+        code, out, err, rows = _run_ask(
+            srv, tmp_path, capsys, watches=watch_rules([RED, EMPTY], threshold=0.5)
+        )
+    assert code == EXIT_OK, err
+    sent = srv.updates[0]["session"]["watches"]
+    assert [(w["id"], w["question"], w["threshold"]) for w in sent] == [("w1", RED, 0.5), ("w2", EMPTY, 0.5)]
+    alerts = [r for r in rows if r.get("type") == "alert"]
+    assert [(a["event"], a["watch_id"], a["question"], a["frame"], a["pts"], a["score"]) for a in alerts] == [
+        ("started", "w1", RED, 1, 0.5, 0.9),
+        ("started", "w2", EMPTY, 1, 0.5, 0.9),
+        ("ended", "w1", RED, 3, 1.5, 0.1),
+        ("ended", "w2", EMPTY, 3, 1.5, 0.1),
+    ]
+    assert all("reason" not in a for a in alerts)  # the score fell
+    captions = [r for r in rows if "type" not in r]
+    assert [c["watch_scores"] for c in captions] == [
+        {"w1": s, "w2": s} for s in (0.1, 0.9, 0.9, 0.1, 0.1, 0.1)
+    ]
+    # a frame's alerts come before its caption record, as the server sends them
+    kinds = [(r.get("type", "caption"), r["frame"]) for r in rows]
+    assert kinds.index(("alert", 1)) < kinds.index(("caption", 1))
+    lines = out.splitlines()
+    assert f"[alert w1 started] frame 1 @ 0.5s score 0.90 — {RED}" in lines
+    assert f"[alert w2 ended] frame 3 @ 1.5s score 0.10 — {EMPTY}" in lines
+    assert sum(line.startswith("[alert ") for line in lines) == 4
+    assert "2 alerts" in err
+
+
+def test_an_alert_active_at_the_close_ends_there(tmp_path: Path, capsys) -> None:
+    with ScriptedServer(scores=lambda n: 0.9) as srv:
+        code, out, err, rows = _run_ask(srv, tmp_path, capsys, watches=watch_rules([RED], min_frames=2))
+    assert code == EXIT_OK, err
+    alerts = [(r["event"], r["frame"], r.get("reason")) for r in rows if r.get("type") == "alert"]
+    assert alerts == [("started", 1, None), ("ended", 5, "session_closed")]
+    assert f"[alert w1 ended: session_closed] frame 5 @ 2.5s score 0.90 — {RED}" in out.splitlines()
+    assert "1 alert" in err
+
+
+def test_alerts_cut_off_by_a_dropped_connection_end_and_the_watches_go_on(tmp_path: Path, capsys) -> None:
+    with ScriptedServer("drop_after_2", scores=lambda n: 0.9) as srv:
+        code, _, err, rows = _run_ask(srv, tmp_path, capsys, watches=watch_rules([RED]))
+    assert code == EXIT_OK, err
+    assert srv.connections == 2
+    assert srv.updates[1]["session"]["watches"] == srv.updates[0]["session"]["watches"]
+    alerts = [(r["event"], r["frame"], r.get("reason")) for r in rows if r.get("type") == "alert"]
+    captions = [r for r in rows if "type" not in r]
+    # no alert.ended came from the dropped session: the client ends it on the last frame scored there;
+    # the new session starts afresh (frames in the stream's numbering)
+    assert alerts[:2] == [("started", 0, None), ("ended", 1, "connection_lost")]
+    assert alerts[2] == ("started", 2, None) and alerts[3][2] == "session_closed"
+    assert alerts[3][1] == captions[-1]["frame"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--watch", RED, "--watch-threshold", "1"], "not a probability strictly between 0 and 1"),
+        (["--watch", RED, "--watch-threshold", "abc"], "not a probability strictly between 0 and 1"),
+        (["--watch", RED, "--watch-min-frames", "0"], "not a whole number of frames from 1 to 100"),
+        (["--watch", RED, "--watch-cooldown", "-1"], "not a number of seconds >= 0"),
+    ],
+)
+def test_watch_flags_are_checked_by_the_parser(capsys, argv: list[str], words: str) -> None:
+    from casa_live.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["stream", "synthetic:1", *argv])
+    assert exit_info.value.code == EXIT_USAGE
+    assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--watch-threshold", "0.2"], "--watch-threshold needs at least one --watch"),
+        ([f"--watch=is there a {i}?" for i in range(9)], "9 --watch questions; a session has at most 8"),
+        (["--watch", " "], "invalid session settings: watches.0.question"),
+    ],
+)
+def test_bad_watches_are_usage_errors(capsys, argv: list[str], words: str) -> None:
+    from casa_live.cli.main import main
+
+    assert main(["stream", "synthetic:1", "--server", "ws://127.0.0.1:9", *argv]) == EXIT_USAGE
+    assert words in capsys.readouterr().err

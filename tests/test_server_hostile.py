@@ -215,7 +215,10 @@ def upload(clip):
     return encode_stream(clip[:2], "webm", "libvpx")
 
 
-QUERY_KEYS = st.sampled_from([*PROTOCOL_BOUNDS, "fps", "prompt", "mode", "format", "token", "junk"])
+WATCH_KEYS = ["watch", "watch_threshold", "watch_min_frames", "watch_clear_frames", "watch_cooldown"]
+QUERY_KEYS = st.sampled_from(
+    [*PROTOCOL_BOUNDS, "fps", "prompt", "mode", "format", "token", "junk", *WATCH_KEYS]
+)
 QUERY_VALUES = st.text(max_size=30) | st.sampled_from(
     [
         "1e-30",

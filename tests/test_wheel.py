@@ -32,7 +32,7 @@ PACKAGE_DIR = dict(
     re.findall(r'^"([\w.]+)" = "([^"]+)"$', _SETUPTOOLS.split("[tool.setuptools.package-dir]")[1], re.M)
 )
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"}
-WEB_FILES = {"index.html", "app.js", "style.css"}
+WEB_FILES = {"index.html", "app.js", "watches.js", "style.css"}
 
 
 def _tracked(root: Path) -> list[str]:

@@ -14,6 +14,11 @@
 // as an answer, its text streaming in, then the frame it saw and its status. Questions in flight when
 // a session ends get no answer (closing a session discards them): the page says so.
 //
+// Watches ("alert me when"): watches.js keeps the list, the alert banner and the alerts in the caption
+// log; this file hands it the session's events and sends the list it asks for (in a session.update of
+// its own right after each session's first session.updated, so a list the model refuses never stops
+// the captions).
+//
 // Reconnect: a close with 1006 (dropped), 1011 (server error), 1012 (the server drained the session:
 // session.draining came first) or 1013 (capacity) opens a new session after a jittered exponential
 // backoff, at most MAX_TRIES in a row, shown in the status pill. The video, its clock (pts) and the
@@ -64,6 +69,7 @@
     askForm: $("ask-form"), question: $("question"), ask: $("ask"), answers: $("answers"),
   };
   let askSeq = 0; // response ids a1, a2, ... for the page's lifetime
+  const watchBox = window.casaWatches;
 
   // Everything about the current run; replaced on each Start.
   let run = null;
@@ -198,10 +204,12 @@
         break;
       case "session.updated":
         r.fps = event.settings && event.settings.fps ? event.settings.fps : Number(el.fps.value);
+        watchBox.onUpdated(event);
         if (!r.live) { // a new session (the first, or after a reconnect): its frame 0 is our next frame
           r.live = true;
           r.offset = r.nextFrame;
           if (r.reconnects) clearError();
+          watchBox.sessionStarted();
         }
         startCapture(r);
         setAsk(true);
@@ -236,7 +244,12 @@
       case "response.done":
         onAnswerDone(r, event.response);
         break;
+      case "alert.started":
+      case "alert.ended":
+        watchBox.onAlert(event, r.offset + event.frame);
+        break;
       case "error":
+        if (watchBox.onError(event, serverErrorWords(event))) break; // the watch list was refused
         if (event.event_id && r.questions.has(event.event_id)) { // a question the server did not take
           onAnswerRefused(r, event.event_id, serverErrorWords(event));
           break;
@@ -246,6 +259,7 @@
         else r.lastError = serverErrorWords(event);
         break;
       case "session.closed":
+        watchBox.endSession();
         setStatus(`closed (${event.reason})`, "idle");
         break;
       default:
@@ -261,6 +275,7 @@
   function onClose(r, ev) {
     stopCapture(r);
     r.live = false;
+    if (r === run) watchBox.endSession();
     for (const id of [...r.questions.keys()]) onAnswerRefused(r, id, "No answer: the session ended first.");
     if (r === run) setAsk(false);
     if (r !== run) { // an earlier run closing late: leave the current one's video and buttons alone
@@ -373,7 +388,11 @@
     r.partial = "";
     r.latencies.push(latency);
     if (seg.ttft_ms !== undefined) r.ttfts.push(seg.ttft_ms);
-    r.segments.push({ frame, start: seg.start, end: seg.end, text: seg.text, reason: seg.reason, latency_ms: latency });
+    r.segments.push({
+      frame, start: seg.start, end: seg.end, text: seg.text, reason: seg.reason, latency_ms: latency,
+      watch_scores: seg.watch_scores || null,
+    });
+    watchBox.onScores(seg.watch_scores);
     showCaption(seg.start, seg.text, false);
 
     const li = document.createElement("li");
@@ -566,6 +585,7 @@
     run = r;
     el.history.replaceChildren();
     el.answers.replaceChildren();
+    watchBox.newRun();
     el.caption.hidden = true;
     renderStats(r);
     setButtons(true);
@@ -614,6 +634,16 @@
   el.prompt.addEventListener("change", pushSettings);
   el.fps.addEventListener("change", pushSettings);
   el.askForm.addEventListener("submit", (e) => { e.preventDefault(); ask(); });
+  watchBox.attach({
+    // the watch list goes to the running session, if there is one (the next one gets it otherwise)
+    send: (obj) => {
+      const r = run;
+      if (!r || !r.live || r.stopping || !r.ws || r.ws.readyState !== WebSocket.OPEN) return false;
+      send(r, obj);
+      return true;
+    },
+    showError,
+  });
 
   // Settings from the query string: ?source=camera&fps=2&prompt=...&token=...&autostart=1
   const params = new URLSearchParams(location.search);
@@ -634,6 +664,8 @@
         id: q.id, question: q.question, frame: q.frame, pts: q.pts, text: q.text, status: q.result,
         error: q.error || null, video_time: q.videoTime, latency_ms: q.latency ?? null, ttft_ms: q.ttft ?? null,
       })),
+      // the watch list (as the page wants it, and as the server took it), alerts on now, alert events
+      ...watchBox.snapshot(),
     },
   };
 })();
