@@ -67,6 +67,14 @@ class StepInputs:
     sa_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # torch backend: built once per step
     ca_mask: tuple[torch.Tensor, torch.Tensor] | None = None
     tree: bool = False  # a scoring forward: explicit tree masks, torch attention (kernels/dispatch.py)
+    select: torch.Tensor | None = None  # (R,) state row of each batch entry (device); None: rows [0, R)
+
+    def take(self, buf: torch.Tensor, n: int) -> torch.Tensor:
+        """The step's rows of a (B, Hkv, slots, D) cache buffer, first n slots: a view of rows
+        [0, R), or a copy of the selected rows."""
+        if self.select is None:
+            return buf[: self.rows, :, :n]
+        return buf[:, :, :n].index_select(0, self.select)
 
 
 def flat_rows(b_idx: torch.Tensor, slots: torch.Tensor, heads: int, capacity: int) -> torch.Tensor:
@@ -163,6 +171,7 @@ class LanguageModel(nn.Module):
         sa_positions: torch.Tensor,
         ca_positions: torch.Tensor | None = None,
         tree: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Feed rows [0, R) n_valid[r] tokens each; returns final hidden states (R, T, hidden). The
         tokens' K/V are written at the rows' lengths; the caller advances the lengths afterwards
@@ -176,6 +185,9 @@ class LanguageModel(nn.Module):
            sees new token j when tree[r, i, j] instead of when j <= i, so several questions share
            one prefix; their K/V may then use the score slots past the capacity (model/cache.py),
            and the caller never advances the lengths, which leaves the row as it was.
+        rows: (R,) host int64, the state row of each batch entry (a scoring forward feeds a few
+           rows among many): their cache K/V are gathered (a copy of S slots per layer) instead of
+           the rows [0, R) being read in place.
         """
         R, T, _ = x.shape
         dev = x.device
@@ -183,12 +195,14 @@ class LanguageModel(nn.Module):
         n_valid = n_valid.cpu()
         valid = torch.arange(T)[None, :] < n_valid[:, None]
         b_idx, t_idx = valid.nonzero(as_tuple=True)
-        sa_start = text.length[:R].clone()
+        sel = torch.arange(R) if rows is None else rows.cpu()
+        sa_start = text.length[sel].clone()
         if int((sa_start + n_valid).max()) > (text.capacity if tree is None else text.k.shape[3]):
             raise ValueError("text cache overflow: call make_room before step")
         sa_cos, sa_sin = self.cos_sin(sa_positions)
         inp = StepInputs(
             rows=R,
+            select=None if rows is None else sel.to(dev),
             b_idx=b_idx.to(dev),
             t_idx=t_idx.to(dev),
             sa_start=sa_start.to(dev),
@@ -198,7 +212,7 @@ class LanguageModel(nn.Module):
             sa_sin=sa_sin,
         )
         if cs is not None and self.casa_ids:
-            ca_start = cs.win_len[:R].clone()
+            ca_start = cs.win_len[sel].clone()
             if int((ca_start + n_valid).max()) > (
                 cs.window if tree is None else cs.k.shape[3] - cs.image_tokens
             ):
@@ -206,16 +220,17 @@ class LanguageModel(nn.Module):
             inp.ca_start = ca_start.to(dev)
             inp.ca_slots = (ca_start[b_idx] + t_idx).to(dev)
             inp.ca_len = int((ca_start + n_valid).max())
-            inp.n_img = cs.n_img[:R].to(dev)
-            inp.img_len = int(cs.n_img[:R].max())
+            inp.n_img = cs.n_img[sel].to(dev)
+            inp.img_len = int(cs.n_img[sel].max())
             if self.fusion == "casa":
                 assert ca_positions is not None
                 inp.ca_cos, inp.ca_sin = self.cos_sin(ca_positions)
         kvh = self.cfg.kv_heads
-        inp.sa_rows = flat_rows(inp.b_idx, inp.sa_slots, kvh, text.k.shape[3])  # slots incl. scratch
+        cache_b = inp.b_idx if inp.select is None else inp.select[inp.b_idx]  # each token's state row
+        inp.sa_rows = flat_rows(cache_b, inp.sa_slots, kvh, text.k.shape[3])  # slots incl. scratch
         if inp.ca_slots is not None:
             # window slots sit after the image tokens in the CASA buffer
-            inp.ca_rows = flat_rows(inp.b_idx, inp.ca_slots + cs.image_tokens, kvh, cs.k.shape[3])
+            inp.ca_rows = flat_rows(cache_b, inp.ca_slots + cs.image_tokens, kvh, cs.k.shape[3])
         if tree is not None:
             inp.tree = True
             tree = tree.to(dev)
@@ -240,7 +255,6 @@ class LanguageModel(nn.Module):
     def _block_step(
         self, block: Block, li: int, ci: int | None, x: torch.Tensor, inp: StepInputs, state: StreamState
     ) -> torch.Tensor:
-        R = inp.rows
         text = state.text
         h = block.input_layernorm(x)
         q, k, v = block.self_attn.qkv(h)  # (R, H, T, D), (R, Hkv, T, D) x 2
@@ -249,7 +263,15 @@ class LanguageModel(nn.Module):
         write_rows(text.v[li], inp.sa_rows, v, inp.b_idx, inp.t_idx)
         S = inp.sa_len
         o = self._attend(
-            inp, qs, None, None, None, text.k[li, :R, :, :S], text.v[li, :R, :, :S], inp.sa_start, inp.sa_mask
+            inp,
+            qs,
+            None,
+            None,
+            None,
+            inp.take(text.k[li], S),
+            inp.take(text.v[li], S),
+            inp.sa_start,
+            inp.sa_mask,
         )
         a = block.self_attn.out(o)
         if ci is not None:
@@ -271,7 +293,6 @@ class LanguageModel(nn.Module):
         inp: StepInputs,
         state: StreamState,
     ) -> torch.Tensor:
-        R = inp.rows
         cs = state.casa
         assert cs is not None and block.casa is not None
         norm, proj = block.casa_parts()
@@ -283,14 +304,14 @@ class LanguageModel(nn.Module):
         if block.casa.text_keys:
             write_rows(cs.k[ci], inp.ca_rows, k, inp.b_idx, inp.t_idx)
             write_rows(cs.v[ci], inp.ca_rows, v, inp.b_idx, inp.t_idx)
-            seg_k, seg_v = cs.win_k[ci, :R, :, : inp.ca_len], cs.win_v[ci, :R, :, : inp.ca_len]
+            seg_k, seg_v = inp.take(cs.win_k[ci], inp.ca_len), inp.take(cs.win_v[ci], inp.ca_len)
             seg_start = inp.ca_start
         N = max(inp.img_len, 1)
         o = self._attend(
             inp,
             q,
-            cs.img_k[ci, :R, :, :N],
-            cs.img_v[ci, :R, :, :N],
+            inp.take(cs.img_k[ci], N),
+            inp.take(cs.img_v[ci], N),
             inp.n_img,
             seg_k,
             seg_v,

@@ -13,8 +13,9 @@ the same for every stream.
 
 The cap follows the measured cost of a caption against its budget:
 - every tick, the predicted service time (ticks a caption takes, a moving average, times the
-  tick's duration, a moving average) is compared with the budget: above `high` of it, the cap
-  drops to the frames in flight scaled down in proportion (at most once per `settle_tick`). This
+  tick's duration, a moving average) is compared with the budget: above `high` of it for
+  `sustained` ticks in a row, the cap drops to the frames in flight scaled down in proportion (at
+  most once per `settle_tick`). This
   acts within a few ticks of a burst (a camera fleet reconnecting at once), before any frame of the
   burst has run out of time;
 - every finished frame's measured service time confirms it: above `over` of its budget, the cap
@@ -34,7 +35,8 @@ from dataclasses import dataclass
 
 @dataclass
 class OverloadConfig:
-    high: float = 0.75  # predicted service time / budget above which the cap is cut in proportion
+    high: float = 0.85  # predicted service time / budget above which the cap is cut in proportion
+    sustained: int = 3  # ... for this many ticks in a row (one slow tick, a prompt prefill, is not overload)
     over: float = 0.9  # measured service time / budget above which the cap shrinks by `decrease`
     low: float = 0.6  # ... below which it grows by one (while frames wait)
     decrease: float = 0.85
@@ -42,7 +44,7 @@ class OverloadConfig:
     settle_tick: float = 0.1  # ... on predicted ones
     hold_s: float = 2.0  # `overloaded` stays true this long after frames last waited
     ema: float = 0.2  # weight of the newest value in the moving averages
-    prior_ticks: float = 12.0  # ticks a caption takes, before one has been measured
+    prior_ticks: float = 10.0  # ticks a caption takes, before one has been measured
 
 
 class Governor:
@@ -61,6 +63,7 @@ class Governor:
         self.last_decrease = -1e9
         self.last_waiting = -1e9  # when frames last had to wait for a place
         self.waiting = 0  # frames waiting for a place at the last admission round
+        self.slow_ticks = 0  # ticks in a row whose prediction was above `high`
 
     def admit(self, in_flight: int, wanting: int) -> int:
         """How many of the `wanting` frames may start now, with `in_flight` running."""
@@ -77,8 +80,9 @@ class Governor:
         if not self.budget or in_flight < 2:
             return
         predicted = self.tick_s * self.ticks / self.budget
+        self.slow_ticks = self.slow_ticks + 1 if predicted > c.high else 0
         now = self.clock()
-        if predicted > c.high and now - self.last_decrease >= c.settle_tick:
+        if self.slow_ticks >= c.sustained and now - self.last_decrease >= c.settle_tick:
             self.cap = max(1, min(self.cap, int(in_flight * c.high / predicted)))
             self.last_decrease = now
 

@@ -55,8 +55,9 @@ def test_overrun_shrinks_the_cap_and_holds_frames_back_then_it_recovers():
 
 def simulate(streams: int, seconds: float, fps: float = 2.0, governed: bool = True) -> dict:
     """Live streams on a simulated engine: a tick costs 4 ms + 0.6 ms per decoding row, a caption
-    takes 10 ticks, the budget is one frame period. Returns the captions each stream finished
-    whole and cut."""
+    takes 10 ticks, the budget is one frame period. The streams start within one frame period, as
+    the load test's do. Returns the captions each stream finished whole and cut after the first
+    second (the start-up burst), and the cuts of the burst itself."""
     clock = Clock()
     g = Governor(streams, clock=clock) if governed else None
     budget = 1.0 / fps
@@ -66,6 +67,7 @@ def simulate(streams: int, seconds: float, fps: float = 2.0, governed: bool = Tr
     whole = dict.fromkeys(range(streams), 0)
     cut = dict.fromkeys(range(streams), 0)
     next_frame = [k * budget / streams for k in range(streams)]
+    burst_cut = 0
     while clock.t < seconds:
         for k in range(streams):
             if clock.t >= next_frame[k]:
@@ -85,14 +87,15 @@ def simulate(streams: int, seconds: float, fps: float = 2.0, governed: bool = Tr
             running[k][1] -= 1
             started = running[k][0]
             if running[k][1] == 0 or clock.t - started >= budget:
-                if running[k][1] == 0:
-                    whole[k] += 1
-                else:
-                    cut[k] += 1
+                tally = (whole if running[k][1] == 0 else cut) if clock.t >= 1.0 else None
+                if tally is not None:
+                    tally[k] += 1
+                elif running[k][1]:
+                    burst_cut += 1
                 if g:
                     g.done(clock.t - started, budget, len(running), 10 - running[k][1])
                 del running[k]
-    return {"whole": whole, "cut": cut, "governor": g}
+    return {"whole": whole, "cut": cut, "burst_cut": burst_cut, "governor": g}
 
 
 def test_past_capacity_fewer_frames_are_captioned_whole_and_each_stream_gets_its_share():
@@ -108,12 +111,16 @@ def test_past_capacity_fewer_frames_are_captioned_whole_and_each_stream_gets_its
     mean = sum(whole.values()) / len(whole)
     assert all(abs(w - mean) <= 0.3 * mean for w in whole.values())  # fairness within 30%
     assert governed["governor"].overloaded
+    # the start-up burst: every stream's first frame starts before the step has slowed down, and
+    # some of those are cut before the governor sees the overload (docs/scaling.md says so)
+    assert governed["burst_cut"] <= 200
 
 
 def test_under_capacity_the_governor_changes_nothing():
     governed, free = simulate(20, 20.0), simulate(20, 20.0, governed=False)
     assert governed["whole"] == free["whole"] and governed["cut"] == free["cut"]
-    assert sum(free["cut"].values()) == 0 and not governed["governor"].overloaded
+    assert sum(free["cut"].values()) == 0 and free["burst_cut"] == governed["burst_cut"] == 0
+    assert not governed["governor"].overloaded
 
 
 def test_readyz_and_auto_admission_follow_the_governor(model_dir):

@@ -250,7 +250,8 @@ class Runner:
 
     def _score(self, rows: dict[int, tuple[int, list[list[int]]]], res: StepResult) -> None:
         """Score each row's watches on its current frame in one forward over rows [0, R) that
-        leaves every row as it was (docs/engine.md, "Watches"). A row's watches share their
+        leaves every row as it was (docs/engine.md, "Watches"); the forward's batch is the scored
+        rows alone, their caches gathered (`LanguageModel.step(rows=...)`). A row's watches share their
         longest common prefix: its tokens are fed once, then each watch's rest as a branch of
         it (a tree mask), all at the positions a question branch would give them. The K/V go to
         the slots past each row's valid ones (the caches' score slots) and the lengths are not
@@ -259,36 +260,39 @@ class Runner:
         so only the yes and no rows of the output matrix are computed."""
         assert self.yes_no is not None, "the engine sets the yes/no ids before scoring"
         lm, text, cs = self.lm, self.state.text, self.state.casa
-        packed = {i: pack_tree(watches) for i, (_, watches) in rows.items()}
-        R = max(rows) + 1
-        T = max(len(p.ids) for p in packed.values())
+        order = sorted(rows)
+        packed = [pack_tree(rows[i][1]) for i in order]
+        sel = torch.tensor(order)  # the batch covers only the scored rows (a few among many)
+        R, T = len(order), max(len(p.ids) for p in packed)
         ids = torch.zeros(R, T, dtype=torch.long)
         depth = torch.zeros(R, T, dtype=torch.long)
         tree = torch.zeros(R, T, T, dtype=torch.bool)
         n_valid = torch.zeros(R, dtype=torch.long)
-        for i, p in packed.items():
+        for b, p in enumerate(packed):
             n = len(p.ids)
-            ids[i, :n], depth[i, :n], tree[i, :n, :n], n_valid[i] = torch.tensor(p.ids), p.depth, p.tree, n
+            ids[b, :n], depth[b, :n], tree[b, :n, :n], n_valid[b] = torch.tensor(p.ids), p.depth, p.tree, n
         x = lm.embed_tokens(ids.to(self.device))
-        base = torch.tensor(self.state.spans.position[:R]) if self.insertion else text.length[:R]
+        base = (
+            torch.tensor([self.state.spans.position[i] for i in order])
+            if self.insertion
+            else text.length[sel]
+        )
         sa_pos = (base[:, None] + depth)[..., None].expand(-1, -1, 3)
         ca_pos = None
         if cs is not None:
-            ca_pos = (cs.win_len[:R][:, None] + depth)[..., None].expand(-1, -1, 3).to(self.device)
-        h = lm.step(x, n_valid, self.state, sa_pos.to(self.device), ca_pos, tree=tree)
+            ca_pos = (cs.win_len[sel][:, None] + depth)[..., None].expand(-1, -1, 3).to(self.device)
+        h = lm.step(x, n_valid, self.state, sa_pos.to(self.device), ca_pos, tree=tree, rows=sel)
         yes, no = self.yes_no
         w = lm.embed_tokens.weight if lm.lm_head is None else lm.lm_head.weight
         w = w[torch.tensor(yes + no, device=self.device)]  # (|yes| + |no|, hidden)
-        order = sorted(packed)
-        last = torch.cat([h[i, packed[i].last] for i in order])  # (watches, hidden)
+        last = torch.cat([h[b, p.last] for b, p in enumerate(packed)])  # (watches, hidden)
         logits = (last @ w.t()).float()
         margin = torch.logsumexp(logits[:, : len(yes)], -1) - torch.logsumexp(logits[:, len(yes) :], -1)
         scores = torch.sigmoid(margin).tolist()
         k = 0
-        for i in order:
-            n = len(packed[i].last)
-            res.scores[i] = scores[k : k + n]
-            k += n
+        for i, p in zip(order, packed):
+            res.scores[i] = scores[k : k + len(p.last)]
+            k += len(p.last)
 
     def _insertion_positions(self, i: int, items: list[Item]) -> torch.Tensor:
         """Absolute Qwen2.5-VL positions of a row's items for the insertion baseline (see
