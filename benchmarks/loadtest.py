@@ -221,6 +221,12 @@ class ClientResult:
     cut: int = 0  # captions ended by deadline or length instead of a stop token
     exact: int = 0
     f1: float = 0.0  # sum over segments
+    # the world's caption of a frame describes the change since the frame before it, so it is the
+    # truth of a caption only when that frame was captioned too: past capacity, where frames are
+    # shed, exact match is also counted over those captions alone
+    consecutive: int = 0
+    exact_consecutive: int = 0
+    frames_seen: set[int] = field(default_factory=set)
     clip: int = 0  # which clip it streamed
     errors: list[str] = field(default_factory=list)
 
@@ -294,6 +300,11 @@ def record_event(
         result.cut += event["reason"] != "stop"
         truth = clip.truth[event["frame"]]
         result.exact += event["text"].strip() == truth
+        frame = event["frame"]
+        if frame == 0 or frame - 1 in result.frames_seen:
+            result.consecutive += 1
+            result.exact_consecutive += event["text"].strip() == truth
+        result.frames_seen.add(frame)
         result.f1 += token_f1(event["text"], truth)
     elif kind == "stats":
         result.max_lag_ms = max(result.max_lag_ms, event["lag_ms"])
@@ -472,6 +483,9 @@ def level_row(
         if mean_share
         else 0.0,
         "exact": sum(r.exact for r in results) / max(1, segments),
+        "exact_consecutive": sum(r.exact_consecutive for r in results)
+        / max(1, sum(r.consecutive for r in results)),
+        "consecutive": sum(r.consecutive for r in results),
         "f1": sum(r.f1 for r in results) / max(1, segments),
         "p50_ms": percentile(lat, 50) * 1000,
         "p95_ms": percentile(lat, 95) * 1000,
@@ -502,7 +516,8 @@ def level_row(
 
 def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     head = (
-        "| N | frames sent | captioned | dropped | cut short | exact match (N = 1 on these clips) | token F1 "
+        "| N | frames sent | captioned | dropped | cut short | exact match (N = 1 on these clips); "
+        "over captions whose previous frame was captioned | token F1 "
         "| latency p50 / p95 / p99 (ms) | server p95 (ms) | max lag (ms) | goodput (full captions/s) "
         "| frames captioned (spread) | server CPU (% of 1 core) "
         "| server CPU ms / captioned frame | load generator CPU | server RSS (MB) | errors |\n"
@@ -510,7 +525,8 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     )
     lines = [
         f"| {r['N']} | {r['sent']} | {r['captioned']} | {r['dropped']} | {r['cut_pct']:.1f}% "
-        f"| {r['exact']:.3f} ({r.get('reference', float('nan')):.3f}) "
+        f"| {r['exact']:.3f} ({r.get('reference', float('nan')):.3f}); "
+        f"after a captioned frame {r.get('exact_consecutive', float('nan')):.3f} "
         f"| {r['f1']:.3f} | {r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f} | {r['server_p95_ms']:.0f} "
         f"| {r['max_lag_ms']:.0f} | {r['goodput']:.1f} | {r['share']:.2f} (±{r['share_spread']:.0%}) "
         f"| {r['server_cpu_pct']:.0f} | {r['cpu_ms_per_frame']:.1f} "
@@ -596,7 +612,9 @@ def capacity_line(rows: list[dict]) -> str:
 def overload_line(rows: list[dict]) -> str:
     """Past capacity (docs/scaling.md, "Past capacity"): each level above the largest one that met
     the capacity bar, against the graceful-overload bar: <= 1% of the delivered captions cut short,
-    exact match within 0.02 of the no-load reference, goodput >= 90% of the peak goodput of the
+    exact match within 0.02 of the no-load reference (over the captions whose previous frame was
+    captioned: the world's truth of a frame is the change since the frame before it, which a
+    caption after a shed frame does not describe), goodput >= 90% of the peak goodput of the
     levels at capacity, every stream's share of frames captioned within 30% of the mean, max lag
     under 1 s."""
     ok = [r for r in rows if meets(r)]
@@ -608,8 +626,8 @@ def overload_line(rows: list[dict]) -> str:
     for r in over:
         fails = [
             f"{r['cut_pct']:.1f}% cut" if r["cut_pct"] > 1.0 else "",
-            f"exact {r['exact']:.3f} vs {r.get('reference', 0):.3f}"
-            if r["exact"] < r.get("reference", 0) - 0.02
+            f"exact {r.get('exact_consecutive', r['exact']):.3f} vs {r.get('reference', 0):.3f}"
+            if r.get("exact_consecutive", r["exact"]) < r.get("reference", 0) - 0.02
             else "",
             f"goodput {r['goodput'] / peak:.0%} of peak" if r["goodput"] < 0.9 * peak else "",
             f"share spread {r['share_spread']:.0%}" if r["share_spread"] > 0.3 else "",

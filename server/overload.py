@@ -12,15 +12,16 @@ goes to the waiting session that started a frame longest ago, so the share of fr
 the same for every stream.
 
 The cap follows the measured cost of a caption against its budget:
-- every tick, the predicted service time (ticks a caption takes, a moving average, times the
-  tick's duration, a moving average) is compared with the budget: above `high` of it for
+- every tick, the predicted service time of a long caption (the 90th percentile of the ticks the
+  last captions took, times the tick's duration, a moving average) is compared with the budget: above `high` of it for
   `sustained` ticks in a row, the cap drops to the frames in flight scaled down in proportion (at
   most once per `settle_tick`). This
   acts within a few ticks of a burst (a camera fleet reconnecting at once), before any frame of the
   burst has run out of time;
 - every finished frame's measured service time confirms it: above `over` of its budget, the cap
   shrinks to `decrease` x the frames in flight (at most once per `settle`); below `low` of it while
-  frames wait, the cap grows by one.
+  frames wait, the cap grows by one, at most once per `grow_every` seconds (the load a new place
+  adds shows in the tick time only after a few ticks).
 While nothing waits the cap does not bind, so under capacity nothing changes. `overloaded` is true
 while frames are being held back (or were, within `hold_s`): `/readyz` answers 503 `overloaded`
 then, and `--max-sessions auto` admits no new session. docs/scaling.md, "Past capacity".
@@ -28,6 +29,7 @@ then, and `--max-sessions auto` admits no new session. docs/scaling.md, "Past ca
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +47,9 @@ class OverloadConfig:
     hold_s: float = 2.0  # `overloaded` stays true this long after frames last waited
     ema: float = 0.2  # weight of the newest value in the moving averages
     prior_ticks: float = 10.0  # ticks a caption takes, before one has been measured
+    tick_window: int = 200  # captions whose tick counts give the percentile
+    quantile: float = 0.9
+    grow_every: float = 0.1  # seconds between two growths of the cap
 
 
 class Governor:
@@ -58,7 +63,9 @@ class Governor:
         self.clock = clock
         self.ratio = 0.0  # moving average of measured service time / budget
         self.tick_s = 0.0  # moving average of a tick's duration
-        self.ticks = self.cfg.prior_ticks  # moving average of the ticks a caption takes
+        self.ticks = self.cfg.prior_ticks  # the `quantile` of the ticks the last captions took
+        self.tick_counts: collections.deque[int] = collections.deque(maxlen=self.cfg.tick_window)
+        self.last_growth = -1e9
         self.budget = 0.0  # moving average of the live frames' budgets
         self.last_decrease = -1e9
         self.last_waiting = -1e9  # when frames last had to wait for a place
@@ -99,13 +106,16 @@ class Governor:
         self.ratio = r if self.ratio == 0.0 else (1 - c.ema) * self.ratio + c.ema * r
         self.budget = budget_s if self.budget == 0.0 else (1 - c.ema) * self.budget + c.ema * budget_s
         if ticks:
-            self.ticks = (1 - c.ema) * self.ticks + c.ema * ticks
+            self.tick_counts.append(ticks)
+            ordered = sorted(self.tick_counts)
+            self.ticks = float(ordered[min(len(ordered) - 1, int(c.quantile * len(ordered)))])
         now = self.clock()
         if r > c.over and now - self.last_decrease >= c.settle:
             self.cap = max(1, min(self.cap, int(in_flight * c.decrease)))
             self.last_decrease = now
-        elif r < c.low and self.waiting and self.cap < self.limit:
+        elif r < c.low and self.waiting and self.cap < self.limit and now - self.last_growth >= c.grow_every:
             self.cap += 1
+            self.last_growth = now
 
     def started(self, budget_s: float | None) -> None:
         """A live frame started: its budget is known before any frame has finished (a burst)."""

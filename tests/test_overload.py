@@ -26,7 +26,7 @@ def test_under_capacity_it_never_binds():
         assert g.admit(in_flight=3, wanting=5) == 5
         g.tick(0.008, in_flight=8)
         g.done(service_s=0.1, budget_s=0.5, in_flight=8, ticks=12)
-        clock.t += 0.1
+        clock.t += 0.15
     assert g.cap == 8 and not g.overloaded and g.headroom == 1 - g.ratio > 0.7
 
 
@@ -41,12 +41,14 @@ def test_overrun_shrinks_the_cap_and_holds_frames_back_then_it_recovers():
     clock.t += 0.6
     g.done(service_s=0.48, budget_s=0.5, in_flight=27)
     assert g.cap == int(27 * 0.85)
-    # captions fit again while frames wait: one more place per caption that fits
+    # captions fit again while frames wait: one more place per grow_every
     cap = g.cap
     for k in range(3):
         g.admit(in_flight=g.cap, wanting=2)
         g.done(service_s=0.1, budget_s=0.5, in_flight=g.cap)
+        g.done(service_s=0.1, budget_s=0.5, in_flight=g.cap)  # within grow_every: no second place
         assert g.cap == cap + k + 1
+        clock.t += 0.15
     clock.t += 2.1  # nothing waited since: not overloaded any more
     assert not g.overloaded
     g.done(service_s=0.1, budget_s=None, in_flight=1)  # offline frames carry no budget: ignored
