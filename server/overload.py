@@ -12,7 +12,7 @@ goes to the waiting session that started a frame longest ago, so the share of fr
 the same for every stream.
 
 The cap follows the measured cost of a caption against its budget:
-- every tick, the predicted service time of a long caption (the 90th percentile of the ticks the
+- every tick, the predicted service time of a long caption (the 75th percentile of the ticks the
   last captions took, times the tick's duration, a moving average) is compared with the budget: above `high` of it for
   `sustained` ticks in a row, the cap drops to the frames in flight scaled down in proportion (at
   most once per `settle_tick`). This
@@ -48,7 +48,7 @@ class OverloadConfig:
     ema: float = 0.2  # weight of the newest value in the moving averages
     prior_ticks: float = 10.0  # ticks a caption takes, before one has been measured
     tick_window: int = 200  # captions whose tick counts give the percentile
-    quantile: float = 0.9
+    quantile: float = 0.75
     grow_every: float = 0.1  # seconds between two growths of the cap
 
 
