@@ -9,6 +9,8 @@ Every attention in the streaming model is one pattern, "prefix + causal segment"
 - CASA window prefill/decode: prefix = the frame's image K/V, seg = the window's text K/V.
 - Self-attention prefill/decode over the text cache: no prefix, seg = the cache.
 - Plain cross-attention ("ca" fusion): prefix only, seg absent.
+- Watch scoring (`tree_attention`): the same keys with an explicit mask, the new tokens being a
+  shared question prefix and its branches instead of a causal run; torch on every device.
 
 Shapes: q (B, H, T, D); prefix_k/v (B, Hkv, P, D); seg_k/v (B, Hkv, S, D); prefix_len, q_start (B,)
 int64. H is a multiple of Hkv (GQA). New keys are written into seg before the call. Rows of q past a
