@@ -246,7 +246,12 @@ class Session:
             assert self.slot is not None
             if new_watches is not None:  # first: the one part the model may refuse (too long)
                 await self._set_watches(new_watches)
-            await self.ctx.worker.update(self.slot, new.prompt, engine_settings, new.mode == "live")
+            try:
+                await self.ctx.worker.update(self.slot, new.prompt, engine_settings, new.mode == "live")
+            except CasaError:
+                if new_watches is not None:  # nothing changed: the model scores the old list again
+                    await self._set_watches(old.watches or [])
+                raise
         except CasaError:
             self.settings = old
             raise
