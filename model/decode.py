@@ -19,12 +19,13 @@ dense holds through either path; tests/test_runner.py checks decode == eager ste
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from casa_live.kernels.dispatch import apply_rope, decode_attention, rms_norm_torch
+from casa_live.kernels.dispatch import apply_rope, decode_attention
 from casa_live.model.cache import StreamState
 from casa_live.model.lm import LanguageModel
 
@@ -174,8 +175,181 @@ def _bias(visible: torch.Tensor) -> torch.Tensor:
     return bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
 
 
+@dataclass
+class FusedWeights:
+    """The weights the fused step reads, as flat per-layer lists (what TorchScript can take):
+    self-attention and MLP per layer; CASA per CASA layer (`casa_of[layer]` its index, -1 none),
+    whose norm and projections are None where CASA shares the block's."""
+
+    ln1: list[torch.Tensor]
+    qkv_w: list[torch.Tensor]
+    qkv_b: list[torch.Tensor | None]
+    o_w: list[torch.Tensor]
+    o_b: list[torch.Tensor | None]
+    ln2: list[torch.Tensor]
+    gu_w: list[torch.Tensor]
+    gu_b: list[torch.Tensor | None]
+    dn_w: list[torch.Tensor]
+    dn_b: list[torch.Tensor | None]
+    casa_of: list[int]
+    c_norm: list[torch.Tensor | None]
+    c_qkv_w: list[torch.Tensor | None]
+    c_qkv_b: list[torch.Tensor | None]
+    c_o_w: list[torch.Tensor]
+    c_o_b: list[torch.Tensor | None]
+
+    @classmethod
+    def of(cls, lm: LanguageModel) -> FusedWeights:
+        """Views of the model's (fused) parameters: nothing is copied, so a weight update shows."""
+        w = cls([], [], [], [], [], [], [], [], [], [], [], [], [], [], [], [])
+        for block in lm.layers:
+            sa, mlp = block.self_attn, block.mlp
+            assert sa._qkv is not None and mlp._gate_up is not None, "fuse_projections() first"
+            w.ln1.append(block.input_layernorm.weight)
+            w.qkv_w.append(sa._qkv[0])
+            w.qkv_b.append(sa._qkv[1])
+            w.o_w.append(sa.o_proj.weight)
+            w.o_b.append(sa.o_proj.bias)
+            w.ln2.append(block.post_attention_layernorm.weight)
+            w.gu_w.append(mlp._gate_up[0])
+            w.gu_b.append(mlp._gate_up[1])
+            w.dn_w.append(mlp.down_proj.weight)
+            w.dn_b.append(mlp.down_proj.bias)
+            if block.casa is None:
+                w.casa_of.append(-1)
+                continue
+            w.casa_of.append(len(w.c_o_w))
+            norm, proj = block.casa_parts()
+            own = not block.casa.shared
+            assert not own or proj._qkv is not None, "fuse_projections() first"
+            w.c_norm.append(norm.weight if own else None)
+            w.c_qkv_w.append(proj._qkv[0] if own else None)  # type: ignore[index]
+            w.c_qkv_b.append(proj._qkv[1] if own else None)  # type: ignore[index]
+            w.c_o_w.append(proj.o_proj.weight)
+            w.c_o_b.append(proj.o_proj.bias)
+        return w
+
+
+def _attend(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor,
+    segments: list[tuple[int, int]],
+    Hkv: int,
+    scale: float,
+) -> torch.Tensor:
+    """q (B, H, 1, D) -> (n, Hkv, G, D) grouped per segment; keys/values (Bmax, Hkv, K, D) are a
+    layer's whole buffer, read in place for each segment's rows; -> (B, H*D)."""
+    H, D = q.shape[1], q.shape[3]
+    outs: list[torch.Tensor] = []
+    j = 0
+    for a, b in segments:
+        n = b - a
+        qg = q[j : j + n].reshape(n, Hkv, H // Hkv, D)
+        s = torch.add(bias[j : j + n], torch.matmul(qg, keys[a:b].transpose(-1, -2)), alpha=scale)
+        outs.append(torch.matmul(torch.softmax(s, dim=-1), values[a:b]).reshape(n, H * D))
+        j += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _qkv_rope(
+    y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, Hkv: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (B, (H + 2 Hkv) D) from the fused projection -> q (B, H, 1, D), k, v (B*Hkv, D)."""
+    B, D = y.shape[0], cos.shape[-1]
+    qk = y[:, : (H + Hkv) * D].view(B, H + Hkv, 1, D)
+    qk = qk * cos + qk.roll(D // 2, -1) * sin
+    return qk[:, :H], qk[:, H:].reshape(B * Hkv, D), y[:, (H + Hkv) * D :].reshape(B * Hkv, D)
+
+
+def _fused_layers(
+    x: torch.Tensor,
+    ln1: list[torch.Tensor],
+    qkv_w: list[torch.Tensor],
+    qkv_b: list[torch.Tensor | None],
+    o_w: list[torch.Tensor],
+    o_b: list[torch.Tensor | None],
+    ln2: list[torch.Tensor],
+    gu_w: list[torch.Tensor],
+    gu_b: list[torch.Tensor | None],
+    dn_w: list[torch.Tensor],
+    dn_b: list[torch.Tensor | None],
+    casa_of: list[int],
+    c_norm: list[torch.Tensor | None],
+    c_qkv_w: list[torch.Tensor | None],
+    c_qkv_b: list[torch.Tensor | None],
+    c_o_w: list[torch.Tensor],
+    c_o_b: list[torch.Tensor | None],
+    text_k: torch.Tensor,
+    text_v: torch.Tensor,
+    sa_rows: torch.Tensor,
+    S: int,
+    sa_cos: torch.Tensor,
+    sa_sin: torch.Tensor,
+    sa_bias: torch.Tensor,
+    ca_k: torch.Tensor,
+    ca_v: torch.Tensor,
+    ca_rows: torch.Tensor,
+    K_ca: int,
+    ca_cos: torch.Tensor,
+    ca_sin: torch.Tensor,
+    ca_bias: torch.Tensor,
+    segments: list[tuple[int, int]],
+    H: int,
+    Hkv: int,
+    eps: float,
+    scale: float,
+) -> torch.Tensor:
+    """Every layer of the fused step: x (B, hidden) embeddings -> final hidden states (before the
+    last norm). Plain tensors, ints and lists only, so that TorchScript compiles it unchanged
+    (`ScriptedStep`): the same ops in the same order either way. Writes each layer's new K/V into
+    the caches (text_k/v (L, Bmax, Hkv, C, D), ca_k/v (Lc, Bmax, Hkv, N + W + 1 + ..., D)) at the
+    flat rows sa_rows / ca_rows of layer 0 (B*Hkv,), offset by one layer's stride per layer."""
+    D = text_k.shape[-1]
+    hidden = x.shape[-1]
+    k_flat, v_flat = text_k.view(-1, D), text_v.view(-1, D)
+    sa_stride = text_k.shape[1] * text_k.shape[2] * text_k.shape[3]
+    ca_stride = ca_k.shape[1] * ca_k.shape[2] * ca_k.shape[3]
+    for li in range(len(ln1)):
+        h = torch.rms_norm(x, [hidden], ln1[li], eps)
+        y = F.linear(h, qkv_w[li], qkv_b[li])
+        q, k, v = _qkv_rope(y, sa_cos, sa_sin, H, Hkv)
+        rows = sa_rows + li * sa_stride
+        k_flat.index_copy_(0, rows, k)
+        v_flat.index_copy_(0, rows, v)
+        o = _attend(q, text_k[li, :, :, :S], text_v[li, :, :, :S], sa_bias, segments, Hkv, scale)
+        a = F.linear(o, o_w[li], o_b[li])  # (B, hidden)
+        ci = casa_of[li]
+        if ci >= 0:
+            cw = c_qkv_w[ci]
+            if cw is None:
+                yc = y  # shared: the self-attention's un-rotated projections
+            else:
+                cn = c_norm[ci]
+                assert cn is not None
+                yc = F.linear(torch.rms_norm(x, [hidden], cn, eps), cw, c_qkv_b[ci])
+            cq, ck, cv = _qkv_rope(yc, ca_cos, ca_sin, H, Hkv)
+            rows = ca_rows + ci * ca_stride
+            ca_k.view(-1, D).index_copy_(0, rows, ck)
+            ca_v.view(-1, D).index_copy_(0, rows, cv)
+            c = _attend(cq, ca_k[ci, :, :, :K_ca], ca_v[ci, :, :, :K_ca], ca_bias, segments, Hkv, scale)
+            x, a = x + a, F.linear(c, c_o_w[ci], c_o_b[ci])
+        # the post-attention norm of x + a (kernels/reference.py rms_norm_torch, same sums)
+        x = a + x
+        n = torch.rms_norm(x, [hidden], ln2[li], eps)
+        gate, up = F.linear(n, gu_w[li], gu_b[li]).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, dn_w[li], dn_b[li])
+    return x
+
+
 def fused_decode_step(
-    lm: LanguageModel, state: StreamState, inp: DecodeInputs, S: int, Wb: int
+    lm: LanguageModel,
+    state: StreamState,
+    inp: DecodeInputs,
+    S: int,
+    Wb: int,
+    layers: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, None]:
     """`decode_step` for fp32 on the CPU, with about a third of its ops (the step is bound by op
     dispatch, not arithmetic: docs/engine.md). Same inputs and results; the differences are
@@ -190,80 +364,66 @@ def fused_decode_step(
       caches in place, so idle rows cost nothing unless a segment spans them (model/engine/runner.py
       merges segments across short gaps to bound the number of matmuls).
     Supports fusion "casa" (separate or shared) and the insertion baseline; "ca" uses decode_step.
+    `layers`: what runs `_fused_layers` (`ScriptedStep` passes its TorchScript compilation).
     """
     cfg = lm.cfg
     B = inp.tokens.shape[0]  # entries (working rows, and idle rows inside a segment)
-    H, Hkv, D = cfg.heads, cfg.kv_heads, cfg.head_dim
-    G, half, qk_width = H // Hkv, D // 2, (H + Hkv) * D
+    Hkv = cfg.kv_heads
     text, cs = state.text, state.casa
     dev = inp.tokens.device
     heads = torch.arange(Hkv, device=dev)
     batch_rows = inp.rows if inp.rows is not None else torch.arange(B, device=dev)
     segments = inp.segments if inp.segments is not None else [(0, B)]
     rows_b = batch_rows[:, None] * Hkv + heads[None, :]  # (B, Hkv)
-    sa_stride = text.k.shape[1] * Hkv * text.k.shape[3]  # one layer of the flat text buffer
     sa_rows = (rows_b * text.k.shape[3] + inp.sa_slot[:, None]).reshape(-1)  # (B*Hkv,) in layer 0
     sa_cos, sa_sin = _rope_tables(lm, inp.sa_pos)
     sa_bias = _bias(torch.arange(S, device=dev)[None, :] <= inp.sa_slot[:, None])  # (B, 1, 1, S)
-    casa_index = {blk: i for i, blk in enumerate(lm.casa_ids)}
-    if casa_index:
+    if lm.casa_ids:
         assert cs is not None and lm.fusion == "casa"
         N = cs.image_tokens
-        ca_slots = cs.k.shape[3]
-        ca_stride = cs.k.shape[1] * Hkv * ca_slots
-        ca_rows = (rows_b * ca_slots + (N + inp.ca_slot)[:, None]).reshape(-1)
+        ca_rows = (rows_b * cs.k.shape[3] + (N + inp.ca_slot)[:, None]).reshape(-1)
         ca_cos, ca_sin = _rope_tables(lm, inp.ca_slot)
         j = torch.arange(N + Wb, device=dev)[None, :]
         ca_bias = _bias(torch.where(j < N, j < inp.n_img[:, None], j - N <= inp.ca_slot[:, None]))
-    k_flat, v_flat = text.k.view(-1, D), text.v.view(-1, D)
-    scale = lm.scale
-
-    def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        # q (B, H, 1, D) -> (n, Hkv, G, D) grouped per segment; keys/values (Bmax, Hkv, K, D) are
-        # a layer's whole buffer, read in place for each segment's rows; -> (B, H*D)
-        outs, j = [], 0
-        for a, b in segments:
-            n = b - a
-            qg = q[j : j + n].reshape(n, Hkv, G, D)
-            s = torch.add(bias[j : j + n], torch.matmul(qg, keys[a:b].transpose(-1, -2)), alpha=scale)
-            outs.append(torch.matmul(torch.softmax(s, dim=-1), values[a:b]).reshape(n, H * D))
-            j += n
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def qkv_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # y (B, (H + 2 Hkv) D) from the fused projection -> q (B, H, 1, D), k, v (B, Hkv, D)
-        qk = y[:, :qk_width].view(B, H + Hkv, 1, D)
-        qk = qk * cos + qk.roll(half, -1) * sin
-        return qk[:, :H], qk[:, H:].reshape(B * Hkv, D), y[:, qk_width:].reshape(B * Hkv, D)
-
-    x = lm.embed_tokens(inp.tokens)  # (B, hidden)
-    for li, block in enumerate(lm.layers):
-        sa = block.self_attn
-        h = rms_norm_torch(x, block.input_layernorm.weight, block.input_layernorm.eps)[0]
-        y = F.linear(h, *sa._qkv)
-        q, k, v = qkv_rope(y, sa_cos, sa_sin)
-        rows = sa_rows + li * sa_stride
-        k_flat.index_copy_(0, rows, k)
-        v_flat.index_copy_(0, rows, v)
-        a = sa.o_proj(attend(q, text.k[li, :, :, :S], text.v[li, :, :, :S], sa_bias))  # (B, hidden)
-        ci = casa_index.get(li)
-        if ci is not None:
-            norm, proj = block.casa_parts()
-            if block.casa.shared:
-                yc = y  # the self-attention's un-rotated projections
-            else:
-                yc = F.linear(rms_norm_torch(x, norm.weight, norm.eps)[0], *proj._qkv)
-            cq, ck, cv = qkv_rope(yc, ca_cos, ca_sin)
-            rows = ca_rows + ci * ca_stride
-            cs.k.view(-1, D).index_copy_(0, rows, ck)
-            cs.v.view(-1, D).index_copy_(0, rows, cv)
-            keys, values = cs.k[ci, :, :, : N + Wb], cs.v[ci, :, :, : N + Wb]
-            x, a = x + a, proj.o_proj(attend(cq, keys, values, ca_bias))
-        mlp = block.mlp
-        n, x = rms_norm_torch(a, block.post_attention_layernorm.weight, block.post_attention_layernorm.eps, x)
-        gate, up = F.linear(n, *mlp._gate_up).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        ca_k, ca_v, K_ca = cs.k, cs.v, N + Wb
+    else:  # no CASA layer reads these
+        ca_k = ca_v = ca_rows = ca_cos = ca_sin = ca_bias = sa_bias.new_zeros((1, 1, 1, 1))
+        K_ca = 0
+    w = lm.__dict__.get("_fused_weights")
+    if w is None:
+        w = lm.__dict__["_fused_weights"] = FusedWeights.of(lm)
+    x = (layers or _fused_layers)(
+        lm.embed_tokens(inp.tokens),  # (B, hidden)
+        w.ln1, w.qkv_w, w.qkv_b, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.dn_w, w.dn_b,
+        w.casa_of, w.c_norm, w.c_qkv_w, w.c_qkv_b, w.c_o_w, w.c_o_b,
+        text.k, text.v, sa_rows, S, sa_cos, sa_sin, sa_bias,
+        ca_k, ca_v, ca_rows, K_ca, ca_cos, ca_sin, ca_bias,
+        segments, cfg.heads, Hkv, cfg.eps, lm.scale,
+    )  # fmt: skip
     return lm.logits(lm.norm(x)).float(), None
+
+
+class ScriptedStep:
+    """`fused_decode_step` with its layers compiled by TorchScript (`torch.jit.script`, ~1 s, no
+    C++ compiler): one call runs every layer's ~80 ops in C++, so the step neither pays Python's
+    per-op overhead nor gives up the GIL between ops, where the server's other threads (event
+    loop, ingest, vision) would take it for up to a switch interval each time (docs/engine.md,
+    "Threads and the GIL"). Same ops, same order: the results are bit-identical to the eager step
+    (tests/test_runner.py). A torch without TorchScript raises at construction; the runner then
+    keeps the eager step."""
+
+    def __init__(self) -> None:
+        import warnings
+
+        with warnings.catch_warnings():
+            # TorchScript is deprecated in torch 2.13, still the only compile step that costs ~1 s
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.layers = torch.jit.script(_fused_layers)
+
+    def __call__(
+        self, lm: LanguageModel, state: StreamState, inp: DecodeInputs, S: int, Wb: int
+    ) -> tuple[torch.Tensor, None]:
+        return fused_decode_step(lm, state, inp, S, Wb, layers=self.layers)
 
 
 def can_fuse(lm: LanguageModel, device: torch.device, dtype: torch.dtype) -> bool:

@@ -14,7 +14,7 @@ import torch
 from conftest import ATOL, assert_close
 
 from casa_live.model.checkpoint.toy import toy_generation_config, toy_model, word_tokenizer
-from casa_live.model.decode import DecodeInputs, commit, decode_step, fused_decode_step
+from casa_live.model.decode import DecodeInputs, ScriptedStep, commit, decode_step, fused_decode_step
 from casa_live.model.engine.engine import Engine, SessionSettings
 from casa_live.model.engine.runner import buckets_for, segments_for
 
@@ -77,7 +77,7 @@ def test_fused_step_matches_generic_step(fusion: str, shared: bool) -> None:
     ref_engine = make_engine(fusion, shared, max_sessions=6)
     ref_engine.runner.use("generic")
     fast_engine = make_engine(fusion, shared, max_sessions=6)
-    assert fast_engine.runner._decode is fused_decode_step
+    assert isinstance(fast_engine.runner._decode, ScriptedStep)  # the CPU default
     ref, ref_tokens = stream(ref_engine, ["red circle", "what now", "a"], 4, rows_first=2)
     out, out_tokens = stream(fast_engine, ["red circle", "what now", "a"], 4, rows_first=2)
     assert out_tokens == ref_tokens
@@ -85,7 +85,27 @@ def test_fused_step_matches_generic_step(fusion: str, shared: bool) -> None:
     assert err <= ATOL[torch.float32], f"max abs err {err:.3g}"
 
 
-@pytest.mark.parametrize("path", [decode_step, fused_decode_step])
+@pytest.mark.parametrize(("fusion", "shared"), [("casa", False), ("casa", True), ("insertion", False)])
+def test_scripted_step_is_bit_identical_to_the_eager_step(fusion: str, shared: bool) -> None:
+    """TorchScript runs the fused step's ops unchanged: the same logits to the last bit, the same
+    tokens, and the same cache contents as the eager fused step."""
+    eager = make_engine(fusion, shared, max_sessions=6)
+    eager.runner.use("fused")
+    assert eager.runner._decode is fused_decode_step
+    scripted = make_engine(fusion, shared, max_sessions=6)
+    assert isinstance(scripted.runner._decode, ScriptedStep)
+    ref, ref_tokens = stream(eager, ["red circle", "what now", "a"], 4, rows_first=2)
+    out, out_tokens = stream(scripted, ["red circle", "what now", "a"], 4, rows_first=2)
+    assert out_tokens == ref_tokens
+    assert all(torch.equal(x, y) for r in ref for x, y in zip(ref[r], out[r], strict=True))
+    assert torch.equal(eager.state.text.k, scripted.state.text.k)
+    assert torch.equal(eager.state.text.v, scripted.state.text.v)
+    if eager.state.casa is not None:
+        assert torch.equal(eager.state.casa.k, scripted.state.casa.k)
+        assert torch.equal(eager.state.casa.v, scripted.state.casa.v)
+
+
+@pytest.mark.parametrize("path", [decode_step, fused_decode_step, ScriptedStep()])
 def test_decode_step_leaves_idle_rows_untouched(path) -> None:  # type: ignore[no-untyped-def]
     """Rows of the bucket without a token write only their scratch slots."""
     engine = make_engine(max_sessions=4)

@@ -29,7 +29,14 @@ import torch
 
 from casa_live.kernels.dispatch import backend_for
 from casa_live.model.cache import StreamState
-from casa_live.model.decode import DecodeInputs, can_fuse, commit, decode_step, fused_decode_step
+from casa_live.model.decode import (
+    DecodeInputs,
+    ScriptedStep,
+    can_fuse,
+    commit,
+    decode_step,
+    fused_decode_step,
+)
 from casa_live.model.engine.scheduler import InsertedFrame, Item, Plan
 from casa_live.model.rope import image_positions, text_positions
 from casa_live.model.vlm import CASAModel
@@ -99,7 +106,7 @@ class Runner:
         if compile:
             self.use("compiled")
         elif can_fuse(self.lm, self.device, self.dtype):
-            self.use("fused")
+            self.use("scripted")
         # TorchScript-traced vision tower per (batch size, patch grid) (CPU: see _traced_vision)
         self.trace_vision = self.device.type == "cpu"
         self._vision: dict[tuple[int, tuple[int, int]], torch.nn.Module] = {}
@@ -108,10 +115,17 @@ class Runner:
 
     def use(self, step: str) -> None:
         """Which decode step runs: "generic" (model/decode.py decode_step, eager), "fused" (the
-        hand-fused CPU step) or "compiled" (torch.compile of the generic step; CUDA graphs on a
-        GPU)."""
-        self.fused = step == "fused"
-        if step == "fused":
+        hand-fused CPU step, eager), "scripted" (the same with its layers compiled by TorchScript:
+        the CPU default; the eager fused step where TorchScript fails) or "compiled"
+        (torch.compile of the generic step; CUDA graphs on a GPU)."""
+        self.fused = step in ("fused", "scripted")
+        if step == "scripted":
+            try:
+                self._decode = ScriptedStep()
+            except Exception:  # a torch without TorchScript: the eager step computes the same
+                log.warning("could not script the decode step; it runs eagerly", exc_info=True)
+                self._decode = fused_decode_step
+        elif step == "fused":
             self._decode = fused_decode_step
         elif step == "compiled":
             mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -119,7 +133,7 @@ class Runner:
         elif step == "generic":
             self._decode = decode_step
         else:
-            raise ValueError(f"unknown decode step {step!r}: generic, fused or compiled")
+            raise ValueError(f"unknown decode step {step!r}: generic, fused, scripted or compiled")
 
     # ---- frames -----------------------------------------------------------------------------
 
