@@ -114,6 +114,7 @@ class LanguageModel(nn.Module):
     def fuse_projections(self) -> None:
         """Inference only (the Engine calls it): q/k/v and gate/up of every layer as single matmuls.
         Parameters stay in place as views of the fused weights, so checkpoints are unchanged."""
+        self.__dict__.pop("_fused_weights", None)  # model/decode.py FusedWeights: views of the old
         for block in self.layers:
             block.self_attn.fuse()
             block.mlp.fuse()

@@ -207,9 +207,15 @@ def test_traced_vision_tower_matches_eager() -> None:
             [engine.processor(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)) for _ in range(n)]
         )
         with torch.no_grad():
-            traced, _ = runner.encode(patches)
+            traced, (k, v) = runner.encode(patches)
             eager = engine.model.encode_images(patches)
+            gh, gw = engine.model.patch_grid
+            m = engine.model.config.vision.merge
+            ek, ev = engine.model.lm.frame_kv(eager, (gh // m, gw // m))
         assert_close(traced, eager, torch.float32, f"traced vision tower, batch {n}", atol=ATOL)
+        # the frames' CASA image K/V are traced with the tower
+        assert_close(k, ek, torch.float32, f"traced image keys, batch {n}", atol=ATOL)
+        assert_close(v, ev, torch.float32, f"traced image values, batch {n}", atol=ATOL)
     grid = engine.model.patch_grid
     assert set(runner._vision) == {(1, grid), (3, grid)}  # one trace per batch size and grid
 

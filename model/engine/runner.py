@@ -45,14 +45,20 @@ log = logging.getLogger("casa.runner")
 
 
 class _Vision(torch.nn.Module):
-    """encode_images as a module of one tensor argument, for tracing."""
+    """encode_images, and for CASA models the frames' image K/V (LanguageModel.frame_kv), as a
+    module of one tensor argument, for tracing: one call for a batch of frames."""
 
-    def __init__(self, model: CASAModel, grid: tuple[int, int]) -> None:
+    def __init__(self, model: CASAModel, grid: tuple[int, int], kv: bool) -> None:
         super().__init__()
-        self.model, self.grid = model, grid
+        self.model, self.grid, self.kv = model, grid, kv
+        m = model.config.vision.merge
+        self.token_grid = (grid[0] // m, grid[1] // m)
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_images(patches, self.grid)
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tokens = self.model.encode_images(patches, self.grid)
+        if not self.kv:
+            return (tokens,)
+        return (tokens, *self.model.lm.frame_kv(tokens, self.token_grid))
 
 
 def buckets_for(max_rows: int) -> list[int]:
@@ -151,16 +157,20 @@ class Runner:
             if self.trace_vision and backend_for(patches) == "torch"
             else None
         )
-        tokens = traced(patches) if traced is not None else self.model.encode_images(patches, grid)
+        if traced is not None:
+            out = traced(patches)
+            return out[0], (None if self.insertion else (out[1], out[2]))
+        tokens = self.model.encode_images(patches, grid)
         m = self.model.config.vision.merge
         kv = None if self.insertion else self.lm.frame_kv(tokens, (grid[0] // m, grid[1] // m))
         return tokens, kv
 
     def _traced_vision(self, n: int, grid: tuple[int, int] | None = None) -> torch.nn.Module | None:
-        """The vision tower traced for batches of n frames of one patch grid (TorchScript, weights
-        frozen in): one call runs the whole tower in C++, so it never waits for the GIL between its
-        ~200 ops while the decode thread and the event loop run Python (docs/engine.md). Traced on
-        first use (a camera's frames share one grid, so that is once per stream size)."""
+        """The vision tower and the CASA image K/V traced for batches of n frames of one patch grid
+        (TorchScript, weights frozen in): one call runs the whole tower in C++, so it never waits
+        for the GIL between its ~250 ops while the decode thread and the event loop run Python
+        (docs/engine.md). Traced on first use (a camera's frames share one grid, so that is once
+        per stream size)."""
         grid = grid or self.model.patch_grid
         key = (n, grid)
         if key not in self._vision:
@@ -170,7 +180,9 @@ class Runner:
                     # TorchScript is deprecated in torch 2.13 but still the only way to run the
                     # tower as one call without a compile step (docs/engine.md)
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    traced = torch.jit.trace(_Vision(self.model, grid).eval(), example, check_trace=False)
+                    traced = torch.jit.trace(
+                        _Vision(self.model, grid, not self.insertion).eval(), example, check_trace=False
+                    )
                     self._vision[key] = torch.jit.freeze(traced)
             except Exception:  # a torch without TorchScript: the eager tower computes the same
                 log.warning("could not trace the vision tower; it runs eagerly", exc_info=True)
