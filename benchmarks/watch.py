@@ -85,11 +85,13 @@ def matched(pred: list[int], true: list[int], window: int = WINDOW) -> int:
     return hits
 
 
-def alerts(scores: list[float], threshold: float = 0.5) -> tuple[list[int], list[int]]:
+def alerts(
+    scores: list[float], threshold: float = 0.5, min_frames: int = 1, clear_frames: int = 1
+) -> tuple[list[int], list[int]]:
     """The frames where the server's debounce starts and ends alerts for these scores."""
     from casa_live.server.alerts import AlertTracker
 
-    tracker = AlertTracker(threshold, 1, 1, 0.0)
+    tracker = AlertTracker(threshold, min_frames, clear_frames, 0.0)
     starts, ends = [], []
     for f, s in enumerate(scores):
         event = tracker.observe(f, f * 0.5, s)
@@ -181,7 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--sessions", type=int, default=16, help="clips streamed at once")
     ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument(
+        "--debounce",
+        nargs="+",
+        default=["1:1"],
+        metavar="MIN:CLEAR",
+        help="the watches' min_frames:clear_frames, one table each from the same scores (default 1:1, "
+        "the protocol's default); a start or end that the debounce delays by one frame is still a hit",
+    )
     args = ap.parse_args(argv)
+    debounces = [tuple(int(x) for x in d.split(":")) for d in args.debounce]
 
     from dataclasses import asdict
 
@@ -198,12 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     clips = [generate_clip(seed, cfg) for seed in range(args.clips)]
     plans = [plan_watches(c.truth, np.random.default_rng([c.seed, 23])) for c in clips]
     scores = stream_scores(engine, clips, plans)
+    for min_frames, clear_frames in debounces:
+        print_table(model_dir, args, plans, scores, min_frames, clear_frames)
+    return 0
+
+
+def print_table(
+    model_dir: str, args, plans: list[ClipWatches], scores, min_frames: int, clear_frames: int
+) -> None:  # type: ignore[no-untyped-def]
     tallies = {k: Tally() for k in KINDS}
     for plan, per_watch in zip(plans, scores):
         for kind, truth, s in zip(plan.kinds, plan.truth, per_watch):
             t = tallies[kind]
             true_starts, true_ends = edges(truth)
-            pred_starts, pred_ends = alerts(s, args.threshold)
+            pred_starts, pred_ends = alerts(s, args.threshold, min_frames, clear_frames)
             t.watches += 1
             t.fired += bool(pred_starts)
             t.true_starts += len(true_starts)
@@ -220,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             total.add(tallies[k])
     print(
         f"model {model_dir}: {args.clips} held-out clips x {args.frames} frames, threshold {args.threshold}, "
-        f"min_frames = clear_frames = 1; a start or end within {WINDOW} frame of the truth's is a hit"
+        f"min_frames = {min_frames}, clear_frames = {clear_frames}; a start or end within {WINDOW} frame "
+        "of the truth's is a hit"
     )
     print(
         "| watch kind | watches | start precision | start recall | end precision | end recall | frame agreement | watches that fired |"
@@ -229,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in KINDS:
         print(tallies[k].row(k))
     print(total.row("all but never"))
-    return 0
+    print()
 
 
 if __name__ == "__main__":

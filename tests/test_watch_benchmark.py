@@ -11,6 +11,8 @@ def test_edges_alerts_and_matching():
     assert watch.edges([True, False]) == ([0], [1])
     # the server's debounce at threshold 0.5, min_frames = clear_frames = 1
     assert watch.alerts([0.1, 0.9, 0.8, 0.2, 0.7]) == ([1, 4], [3])
+    # debounced: a start needs two frames in a row at or above the threshold
+    assert watch.alerts([0.1, 0.9, 0.8, 0.2, 0.7], 0.5, 2, 1) == ([2], [3])
     # one frame apart is a hit, two is not; each true event matches once
     assert watch.matched([2, 9], [1, 7]) == 1
     assert watch.matched([1, 2], [1]) == 1
