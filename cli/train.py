@@ -56,6 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with --questions: train on question kind KIND W times as often as a kind of weight 1 "
         "(repeatable; e.g. what_at=3)",
     )  # fmt: skip
+    p.add_argument(
+        "--qa-hard-negatives", type=float, default=0.0, metavar="P",
+        help="with --questions: this share of the questions' random subjects are near misses (a present "
+        "object's colour with another shape, or its shape with another colour)",
+    )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.set_defaults(func=run)
 
@@ -91,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         qa_clips=args.qa_clips,
         qa_frames=args.qa_frames,
         qa_weights=qa_weights(args.qa_weight),
+        qa_hard_negatives=args.qa_hard_negatives,
     )
     summary = train(cfg, args.out, resume=args.resume)
     print(json.dumps(summary, indent=2))

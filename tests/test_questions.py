@@ -78,3 +78,25 @@ def test_a_question_branch_follows_the_close_of_the_last_caption():
     assert fed[0] == tok.token_id(QA_TOKENS[0]) and fed[-1] == tok.token_id(QA_TOKENS[1])
     assert seq.answer == [False] * (n + len(pre) + len(fed)) + [True] * len(answer)
     assert [t for t, a in zip(seq.tokens, seq.answer) if a] == answer
+
+
+def test_hard_negatives_are_near_misses_and_zero_draws_as_before():
+    """With hard_negatives = 1, every random subject of an `exists` question shares its colour or
+    its shape with a present object; with 0, the draws are those of a call without the option."""
+    near = total = 0
+    for seed in range(80):
+        objs = objects_of(seed, 5)
+        if not objs:
+            continue
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        assert q.sample(objs, a, "exists") == q.sample(objs, b, "exists", hard_negatives=0.0)
+        question = q.sample(objs, np.random.default_rng([seed, 1]), "exists", hard_negatives=1.0)
+        parsed = q.parse(question.text)
+        assert parsed is not None
+        colour, shape = parsed[1]["colour"], parsed[1]["shape"]
+        total += 1
+        if question.answer == "no":
+            near += 1
+            assert any(o.colour == colour or o.shape == shape for o in objs), question
+        assert q.answer(question.text, objs) == question
+    assert near > total // 4  # about half are negatives (the other half name a present object)

@@ -217,17 +217,24 @@ def make_batch(
     prompts: list[str | None],
     questions: bool = False,
     qa_weights: dict[str, float] | None = None,
+    qa_hard_negatives: float = 0.0,
 ) -> Batch:
     """questions: each clip's sequence ends with a question about its last frame on a branch
     (one question a clip, drawn from the clip's seed so a step always sees the same ones; its
-    kind in proportion to `qa_weights`, uniform when None)."""
+    kind in proportion to `qa_weights`, uniform when None; `qa_hard_negatives`: see
+    model/world/questions.py `sample`)."""
     clips = [
         generate_clip(seed, WorldConfig(**{**asdict(world), "frames": n})) for seed, n in zip(seeds, frames)
     ]
     qa = None
     if questions:
         qa = [
-            sample_question(c.truth[-1].objects, np.random.default_rng([c.seed, 17]), weights=qa_weights)
+            sample_question(
+                c.truth[-1].objects,
+                np.random.default_rng([c.seed, 17]),
+                weights=qa_weights,
+                hard_negatives=qa_hard_negatives,
+            )
             for c in clips
         ]
         qa = [(q.text, q.answer) for q in qa]
@@ -399,6 +406,8 @@ class TrainConfig:
     # question kind -> relative weight in training (missing kinds weigh 1): more of the kinds the
     # model answers worst
     qa_weights: dict[str, float] = field(default_factory=dict)
+    # share of the questions' random subjects drawn as near misses (questions.sample)
+    qa_hard_negatives: float = 0.0
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -579,7 +588,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         seeds, frames, prompts = step_clips(cfg, step)
-        qa_kw = {"questions": cfg.questions, "qa_weights": cfg.qa_weights}
+        qa_kw = {
+            "questions": cfg.questions,
+            "qa_weights": cfg.qa_weights,
+            "qa_hard_negatives": cfg.qa_hard_negatives,
+        }
         batch = make_batch(seeds, tok, gen, processor, world, frames, prompts, **qa_kw)
         loss, stats = caption_loss(model, batch, probe)
         if cfg.questions and cfg.qa_clips:

@@ -91,11 +91,15 @@ def sample(
     rng: np.random.Generator,
     kind: str | None = None,
     weights: dict[str, float] | None = None,
+    hard_negatives: float = 0.0,
 ) -> Question:
     """One question about this frame, of `kind` (when None, a kind drawn uniformly, or in
     proportion to `weights`, kind -> weight, missing kinds weighing 1). Subjects are drawn half the
     time from the objects present and half the time at random, so "yes" and "no", and answers and
-    "none", both come up often."""
+    "none", both come up often. `hard_negatives`: the share of the random subjects that are near
+    misses instead, a present object's colour with another shape or its shape with another colour
+    ("is there a red square?" beside a red circle): the pairs a model that does not bind colour to
+    shape gets wrong. 0 draws exactly what earlier versions drew."""
     if kind is None:
         if weights:
             w = np.array([float(weights.get(k, 1.0)) for k in KINDS])
@@ -108,6 +112,14 @@ def sample(
     shape = pick.shape if pick else SHAPES[int(rng.integers(len(SHAPES)))]
     row = ROWS[pick.row] if pick else ROWS[int(rng.integers(len(ROWS)))]
     col = COLS[pick.col] if pick else COLS[int(rng.integers(len(COLS)))]
+    if hard_negatives > 0 and objects and not present and rng.random() < hard_negatives:
+        o = objects[int(rng.integers(len(objects)))]
+        if rng.random() < 0.5:
+            others = [x for x in SHAPES if x != o.shape]
+            colour, shape = o.colour, others[int(rng.integers(len(others)))]
+        else:
+            others = [x for x in COLOURS if x != o.colour]
+            colour, shape = others[int(rng.integers(len(others)))], o.shape
     if kind == "count":
         return count(objects)
     if kind == "empty":
