@@ -11,6 +11,7 @@ captions' agreement with the world's truth so that a faster engine cannot hide a
 
     python -m benchmarks.profile_engine --sessions 64 --rounds 6
     python -m benchmarks.profile_engine --sessions 1 --rounds 16
+    python -m benchmarks.profile_engine --model-dir checkpoints/qa-wip --watches 4   # what scoring costs
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--side", type=int, default=480, help="camera frame side in pixels")
     ap.add_argument("--stagger", type=int, default=1, help="ticks between two sessions' frame arrivals")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--watches", type=int, default=0, help="each session sets this many watches (a question model only)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -62,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     limits = FrameLimits.for_processor(eng.processor, eng.image_size, 4096, 4096)
     clips = [jpeg_frames(1000 + s, args.rounds, args.side) for s in range(args.sessions)]
     rows = [eng.open() for _ in range(args.sessions)]
+    if args.watches:
+        from benchmarks.loadtest import WATCH_QUESTIONS
+
+        for row in rows:
+            eng.set_watches(row, list(WATCH_QUESTIONS[: args.watches]))
     stage: dict[str, float] = defaultdict(float)
     texts: dict[int, str] = defaultdict(str)
     got: list[tuple[str, str]] = []
@@ -102,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     exact = float(np.mean([a == b for a, b in got])) if got else 0.0
     print(f"model {args.model_dir}: {args.sessions} sessions x {args.rounds} frames, {args.side}px JPEGs, "
-          f"{args.threads} thread(s), torch {torch.__version__}")  # fmt: skip
+          f"{args.watches} watches a session, {args.threads} thread(s), torch {torch.__version__}")  # fmt: skip
     print(f"captioned {captioned} frames in {ticks} ticks; exact match with the world's truth {exact:.3f}")
     print("| stage | ms per captioned frame | share |")
     print("|---|---|---|")
