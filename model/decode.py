@@ -412,13 +412,17 @@ class ScriptedStep:
     (tests/test_runner.py). A torch without TorchScript raises at construction; the runner then
     keeps the eager step."""
 
-    def __init__(self) -> None:
-        import warnings
+    _scripted: Callable[..., torch.Tensor] | None = None  # one compilation per process, shared
 
-        with warnings.catch_warnings():
-            # TorchScript is deprecated in torch 2.13, still the only compile step that costs ~1 s
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.layers = torch.jit.script(_fused_layers)
+    def __init__(self) -> None:
+        if ScriptedStep._scripted is None:
+            import warnings
+
+            with warnings.catch_warnings():
+                # TorchScript is deprecated in torch 2.13, still the only compile step that costs ~1 s
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ScriptedStep._scripted = torch.jit.script(_fused_layers)
+        self.layers = ScriptedStep._scripted
 
     def __call__(
         self, lm: LanguageModel, state: StreamState, inp: DecodeInputs, S: int, Wb: int
