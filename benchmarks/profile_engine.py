@@ -17,32 +17,16 @@ captions' agreement with the world's truth so that a faster engine cannot hide a
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 from collections import defaultdict
 
 import numpy as np
 import torch
-from PIL import Image
-
-
-def jpeg_frames(seed: int, frames: int, side: int) -> tuple[list[bytes], list[str]]:
-    """A world clip rendered at side x side (a camera larger than the model's input), as JPEGs."""
-    from casa_live.model.world.scene import World
-
-    world = World(seed)
-    out, truth = [], []
-    for _ in range(frames):
-        ft = world.step()
-        buf = io.BytesIO()
-        Image.fromarray(world.render(ft, side)).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-        truth.append(ft.caption)
-    return out, truth
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.loadtest import synthetic_clip
     from casa_live.model.engine.engine import Engine
     from casa_live.model.engine.scheduler import TokenEvent
     from casa_live.server.ingest.frames import FrameLimits
@@ -64,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     eng = Engine.from_checkpoint(args.model_dir, max_sessions=args.sessions)
     eng.warmup()
     limits = FrameLimits.for_processor(eng.processor, eng.image_size, 4096, 4096)
-    clips = [jpeg_frames(1000 + s, args.rounds, args.side) for s in range(args.sessions)]
+    # world clips rendered at a camera's size, larger than the model's input, as JPEGs
+    clips = [synthetic_clip(args.rounds, 1000 + s, size=args.side) for s in range(args.sessions)]
     rows = [eng.open() for _ in range(args.sessions)]
     if args.watches:
         from benchmarks.loadtest import WATCH_QUESTIONS
@@ -94,14 +79,14 @@ def main(argv: list[str] | None = None) -> int:
                 if ev.done:
                     captioned += 1
                     s = row_index[ev.row]
-                    got.append((texts.pop(ev.row).strip(), clips[s][1][ev.frame]))
+                    got.append((texts.pop(ev.row).strip(), clips[s].truth[ev.frame]))
 
     row_index = {r: s for s, r in enumerate(rows)}
     wall0, cpu0 = time.perf_counter(), time.process_time()
     for f in range(args.rounds):
         for s, row in enumerate(rows):
             t0 = time.perf_counter()
-            image = decode_image(clips[s][0][f], limits)
+            image = decode_image(clips[s].jpegs[f], limits)
             stage["JPEG decode"] += time.perf_counter() - t0
             eng.submit_frame(row, image)
             for _ in range(args.stagger):

@@ -157,13 +157,10 @@ class Runner:
             if self.trace_vision and backend_for(patches) == "torch"
             else None
         )
-        if traced is not None:
-            out = traced(patches)
-            return out[0], (None if self.insertion else (out[1], out[2]))
-        tokens = self.model.encode_images(patches, grid)
-        m = self.model.config.vision.merge
-        kv = None if self.insertion else self.lm.frame_kv(tokens, (grid[0] // m, grid[1] // m))
-        return tokens, kv
+        # the traced module, or the same module run eagerly
+        vision = traced if traced is not None else _Vision(self.model, grid, not self.insertion)
+        out = vision(patches)
+        return out[0], (None if self.insertion else (out[1], out[2]))
 
     def _traced_vision(self, n: int, grid: tuple[int, int] | None = None) -> torch.nn.Module | None:
         """The vision tower and the CASA image K/V traced for batches of n frames of one patch grid
