@@ -267,8 +267,11 @@ class StreamState:
             self.spans.reset(row)
 
     def copy_row(self, src: int, dst: int) -> None:
-        """Make row `dst` a copy of row `src` (a question branch): its valid text K/V, lengths and
-        sink, its frame's image K/V and its window's text K/V. Only valid slots are copied."""
+        """Make row `dst` a question branch of row `src`: its valid text K/V, lengths and sink, and
+        its frame's image K/V. Only valid slots are copied. The branch's CASA window starts empty:
+        a question re-opens the frame's window (docs/engine.md, "Questions"), so its tokens sit at
+        the same window-local distances from the image as a caption's, whatever the caption's
+        length before it."""
         t = self.text
         n = int(t.length[src])
         t.k[:, dst, :, :n] = t.k[:, src, :, :n]
@@ -276,11 +279,10 @@ class StreamState:
         t.length[dst], t.sink[dst], t.evicted[dst] = t.length[src], t.sink[src], t.evicted[src]
         if self.casa is not None:
             c = self.casa
-            n_img, w, N = int(c.n_img[src]), int(c.win_len[src]), c.image_tokens
+            n_img = int(c.n_img[src])
             for buf in (c.k, c.v):  # (Lc, B, Hkv, N + W + 1, D): the frame, then the window
                 buf[:, dst, :, :n_img] = buf[:, src, :, :n_img]
-                buf[:, dst, :, N : N + w] = buf[:, src, :, N : N + w]
-            c.n_img[dst], c.win_len[dst] = n_img, w
+            c.n_img[dst], c.win_len[dst] = n_img, 0
         if self.spans is not None:
             self.spans.items[dst] = collections.deque(self.spans.items[src])
             self.spans.position[dst] = self.spans.position[src]

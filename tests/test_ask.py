@@ -91,16 +91,21 @@ def test_the_branch_matches_a_dense_forward_of_the_stream_then_the_question(fusi
         for r in (row, other):
             engine.submit_frame(r, image)
         drain(engine)
-    prefix = list(rec.tokens[row])
+    stream = list(rec.tokens[row])
     branch, frame = engine.ask(row, "what is the red circle", max_new_tokens=5)
     assert frame == 1
     events = drain(engine)
     assert [ev.done for ev in events if ev.row == branch][-1]
-    # the reference: one sequence, the session's stream and then everything the branch fed
-    rec.tokens[branch] = prefix + rec.tokens[branch]
-    rec.frames[branch] = rec.frames[row]
-    assert_branch_matches_dense(engine, rec, branch, prefix)
-    assert rec.tokens[row] == prefix  # the session row was fed nothing
+    # the reference: one sequence, the session's stream and then everything the branch fed (the
+    # question re-opening the frame's CASA window)
+    prefix = rec.join_branch(row, branch)
+    assert prefix == stream  # the session row was fed nothing
+    ours = assert_branch_matches_dense(engine, rec, branch, prefix)
+    if fusion == "casa":  # the check has teeth: a reference that does not re-open the window disagrees
+        rec.frames[branch] = rec.frames[row]
+        with torch.no_grad():
+            closed = engine.model.forward_dense(rec.batch([branch]))[0, len(prefix) : len(prefix) + len(ours)]
+        assert float((ours - closed).abs().max()) > 1e-3
 
 
 def test_a_question_waits_for_a_frame_boundary_and_a_free_branch_row():

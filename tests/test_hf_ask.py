@@ -96,8 +96,7 @@ def ask_after_captions(path: Path, fusion: str, images: list[np.ndarray]):
     fed = tok.encode(gen.template.question.format(question=QUESTION))
     assert rec.tokens[branch][: len(fed)] == fed
     assert rec.tokens[row] == prefix  # the session was fed nothing
-    rec.tokens[branch] = prefix + rec.tokens[branch]
-    rec.frames[branch] = rec.frames[row]
+    rec.join_branch(row, branch)
     return engine, rec, branch, prefix
 
 

@@ -50,6 +50,21 @@ class Recorder:
                 self.feed_sizes[r][-1] += 1
                 self.feeds[r][-1].append((1, 1))
 
+    def reopened(self, frames: list[tuple[int, torch.Tensor]], at: int) -> list[tuple[int, torch.Tensor]]:
+        """The frames a dense reference reads for a question (a branch or a watch) starting at text
+        index `at` after a stream with these frames: a CASA question re-opens the last frame's
+        window, which the reference writes as that frame inserted again at `at` (docs/engine.md,
+        "Questions"); token insertion already holds the frame in its text."""
+        return list(frames) if self.engine.insertion else [*frames, (at, frames[-1][1])]
+
+    def join_branch(self, row: int, branch: int) -> list[int]:
+        """Make `branch`'s record the one sequence a dense reference reads: the session row's
+        stream, then what the branch fed, with the re-opened frame. Returns the row's stream."""
+        prefix = list(self.tokens[row])
+        self.tokens[branch] = prefix + self.tokens.get(branch, [])
+        self.frames[branch] = self.reopened(self.frames[row], len(prefix))
+        return prefix
+
     def batch(self, rows: list[int], grids: dict[int, list[tuple[int, int]]] | None = None) -> Interleaved:
         """grids: per row, each frame's merged grid (frames of varying sizes; padded to the largest)."""
         T = max(len(self.tokens[r]) for r in rows)

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import ATOL, assert_close
+from test_model_streaming import Recorder
 
 from casa_live.model.checkpoint.load import load
 from casa_live.model.config import preset
-from casa_live.model.engine.engine import Engine
+from casa_live.model.engine.engine import Engine, SessionSettings
 from casa_live.model.processor import ImageProcessor
 from casa_live.model.training.train import (
     STOP,
     TRAIN_SEED_BASE,
+    Batch,
     TrainConfig,
     caption_loss,
+    dense_logits,
     generation_config,
     layout_ids,
     make_batch,
     train,
     train_tokenizer,
+    with_qa_tokens,
 )
 from casa_live.model.vlm import CASAModel
 from casa_live.model.world.scene import World, WorldConfig, vocabulary
@@ -71,6 +77,58 @@ def test_stream_layout_is_what_the_engine_feeds(tok):
     seq = layout_ids(tok, gen, generated, "What is happening?")
     assert fed == seq.tokens + tok.encode(gen.template.pre_image)
     assert frame_at == seq.insert_at
+
+
+def test_a_question_branch_is_what_training_lays_out(tok):
+    """The layout of a clip followed by a question (the frame inserted again: the question re-opens
+    its CASA window) is what the engine feeds on a branch, and training's dense logits of it are the
+    branch's logits: a model fine-tuned on questions is served as it was trained."""
+    qtok = with_qa_tokens(copy.deepcopy(tok))
+    gen = generation_config(qa=True)
+    cfg = preset("test-tiny")
+    cfg.lm.vocab = 512
+    model = CASAModel.random(cfg, seed=3)
+    engine = Engine(model, qtok, gen, max_sessions=1, max_context_tokens=256)
+    rec = Recorder(engine)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(2)]
+    row = engine.open("What is happening?", SessionSettings(max_new_tokens=4))
+    generated = []
+    for image in images:
+        events = list(engine.caption(row, image))
+        generated.append([ev.token for ev in events if ev.token is not None])
+    while engine.has_work():
+        engine.step()
+    question = "what is at the top left?"
+    branch, _ = engine.ask(row, question, max_new_tokens=3)
+    while engine.has_work():
+        engine.step()
+    prefix = rec.join_branch(row, branch)
+    fed = qtok.encode(gen.template.question.format(question=question))
+    answer = rec.tokens[branch][len(prefix) + len(fed) :]
+    seq = layout_ids(qtok, gen, generated, "What is happening?", (fed, answer))
+    assert seq.tokens[: len(rec.tokens[branch])] == rec.tokens[branch]
+    assert seq.insert_at == [at for at, _ in rec.frames[branch]]
+    assert seq.insert_at[-1] == len(prefix)  # the frame again, right after the closing pre_image
+    T = len(seq.tokens)
+    processor = ImageProcessor.for_config(cfg)
+    batch = Batch(
+        tokens=torch.tensor([seq.tokens]),
+        target=torch.tensor([seq.target]),
+        text_len=torch.tensor([T]),
+        insert_at=torch.tensor([seq.insert_at]),
+        n_frames=torch.tensor([3]),
+        patches=torch.stack([processor(im) for im in images]),
+        token_labels=torch.zeros(2, cfg.image_tokens, 3, dtype=torch.long),
+        answer=torch.tensor([seq.answer]),
+        frame_src=torch.tensor([0, 1, 1]),
+    )
+    with torch.no_grad():
+        dense = dense_logits(model, batch)[0][0]
+    ours = torch.stack(rec.logits[branch])  # (fed and answer tokens of the branch, V)
+    assert_close(
+        ours, dense[len(prefix) : len(prefix) + len(ours)], torch.float32, "branch vs training", atol=ATOL
+    )
 
 
 def test_batch_targets_cover_captions_and_stops(tok):

@@ -35,10 +35,11 @@ class ScoreSnapshots:
 
 def dense_score(engine: Engine, rec: Recorder, tokens: list[int], frames_: list, question: str) -> float:
     """P(yes) / (P(yes) + P(no)) at the question's last token, from one dense forward of the
-    stream so far followed by the question (as a question branch would feed it)."""
+    stream so far followed by the question (as a question branch would feed it, re-opening the
+    frame's CASA window)."""
     fed = engine.tokenizer.encode(engine.gen.template.question.format(question=question))
     key = -1
-    rec.tokens[key], rec.frames[key] = tokens + fed, frames_
+    rec.tokens[key], rec.frames[key] = tokens + fed, rec.reopened(frames_, len(tokens))
     try:
         with torch.no_grad():
             logits = engine.model.forward_dense(rec.batch([key]))[0, len(tokens) + len(fed) - 1].double()

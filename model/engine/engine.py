@@ -203,9 +203,7 @@ class Engine:
                 "this model answers no questions (its generation config has no question template)"
             )
         fed = self.tokenizer.encode(form.format(question=question))
-        room = self.window_tokens - len(fed) - 1
-        if self.state.casa is not None:
-            room -= int(self.state.casa.win_len[row])
+        room = self.window_tokens - len(fed) - 1  # the branch's window starts empty (copy_row)
         if room < 1:
             raise ValueError(
                 f"the question is {len(fed)} tokens; it does not fit the model's window. Shorten it."

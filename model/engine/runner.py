@@ -302,8 +302,8 @@ class Runner:
         )
         sa_pos = (base[:, None] + depth)[..., None].expand(-1, -1, 3)
         ca_pos = None
-        if cs is not None:
-            ca_pos = (cs.win_len[sel][:, None] + depth)[..., None].expand(-1, -1, 3).to(self.device)
+        if cs is not None:  # a re-opened window (docs/engine.md): positions from 0, like a branch's
+            ca_pos = depth[..., None].expand(-1, -1, 3).to(self.device)
         h = lm.step(x, n_valid, self.state, sa_pos.to(self.device), ca_pos, tree=tree, rows=sel)
         yes, no = self.yes_no
         w = lm.embed_tokens.weight if lm.lm_head is None else lm.lm_head.weight

@@ -194,7 +194,7 @@ class Plan:
     decode: dict[int, int] = field(default_factory=dict)
     sample: list[int] = field(default_factory=list)
     # rows whose last frame's watches are scored this tick, before any frame starts (the scoring
-    # forward reads the frame's image K/V and its closed window): row -> (frame, fed ids per watch)
+    # forward reads the frame's image K/V and the row's text cache): row -> (frame, fed ids per watch)
     score: dict[int, tuple[int, list[list[int]]]] = field(default_factory=dict)
 
     def empty(self) -> bool:
@@ -238,7 +238,7 @@ class Scheduler:
 
     def can_branch(self, parent: int) -> bool:
         """The session row is at a frame boundary (a frame captioned and its caption closed, no
-        frame started since): its state is a frame and the text of that frame's window, whole."""
+        frame started since): its state is a frame's image K/V and the whole text before it."""
         r = self.rows[parent]
         return r is not None and r.branch_of is None and r.frames > 0 and not r.forced and not r.decoding
 

@@ -170,7 +170,9 @@ def layout_ids(
 ) -> Sequence:
     """stream_layout over caption token ids (what a model generated, or encoded ground truth).
     A question branch (qa: fed ids, answer ids) starts where the engine branches a row: after the
-    last frame's caption is closed (its stop token and the next pre_image are fed)."""
+    last frame's caption is closed (its stop token and the next pre_image are fed). The question
+    re-opens the last frame's CASA window (docs/engine.md, "Questions"): the frame is inserted again
+    right before it, so insert_at has one more entry than there are captions."""
     t = gen.template
     stop = tok.token_id(gen.stop_tokens[0])
     pre, post, cap_prefix = tok.encode(t.pre_image), tok.encode(t.post_image), tok.encode(t.caption_prefix)
@@ -189,6 +191,7 @@ def layout_ids(
     answer = [False] * len(tokens)
     if qa is not None:
         fed, ans = [*pre, *qa[0]], [*qa[1], stop]
+        insert_at.append(len(tokens) + len(pre))
         tokens += fed + ans
         target += [False] * len(fed) + [True] * len(ans)
         answer += [False] * len(fed) + [True] * len(ans)
@@ -205,6 +208,9 @@ class Batch:
     patches: torch.Tensor  # (sum F, patches, C*P*P) of the real frames, row-major over the batch
     token_labels: torch.Tensor  # (sum F, N, 3) long: colour, shape, size under each image token (0 = none)
     answer: torch.Tensor | None = None  # (B, T) bool: answer tokens (a subset of target)
+    # (sum of n_frames,) long: which of the encoded frames each inserted one is, row-major (a
+    # question inserts its clip's last frame again); None: each frame is inserted once
+    frame_src: torch.Tensor | None = None
 
 
 def make_batch(
@@ -251,14 +257,17 @@ def batch_from_clips(
 ) -> Batch:
     """The padded training batch of these clips in the engine's stream layout (each followed by
     its question branch when `qa` gives one per clip)."""
-    seqs, patches, labels = [], [], []
+    seqs, patches, labels, src = [], [], [], []
     side = processor.image_size // (processor.patch * processor.merge)
     grid = (side, side)
     for k, (clip, prompt) in enumerate(zip(clips, prompts)):
         seqs.append(stream_layout(tok, gen, clip.captions, prompt, None if qa is None else qa[k]))
+        first = len(patches)
         patches += [processor(f) for f in clip.frames]
         labels += [token_labels(t, grid) for t in clip.truth]
-    frames = [len(c.truth) for c in clips]
+        src += list(range(first, len(patches)))
+        src += [len(patches) - 1] * (len(seqs[-1].insert_at) - len(clip.frames))  # a question's frame
+    frames = [len(s.insert_at) for s in seqs]
     B, T, Fm = len(seqs), max(len(s.tokens) for s in seqs), max(frames)
     pad = tok.token_id("<|pad|>")
     tokens = torch.full((B, T), pad, dtype=torch.long)
@@ -279,6 +288,7 @@ def batch_from_clips(
         torch.stack(patches),
         torch.stack(labels),
         answer if qa is not None else None,
+        torch.tensor(src) if qa is not None else None,
     )
 
 
@@ -336,11 +346,11 @@ class VisionProbe(torch.nn.Module):
 def dense_logits(model: CASAModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced logits (B, T, V) of the batch's text (the dense CASA semantics), and the image
     tokens (sum F, N, hidden) of its real frames."""
-    images = model.encode_images(batch.patches)  # (sum F, N, hidden)
+    images = model.encode_images(batch.patches)  # (sum F, N, hidden), each frame encoded once
     B, Fm = batch.insert_at.shape
     padded = images.new_zeros(B, Fm, *images.shape[1:])
     real = torch.arange(Fm)[None, :] < batch.n_frames[:, None]  # (B, F)
-    padded[real] = images
+    padded[real] = images if batch.frame_src is None else images[batch.frame_src]
     inter = Interleaved(batch.tokens, batch.text_len, padded, batch.n_frames, batch.insert_at, model.grid)
     return model.forward_dense(inter), images
 
@@ -481,6 +491,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     else:
         tok = train_tokenizer(mc.lm.vocab)
     if cfg.questions:
+        if cfg.fusion == "insertion":  # its branch is a plain copy; the layout re-opens a CASA window
+            raise ValueError("--questions trains CASA models (fusion casa or ca), not token insertion")
         tok = with_qa_tokens(tok)
     if tok.vocab_size > mc.lm.vocab:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens; the model's vocabulary is {mc.lm.vocab}")
