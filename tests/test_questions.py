@@ -75,6 +75,7 @@ def test_a_question_branch_follows_the_close_of_the_last_caption():
     fed = tok.encode(gen.template.question.format(question="is there a red circle?"))
     answer = [*tok.encode("no"), tok.token_id(gen.stop_tokens[0])]
     assert seq.tokens[n:] == [*pre, *fed, *answer]
+    assert seq.insert_at == [*plain.insert_at, n + len(pre)]  # the frame again: the question re-opens it
     assert fed[0] == tok.token_id(QA_TOKENS[0]) and fed[-1] == tok.token_id(QA_TOKENS[1])
     assert seq.answer == [False] * (n + len(pre) + len(fed)) + [True] * len(answer)
     assert [t for t, a in zip(seq.tokens, seq.answer) if a] == answer

@@ -15,7 +15,10 @@ from casa_live.model.checkpoint.load import load
 from casa_live.model.config import preset
 from casa_live.model.engine.engine import Engine, SessionSettings
 from casa_live.model.processor import ImageProcessor
+from casa_live.model.tokenizer import Tokenizer
 from casa_live.model.training.train import (
+    QA_TOKENS,
+    QUESTION_TEMPLATE,
     STOP,
     TRAIN_SEED_BASE,
     Batch,
@@ -25,6 +28,7 @@ from casa_live.model.training.train import (
     generation_config,
     layout_ids,
     make_batch,
+    question_language_texts,
     train,
     train_tokenizer,
     with_qa_tokens,
@@ -50,6 +54,32 @@ def test_tokenizer_gives_each_caption_word_one_token(tok):
     assert tok.vocab_size <= 512
     assert set(vocabulary()) >= {"red", "circle", "appears"}
     assert tok.encode("any prompt at all, even émojis 🙂")  # byte-level: nothing is unknown
+
+
+def test_every_word_of_the_question_language_is_one_token(tok, tmp_path):
+    """with_qa_tokens: the delimiters and each question word one token (a question is as many tokens
+    as words, plus its "?" and delimiters), captions and the earlier ids unchanged, and the result
+    survives a save and a load (the ids `tokenizers` gives added tokens on load included)."""
+    before = copy.deepcopy(tok)
+    qtok = with_qa_tokens(copy.deepcopy(tok))
+    assert qtok.vocab_size > tok.vocab_size
+    for text in question_language_texts():
+        ids = qtok.encode(QUESTION_TEMPLATE.format(question=text))
+        assert len(ids) == len(text.split()) + 3, (text, [qtok.tok.id_to_token(i) for i in ids])
+        assert qtok.decode(ids) == text
+    for seed in range(20):
+        world = World(TRAIN_SEED_BASE + seed)
+        for _ in range(12):
+            caption = world.step().caption
+            assert qtok.encode(caption) == before.encode(caption)
+    for word, i in before.tok.get_vocab().items():
+        assert qtok.token_id(word) == i
+    qtok.save(tmp_path / "tokenizer.json")
+    loaded = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    assert with_qa_tokens(loaded) is loaded  # nothing left to add
+    q = QUESTION_TEMPLATE.format(question="what colour is the object at the top left?")
+    assert loaded.encode(q) == qtok.encode(q)
+    assert [loaded.token_id(t) for t in QA_TOKENS] == [qtok.token_id(t) for t in QA_TOKENS]
 
 
 def test_stream_layout_is_what_the_engine_feeds(tok):

@@ -103,13 +103,14 @@ def test_captions_are_identical_with_and_without_watches(context):
     assert [ev.frame for ev in scores] == list(range(len(images)))
 
 
-def test_pack_tree_shares_the_common_prefix_once():
-    p = pack_tree([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 6, 7]])
-    assert p.ids == [1, 2, 3, 4, 5, 3, 6, 7]
-    assert p.depth.tolist() == [0, 1, 2, 3, 2, 2, 3, 4]
-    assert p.last == [3, 4, 7]
-    # token 7 (the third question's last) sees the prefix and its own branch, not the others
-    assert p.tree[7].tolist() == [True, True, False, False, False, True, True, True]
+def test_pack_tree_shares_every_common_prefix_once():
+    p = pack_tree([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 6, 7], [1, 8, 9]])
+    assert p.ids == [1, 2, 3, 4, 5, 6, 7, 8, 9]  # 1 2 once for three, 1 2 3 once for two, 1 for all
+    assert p.depth.tolist() == [0, 1, 2, 3, 2, 3, 4, 1, 2]
+    assert p.last == [3, 4, 6, 8]
+    # token 7 (the third question's last) sees its own path (1 2 3 6), not the others' tokens
+    assert p.tree[6].tolist() == [True, True, True, False, False, True, True, False, False]
+    assert p.tree[8].tolist() == [True, False, False, False, False, False, False, True, True]
     # one question, or one that is another's prefix: every question keeps a last token of its own
     assert pack_tree([[1, 2]]).last == [1]
     q = pack_tree([[1, 2], [1, 2, 3]])
@@ -117,11 +118,12 @@ def test_pack_tree_shares_the_common_prefix_once():
 
 
 def test_set_watches_checks_what_it_is_given():
-    engine = make_engine(max_sessions=1, watch_tokens=15)
+    engine = make_engine(max_sessions=1, watch_tokens=13)
     row = engine.open("red circle")
     with pytest.raises(ValueError, match="at most 8"):
         engine.set_watches(row, ["is there a red circle"] * 9)
-    with pytest.raises(ValueError, match="16 tokens together; at most 15 fit"):
+    # 7 + 7 + 6 tokens, 14 packed (`<|question|>is` once, ` there a` once for two)
+    with pytest.raises(ValueError, match="14 tokens together; at most 13 fit"):
         engine.set_watches(row, ["is there a red circle", "is there a blue square", "is the scene empty"])
     engine.set_watches(row, ["is there a red circle"])
     engine.set_watches(row, [])  # cleared: no more scoring

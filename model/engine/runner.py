@@ -274,8 +274,8 @@ class Runner:
     def _score(self, rows: dict[int, tuple[int, list[list[int]]]], res: StepResult) -> None:
         """Score each row's watches on its current frame in one forward over rows [0, R) that
         leaves every row as it was (docs/engine.md, "Watches"); the forward's batch is the scored
-        rows alone, their caches gathered (`LanguageModel.step(rows=...)`). A row's watches share their
-        longest common prefix: its tokens are fed once, then each watch's rest as a branch of
+        rows alone, their caches gathered (`LanguageModel.step(rows=...)`). A row's watches are packed
+        as a trie (`pack_tree`): a prefix they share is fed once, each watch's rest as a branch of
         it (a tree mask), all at the positions a question branch would give them. The K/V go to
         the slots past each row's valid ones (the caches' score slots) and the lengths are not
         advanced, so the next feed overwrites them. A watch's score is
@@ -434,7 +434,7 @@ class Runner:
 
 @dataclass
 class PackedTree:
-    """Several token sequences fed as one: their longest common prefix once, then each one's rest."""
+    """Several token sequences fed as one trie: every shared prefix once, then each one's rest."""
 
     ids: list[int]  # prefix, then each sequence's rest, in order
     depth: torch.Tensor  # (n,) each token's offset in its own sequence (its position past the row's)
@@ -443,25 +443,36 @@ class PackedTree:
 
 
 def pack_tree(seqs: list[list[int]]) -> PackedTree:
-    """Pack non-empty sequences around their longest common prefix (kept shorter than every
-    sequence, so each has a last token of its own)."""
-    shortest = min(len(q) for q in seqs)
-    p = 0
-    while p < shortest - 1 and all(q[p] == seqs[0][p] for q in seqs):
-        p += 1
-    ids = list(seqs[0][:p])
-    depth = list(range(p))
-    n = p + sum(len(q) - p for q in seqs)
-    tree = torch.zeros(n, n, dtype=torch.bool)
-    tree[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+    """Pack non-empty sequences as a trie: tokens that start the same way are fed once ("<|question|>
+    is" for every watch, then "there a" for the three `is there a ...` ones), and each sequence's
+    last token is a node of its own, even where a sequence is another's prefix or a duplicate, so
+    each has a last token to read its answer from. Nodes come in creation order, a parent before
+    its children."""
+    ids: list[int] = []
+    depth: list[int] = []
+    parent: list[int] = []
+    children: dict[tuple[int, int], int] = {}  # (parent node or -1, token) -> node, last tokens excluded
     last = []
     for q in seqs:
-        a, m = len(ids), len(q) - p
-        ids += q[p:]
-        depth += range(p, p + m)
-        tree[a : a + m, :p] = True
-        tree[a : a + m, a : a + m] = torch.ones(m, m, dtype=torch.bool).tril()
-        last.append(a + m - 1)
+        node = -1
+        for k, t in enumerate(q):
+            shared = children.get((node, t)) if k < len(q) - 1 else None
+            if shared is None:
+                ids.append(t)
+                depth.append(k)
+                parent.append(node)
+                shared = len(ids) - 1
+                if k < len(q) - 1:
+                    children[(node, t)] = shared
+            node = shared
+        last.append(node)
+    n = len(ids)
+    tree = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):  # i sees itself and its ancestors
+        j = i
+        while j >= 0:
+            tree[i, j] = True
+            j = parent[j]
     return PackedTree(ids, torch.tensor(depth), tree, last)
 
 

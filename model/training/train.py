@@ -39,9 +39,12 @@ from casa_live.model.processor import ImageProcessor
 from casa_live.model.reference import Interleaved
 from casa_live.model.tokenizer import Tokenizer
 from casa_live.model.vlm import CASAModel
+from casa_live.model.world import questions as qa_lang
 from casa_live.model.world.questions import sample as sample_question
 from casa_live.model.world.scene import (
     COLOURS,
+    COLS,
+    ROWS,
     SHAPES,
     SIZES,
     Clip,
@@ -102,12 +105,74 @@ def train_tokenizer(vocab_size: int = 512, clips: int = 400) -> Tokenizer:
 
 
 def with_qa_tokens(tok: Tokenizer) -> Tokenizer:
-    """The tokenizer with the question delimiters (appended after its vocabulary, so every other
-    token keeps its id and a trained model can learn them by fine-tuning)."""
+    """The tokenizer with the question delimiters and the question language's words (appended
+    after its vocabulary, so every other token keeps its id and a trained model can learn them by
+    fine-tuning)."""
     missing = [t for t in QA_TOKENS if t not in tok.tok.get_vocab(with_added_tokens=True)]
     if missing:
         tok.tok.add_special_tokens(missing)
-    return tok
+    return with_question_words(tok)
+
+
+def question_language_texts() -> list[str]:
+    """Every question of the language (model/world/questions.py), each subject filled in."""
+    out = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            out += [
+                qa_lang.exists((), colour, shape).text,
+                qa_lang.where((), colour, shape).text,
+                qa_lang.size((), colour, shape).text,
+            ]
+        out.append(qa_lang.colour_any((), colour).text)
+    out += [qa_lang.shape_any((), shape).text for shape in SHAPES]
+    for row in ROWS:
+        for col in COLS:
+            out += [qa_lang.colour_at((), row, col).text, qa_lang.what_at((), row, col).text]
+    return [*out, qa_lang.count(()).text, qa_lang.empty(()).text]
+
+
+def with_question_words(tok: Tokenizer) -> Tokenizer:
+    """Make every word of the question language one token, as every caption word is: BPE merges
+    appended after the trained ones join each word's current pieces left to right ("Ġ o b j e c t"
+    -> "Ġobject"), the intermediate pieces becoming tokens too. Without them a question is 2-3
+    times longer ("is there a blue object?" was 14 tokens, and 4 such watches 33 packed tokens a
+    frame), which every watch pays on every frame. Appended merges rank after the trained ones, so
+    a caption still encodes as before; text outside both languages (a user's prompt) may encode in
+    fewer pieces. Idempotent."""
+    hf = tok.tok
+    # (the raw word, e.g. " object", and its byte-level form, "Ġobject")
+    words = {
+        (q[a:b], w) for q in question_language_texts() for w, (a, b) in hf.pre_tokenizer.pre_tokenize_str(q)
+    }
+    data = json.loads(hf.to_str())
+    if data["model"]["type"] != "BPE":  # a word-level tokenizer (tests) has whole words already
+        return tok
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    # `tokenizers` numbers an added token absent from the model's vocabulary after that vocabulary
+    # when it loads one: pin the added ones (the question delimiters) there at their ids first
+    for a in data["added_tokens"]:
+        vocab.setdefault(a["content"], a["id"])
+    next_id = max(vocab.values()) + 1
+    known = {tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges}
+    changed = False
+    for raw, word in sorted(words):
+        pieces = [hf.id_to_token(i) for i in hf.encode(raw, add_special_tokens=False).ids]
+        if len(pieces) < 2 or "".join(pieces) != word:
+            continue
+        cur = pieces[0]
+        for p in pieces[1:]:
+            if (cur, p) not in known:
+                merges.append([cur, p] if not merges or isinstance(merges[0], list) else f"{cur} {p}")
+                known.add((cur, p))
+            cur += p
+            if cur not in vocab:
+                vocab[cur] = next_id
+                next_id += 1
+            changed = True
+    if not changed:
+        return tok
+    return Tokenizer(HFTokenizer.from_str(json.dumps(data)))
 
 
 def generation_config(qa: bool = False) -> GenerationConfig:
