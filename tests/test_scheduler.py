@@ -9,6 +9,7 @@ import torch
 
 from casa_live.model.config import GenerationConfig
 from casa_live.model.engine.scheduler import (
+    SCORE_WAIT_S,
     CapacityError,
     FrameEncoding,
     InsertedFrame,
@@ -223,3 +224,53 @@ def test_min_new_tokens_bans_stops_and_settings_resolve_against_the_model():
     s.update(row, SessionSettings(max_new_tokens=1000, truncated_close="last_stop"))
     # capped by the window: 64 - post - caption prefix - pre - 2
     assert (r.max_new_tokens, r.truncated_close) == (64 - 1 - 2 - 1 - 2, "last_stop")
+
+
+def tick(s: Scheduler, out: dict[int, int]) -> Plan:
+    """One tick: plan, then give every sampled row its next token (out[row], else 20)."""
+    plan = s.plan()
+    s.update_from_output(plan.sample, [out.get(r, 20) for r in plan.sample], now=0.0)
+    return plan
+
+
+def watched_rows_at_their_boundary(s: Scheduler) -> tuple[int, int, int]:
+    """Rows a and b (with watches) caption frame 0 in one token and close it while row c, without
+    watches, keeps captioning: returns (a, b, c) once a and b wait for their scores."""
+    a, b = open_and_prefill(s), open_and_prefill(s)
+    c = open_and_prefill(s, SessionSettings(max_new_tokens=50))
+    s.set_watches(a, [[5, 6]])
+    s.set_watches(b, [[5, 7]])
+    for row in (a, b, c):
+        s.submit(row, 1, None)
+        s.encoded(row, 1, encoding())
+    for _ in range(10):
+        plan = tick(s, {a: STOP, b: STOP})
+        assert not plan.score  # c still decodes, the wait has not run out: a and b wait together
+        if all(s._needs_score(s.row(r)) for r in (a, b)):
+            return a, b, c
+    raise AssertionError("a and b never reached their frame boundary")
+
+
+def test_watch_scoring_waits_to_batch_rows_but_never_past_their_next_frame():
+    s = scheduler(rows=3)
+    a, b, c = watched_rows_at_their_boundary(s)
+    assert s.row(c).decoding
+    plan = tick(s, {})
+    assert not plan.score and s.row(a).score_since is not None
+    s.row(a).score_since -= SCORE_WAIT_S  # a has waited long enough: both are scored, in one forward
+    plan = tick(s, {})
+    assert plan.score == {a: (0, [[5, 6]]), b: (0, [[5, 7]])}
+    assert not s._needs_score(s.row(a)) and s.row(a).score_since is None
+
+    s = scheduler(rows=3)
+    a, b, c = watched_rows_at_their_boundary(s)
+    s.submit(a, 2, None)
+    s.encoded(a, 2, encoding())  # a's next frame is ready: its scores cannot wait, b's go with them
+    plan = tick(s, {})
+    assert set(plan.score) == {a, b} and [f.row for f in plan.frames] == [a]
+
+    s = scheduler(rows=3)
+    a, b, c = watched_rows_at_their_boundary(s)
+    while s.row(c).busy or s.row(c).forced:  # c's caption ends and closes: nothing else to do
+        assert not tick(s, {c: STOP}).score
+    assert set(tick(s, {}).score) == {a, b}

@@ -19,6 +19,7 @@ eager step is the default: docs/engine.md has the measurements that decided it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -443,6 +444,17 @@ class PackedTree:
 
 
 def pack_tree(seqs: list[list[int]]) -> PackedTree:
+    """`pack_trie` of these sequences, cached: a row's watches are packed again on every frame, and
+    change only when a session sets new ones (the result is shared: read it, never write it)."""
+    return _pack_cached(tuple(tuple(q) for q in seqs))
+
+
+@functools.lru_cache(maxsize=1024)
+def _pack_cached(seqs: tuple[tuple[int, ...], ...]) -> PackedTree:
+    return pack_trie([list(q) for q in seqs])
+
+
+def pack_trie(seqs: list[list[int]]) -> PackedTree:
     """Pack non-empty sequences as a trie: tokens that start the same way are fed once ("<|question|>
     is" for every watch, then "there a" for the three `is there a ...` ones), and each sequence's
     last token is a node of its own, even where a sequence is another's prefix or a duplicate, so
