@@ -18,20 +18,19 @@ from casa_live.model.engine.runner import pack_tree
 QUESTIONS = ["is there a red circle", "is there a blue square", "is the scene empty"]
 
 
-def boundary(rec: Recorder, row: int, frame: int) -> tuple[list[int], list]:
-    """The row's stream at the close of `frame`'s caption (what its scores read): its tokens up to
-    where the next frame was inserted (or all of them), and its frames up to `frame`."""
-    frames_ = rec.frames[row]
-    end = frames_[frame + 1][0] if frame + 1 < len(frames_) else len(rec.tokens[row])
-    return rec.tokens[row][:end], frames_[: frame + 1]
+class ScoreSnapshots:
+    """Before the Recorder sees a tick, notes how much of each scored row's stream it had: the
+    scores are computed before the tick's own feeds (a frame may start in the same tick)."""
 
+    def __init__(self, engine: Engine, rec: Recorder) -> None:
+        self.rec, self.taken = rec, []
+        engine.observers.insert(0, self.observe)
 
-def settle(engine: Engine) -> list:
-    """Step until nothing is left, the vision thread's jobs (frames, scores) included."""
-    out = []
-    while engine.has_work() or (engine.pipeline is not None and engine.pipeline.pending):
-        out += engine.step()
-    return out
+    def observe(self, res) -> None:  # type: ignore[no-untyped-def]
+        for row, scores in res.scores.items():
+            self.taken.append(
+                (row, list(self.rec.tokens.get(row, [])), list(self.rec.frames.get(row, [])), scores)
+            )
 
 
 def dense_score(engine: Engine, rec: Recorder, tokens: list[int], frames_: list, question: str) -> float:
@@ -50,36 +49,29 @@ def dense_score(engine: Engine, rec: Recorder, tokens: list[int], frames_: list,
     return float(torch.sigmoid(logits[yes].logsumexp(0) - logits[no].logsumexp(0)))
 
 
-@pytest.mark.parametrize(
-    ("fusion", "vision_thread"), [("casa", False), ("insertion", False), ("casa", True), ("insertion", True)]
-)
-def test_scores_match_a_dense_forward_of_the_stream_then_each_question(fusion, vision_thread):
-    """With a vision thread the scores are computed there (the rows wait for them), without one
-    in the tick: the same numbers either way."""
-    engine = make_engine(fusion, max_sessions=2, max_context_tokens=512, vision_thread=vision_thread)
+@pytest.mark.parametrize("fusion", ["casa", "insertion"])
+def test_scores_match_a_dense_forward_of_the_stream_then_each_question(fusion):
+    engine = make_engine(fusion, max_sessions=2, max_context_tokens=512)
     rec = Recorder(engine)
+    snaps = ScoreSnapshots(engine, rec)
     row = engine.open("red circle", SessionSettings(max_new_tokens=3))
     other = engine.open("blue square", SessionSettings(max_new_tokens=2))
     engine.set_watches(row, QUESTIONS)
     engine.set_watches(other, QUESTIONS[:1])
-    settle(engine)
+    drain(engine)
     events = []
-    try:
-        for image in frames(3, 3):
-            for r in (row, other):
-                # submitted while the last frame's watches are not scored yet: scoring goes first
-                engine.submit_frame(r, image)
-            events += settle(engine)
-    finally:
-        engine.shutdown()
+    for image in frames(3, 3):
+        for r in (row, other):
+            # submitted while the last frame's watches are not scored yet: scoring goes first
+            engine.submit_frame(r, image)
+        events += drain(engine)
     scored = [ev for ev in events if isinstance(ev, ScoreEvent)]
     assert [(ev.row, ev.frame) for ev in scored if ev.row == row] == [(row, 0), (row, 1), (row, 2)]
-    assert len(scored) == 6
-    for ev in scored:
-        questions = QUESTIONS if ev.row == row else QUESTIONS[:1]
-        tokens, frames_ = boundary(rec, ev.row, ev.frame)
+    assert len(snaps.taken) == 6
+    for r, tokens, frames_, scores in snaps.taken:
+        questions = QUESTIONS if r == row else QUESTIONS[:1]
         want = [dense_score(engine, rec, tokens, frames_, q) for q in questions]
-        np.testing.assert_allclose(ev.scores, want, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(scores, want, rtol=0, atol=2e-5)
     assert all(0.0 < s < 1.0 for ev in scored for s in ev.scores)
 
 
@@ -99,20 +91,14 @@ def caption_stream(watches: list[str] | None, images: list[np.ndarray], **kw) ->
                     captions[ev.row].append(ev.token)
                 else:
                     scores.append(ev)
-    scores += [ev for ev in settle(engine) if isinstance(ev, ScoreEvent)]
-    engine.shutdown()
     return captions, scores
 
 
-@pytest.mark.parametrize(
-    ("context", "vision_thread"), [(512, False), (40, False), (40, True)]
-)  # 40: the text cache is full and evicts all along
-def test_captions_are_identical_with_and_without_watches(context, vision_thread):
+@pytest.mark.parametrize("context", [512, 40])  # 40: the text cache is full and evicts all along
+def test_captions_are_identical_with_and_without_watches(context):
     images = frames(4, 6)
-    plain, _ = caption_stream(None, images, max_context_tokens=context, vision_thread=vision_thread)
-    watched, scores = caption_stream(
-        QUESTIONS, images, max_context_tokens=context, vision_thread=vision_thread
-    )
+    plain, _ = caption_stream(None, images, max_context_tokens=context)
+    watched, scores = caption_stream(QUESTIONS, images, max_context_tokens=context)
     assert watched == plain
     assert [ev.frame for ev in scores] == list(range(len(images)))
 

@@ -22,7 +22,6 @@ streaming with the dense reference.
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,22 +33,12 @@ from casa_live.model.cache import StreamState
 from casa_live.model.config import DEFAULT_CONTEXT_TOKENS, GenerationConfig
 from casa_live.model.engine.runner import Runner, StepResult, pack_tree
 from casa_live.model.engine.sampling import Sampler, SamplingParams, params_for
-from casa_live.model.engine.scheduler import (
-    CapacityError,
-    Plan,
-    RowState,
-    Scheduler,
-    ScoreEvent,
-    Template,
-    TokenEvent,
-)
+from casa_live.model.engine.scheduler import CapacityError, Plan, Scheduler, ScoreEvent, Template, TokenEvent
 from casa_live.model.engine.settings import SessionSettings
 from casa_live.model.engine.vision_pipeline import FrameEncoder, VisionPipeline, collect_encodings
 from casa_live.model.processor import ImageProcessor, QwenImageProcessor
 from casa_live.model.tokenizer import Tokenizer
 from casa_live.model.vlm import CASAModel
-
-log = logging.getLogger("casa.engine")
 
 __all__ = [
     "CapacityError",
@@ -135,9 +124,6 @@ class Engine:
         self.frames = FrameEncoder(self.processor, self.runner.encode, cfg.vision.merge)
         # one intra-op thread for the vision thread: with the decode thread it fills two cores
         self.pipeline = VisionPipeline(self.frames.encode_images, threads=1) if vision_thread else None
-        # with a vision thread, watch scoring runs there too (its rows wait for their scores)
-        self.scheduler.async_scores = self.pipeline is not None
-        self._score_jobs: dict[int, list[RowState | None]] = {}  # id(job) -> the rows it scores
 
     @classmethod
     def from_checkpoint(
@@ -300,9 +286,7 @@ class Engine:
         self.last_result = res = StepResult()
         involved: set[int] = set()  # the rows this tick touches
         try:
-            events: list[TokenEvent | ScoreEvent] = []
-            events += collect_encodings(self.scheduler, self.frames, self.pipeline, involved)
-            events += self._collect_scores(res)
+            events = collect_encodings(self.scheduler, self.frames, self.pipeline, involved)
             plan = self.scheduler.plan()
             involved.update(f.row for f in plan.frames)
             involved.update(plan.prefill, plan.decode, plan.score)
@@ -314,32 +298,8 @@ class Engine:
         except Exception as exc:
             raise StepFailed(sorted(involved)) from exc
 
-    def _collect_scores(self, res: StepResult) -> list[TokenEvent | ScoreEvent]:
-        """The ScoreEvents of the scoring jobs the vision thread finished; their rows may start
-        their next frames. A row closed meanwhile (or opened again by another session) gets none."""
-        if self.pipeline is None:
-            return []
-        events: list[TokenEvent | ScoreEvent] = []
-        for job in self.pipeline.take_tasks():
-            owners = self._score_jobs.pop(id(job))
-            if job.error is not None:
-                log.error("watch scoring failed for rows %s: %r", job.rows, job.error)
-            res.score_s += job.seconds
-            for i, frame, owner in zip(job.rows, job.frames, owners):
-                if self.scheduler.rows[i] is not owner or owner is None:
-                    continue
-                self.scheduler.scores_done(i)
-                if job.error is None:
-                    events.append(ScoreEvent(i, frame, job.scores[i]))
-        return events
-
     def _run(self, plan: Plan, res: StepResult) -> list[TokenEvent | ScoreEvent]:
         """Execute a plan, sample, and hand the sampled tokens back to the scheduler."""
-        if plan.score and self.pipeline is not None:  # scored on the vision thread's core
-            job = self.runner.plan_score(plan.score)
-            self._score_jobs[id(job)] = [self.scheduler.rows[i] for i in job.rows]
-            self.pipeline.submit_task(self.runner.run_score, job)
-            plan.score = {}
         self.runner.run(plan, res)
         for fn in self.observers:
             fn(res)

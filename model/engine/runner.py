@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from casa_live.kernels.dispatch import backend_for
-from casa_live.model.cache import CASAState, StreamState, TextCache
+from casa_live.model.cache import StreamState
 from casa_live.model.decode import (
     DecodeInputs,
     ScriptedStep,
@@ -86,21 +86,6 @@ class StepResult:
     decode_s: float = 0.0
     scores: dict[int, list[float]] = field(default_factory=dict)  # row -> one score per watch
     score_s: float = 0.0
-
-
-@dataclass
-class ScoreJob:
-    """The watch scoring of some rows' current frames (`Runner.plan_score`, `Runner.run_score`)."""
-
-    rows: list[int]  # state rows, ascending
-    frames: list[int]  # the frame each row's scores are for
-    packed: list[PackedTree]  # each row's watches
-    lengths: torch.Tensor  # (R,) valid text slots of each row
-    base: torch.Tensor  # (R,) self-attention position of each row's first question token
-    n_img: torch.Tensor | None  # (R,) image tokens of each row's frame (CASA models)
-    scores: dict[int, list[float]] = field(default_factory=dict)  # row -> one score per watch
-    seconds: float = 0.0
-    error: BaseException | None = None
 
 
 class Runner:
@@ -288,59 +273,21 @@ class Runner:
                 res.fed_logits[i] = lm.logits(h[i, at]).float()
 
     def _score(self, rows: dict[int, tuple[int, list[list[int]]]], res: StepResult) -> None:
-        """Score the rows' watches now, on this thread (`plan_score` then `run_score`)."""
-        job = self.plan_score(rows)
-        self.run_score(job)
-        if job.error is not None:
-            raise job.error
-        res.scores.update(job.scores)
-
-    def plan_score(self, rows: dict[int, tuple[int, list[list[int]]]]) -> ScoreJob:
-        """The scoring of these rows' watches on their current frames, as a job: what the forward
-        needs from the host (each row's watches packed as a trie, `pack_tree`, its valid slots,
-        image tokens and positions), read now on the engine's thread. `run_score` does the rest."""
+        """Score each row's watches on its current frame in one forward over rows [0, R) that
+        leaves every row as it was (docs/engine.md, "Watches"); the forward's batch is the scored
+        rows alone, their caches gathered (`LanguageModel.step(rows=...)`). A row's watches are packed
+        as a trie (`pack_tree`): a prefix they share is fed once, each watch's rest as a branch of
+        it (a tree mask), all at the positions a question branch would give them. The K/V go to
+        the slots past each row's valid ones (the caches' score slots) and the lengths are not
+        advanced, so the next feed overwrites them. A watch's score is
+        P(yes) / (P(yes) + P(no)) from its last token's logits: the softmax's normaliser cancels,
+        so only the yes and no rows of the output matrix are computed."""
         assert self.yes_no is not None, "the engine sets the yes/no ids before scoring"
-        order = sorted(rows)
-        sel = torch.tensor(order)
-        text, cs = self.state.text, self.state.casa
-        base = (
-            torch.tensor([self.state.spans.position[i] for i in order])
-            if self.insertion
-            else text.length[sel].clone()
-        )
-        return ScoreJob(
-            rows=order,
-            frames=[rows[i][0] for i in order],
-            packed=[pack_tree(rows[i][1]) for i in order],
-            lengths=text.length[sel].clone(),
-            base=base,
-            n_img=None if cs is None else cs.n_img[sel].clone(),
-        )
-
-    @torch.inference_mode()
-    def run_score(self, job: ScoreJob) -> None:
-        """Score a job's watches (docs/engine.md, "Watches"); safe on another thread while the
-        engine steps, as long as the job's rows are fed nothing and start no frame until it is done
-        (the scheduler holds them, `RowState.scoring`): it only reads their valid cache slots and
-        their image K/V, copying them into a private state of its own, and writes nothing shared.
-        The questions' tokens are fed at the positions a question branch would give them (a tree
-        mask: each sees the row's cache and its own question's earlier tokens, and re-opens the
-        frame's window). A watch's score is P(yes) / (P(yes) + P(no)) from its last token's
-        logits: the softmax's normaliser cancels, so only the yes and no rows of the output
-        matrix are computed. Fills job.scores and job.seconds, or job.error."""
-        t0 = time.perf_counter()
-        try:
-            self._run_score(job)
-        except Exception as exc:  # the engine reports it; the rows go on without these scores
-            job.error = exc
-        job.seconds = time.perf_counter() - t0
-
-    def _run_score(self, job: ScoreJob) -> None:
-        assert self.yes_no is not None
         lm, text, cs = self.lm, self.state.text, self.state.casa
-        packed = job.packed
-        sel = torch.tensor(job.rows, device=self.device)
-        R, T = len(job.rows), max(len(p.ids) for p in packed)
+        order = sorted(rows)
+        packed = [pack_tree(rows[i][1]) for i in order]
+        sel = torch.tensor(order)  # the batch covers only the scored rows (a few among many)
+        R, T = len(order), max(len(p.ids) for p in packed)
         ids = torch.zeros(R, T, dtype=torch.long)
         depth = torch.zeros(R, T, dtype=torch.long)
         tree = torch.zeros(R, T, T, dtype=torch.bool)
@@ -348,38 +295,17 @@ class Runner:
         for b, p in enumerate(packed):
             n = len(p.ids)
             ids[b, :n], depth[b, :n], tree[b, :n, :n], n_valid[b] = torch.tensor(p.ids), p.depth, p.tree, n
-        # a private state: the rows' valid text K/V (S slots) and image K/V, and room for the
-        # questions' K/V (score slots) past them
-        S = int(job.lengths.max())
-        own_text = TextCache(
-            text.k.shape[0],
-            R,
-            text.k.shape[2],
-            text.k.shape[4],
-            S,
-            text.k.dtype,
-            text.k.device,
-            score_slots=T,
-        )
-        own_text.k[:, :, :, :S] = text.k[:, sel, :, :S]
-        own_text.v[:, :, :, :S] = text.v[:, sel, :, :S]
-        own_text.length[:] = job.lengths
-        own_casa = None
-        ca_pos = None
-        if cs is not None:
-            assert job.n_img is not None
-            N = max(int(job.n_img.max()), 1)
-            own_casa = CASAState(
-                cs.k.shape[0], R, cs.k.shape[2], cs.k.shape[4], N, 0, cs.k.dtype, cs.k.device, score_slots=T
-            )
-            own_casa.img_k[:] = cs.img_k[:, sel, :, :N]
-            own_casa.img_v[:] = cs.img_v[:, sel, :, :N]
-            own_casa.n_img[:] = job.n_img
-            # a re-opened window (docs/engine.md): positions from 0, like a branch's
-            ca_pos = depth[..., None].expand(-1, -1, 3).to(self.device)
-        sa_pos = (job.base[:, None] + depth)[..., None].expand(-1, -1, 3)
         x = lm.embed_tokens(ids.to(self.device))
-        h = lm.step(x, n_valid, StreamState(own_text, own_casa), sa_pos.to(self.device), ca_pos, tree=tree)
+        base = (
+            torch.tensor([self.state.spans.position[i] for i in order])
+            if self.insertion
+            else text.length[sel]
+        )
+        sa_pos = (base[:, None] + depth)[..., None].expand(-1, -1, 3)
+        ca_pos = None
+        if cs is not None:  # a re-opened window (docs/engine.md): positions from 0, like a branch's
+            ca_pos = depth[..., None].expand(-1, -1, 3).to(self.device)
+        h = lm.step(x, n_valid, self.state, sa_pos.to(self.device), ca_pos, tree=tree, rows=sel)
         yes, no = self.yes_no
         w = lm.embed_tokens.weight if lm.lm_head is None else lm.lm_head.weight
         w = w[torch.tensor(yes + no, device=self.device)]  # (|yes| + |no|, hidden)
@@ -388,8 +314,8 @@ class Runner:
         margin = torch.logsumexp(logits[:, : len(yes)], -1) - torch.logsumexp(logits[:, len(yes) :], -1)
         scores = torch.sigmoid(margin).tolist()
         k = 0
-        for i, p in zip(job.rows, packed):
-            job.scores[i] = scores[k : k + len(p.last)]
+        for i, p in zip(order, packed):
+            res.scores[i] = scores[k : k + len(p.last)]
             k += len(p.last)
 
     def _insertion_positions(self, i: int, items: list[Item]) -> torch.Tensor:

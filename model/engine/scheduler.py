@@ -157,7 +157,6 @@ class RowState:
     watches: list[list[int]] = field(default_factory=list)  # fed ids of each watch's question
     scored: int = 0  # frames whose watches are scored (or that need none: failed, no watches)
     score_since: float | None = None  # when plan() first saw the row's frame waiting for its scores
-    scoring: bool = False  # its scores are computed on another thread: no frame starts meanwhile
 
     @property
     def busy(self) -> bool:
@@ -165,9 +164,8 @@ class RowState:
         return self.pending is not None or self.decoding
 
     def startable(self) -> bool:
-        """The pending frame may start at the next plan (the previous caption is closed, and its
-        frame's scores are not being computed from the image K/V the new frame overwrites)."""
-        return self.pending is not None and not self.forced and not self.decoding and not self.scoring
+        """The pending frame may start at the next plan (the previous caption is closed)."""
+        return self.pending is not None and not self.forced and not self.decoding
 
 
 @dataclass
@@ -227,8 +225,6 @@ class Scheduler:
         self.template, self.window_tokens, self.gen = template, window_tokens, gen
         self.prefill_min = prefill_min
         self.session_rows = max_rows - branch_rows
-        # the engine scores watches on another thread: a scored row waits for `scores_done`
-        self.async_scores = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -283,10 +279,6 @@ class Scheduler:
         if r.branch_of is not None:
             raise ValueError(f"row {i} is a question branch; watches belong to session rows")
         r.watches = [list(w) for w in watches]
-
-    def scores_done(self, i: int) -> None:
-        """Row i's scores came back from the other thread: its next frame may start."""
-        self.row(i).scoring = False
 
     def _needs_score(self, r: RowState) -> bool:
         return (
@@ -389,7 +381,7 @@ class Scheduler:
             for i in due:
                 r = self.row(i)
                 plan.score[i] = (r.frames - 1, r.watches)
-                r.scored, r.score_since, r.scoring = r.frames, None, self.async_scores
+                r.scored, r.score_since = r.frames, None
         # rows that feed something this tick without a prompt prefill of their own (counted
         # before frames start: a starting frame's short forced run does not make a prompt wait)
         busy = sum(

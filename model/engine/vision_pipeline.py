@@ -6,9 +6,6 @@ decode step a few milliseconds of mostly op dispatch: run on one thread they add
 usually ready by the time its row has finished closing the previous caption. The measurements are
 in docs/engine.md.
 
-The thread also runs other jobs for its core, before any frame (`submit_task`): the engine's watch
-scoring (model/engine/runner.py `run_score`), which would otherwise load the decode thread.
-
 Jobs are (row, ticket, frame); the encoder preprocesses and encodes a list of frames; a result carries the ticket back, so the engine discards the
 result of a frame whose row was closed or resubmitted meanwhile. All pending jobs are encoded as
 one batch. The thread only reads model weights (the vision tower and the CASA k/v projections), so
@@ -84,10 +81,6 @@ class VisionPipeline:
         self._cv = threading.Condition()
         self._jobs: collections.deque[tuple[int, int, Any]] = collections.deque()
         self._done: list[Encoded] = []
-        # other work for this core (watch scoring jobs): (fn, arg), run before frames, and the
-        # args of those done
-        self._tasks: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
-        self._tasks_done: list[Any] = []
         self._busy = 0
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="casa-vision", daemon=True)
@@ -99,43 +92,27 @@ class VisionPipeline:
             self._jobs.append((row, ticket, frame))
             self._cv.notify_all()
 
-    def submit_task(self, fn: Callable[[Any], None], arg: Any) -> None:
-        """Run fn(arg) on the vision thread, before any queued frame (its rows wait for it); `arg`
-        comes back from `take_tasks` once it ran. fn reports its own errors in arg."""
-        with self._cv:
-            self._tasks.append((fn, arg))
-            self._cv.notify_all()
-
     def take(self) -> list[Encoded]:
         """Results ready so far (non-blocking)."""
         with self._cv:
             done, self._done = self._done, []
         return done
 
-    def take_tasks(self) -> list[Any]:
-        """The args of the tasks run so far (non-blocking)."""
-        with self._cv:
-            done, self._tasks_done = self._tasks_done, []
-        return done
-
     def wait(self, timeout: float) -> None:
         """Block until a result is ready, nothing is pending, or the timeout passes."""
         with self._cv:
-            self._cv.wait_for(
-                lambda: self._done or self._tasks_done or not (self._jobs or self._tasks or self._busy),
-                timeout,
-            )
+            self._cv.wait_for(lambda: self._done or not (self._jobs or self._busy), timeout)
 
     @property
     def has_results(self) -> bool:
         """Results wait to be taken."""
         with self._cv:
-            return bool(self._done or self._tasks_done)
+            return bool(self._done)
 
     @property
     def pending(self) -> bool:
         with self._cv:
-            return bool(self._jobs or self._tasks or self._busy or self._done or self._tasks_done)
+            return bool(self._jobs or self._busy or self._done)
 
     def stop(self) -> None:
         with self._cv:
@@ -161,26 +138,11 @@ class VisionPipeline:
         torch.set_num_threads(self._threads)  # per thread: this one owns its core
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._stop or self._jobs or self._tasks)
+                self._cv.wait_for(lambda: self._stop or self._jobs)
                 if self._stop:
                     return
-                task = self._tasks.popleft() if self._tasks else None
-                batch = (
-                    []
-                    if task
-                    else [self._jobs.popleft() for _ in range(min(self.max_batch, len(self._jobs)))]
-                )
-                self._busy = max(1, len(batch))
-            if task is not None:
-                fn, arg = task
-                fn(arg)
-                with self._cv:
-                    self._tasks_done.append(arg)
-                    self._busy = 0
-                    self._cv.notify_all()
-                if self.notify is not None:
-                    self.notify()
-                continue
+                batch = [self._jobs.popleft() for _ in range(min(self.max_batch, len(self._jobs)))]
+                self._busy = len(batch)
             out = self._encode_batch(batch)
             if len(batch) > 1 and any(e.error is not None for e in out):
                 # one bad frame must not cost the others theirs: encode them one by one
