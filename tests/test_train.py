@@ -28,12 +28,12 @@ from casa_live.model.training.train import (
     generation_config,
     layout_ids,
     make_batch,
-    question_language_texts,
     train,
     train_tokenizer,
     with_qa_tokens,
 )
 from casa_live.model.vlm import CASAModel
+from casa_live.model.world import questions
 from casa_live.model.world.scene import World, WorldConfig, vocabulary
 
 
@@ -63,7 +63,7 @@ def test_every_word_of_the_question_language_is_one_token(tok, tmp_path):
     before = copy.deepcopy(tok)
     qtok = with_qa_tokens(copy.deepcopy(tok))
     assert qtok.vocab_size > tok.vocab_size
-    for text in question_language_texts():
+    for text in questions.every_text():
         ids = qtok.encode(QUESTION_TEMPLATE.format(question=text))
         assert len(ids) == len(text.split()) + 3, (text, [qtok.tok.id_to_token(i) for i in ids])
         assert qtok.decode(ids) == text

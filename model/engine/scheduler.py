@@ -167,6 +167,10 @@ class RowState:
         """The pending frame may start at the next plan (the previous caption is closed)."""
         return self.pending is not None and not self.forced and not self.decoding
 
+    def frame_ready(self) -> bool:
+        """The pending frame starts at the next plan: startable, and its image tokens are here."""
+        return self.startable() and self.pending is not None and self.pending.encoding is not None
+
 
 @dataclass
 class TokenEvent:
@@ -388,7 +392,7 @@ class Scheduler:
             1 for r in self.rows if r is not None and (r.decoding or (r.forced and not r.prefill_forced))
         )
         for i, r in enumerate(self.rows):
-            if r is not None and r.startable() and r.pending.encoding is not None:
+            if r is not None and r.frame_ready():
                 plan.frames.append(FrameStart(i, self._start_frame(r)))
         for i, r in enumerate(self.rows):
             if r is not None:
@@ -408,14 +412,10 @@ class Scheduler:
             if r.score_since is None:
                 r.score_since = now
         if len(rows) >= SCORE_BATCH or any(
-            (r.startable() and r.pending.encoding is not None) or now - r.score_since >= SCORE_WAIT_S
-            for r in rows
+            r.frame_ready() or now - r.score_since >= SCORE_WAIT_S for r in rows
         ):
             return True
-        return not any(
-            r is not None and (r.forced or r.decoding or (r.startable() and r.pending.encoding is not None))
-            for r in self.rows
-        )
+        return not any(r is not None and (r.forced or r.decoding or r.frame_ready()) for r in self.rows)
 
     def _start_frame(self, r: RowState) -> FrameEncoding:
         pending = r.pending

@@ -43,8 +43,6 @@ from casa_live.model.world import questions as qa_lang
 from casa_live.model.world.questions import sample as sample_question
 from casa_live.model.world.scene import (
     COLOURS,
-    COLS,
-    ROWS,
     SHAPES,
     SIZES,
     Clip,
@@ -114,24 +112,6 @@ def with_qa_tokens(tok: Tokenizer) -> Tokenizer:
     return with_question_words(tok)
 
 
-def question_language_texts() -> list[str]:
-    """Every question of the language (model/world/questions.py), each subject filled in."""
-    out = []
-    for colour in COLOURS:
-        for shape in SHAPES:
-            out += [
-                qa_lang.exists((), colour, shape).text,
-                qa_lang.where((), colour, shape).text,
-                qa_lang.size((), colour, shape).text,
-            ]
-        out.append(qa_lang.colour_any((), colour).text)
-    out += [qa_lang.shape_any((), shape).text for shape in SHAPES]
-    for row in ROWS:
-        for col in COLS:
-            out += [qa_lang.colour_at((), row, col).text, qa_lang.what_at((), row, col).text]
-    return [*out, qa_lang.count(()).text, qa_lang.empty(()).text]
-
-
 def with_question_words(tok: Tokenizer) -> Tokenizer:
     """Make every word of the question language one token, as every caption word is: BPE merges
     appended after the trained ones join each word's current pieces left to right ("Ġ o b j e c t"
@@ -141,13 +121,11 @@ def with_question_words(tok: Tokenizer) -> Tokenizer:
     a caption still encodes as before; text outside both languages (a user's prompt) may encode in
     fewer pieces. Idempotent."""
     hf = tok.tok
-    # (the raw word, e.g. " object", and its byte-level form, "Ġobject")
-    words = {
-        (q[a:b], w) for q in question_language_texts() for w, (a, b) in hf.pre_tokenizer.pre_tokenize_str(q)
-    }
     data = json.loads(hf.to_str())
     if data["model"]["type"] != "BPE":  # a word-level tokenizer (tests) has whole words already
         return tok
+    # (the raw word, e.g. " object", and its byte-level form, "Ġobject")
+    words = {(q[a:b], w) for q in qa_lang.every_text() for w, (a, b) in hf.pre_tokenizer.pre_tokenize_str(q)}
     vocab, merges = data["model"]["vocab"], data["model"]["merges"]
     # `tokenizers` numbers an added token absent from the model's vocabulary after that vocabulary
     # when it loads one: pin the added ones (the question delimiters) there at their ids first

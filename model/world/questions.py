@@ -141,6 +141,25 @@ def sample(
     raise ValueError(f"unknown question kind {kind!r}; one of {KINDS}")
 
 
+def every_text() -> list[str]:
+    """Every question of the language, each subject filled in (the tokenizer makes their words
+    tokens of their own: model/training/train.py `with_question_words`)."""
+    out = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            out += [
+                exists((), colour, shape).text,
+                where((), colour, shape).text,
+                size((), colour, shape).text,
+            ]
+        out.append(colour_any((), colour).text)
+    out += [shape_any((), shape).text for shape in SHAPES]
+    for row in ROWS:
+        for col in COLS:
+            out += [colour_at((), row, col).text, what_at((), row, col).text]
+    return [*out, count(()).text, empty(()).text]
+
+
 _COLOUR = "|".join(COLOURS)
 _SHAPE = "|".join(SHAPES)
 _ROW, _COL = "|".join(ROWS), "|".join(COLS)
