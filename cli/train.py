@@ -61,6 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with --questions: this share of the questions' random subjects are near misses (a present "
         "object's colour with another shape, or its shape with another colour)",
     )  # fmt: skip
+    p.add_argument(
+        "--abs-pos", type=int, default=None, metavar="N",
+        help="give the vision tower an N x N table of absolute positions (zero at the start of a fine-tune; "
+        "docs/training.md)",
+    )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.set_defaults(func=run)
 
@@ -97,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         qa_frames=args.qa_frames,
         qa_weights=qa_weights(args.qa_weight),
         qa_hard_negatives=args.qa_hard_negatives,
+        abs_pos=args.abs_pos,
     )
     summary = train(cfg, args.out, resume=args.resume)
     print(json.dumps(summary, indent=2))

@@ -32,6 +32,10 @@ class VisionConfig:
     out_hidden: int = 256  # merger output == the LM hidden size
     rope_theta: float = 10000.0
     eps: float = 1e-6
+    # side of a learned table of absolute positions added to the image tokens (merged grid, resized
+    # when a frame's grid differs); 0: none, as Qwen. RoPE alone leaves a token on a plain
+    # background without its place in the frame (docs/training.md, "Absolute positions").
+    abs_pos: int = 0
 
     @property
     def head_dim(self) -> int:

@@ -94,6 +94,9 @@ class VisionTower(nn.Module):
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.hidden, bias=False)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
+        # (abs_pos, abs_pos, out_hidden) learned positions of the merged grid; zero-initialised, so
+        # a tower that gains the table (fine-tuning) starts out computing what it did before
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.abs_pos, cfg.abs_pos, cfg.out_hidden)) if cfg.abs_pos else None
         rot_dim = cfg.head_dim // 2
         # (head_dim/4,) frequencies shared by the row and the column halves of the 2D rotary table
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float) / rot_dim))
@@ -150,8 +153,24 @@ class VisionTower(nn.Module):
                 self._cache[key] = (*self.rope_tables(cos, sin), order)
         return self._cache[key]
 
+    def positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(gh/merge * gw/merge, out_hidden) absolute positions in raster order; the table is
+        resized (bilinear, corners aligned) for a grid of another shape."""
+        assert self.pos_embed is not None
+        mh, mw = grid[0] // self.cfg.merge, grid[1] // self.cfg.merge
+        table = self.pos_embed
+        if table.shape[:2] != (mh, mw):
+            table = F.interpolate(
+                table.permute(2, 0, 1)[None], size=(mh, mw), mode="bilinear", align_corners=True
+            )[0].permute(1, 2, 0)
+        return table.reshape(mh * mw, -1)
+
     def forward(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """patches (F, gh*gw, C*P*P) -> image tokens (F, gh*gw/merge^2, out_hidden)."""
+        y = self._forward(patches, grid)
+        return y if self.pos_embed is None else y + self.positions(grid).to(y.dtype)
+
+    def _forward(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = self.patch_embed(patches.to(self.patch_embed.weight.dtype))
         cos, sin, order = self._tables(grid, x.device)
         full = set(self.cfg.fullatt_blocks)

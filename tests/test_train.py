@@ -30,6 +30,7 @@ from casa_live.model.training.train import (
     make_batch,
     train,
     train_tokenizer,
+    with_abs_pos,
     with_qa_tokens,
 )
 from casa_live.model.vlm import CASAModel
@@ -317,3 +318,40 @@ def test_slot_accuracy_scores_each_caption_word(tok):
         results.append(slot_accuracy(model, tok, gen, [seed], frames=12))
     wrong = {k for r in results for k, n in r.total.items() if r.correct[k] != n}
     assert wrong == {("moves", 1)}
+
+
+def test_a_position_table_starts_as_the_model_it_extends():
+    """with_abs_pos adds a zero table: the same image tokens, logits and captions as before; a table
+    of another side is resized to the frame's grid, corners kept."""
+    cfg = preset("test-tiny")
+    model = CASAModel.random(cfg, seed=3).eval()
+    grown = with_abs_pos(model, 3).eval()
+    assert grown.config.vision.abs_pos == 3 and model.config.vision.abs_pos == 0
+    assert torch.count_nonzero(grown.vision.pos_embed) == 0
+    merge = cfg.vision.merge
+    grid = (4 * merge, 6 * merge)  # a 4 x 6 merged grid: the 3 x 3 table is resized
+    patches = torch.randn(2, grid[0] * grid[1], cfg.vision.patch_dim)
+    with torch.no_grad():
+        assert_close(grown.vision(patches, grid), model.vision(patches, grid), torch.float32, atol=ATOL)
+        grown.vision.pos_embed.normal_()
+        table = grown.vision.pos_embed
+        pos = grown.vision.positions(grid).view(4, 6, -1)
+        for r, c, tr, tc in [(0, 0, 0, 0), (0, 5, 0, 2), (3, 0, 2, 0), (3, 5, 2, 2)]:
+            assert_close(pos[r, c], table[tr, tc], torch.float32, atol=ATOL)
+        moved = grown.vision(patches, grid) - model.vision(patches, grid)
+        assert_close(moved, pos.reshape(1, 24, -1).expand(2, -1, -1).contiguous(), torch.float32, atol=ATOL)
+
+
+@pytest.mark.slow  # a few training steps
+def test_a_position_table_trains_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    train(_tiny(2, abs_pos=3, save_every=1), out)
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    # its own optimizer group, at lr_scale times the LR, without weight decay
+    group = state["optimizer"]["param_groups"][2]
+    assert group["lr_scale"] == 10.0 and group["weight_decay"] == 0.0
+    summary = train(_tiny(3, abs_pos=3), out, resume=True)
+    assert summary["step"] == 3
+    model, _, _ = load(out)
+    assert model.config.vision.abs_pos == 3
+    assert torch.count_nonzero(model.vision.pos_embed) > 0  # it learned from zero

@@ -461,6 +461,12 @@ class TrainConfig:
     qa_weights: dict[str, float] = field(default_factory=dict)
     # share of the questions' random subjects drawn as near misses (questions.sample)
     qa_hard_negatives: float = 0.0
+    # give the vision tower a table of absolute positions of this side (VisionConfig.abs_pos); None
+    # keeps the preset's or the --init checkpoint's. A fine-tune that adds it starts it at zero.
+    abs_pos: int | None = None
+    # the position table learns this many times faster than the rest: it starts at zero, and a
+    # fine-tune's LR is small
+    abs_pos_lr_scale: float = 10.0
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -513,6 +519,18 @@ def export(model: CASAModel, tok: Tokenizer, gen: GenerationConfig, path: str | 
     return Path(path)
 
 
+def with_abs_pos(model: CASAModel, side: int) -> CASAModel:
+    """The same model with a vision position table of this side (VisionConfig.abs_pos), the
+    weights it shares copied: a new table is zero, so the model computes what it did."""
+    mc = copy.deepcopy(model.config)
+    mc.vision.abs_pos = side
+    out = CASAModel(mc)
+    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(k != "vision.pos_embed" for k in missing):
+        raise ValueError(f"cannot add a position table: missing {missing}, unexpected {unexpected}")
+    return out
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     """Train; returns a summary. Writes out/train_state.pt, out/train_log.jsonl and the checkpoint."""
     out = Path(out)
@@ -527,6 +545,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
 
         init, init_tok, _ = load_casa_checkpoint(cfg.init, "cpu", torch.float32)
         mc = init.config
+        if cfg.abs_pos is not None and cfg.abs_pos != mc.vision.abs_pos:
+            init = with_abs_pos(init, cfg.abs_pos)
+            mc = init.config
+    elif cfg.abs_pos is not None:
+        mc.vision.abs_pos = cfg.abs_pos
     if resume and tok_path.exists():
         tok = Tokenizer.from_file(tok_path)
     elif cfg.init is not None:
@@ -543,16 +566,21 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     model = init if init is not None else CASAModel.random(mc, seed=cfg.seed)
     probe = VisionProbe(mc.lm.hidden) if cfg.vision_probe else None
     params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
+    pos = model.vision.pos_embed
+    rest = [p for p in model.parameters() if p is not pos]
     opt = torch.optim.AdamW(
         [
-            {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         ],
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
-    # the probe is a third parameter group, so a run can switch it on or off and keep the model's
+    if pos is not None:  # its own group: no weight decay towards zero, a faster LR (lr_scale)
+        opt.add_param_group({"params": [pos], "weight_decay": 0.0, "lr_scale": cfg.abs_pos_lr_scale})
+    # the probe is the last parameter group, so a run can switch it on or off and keep the model's
     # optimizer moments
+    n_model = len(opt.param_groups)
     start, elapsed_before = 0, 0.0
     state = None
     if resume:
@@ -561,11 +589,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         saved = state["optimizer"]
-        if len(saved["param_groups"]) == 3:  # saved with a probe: keep only the model's groups
-            keep = set(saved["param_groups"][0]["params"]) | set(saved["param_groups"][1]["params"])
+        if len(saved["param_groups"]) > n_model:  # saved with a probe: keep only the model's groups
+            keep = {i for g in saved["param_groups"][:n_model] for i in g["params"]}
             saved = {
                 "state": {k: v for k, v in saved["state"].items() if k in keep},
-                "param_groups": saved["param_groups"][:2],
+                "param_groups": saved["param_groups"][:n_model],
             }
         opt.load_state_dict(saved)
     if probe is not None:
@@ -573,9 +601,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         if state is not None and "probe" in state:
             probe.load_state_dict(state["probe"])
             full = state["optimizer"]
-            if len(full["param_groups"]) == 3:
-                ids = full["param_groups"][2]["params"]
-                for p, i in zip(opt.param_groups[2]["params"], ids):
+            if len(full["param_groups"]) > n_model:
+                ids = full["param_groups"][n_model]["params"]
+                for p, i in zip(opt.param_groups[n_model]["params"], ids):
                     if i in full["state"]:
                         opt.state[p] = full["state"][i]
     if state is not None:
@@ -641,7 +669,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         t0 = time.monotonic()
         lr = lr_at(cfg, step, elapsed_before + t0 - t_start)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         seeds, frames, prompts = step_clips(cfg, step)
         qa_kw = {
             "questions": cfg.questions,
