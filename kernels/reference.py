@@ -50,12 +50,10 @@ def tree_attention_mask(
     q_start: torch.Tensor,
     tree: torch.Tensor,
     S: int,
-    see_cache: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention_mask` for a forward whose new tokens form a tree (a shared question prefix and
     its branches, model/lm.py `step(tree=...)`): query i of row b sees the prefix up to
-    prefix_len[b], every segment slot before q_start[b] (the row's cache; none of them when not
-    `see_cache`: a CASA window the questions re-open), and new slot q_start[b] + j when
+    prefix_len[b], every segment slot before q_start[b] (the row's cache), and new slot q_start[b] + j when
     tree[b, i, j]. tree: (B, T, T) bool, each query seeing itself."""
     B, T, _ = tree.shape
     dev = q_start.device
@@ -63,9 +61,7 @@ def tree_attention_mask(
     new = (rel >= 0) & (rel < T)
     # tree[b, i, rel[b, s]] for the new slots, False elsewhere: (B, T, S)
     picked = torch.gather(tree, 2, rel.clamp(0, T - 1)[:, None, :].expand(B, T, S))
-    sm = new[:, None, :] & picked
-    if see_cache:
-        sm = sm | (rel < 0)[:, None, :]
+    sm = (new[:, None, :] & picked) | (rel < 0)[:, None, :]
     masks = []
     if prefix_len is not None:
         pm = torch.arange(P, device=dev)[None, :] < prefix_len[:, None]

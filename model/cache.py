@@ -102,11 +102,15 @@ class TextCache:
         self.length = torch.zeros(batch, dtype=torch.long)  # valid slots per row
         self.sink = torch.zeros(batch, dtype=torch.long)  # leading slots never evicted (the prompt)
         self.evicted = torch.zeros(batch, dtype=torch.long)  # tokens dropped so far, for stats
+        # the valid slots when the row's current frame started (CASA): a question branch forks
+        # there, with the frame's image and none of its caption (StreamState.copy_row)
+        self.mark = torch.zeros(batch, dtype=torch.long)
 
     def reset(self, row: int) -> None:
         self.length[row] = 0
         self.sink[row] = 0
         self.evicted[row] = 0
+        self.mark[row] = 0
 
     def make_room(self, row: int, n_new: int, freqs: torch.Tensor) -> int:
         """Evict before appending n_new tokens to `row`; returns the number evicted.
@@ -137,6 +141,9 @@ class TextCache:
         self.v[:, row, :, dst] = self.v[:, row, :, keep].clone()
         self.length[row] = length - n
         self.evicted[row] += n
+        # the mark moves down with the slots it counts (a caption never evicts its own frame's
+        # start: the window is far smaller than the cache)
+        self.mark[row] = max(sink, int(self.mark[row]) - n)
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
@@ -267,16 +274,16 @@ class StreamState:
             self.spans.reset(row)
 
     def copy_row(self, src: int, dst: int) -> None:
-        """Make row `dst` a question branch of row `src`: its valid text K/V, lengths and sink, and
-        its frame's image K/V. Only valid slots are copied. The branch's CASA window starts empty:
-        a question re-opens the frame's window (docs/engine.md, "Questions"), so its tokens sit at
-        the same window-local distances from the image as a caption's, whatever the caption's
-        length before it."""
+        """Make row `dst` a question branch of row `src`. CASA: the text K/V before `src`'s current
+        frame (up to its mark), and the frame's image K/V, so the branch starts where the frame
+        did, before anything of its caption, and its question opens the frame's CASA window as a
+        caption would (docs/engine.md, "Questions"). Token insertion (no CASA state, the frame in
+        the text): every valid slot. Only valid slots are copied."""
         t = self.text
-        n = int(t.length[src])
+        n = int(t.length[src]) if self.casa is None else int(t.mark[src])
         t.k[:, dst, :, :n] = t.k[:, src, :, :n]
         t.v[:, dst, :, :n] = t.v[:, src, :, :n]
-        t.length[dst], t.sink[dst], t.evicted[dst] = t.length[src], t.sink[src], t.evicted[src]
+        t.length[dst], t.mark[dst], t.sink[dst], t.evicted[dst] = n, n, t.sink[src], t.evicted[src]
         if self.casa is not None:
             c = self.casa
             n_img = int(c.n_img[src])
@@ -296,10 +303,11 @@ class StreamState:
 
     def start_windows(self, rows: torch.Tensor, n_img: int) -> None:
         """New frames of n_img image tokens were written for `rows` (host int64): their CASA
-        windows start empty."""
+        windows start empty, and their text marks are where the frames start."""
         assert self.casa is not None
         self.casa.n_img[rows] = n_img
         self.casa.win_len[rows] = 0
+        self.text.mark[rows] = self.text.length[rows]
 
     def nbytes(self) -> int:
         return self.text.nbytes() + (self.casa.nbytes() if self.casa is not None else 0)

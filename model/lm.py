@@ -238,8 +238,8 @@ class LanguageModel(nn.Module):
             inp.sa_mask = tree_attention_mask(None, 0, inp.sa_start, tree, inp.sa_len)
             if inp.n_img is not None:
                 P = max(inp.img_len, 1)
-                inp.ca_mask = (  # the questions re-open the frame's window: it hides the caption's
-                    tree_attention_mask(inp.n_img, P, inp.ca_start, tree, inp.ca_len, see_cache=False)
+                inp.ca_mask = (  # a scored CASA row's window is empty: its frame has just started
+                    tree_attention_mask(inp.n_img, P, inp.ca_start, tree, inp.ca_len)
                     if self.fusion == "casa"
                     else attention_mask(inp.n_img, P, None, T, inp.ca_len)
                 )

@@ -130,8 +130,10 @@ class Session:
         self.responses: dict[str, _Response] = {}  # questions in flight, by response id
         self.answers: list[p.ResponseResult] | None = [] if record else None
         self.watches = SessionWatches(self.id, ctx.alerts, self.emit, record)
-        # with watches, a frame's segment waits for its scores (they follow its caption's close):
-        # frame index -> the segment, sent with `watch_scores` when they come
+        # with watches, a frame's segment goes out with its scores. A CASA row scores a frame as it
+        # starts, before its caption closes (frame index -> scores, until the segment); token
+        # insertion scores it after, so the segment waits for them (frame index -> the segment)
+        self.early_scores: dict[int, dict[str, float]] = {}
         self.pending: dict[int, p.CaptionSegment] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -531,14 +533,25 @@ class Session:
                     ttft_ms=round(((out.first_token_at or out.at) - job.received) * 1000, 3),
                     latency_ms=round((out.at - job.received) * 1000, 3),
                 )
-                if self.watches:
+                scores = self.early_scores.pop(job.index, None)
+                if scores is not None:
+                    self._scored(job, segment, scores)
+                elif self.watches:
                     self.pending[job.index] = segment
                 else:
                     self._complete(segment)
 
     def worker_scores(self, job: FrameJob, scores: dict[str, float]) -> None:
-        """A captioned frame's watch scores: alerts, then the frame's segment carrying them."""
+        """A frame's watch scores: kept until its caption closes (they came first: CASA), or at
+        once alerts and the waiting segment carrying them (token insertion)."""
         segment = self.pending.pop(job.index, None)
+        if segment is None and job.index in self.unfinished:
+            self.early_scores[job.index] = scores
+            return
+        self._scored(job, segment, scores)
+
+    def _scored(self, job: FrameJob, segment: p.CaptionSegment | None, scores: dict[str, float]) -> None:
+        """Alerts from a frame's scores (the webhook carries its caption), then its segment."""
         self.watches.observe(job.index, job.pts, scores, segment.text if segment is not None else None)
         if segment is not None:
             segment.watch_scores = scores
@@ -554,7 +567,10 @@ class Session:
         self._finish(segment.frame)
 
     def _release_pending(self, before: int | None = None) -> None:
-        """Send the segments waiting for scores that will not come (all, or those before a frame)."""
+        """Send the segments waiting for scores that will not come (all, or those before a frame),
+        and forget the scores of earlier frames whose captions will not come."""
+        for index in [i for i in self.early_scores if before is None or i < before]:
+            del self.early_scores[index]
         for index in sorted(self.pending):
             if before is None or index < before:
                 self._complete(self.pending.pop(index))
@@ -567,6 +583,8 @@ class Session:
 
     def worker_failed(self, job: FrameJob | None, error: CasaError) -> None:
         self._release_pending()  # a failure resets the row: its scores are lost
+        if job is not None:
+            self.early_scores.pop(job.index, None)
         if job is not None:
             self.texts.pop(job.index, None)
             self._finish(job.index)

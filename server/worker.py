@@ -123,6 +123,7 @@ class _InFlight:
     tokens: int = 0
     first_at: float | None = None
     last_at: float | None = None
+    frame: int = -1  # the engine's index of this frame in the row (Engine.submit_frame)
 
 
 @dataclass(eq=False)
@@ -140,7 +141,7 @@ class Slot:
     closed: bool = False
     checked: SessionSettings | None = None  # the settings object last found computable
     questions: collections.deque[AskJob] = field(default_factory=collections.deque)  # waiting
-    last_captioned: FrameJob | None = None  # the frame a question asked now would see
+    last_captioned: FrameJob | None = None  # the frame captioned last
     watches: list[tuple[str, str]] = field(default_factory=list)  # (id, question), scored per frame
     last_started: float = 0.0  # when its last frame started (the governor serves the longest waiting first)
 
@@ -268,7 +269,8 @@ class Worker:
         self._command(do)
 
     def ask(self, slot: Slot, job: AskJob) -> None:
-        """Queue a question; it is answered on a branch at the slot's next frame boundary."""
+        """Queue a question; it is answered on a branch as soon as the slot's row can branch (CASA:
+        from its first frame's start; token insertion: at its next frame boundary)."""
 
         def do() -> None:
             if slot.closed:
@@ -406,9 +408,7 @@ class Worker:
         """Anything to do without a command: engine work, or a frame for a free row (lock held)."""
         if self.engine.has_work():
             return True
-        if any(
-            s.questions and s.last_captioned is not None and self.engine.can_ask(s.row) for s in self._slots
-        ):
+        if any(s.questions and self.engine.can_ask(s.row) for s in self._slots):
             return True
         if not any(s.mailbox and s.inflight is None for s in self._slots):
             return False
@@ -425,15 +425,15 @@ class Worker:
         now = time.monotonic()
         for slot in self._slots:
             outs = []
-            while slot.questions and slot.last_captioned is not None and self.engine.can_ask(slot.row):
+            while slot.questions and self.engine.can_ask(slot.row):
                 job = slot.questions.popleft()
                 try:
-                    branch, _ = self.engine.ask(slot.row, job.question, job.max_new_tokens)
+                    branch, frame = self.engine.ask(slot.row, job.question, job.max_new_tokens)
                 except ValueError as exc:  # the question does not fit the model's window
                     outs.append(ResponseOutput(job.id, now, status="failed", error=InvalidRequest(str(exc))))
                     continue
                 self._answers[branch] = _Answer(job, slot)
-                outs.append(ResponseOutput(job.id, now, started=slot.last_captioned))
+                outs.append(ResponseOutput(job.id, now, started=self._seen(slot, frame)))
             if outs:
                 self._notify(slot, "worker_responses", outs)
 
@@ -463,8 +463,8 @@ class Worker:
                 # the budget runs from the frame's start: a frame the governor held is not cut
                 # for the time it waited (cutting at the deadline is a last resort)
                 deadline = None if job.budget is None else now + job.budget
-                self.engine.submit_frame(slot.row, job.image, deadline)
-                slot.inflight = _InFlight(job, started=now, started_tick=self._ticks)
+                frame = self.engine.submit_frame(slot.row, job.image, deadline)
+                slot.inflight = _InFlight(job, started=now, started_tick=self._ticks, frame=frame)
                 slot.last_started = now
                 if self.governor is not None:
                     self.governor.started(job.budget)
@@ -517,10 +517,10 @@ class Worker:
         for ev in scored:  # told first: a frame's scores come before the next frame's tokens
             slot = by_row.get(ev.row)
             m.watch_scoring_seconds.observe(res.score_s / len(scored))  # each frame's share
-            # the scored frame is the last captioned: scoring runs before the row's next frame starts
-            if slot is not None and slot.last_captioned is not None and len(ev.scores) == len(slot.watches):
+            seen = None if slot is None else self._seen(slot, ev.frame)
+            if slot is not None and seen is not None and len(ev.scores) == len(slot.watches):
                 scores = {wid: round(x, 4) for (wid, _), x in zip(slot.watches, ev.scores)}
-                self._notify(slot, "worker_scores", slot.last_captioned, scores)
+                self._notify(slot, "worker_scores", seen, scores)
         for ev in events:
             if isinstance(ev, ScoreEvent):
                 continue
@@ -562,6 +562,15 @@ class Worker:
         for slot, outs in answers.items():
             self._notify(slot, "worker_responses", outs)
         m.kv_cache_tokens.set(sum(engine.kv_tokens(s.row) for s in self._slots))
+
+    @staticmethod
+    def _seen(slot: Slot, frame: int) -> FrameJob | None:
+        """The session's frame that is the engine's frame `frame` of the slot's row: the one in
+        flight (a CASA row's questions and watch scores see a frame from its start), else the
+        one captioned last (token insertion: at the boundary after it)."""
+        if slot.inflight is not None and slot.inflight.frame == frame:
+            return slot.inflight.job
+        return slot.last_captioned
 
     def _account(self, slot: Slot, ev: TokenEvent, now: float) -> FrameOutput:
         f = slot.inflight

@@ -96,33 +96,66 @@ def test_the_branch_matches_a_dense_forward_of_the_stream_then_the_question(fusi
     assert frame == 1
     events = drain(engine)
     assert [ev.done for ev in events if ev.row == branch][-1]
-    # the reference: one sequence, the session's stream and then everything the branch fed (the
-    # question re-opening the frame's CASA window)
-    prefix = rec.join_branch(row, branch)
-    assert prefix == stream  # the session row was fed nothing
+    assert rec.tokens[row] == stream  # the session row was fed nothing
+    # the reference: one sequence, the stream the branch forked from (CASA: before the frame's
+    # caption) and then everything the branch fed
+    fed = list(rec.tokens[branch])
+    prefix = rec.join_branch(row, branch, frame)
+    assert len(prefix) < len(stream) if fusion == "casa" else prefix == stream
     ours = assert_branch_matches_dense(engine, rec, branch, prefix)
-    if fusion == "casa":  # the check has teeth: a reference that does not re-open the window disagrees
-        rec.frames[branch] = rec.frames[row]
+    if fusion == "casa":  # the check has teeth: a reference with the frame's caption disagrees
+        rec.tokens[branch] = stream + fed
         with torch.no_grad():
-            closed = engine.model.forward_dense(rec.batch([branch]))[0, len(prefix) : len(prefix) + len(ours)]
-        assert float((ours - closed).abs().max()) > 1e-3
+            after = engine.model.forward_dense(rec.batch([branch]))[0, len(stream) : len(stream) + len(ours)]
+        assert float((ours - after).abs().max()) > 1e-3
 
 
-def test_a_question_waits_for_a_frame_boundary_and_a_free_branch_row():
-    engine = make_engine(max_sessions=1, branch_rows=1)
-    row = engine.open("red circle", SessionSettings(max_new_tokens=3))
+@pytest.mark.parametrize("fusion", ["casa", "insertion"])
+def test_a_question_waits_for_a_frame_and_a_free_branch_row(fusion):
+    """CASA: a question may start as soon as a frame has started, while its caption is still being
+    generated (the branch forks where the frame started); token insertion: at a frame boundary."""
+    engine = make_engine(fusion, max_sessions=1, branch_rows=1)
+    row = engine.open("red circle", SessionSettings(max_new_tokens=3, min_new_tokens=3))
     drain(engine)
     assert not engine.can_ask(row)  # no frame yet
-    with pytest.raises(ValueError, match="frame boundary"):
+    with pytest.raises(ValueError, match="no frame has started"):
         engine.ask(row, "red")
     engine.submit_frame(row, frames(2, 1)[0])
     engine.step()
-    assert not engine.can_ask(row)  # captioning
+    assert engine.busy(row)  # captioning
+    assert engine.can_ask(row) == (fusion == "casa")
     drain(engine)
     assert engine.can_ask(row)
-    branch, _ = engine.ask(row, "red", max_new_tokens=50)
+    branch, frame = engine.ask(row, "red", max_new_tokens=50)
+    assert frame == 0
     assert not engine.can_ask(row)  # the only branch row is taken
     with pytest.raises(CapacityError):
         engine.ask(row, "red")
     engine.close(branch)  # a cancelled answer: the row is free, the session untouched
-    assert engine.can_ask(row) and engine.kv_tokens(branch) == engine.kv_tokens(row)
+    assert engine.can_ask(row)
+    # the branch holds the stream up to its fork: the whole row (insertion) or less (CASA)
+    assert (engine.kv_tokens(branch) == engine.kv_tokens(row)) == (fusion == "insertion")
+
+
+def test_a_question_asked_mid_caption_is_answered_beside_it():
+    """A question asked while its frame's caption is generated is decoded in the same steps, and
+    its answer equals the one asked after the caption closed (both fork at the frame's start)."""
+    answers = []
+    for early in (True, False):
+        engine = make_engine(max_sessions=1, max_context_tokens=512)
+        row = engine.open("red circle", SessionSettings(max_new_tokens=16, min_new_tokens=16))
+        drain(engine)
+        engine.submit_frame(row, frames(6, 1)[0])
+        engine.step()
+        engine.step()
+        if not early:
+            drain(engine)
+        assert engine.busy(row) == early
+        branch, frame = engine.ask(row, "what is the red circle", max_new_tokens=4)
+        events = drain(engine)
+        answer = [ev.token for ev in events if ev.row == branch]
+        if early:  # the answer's tokens came while the caption was still going
+            rows = [ev.row for ev in events]
+            assert rows.index(branch) < max(i for i, r in enumerate(rows) if r == row)
+        answers.append((frame, answer))
+    assert answers[0] == answers[1] and answers[0][1]

@@ -77,7 +77,8 @@ def frames(seed: int, n: int) -> list[np.ndarray]:
 
 def ask_after_captions(path: Path, fusion: str, images: list[np.ndarray]):
     """Caption the frames on one session (beside a second one), ask a question at the frame boundary
-    and drain the answer. Returns the engine, its recorder, the branch row and the stream prefix."""
+    and drain the answer. Returns the engine, its recorder, the branch row and the stream the branch
+    forked from (CASA: before the last frame's caption; token insertion: all of it)."""
     model, tok, gen, _ = import_checkpoint(path, casa=CASAConfig(fusion=fusion), image_size=SIZE)
     engine = Engine(model, tok, gen, max_sessions=2, max_context_tokens=512)
     rec = Recorder(engine)
@@ -96,8 +97,7 @@ def ask_after_captions(path: Path, fusion: str, images: list[np.ndarray]):
     fed = tok.encode(gen.template.question.format(question=QUESTION))
     assert rec.tokens[branch][: len(fed)] == fed
     assert rec.tokens[row] == prefix  # the session was fed nothing
-    rec.join_branch(row, branch)
-    return engine, rec, branch, prefix
+    return engine, rec, branch, rec.join_branch(row, branch, frame)
 
 
 @pytest.mark.parametrize("fusion", ["casa", "insertion"])

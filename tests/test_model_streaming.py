@@ -50,19 +50,23 @@ class Recorder:
                 self.feed_sizes[r][-1] += 1
                 self.feeds[r][-1].append((1, 1))
 
-    def reopened(self, frames: list[tuple[int, torch.Tensor]], at: int) -> list[tuple[int, torch.Tensor]]:
-        """The frames a dense reference reads for a question (a branch or a watch) starting at text
-        index `at` after a stream with these frames: a CASA question re-opens the last frame's
-        window, which the reference writes as that frame inserted again at `at` (docs/engine.md,
-        "Questions"); token insertion already holds the frame in its text."""
-        return list(frames) if self.engine.insertion else [*frames, (at, frames[-1][1])]
+    def fork(self, row: int, frame: int) -> tuple[list[int], list[tuple[int, torch.Tensor]]]:
+        """The stream a question about `row`'s frame `frame` starts from (a branch or a watch), as
+        a dense reference reads it: (text tokens, frames). CASA: the text before the frame's
+        caption, where the frame was inserted (docs/engine.md, "Questions"); token insertion: the
+        whole text at the boundary after the frame's caption."""
+        frames = self.frames[row][: frame + 1]
+        if not self.engine.insertion:
+            return self.tokens[row][: frames[-1][0]], frames
+        after = self.frames[row][frame + 1 :]
+        return self.tokens[row][: after[0][0] if after else len(self.tokens[row])], frames
 
-    def join_branch(self, row: int, branch: int) -> list[int]:
-        """Make `branch`'s record the one sequence a dense reference reads: the session row's
-        stream, then what the branch fed, with the re-opened frame. Returns the row's stream."""
-        prefix = list(self.tokens[row])
+    def join_branch(self, row: int, branch: int, frame: int) -> list[int]:
+        """Make `branch`'s record the one sequence a dense reference reads: the stream the branch
+        forked from (`fork`), then what the branch fed. Returns that stream's tokens."""
+        prefix, frames = self.fork(row, frame)
         self.tokens[branch] = prefix + self.tokens.get(branch, [])
-        self.frames[branch] = self.reopened(self.frames[row], len(prefix))
+        self.frames[branch] = list(frames)
         return prefix
 
     def batch(self, rows: list[int], grids: dict[int, list[tuple[int, int]]] | None = None) -> Interleaved:

@@ -251,8 +251,31 @@ def watched_rows_at_their_boundary(s: Scheduler) -> tuple[int, int, int]:
     raise AssertionError("a and b never reached their frame boundary")
 
 
+def test_casa_watches_are_scored_as_their_frames_start_and_branches_fork_at_once():
+    """A CASA row's watches are scored in the tick its frame starts (all such rows together), and a
+    question branch may start from then on, while the caption goes on: both fork where the frame
+    started, before its caption."""
+    s = scheduler(rows=4)
+    s.session_rows = 3  # the last row is a branch row
+    a, b = open_and_prefill(s), open_and_prefill(s)
+    s.set_watches(a, [[5, 6]])
+    assert not s.can_branch(a)  # no frame yet
+    for row in (a, b):
+        s.submit(row, 1, None)
+        s.encoded(row, 1, encoding())
+    plan = tick(s, {})
+    assert [f.row for f in plan.frames] == [a, b]
+    assert plan.score == {a: (0, [[5, 6]])}  # b has no watches
+    assert not s._needs_score(s.row(a)) and not tick(s, {}).score  # once a frame
+    assert s.row(a).decoding and s.can_branch(a)
+    branch = s.branch(a, [7, 7], SessionSettings(), Detok(), room=10)
+    assert s.row(branch).seen == 0 and s.row(branch).branch_of == a
+
+
 def test_watch_scoring_waits_to_batch_rows_but_never_past_their_next_frame():
-    s = scheduler(rows=3)
+    """Token insertion: a row is scored once its caption is closed, and rows wait to be scored
+    together."""
+    s = scheduler(rows=3, insertion=True)
     a, b, c = watched_rows_at_their_boundary(s)
     assert s.row(c).decoding
     plan = tick(s, {})
@@ -262,14 +285,14 @@ def test_watch_scoring_waits_to_batch_rows_but_never_past_their_next_frame():
     assert plan.score == {a: (0, [[5, 6]]), b: (0, [[5, 7]])}
     assert not s._needs_score(s.row(a)) and s.row(a).score_since is None
 
-    s = scheduler(rows=3)
+    s = scheduler(rows=3, insertion=True)
     a, b, c = watched_rows_at_their_boundary(s)
     s.submit(a, 2, None)
     s.encoded(a, 2, encoding())  # a's next frame is ready: its scores cannot wait, b's go with them
     plan = tick(s, {})
     assert set(plan.score) == {a, b} and [f.row for f in plan.frames] == [a]
 
-    s = scheduler(rows=3)
+    s = scheduler(rows=3, insertion=True)
     a, b, c = watched_rows_at_their_boundary(s)
     while s.row(c).busy or s.row(c).forced:  # c's caption ends and closes: nothing else to do
         assert not tick(s, {c: STOP}).score

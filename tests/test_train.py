@@ -111,9 +111,10 @@ def test_stream_layout_is_what_the_engine_feeds(tok):
 
 
 def test_a_question_branch_is_what_training_lays_out(tok):
-    """The layout of a clip followed by a question (the frame inserted again: the question re-opens
-    its CASA window) is what the engine feeds on a branch, and training's dense logits of it are the
-    branch's logits: a model fine-tuned on questions is served as it was trained."""
+    """The layout of a clip ending with a question (in place of its last frame's caption: the
+    question opens the frame's CASA window) is what the engine feeds on a branch, and training's
+    dense logits of it are the branch's logits: a model fine-tuned on questions is served as it
+    was trained."""
     qtok = with_qa_tokens(copy.deepcopy(tok))
     gen = generation_config(qa=True)
     cfg = preset("test-tiny")
@@ -131,16 +132,16 @@ def test_a_question_branch_is_what_training_lays_out(tok):
     while engine.has_work():
         engine.step()
     question = "what is at the top left?"
-    branch, _ = engine.ask(row, question, max_new_tokens=3)
+    branch, frame = engine.ask(row, question, max_new_tokens=3)
     while engine.has_work():
         engine.step()
-    prefix = rec.join_branch(row, branch)
+    prefix = rec.join_branch(row, branch, frame)
     fed = qtok.encode(gen.template.question.format(question=question))
     answer = rec.tokens[branch][len(prefix) + len(fed) :]
-    seq = layout_ids(qtok, gen, generated, "What is happening?", (fed, answer))
+    seq = layout_ids(qtok, gen, generated[:-1], "What is happening?", (fed, answer))
     assert seq.tokens[: len(rec.tokens[branch])] == rec.tokens[branch]
     assert seq.insert_at == [at for at, _ in rec.frames[branch]]
-    assert seq.insert_at[-1] == len(prefix)  # the frame again, right after the closing pre_image
+    assert seq.insert_at[-1] == len(prefix)  # the last frame, right after the previous caption's close
     T = len(seq.tokens)
     processor = ImageProcessor.for_config(cfg)
     batch = Batch(
@@ -148,11 +149,10 @@ def test_a_question_branch_is_what_training_lays_out(tok):
         target=torch.tensor([seq.target]),
         text_len=torch.tensor([T]),
         insert_at=torch.tensor([seq.insert_at]),
-        n_frames=torch.tensor([3]),
+        n_frames=torch.tensor([2]),
         patches=torch.stack([processor(im) for im in images]),
         token_labels=torch.zeros(2, cfg.image_tokens, 3, dtype=torch.long),
         answer=torch.tensor([seq.answer]),
-        frame_src=torch.tensor([0, 1, 1]),
     )
     with torch.no_grad():
         dense = dense_logits(model, batch)[0][0]

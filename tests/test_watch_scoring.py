@@ -1,5 +1,5 @@
-"""Watch scoring (Engine.set_watches): after each captioned frame, every watch's question is fed on
-a branch of the row in one tree-masked forward. Each score equals P(yes) / (P(yes) + P(no)) from a
+"""Watch scoring (Engine.set_watches): on each frame (CASA: as it starts; token insertion: after
+its caption), every watch's question is fed on a branch of the row in one tree-masked forward. Each score equals P(yes) / (P(yes) + P(no)) from a
 dense reference forward of the session's stream followed by that question, the row is left as it
 was (captions token-for-token the same with and without watches), and the packing shares the
 questions' common prefix."""
@@ -20,7 +20,8 @@ QUESTIONS = ["is there a red circle", "is there a blue square", "is the scene em
 
 class ScoreSnapshots:
     """Before the Recorder sees a tick, notes how much of each scored row's stream it had: the
-    scores are computed before the tick's own feeds (a frame may start in the same tick)."""
+    scores are computed before the tick's own feeds, and after the frames it starts (a CASA row
+    is scored as its frame starts)."""
 
     def __init__(self, engine: Engine, rec: Recorder) -> None:
         self.rec, self.taken = rec, []
@@ -28,18 +29,20 @@ class ScoreSnapshots:
 
     def observe(self, res) -> None:  # type: ignore[no-untyped-def]
         for row, scores in res.scores.items():
-            self.taken.append(
-                (row, list(self.rec.tokens.get(row, [])), list(self.rec.frames.get(row, [])), scores)
-            )
+            tokens = list(self.rec.tokens.get(row, []))
+            frames_ = list(self.rec.frames.get(row, []))
+            if not self.rec.engine.insertion:
+                assert row in res.frames  # scored in the tick its frame started
+                frames_.append((len(tokens), res.frames[row]))
+            self.taken.append((row, tokens, frames_, scores))
 
 
 def dense_score(engine: Engine, rec: Recorder, tokens: list[int], frames_: list, question: str) -> float:
     """P(yes) / (P(yes) + P(no)) at the question's last token, from one dense forward of the
-    stream so far followed by the question (as a question branch would feed it, re-opening the
-    frame's CASA window)."""
+    stream so far followed by the question (as a question branch would feed it)."""
     fed = engine.tokenizer.encode(engine.gen.template.question.format(question=question))
     key = -1
-    rec.tokens[key], rec.frames[key] = tokens + fed, rec.reopened(frames_, len(tokens))
+    rec.tokens[key], rec.frames[key] = tokens + fed, frames_
     try:
         with torch.no_grad():
             logits = engine.model.forward_dense(rec.batch([key]))[0, len(tokens) + len(fed) - 1].double()

@@ -193,10 +193,12 @@ class Engine:
 
     def ask(self, row: int, question: str, max_new_tokens: int | None = None) -> tuple[int, int]:
         """Answer a question about `row`'s current frame on a side branch (docs/engine.md): the row's
-        tensors are copied into a branch row, which is fed the question and decodes the answer in the
-        batched steps. Returns the branch row (its TokenEvents are the answer; freed when it ends)
-        and the frame the answer sees. ValueError: no question template, the row is not at a frame
-        boundary (`can_ask`), or the question does not fit; CapacityError: no branch row is free."""
+        state at the frame's start (its image, the text before its caption) is copied into a branch
+        row, which is fed the question and decodes the answer in the batched steps, beside the
+        frame's caption if that is still going. Returns the branch row (its TokenEvents are the
+        answer; freed when it ends) and the frame the answer sees. ValueError: no question
+        template, the row cannot branch now (`can_ask`), or the question does not fit;
+        CapacityError: no branch row is free."""
         form = self.gen.template.question
         if form is None:
             raise ValueError(
@@ -212,12 +214,14 @@ class Engine:
         branch = self.scheduler.branch(row, fed, settings, self.tokenizer.stream(), room)
         self.state.copy_row(row, branch)
         self.sampler.reset(branch, SamplingParams(temperature=0.0))  # answers are greedy, unpenalised
-        return branch, self.scheduler.row(branch).frames - 1
+        frame = self.scheduler.row(branch).seen
+        assert frame is not None
+        return branch, frame
 
     def set_watches(self, row: int, questions: list[str]) -> None:
         """Score these yes/no questions on each of `row`'s frames from now on (replacing any
-        before; [] stops): after a frame's caption closes, every question is fed on a branch of
-        the row in one forward with no decoding, and a ScoreEvent gives P(yes) / (P(yes) + P(no))
+        before; [] stops): as each frame starts (token insertion: once its caption closes), every
+        question is fed on a branch of the row in one forward with no decoding, and a ScoreEvent gives P(yes) / (P(yes) + P(no))
         per question (docs/engine.md, "Watches"). ValueError: the model answers no questions, or
         the questions do not fit `watch_tokens`."""
         if questions and self.runner.yes_no is None:
@@ -239,7 +243,8 @@ class Engine:
         self.scheduler.set_watches(row, fed)
 
     def can_ask(self, row: int) -> bool:
-        """The row is at a frame boundary and a branch row is free: `ask` would start now."""
+        """A frame has started on the row (token insertion: and its caption is closed) and a branch
+        row is free: `ask` would start now."""
         return self.scheduler.can_branch(row) and self.scheduler.free_branch_row() is not None
 
     def busy(self, row: int) -> bool:

@@ -192,15 +192,16 @@ class Runner:
 
     @torch.no_grad()
     def run(self, plan: Plan, res: StepResult) -> None:
-        """Execute one tick's plan: score watches, start its frames, then prefill, then decode.
-        Scoring goes first: it reads the frames its rows have just captioned, which a starting
-        frame overwrites."""
+        """Execute one tick's plan: start its frames, score watches, then prefill, then decode.
+        Scoring reads a CASA row's frame just started, before anything of its caption is fed (a
+        token-insertion row's frame is captioned and closed, and a starting frame changes none of
+        its tensors until the prefill)."""
+        if plan.frames:
+            self._start_frames(plan, res)
         if plan.score:
             t0 = time.perf_counter()
             self._score(plan.score, res)
             res.score_s = time.perf_counter() - t0
-        if plan.frames:
-            self._start_frames(plan, res)
         prefill, decode, sample_set = plan.prefill, plan.decode, set(plan.sample)
         if prefill:
             t0 = time.perf_counter()
@@ -277,7 +278,8 @@ class Runner:
         leaves every row as it was (docs/engine.md, "Watches"); the forward's batch is the scored
         rows alone, their caches gathered (`LanguageModel.step(rows=...)`). A row's watches are packed
         as a trie (`pack_tree`): a prefix they share is fed once, each watch's rest as a branch of
-        it (a tree mask), all at the positions a question branch would give them. The K/V go to
+        it (a tree mask), all at the positions a question branch would give them (a CASA row is
+        scored as its frame starts: its text cache ends where a branch forks). The K/V go to
         the slots past each row's valid ones (the caches' score slots) and the lengths are not
         advanced, so the next feed overwrites them. A watch's score is
         P(yes) / (P(yes) + P(no)) from its last token's logits: the softmax's normaliser cancels,
@@ -303,7 +305,7 @@ class Runner:
         )
         sa_pos = (base[:, None] + depth)[..., None].expand(-1, -1, 3)
         ca_pos = None
-        if cs is not None:  # a re-opened window (docs/engine.md): positions from 0, like a branch's
+        if cs is not None:  # the frame's window, empty: positions from 0, as a branch's question
             ca_pos = depth[..., None].expand(-1, -1, 3).to(self.device)
         h = lm.step(x, n_valid, self.state, sa_pos.to(self.device), ca_pos, tree=tree, rows=sel)
         yes, no = self.yes_no

@@ -28,7 +28,12 @@ Each tick `plan()` says, for every row with work, what the runner feeds it:
   prompt opened while other rows work goes through the batched step like any short forced run:
   sessions that open in a burst (a server restart, a camera fleet reconnecting) would otherwise
   cost an eager step each while every running session waits (docs/engine.md);
-- `sample`: rows whose last fed position is sampled.
+- `sample`: rows whose last fed position is sampled;
+- `score`: rows whose watches are scored this tick. A CASA row is scored in the tick its frame
+  starts, after the image K/V is written and before anything of its caption is fed: the state a
+  question branch forks from (docs/engine.md, "Questions"), so all the frames starting in a tick
+  are scored in one forward. A token-insertion row holds its frame in its text, so it is scored
+  once its caption is closed (rows wait a little to be scored together, `_score_now`).
 """
 
 from __future__ import annotations
@@ -129,7 +134,8 @@ class PendingFrame:
     encoding: FrameEncoding | None = None  # set by `encoded`; the frame can start
 
 
-# Watch scoring waits to batch rows (Scheduler._score_now): at most this many rows, this long.
+# Token insertion: watch scoring waits to batch rows (Scheduler._score_now): at most this many
+# rows, this long.
 SCORE_BATCH = 8
 SCORE_WAIT_S = 0.1
 
@@ -151,6 +157,7 @@ class RowState:
     decoding: bool = False  # between a frame's start and its last token
     next_token: int | None = None  # sampled token to feed at the next tick
     frames: int = 0  # frames started (or failed)
+    seen: int | None = None  # the frame whose image the row holds (started last; not a failed one)
     last_stop: int | None = None  # the stop token this session's model emitted most recently
     generated: list[int] = field(default_factory=list)  # the current caption's tokens
     branch_of: int | None = None  # a question branch: the session row it was copied from
@@ -204,8 +211,9 @@ class Plan:
     prefill: dict[int, list[Item]] = field(default_factory=dict)
     decode: dict[int, int] = field(default_factory=dict)
     sample: list[int] = field(default_factory=list)
-    # rows whose last frame's watches are scored this tick, before any frame starts (the scoring
-    # forward reads the frame's image K/V and the row's text cache): row -> (frame, fed ids per watch)
+    # rows whose watches are scored this tick, after the frames start and before anything is fed
+    # (the scoring forward reads the frame's image K/V and the row's text cache): row -> (frame,
+    # fed ids per watch)
     score: dict[int, tuple[int, list[list[int]]]] = field(default_factory=dict)
 
     def empty(self) -> bool:
@@ -248,10 +256,14 @@ class Scheduler:
         self.rows[i] = None
 
     def can_branch(self, parent: int) -> bool:
-        """The session row is at a frame boundary (a frame captioned and its caption closed, no
-        frame started since): its state is a frame's image K/V and the whole text before it."""
+        """A question branch of the session row can start now. CASA: once a frame has started; the
+        branch forks where the frame started (StreamState.copy_row), whatever the caption has
+        reached. Token insertion: at a frame boundary (a frame captioned and its caption closed,
+        no frame started since), its state the whole text with the frame in it."""
         r = self.rows[parent]
-        return r is not None and r.branch_of is None and r.frames > 0 and not r.forced and not r.decoding
+        if r is None or r.branch_of is not None or r.seen is None:
+            return False
+        return not self.template.insertion or (not r.forced and not r.decoding)
 
     def free_branch_row(self) -> int | None:
         return next((i for i in range(self.session_rows, len(self.rows)) if self.rows[i] is None), None)
@@ -264,7 +276,10 @@ class Scheduler:
         stop token or max_new_tokens (capped by `room`, the window's free text slots). When the
         answer ends, the row is freed. CapacityError when no branch row is free."""
         if not self.can_branch(parent):
-            raise ValueError(f"row {parent} is not at a frame boundary; branch it after its caption closes")
+            raise ValueError(
+                f"row {parent} cannot branch now: no frame has started yet"
+                + (", or its caption is not closed" if self.template.insertion else "")
+            )
         i = self.free_branch_row()
         if i is None:
             raise CapacityError("every question branch row is busy; retry when an answer is done")
@@ -272,7 +287,10 @@ class Scheduler:
         r = RowState(settings, 0, 0, "", detok, forced=collections.deque(fed_ids), branch_of=parent)
         self._apply(r, settings)
         r.max_new_tokens = max(1, min(r.max_new_tokens, room))
-        r.sample_after_forced, r.decoding, r.frames = True, True, p.frames
+        r.sample_after_forced, r.decoding = True, True
+        r.frames = r.seen = p.seen  # the answer's events carry the frame it sees
+        assert r.seen is not None
+        r.frames += 1
         self.rows[i] = r
         return i
 
@@ -285,8 +303,11 @@ class Scheduler:
         r.watches = [list(w) for w in watches]
 
     def _needs_score(self, r: RowState) -> bool:
+        """Token insertion: the row's frame is captioned and closed, its watches not scored yet
+        (CASA rows are scored as their frames start, in `plan`)."""
         return (
-            bool(r.watches)
+            self.template.insertion
+            and bool(r.watches)
             and r.scored < r.frames
             and r.branch_of is None
             and not r.forced
@@ -377,8 +398,9 @@ class Scheduler:
         return False
 
     def plan(self) -> Plan:
-        """Score the watches of the rows whose frame is captioned and closed (when `_score_now`
-        says so), start every frame that can start, then assign each row with work its feed."""
+        """Start every frame that can start (CASA rows with watches are scored as they start),
+        score the token-insertion rows whose frame is captioned and closed (when `_score_now` says
+        so), then assign each row with work its feed."""
         plan = Plan()
         due = [i for i, r in enumerate(self.rows) if r is not None and self._needs_score(r)]
         if due and self._score_now(due):
@@ -394,6 +416,9 @@ class Scheduler:
         for i, r in enumerate(self.rows):
             if r is not None and r.frame_ready():
                 plan.frames.append(FrameStart(i, self._start_frame(r)))
+                if r.watches and not self.template.insertion:
+                    plan.score[i] = (r.frames - 1, r.watches)
+                    r.scored = r.frames
         for i, r in enumerate(self.rows):
             if r is not None:
                 self._assign(plan, i, r, busy)
@@ -428,6 +453,7 @@ class Scheduler:
         r.pending, r.frame_deadline = None, pending.deadline
         r.decoding, r.generated = True, []
         r.frames += 1
+        r.seen = r.frames - 1
         r.detok.reset()
         return enc
 

@@ -192,10 +192,11 @@ def stream_layout(
     qa: tuple[str, str] | None = None,
 ) -> Sequence:
     """The text stream the Engine feeds and generates for these captions (see module docstring);
-    with `qa` (question, answer), the side branch of a question about the last frame follows."""
-    return layout_ids(
-        tok, gen, [tok.encode(c) for c in captions], prompt, None if qa is None else qa_ids(tok, gen, *qa)
-    )
+    with `qa` (question, answer), a question about the last frame takes the place of its caption
+    (layout_ids): `captions[-1]` is left out."""
+    if qa is None:
+        return layout_ids(tok, gen, [tok.encode(c) for c in captions], prompt)
+    return layout_ids(tok, gen, [tok.encode(c) for c in captions[:-1]], prompt, qa_ids(tok, gen, *qa))
 
 
 def qa_ids(tok: Tokenizer, gen: GenerationConfig, question: str, answer: str) -> tuple[list[int], list[int]]:
@@ -212,10 +213,11 @@ def layout_ids(
     qa: tuple[list[int], list[int]] | None = None,
 ) -> Sequence:
     """stream_layout over caption token ids (what a model generated, or encoded ground truth).
-    A question branch (qa: fed ids, answer ids) starts where the engine branches a row: after the
-    last frame's caption is closed (its stop token and the next pre_image are fed). The question
-    re-opens the last frame's CASA window (docs/engine.md, "Questions"): the frame is inserted again
-    right before it, so insert_at has one more entry than there are captions."""
+    A question branch (qa: fed ids, answer ids) starts where the engine forks a row: at the start
+    of the last frame, right after its image is inserted and before anything of its caption
+    (docs/engine.md, "Questions"). So the branch takes the place of the last frame's caption:
+    `captions` has one entry fewer than the clip has frames, and the question's tokens open the
+    last frame's CASA window as a caption's would."""
     t = gen.template
     stop = tok.token_id(gen.stop_tokens[0])
     pre, post, cap_prefix = tok.encode(t.pre_image), tok.encode(t.post_image), tok.encode(t.caption_prefix)
@@ -233,8 +235,12 @@ def layout_ids(
         target += [False] * len(head) + [True] * len(body)
     answer = [False] * len(tokens)
     if qa is not None:
-        fed, ans = [*pre, *qa[0]], [*qa[1], stop]
-        insert_at.append(len(tokens) + len(pre))
+        if captions:
+            tokens += pre
+            target += [False] * len(pre)
+            answer += [False] * len(pre)
+        insert_at.append(len(tokens))
+        fed, ans = qa[0], [*qa[1], stop]
         tokens += fed + ans
         target += [False] * len(fed) + [True] * len(ans)
         answer += [False] * len(fed) + [True] * len(ans)
@@ -251,9 +257,6 @@ class Batch:
     patches: torch.Tensor  # (sum F, patches, C*P*P) of the real frames, row-major over the batch
     token_labels: torch.Tensor  # (sum F, N, 3) long: colour, shape, size under each image token (0 = none)
     answer: torch.Tensor | None = None  # (B, T) bool: answer tokens (a subset of target)
-    # (sum of n_frames,) long: which of the encoded frames each inserted one is, row-major (a
-    # question inserts its clip's last frame again); None: each frame is inserted once
-    frame_src: torch.Tensor | None = None
 
 
 def make_batch(
@@ -300,16 +303,13 @@ def batch_from_clips(
 ) -> Batch:
     """The padded training batch of these clips in the engine's stream layout (each followed by
     its question branch when `qa` gives one per clip)."""
-    seqs, patches, labels, src = [], [], [], []
+    seqs, patches, labels = [], [], []
     side = processor.image_size // (processor.patch * processor.merge)
     grid = (side, side)
     for k, (clip, prompt) in enumerate(zip(clips, prompts)):
         seqs.append(stream_layout(tok, gen, clip.captions, prompt, None if qa is None else qa[k]))
-        first = len(patches)
         patches += [processor(f) for f in clip.frames]
         labels += [token_labels(t, grid) for t in clip.truth]
-        src += list(range(first, len(patches)))
-        src += [len(patches) - 1] * (len(seqs[-1].insert_at) - len(clip.frames))  # a question's frame
     frames = [len(s.insert_at) for s in seqs]
     B, T, Fm = len(seqs), max(len(s.tokens) for s in seqs), max(frames)
     pad = tok.token_id("<|pad|>")
@@ -331,7 +331,6 @@ def batch_from_clips(
         torch.stack(patches),
         torch.stack(labels),
         answer if qa is not None else None,
-        torch.tensor(src) if qa is not None else None,
     )
 
 
@@ -393,7 +392,7 @@ def dense_logits(model: CASAModel, batch: Batch) -> tuple[torch.Tensor, torch.Te
     B, Fm = batch.insert_at.shape
     padded = images.new_zeros(B, Fm, *images.shape[1:])
     real = torch.arange(Fm)[None, :] < batch.n_frames[:, None]  # (B, F)
-    padded[real] = images if batch.frame_src is None else images[batch.frame_src]
+    padded[real] = images
     inter = Interleaved(batch.tokens, batch.text_len, padded, batch.n_frames, batch.insert_at, model.grid)
     return model.forward_dense(inter), images
 
