@@ -96,7 +96,9 @@ class VisionTower(nn.Module):
         self.merger = PatchMerger(cfg)
         # (abs_pos, abs_pos, out_hidden) learned positions of the merged grid; zero-initialised, so
         # a tower that gains the table (fine-tuning) starts out computing what it did before
-        self.pos_embed = nn.Parameter(torch.zeros(cfg.abs_pos, cfg.abs_pos, cfg.out_hidden)) if cfg.abs_pos else None
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(cfg.abs_pos, cfg.abs_pos, cfg.out_hidden)) if cfg.abs_pos else None
+        )
         rot_dim = cfg.head_dim // 2
         # (head_dim/4,) frequencies shared by the row and the column halves of the 2D rotary table
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float) / rot_dim))
