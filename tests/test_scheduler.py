@@ -270,6 +270,8 @@ def test_casa_watches_are_scored_as_their_frames_start_and_branches_fork_at_once
     assert s.row(a).decoding and s.can_branch(a)
     branch = s.branch(a, [7, 7], SessionSettings(), Detok(), room=10)
     assert s.row(branch).seen == 0 and s.row(branch).branch_of == a
+    plan = tick(s, {})  # the question in one forward, however short, and its answer sampled after it
+    assert plan.prefill == {branch: [7, 7]} and branch in plan.sample
 
 
 def test_watch_scoring_waits_to_batch_rows_but_never_past_their_next_frame():

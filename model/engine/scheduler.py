@@ -22,8 +22,9 @@ Each tick `plan()` says, for every row with work, what the runner feeds it:
   a tick: a token costs the batched step a fraction of a row, where a second (varlen) forward
   costs a whole eager step, which under load turns into a cycle (more cut captions, more
   prefills);
-- `prefill`: a run of >= `prefill_min` forced items, an inserted frame (the token-insertion
-  baseline), or the prompt at open when no other row has work, in one varlen forward: the prompt
+- `prefill`: a run of >= `prefill_min` forced items, a question on a branch row, an inserted frame
+  (the token-insertion baseline), or the prompt at open when no other row has work, in one varlen
+  forward: the prompt
   must be in before frame 0 can start, so a lone session does not feed it a token a tick. A short
   prompt opened while other rows work goes through the batched step like any short forced run:
   sessions that open in a burst (a server restart, a camera fleet reconnecting) would otherwise
@@ -461,7 +462,10 @@ class Scheduler:
         if r.forced:
             has_frame = any(isinstance(it, InsertedFrame) for it in r.forced)
             prompt = r.prefill_forced and busy == 0
-            if has_frame or prompt or len(r.forced) >= self.prefill_min:
+            # a question (a branch's forced run) goes in one forward however short: it is rare
+            # next to captions, and a token a tick would put its whole length before the answer
+            branch = r.branch_of is not None
+            if has_frame or prompt or branch or len(r.forced) >= self.prefill_min:
                 r.prefill_forced = False
                 plan.prefill[i] = list(r.forced)
                 r.forced.clear()
