@@ -64,20 +64,26 @@ def test_text_outside_the_language_is_not_parsed(text):
     assert q.parse(text) is None and q.answer(text, ()) is None
 
 
-def test_a_question_branch_follows_the_close_of_the_last_caption():
+def test_a_question_branch_takes_the_place_of_the_last_frames_caption():
     tok = with_qa_tokens(word_tokenizer(200, ["the", "scene", "is", "empty", "there", "a", "red", "circle?"]))
     gen = generation_config(qa=True)
-    plain = stream_layout(tok, gen, ["the scene is empty"], None)
-    seq = stream_layout(tok, gen, ["the scene is empty"], None, ("is there a red circle?", "no"))
+    captions = ["the scene is empty", "a red circle?"]
+    plain = stream_layout(tok, gen, captions[:1], None)
+    seq = stream_layout(tok, gen, captions, None, ("is there a red circle?", "no"))
     n = len(plain.tokens)
-    assert seq.tokens[:n] == plain.tokens and seq.target[:n] == plain.target  # captions unchanged
+    assert seq.tokens[:n] == plain.tokens and seq.target[:n] == plain.target  # earlier captions unchanged
     pre = tok.encode(gen.template.pre_image)
     fed = tok.encode(gen.template.question.format(question="is there a red circle?"))
     answer = [*tok.encode("no"), tok.token_id(gen.stop_tokens[0])]
+    # the last frame's pre_image and image, then the question instead of its caption
     assert seq.tokens[n:] == [*pre, *fed, *answer]
-    assert seq.insert_at == [*plain.insert_at, n + len(pre)]  # the frame again: the question re-opens it
+    assert seq.insert_at == [*plain.insert_at, n + len(pre)]  # each frame once
     assert fed[0] == tok.token_id(QA_TOKENS[0]) and fed[-1] == tok.token_id(QA_TOKENS[1])
     assert seq.answer == [False] * (n + len(pre) + len(fed)) + [True] * len(answer)
+    # a one-frame clip: the question right after the prompt and the frame
+    first = stream_layout(tok, gen, captions[:1], None, ("is there a red circle?", "no"))
+    prompt_end = plain.insert_at[0]
+    assert first.insert_at == [prompt_end] and first.tokens[prompt_end:] == [*fed, *answer]
     assert [t for t, a in zip(seq.tokens, seq.answer) if a] == answer
 
 
