@@ -50,18 +50,22 @@ def tree_attention_mask(
     q_start: torch.Tensor,
     tree: torch.Tensor,
     S: int,
+    visible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention_mask` for a forward whose new tokens form a tree (a shared question prefix and
     its branches, model/lm.py `step(tree=...)`): query i of row b sees the prefix up to
-    prefix_len[b], every segment slot before q_start[b] (the row's cache), and new slot q_start[b] + j when
-    tree[b, i, j]. tree: (B, T, T) bool, each query seeing itself."""
+    prefix_len[b], the segment slots before visible[b] (the row's cache; every slot before
+    q_start[b] when None), and new slot q_start[b] + j when tree[b, i, j]. tree: (B, T, T) bool,
+    each query seeing itself. visible < q_start hides the end of a row's cache from questions that
+    fork before it (a frame's caption, model/engine/runner.py `_score`)."""
     B, T, _ = tree.shape
     dev = q_start.device
     rel = torch.arange(S, device=dev)[None, :] - q_start[:, None]  # (B, S): slot - first new slot
     new = (rel >= 0) & (rel < T)
     # tree[b, i, rel[b, s]] for the new slots, False elsewhere: (B, T, S)
     picked = torch.gather(tree, 2, rel.clamp(0, T - 1)[:, None, :].expand(B, T, S))
-    sm = (new[:, None, :] & picked) | (rel < 0)[:, None, :]
+    cache = rel < 0 if visible is None else torch.arange(S, device=dev)[None, :] < visible[:, None]
+    sm = (new[:, None, :] & picked) | cache[:, None, :]
     masks = []
     if prefix_len is not None:
         pm = torch.arange(P, device=dev)[None, :] < prefix_len[:, None]

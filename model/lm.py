@@ -173,6 +173,7 @@ class LanguageModel(nn.Module):
         ca_positions: torch.Tensor | None = None,
         tree: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
+        visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Feed rows [0, R) n_valid[r] tokens each; returns final hidden states (R, T, hidden). The
         tokens' K/V are written at the rows' lengths; the caller advances the lengths afterwards
@@ -189,6 +190,9 @@ class LanguageModel(nn.Module):
         rows: (R,) host int64, the state row of each batch entry (a scoring forward feeds a few
            rows among many): their cache K/V are gathered (a copy of S slots per layer) instead of
            the rows [0, R) being read in place.
+        visible: (R,) host int64, with a tree: the text cache slots the new tokens see (the text
+           before a frame's caption: questions fork there); None: all of them. The CASA window is
+           then hidden too: the questions open the frame's window (docs/engine.md, "Questions").
         """
         R, T, _ = x.shape
         dev = x.device
@@ -235,11 +239,13 @@ class LanguageModel(nn.Module):
         if tree is not None:
             inp.tree = True
             tree = tree.to(dev)
-            inp.sa_mask = tree_attention_mask(None, 0, inp.sa_start, tree, inp.sa_len)
+            vis = None if visible is None else visible.to(dev)
+            inp.sa_mask = tree_attention_mask(None, 0, inp.sa_start, tree, inp.sa_len, vis)
             if inp.n_img is not None:
                 P = max(inp.img_len, 1)
-                inp.ca_mask = (  # a scored CASA row's window is empty: its frame has just started
-                    tree_attention_mask(inp.n_img, P, inp.ca_start, tree, inp.ca_len)
+                hide = None if visible is None else torch.zeros_like(inp.ca_start)
+                inp.ca_mask = (  # a question opens its frame's window: the caption's is hidden
+                    tree_attention_mask(inp.n_img, P, inp.ca_start, tree, inp.ca_len, hide)
                     if self.fusion == "casa"
                     else attention_mask(inp.n_img, P, None, T, inp.ca_len)
                 )

@@ -251,23 +251,27 @@ def watched_rows_at_their_boundary(s: Scheduler) -> tuple[int, int, int]:
     raise AssertionError("a and b never reached their frame boundary")
 
 
-def test_casa_watches_are_scored_as_their_frames_start_and_branches_fork_at_once():
-    """A CASA row's watches are scored in the tick its frame starts (all such rows together), and a
-    question branch may start from then on, while the caption goes on: both fork where the frame
-    started, before its caption."""
+def test_casa_rows_are_scored_mid_caption_and_branch_from_their_frames_start():
+    """A CASA row's watches may be scored any time after its frame has started (they wait to batch
+    like any), and a question branch may start from then on, while the caption goes on: both
+    fork where the frame started, before its caption."""
     s = scheduler(rows=4)
     s.session_rows = 3  # the last row is a branch row
     a, b = open_and_prefill(s), open_and_prefill(s)
     s.set_watches(a, [[5, 6]])
-    assert not s.can_branch(a)  # no frame yet
+    assert not s.can_branch(a) and not s._needs_score(s.row(a))  # no frame yet
     for row in (a, b):
         s.submit(row, 1, None)
         s.encoded(row, 1, encoding())
     plan = tick(s, {})
-    assert [f.row for f in plan.frames] == [a, b]
-    assert plan.score == {a: (0, [[5, 6]])}  # b has no watches
-    assert not s._needs_score(s.row(a)) and not tick(s, {}).score  # once a frame
-    assert s.row(a).decoding and s.can_branch(a)
+    assert [f.row for f in plan.frames] == [a, b] and not plan.score
+    assert s.row(a).decoding and s._needs_score(s.row(a)) and not s._needs_score(s.row(b))
+    assert not tick(s, {}).score  # b decodes: a waits to be scored with others
+    s.row(a).score_since -= SCORE_WAIT_S
+    plan = tick(s, {})
+    assert plan.score == {a: (0, [[5, 6]])} and s.row(a).decoding  # scored mid-caption
+    assert not s._needs_score(s.row(a))  # once a frame
+    assert s.can_branch(a)
     branch = s.branch(a, [7, 7], SessionSettings(), Detok(), room=10)
     assert s.row(branch).seen == 0 and s.row(branch).branch_of == a
     plan = tick(s, {})  # the question in one forward, however short, and its answer sampled after it

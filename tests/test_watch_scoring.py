@@ -1,5 +1,6 @@
-"""Watch scoring (Engine.set_watches): on each frame (CASA: as it starts; token insertion: after
-its caption), every watch's question is fed on a branch of the row in one tree-masked forward. Each score equals P(yes) / (P(yes) + P(no)) from a
+"""Watch scoring (Engine.set_watches): on each frame (CASA: any time after it starts; token
+insertion: after its caption), every watch's question is fed on a branch of the row in one
+tree-masked forward. Each score equals P(yes) / (P(yes) + P(no)) from a
 dense reference forward of the session's stream followed by that question, the row is left as it
 was (captions token-for-token the same with and without watches), and the packing shares the
 questions' common prefix."""
@@ -13,33 +14,15 @@ from test_ask import drain, frames
 from test_model_streaming import Recorder, make_engine
 
 from casa_live.model.engine.engine import Engine, ScoreEvent, SessionSettings, TokenEvent
+from casa_live.model.engine import scheduler
 from casa_live.model.engine.runner import pack_tree
 
 QUESTIONS = ["is there a red circle", "is there a blue square", "is the scene empty"]
 
 
-class ScoreSnapshots:
-    """Before the Recorder sees a tick, notes how much of each scored row's stream it had: the
-    scores are computed before the tick's own feeds, and after the frames it starts (a CASA row
-    is scored as its frame starts)."""
-
-    def __init__(self, engine: Engine, rec: Recorder) -> None:
-        self.rec, self.taken = rec, []
-        engine.observers.insert(0, self.observe)
-
-    def observe(self, res) -> None:  # type: ignore[no-untyped-def]
-        for row, scores in res.scores.items():
-            tokens = list(self.rec.tokens.get(row, []))
-            frames_ = list(self.rec.frames.get(row, []))
-            if not self.rec.engine.insertion:
-                assert row in res.frames  # scored in the tick its frame started
-                frames_.append((len(tokens), res.frames[row]))
-            self.taken.append((row, tokens, frames_, scores))
-
-
 def dense_score(engine: Engine, rec: Recorder, tokens: list[int], frames_: list, question: str) -> float:
     """P(yes) / (P(yes) + P(no)) at the question's last token, from one dense forward of the
-    stream so far followed by the question (as a question branch would feed it)."""
+    stream a branch forks from followed by the question (as a question branch would feed it)."""
     fed = engine.tokenizer.encode(engine.gen.template.question.format(question=question))
     key = -1
     rec.tokens[key], rec.frames[key] = tokens + fed, frames_
@@ -56,7 +39,6 @@ def dense_score(engine: Engine, rec: Recorder, tokens: list[int], frames_: list,
 def test_scores_match_a_dense_forward_of_the_stream_then_each_question(fusion):
     engine = make_engine(fusion, max_sessions=2, max_context_tokens=512)
     rec = Recorder(engine)
-    snaps = ScoreSnapshots(engine, rec)
     row = engine.open("red circle", SessionSettings(max_new_tokens=3))
     other = engine.open("blue square", SessionSettings(max_new_tokens=2))
     engine.set_watches(row, QUESTIONS)
@@ -70,12 +52,36 @@ def test_scores_match_a_dense_forward_of_the_stream_then_each_question(fusion):
         events += drain(engine)
     scored = [ev for ev in events if isinstance(ev, ScoreEvent)]
     assert [(ev.row, ev.frame) for ev in scored if ev.row == row] == [(row, 0), (row, 1), (row, 2)]
-    assert len(snaps.taken) == 6
-    for r, tokens, frames_, scores in snaps.taken:
-        questions = QUESTIONS if r == row else QUESTIONS[:1]
+    assert len(scored) == 6
+    for ev in scored:  # each against the stream a branch of its frame forks from
+        questions = QUESTIONS if ev.row == row else QUESTIONS[:1]
+        tokens, frames_ = rec.fork(ev.row, ev.frame)
         want = [dense_score(engine, rec, tokens, frames_, q) for q in questions]
-        np.testing.assert_allclose(scores, want, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(ev.scores, want, rtol=0, atol=2e-5)
     assert all(0.0 < s < 1.0 for ev in scored for s in ev.scores)
+
+
+def test_a_casa_row_is_scored_mid_caption_as_at_its_frames_start(monkeypatch):
+    """Scores taken while the frame's caption is being generated see the text before the caption
+    and the frame's image only: they equal the scores taken as the frame starts."""
+    monkeypatch.setattr(scheduler, "SCORE_WAIT_S", 1e9)  # the test says when the wait is over
+    got = []
+    for wait in (0, 3):
+        engine = make_engine(max_sessions=1, max_context_tokens=512)
+        row = engine.open("red circle", SessionSettings(max_new_tokens=12, min_new_tokens=12))
+        drain(engine)
+        engine.set_watches(row, QUESTIONS)
+        engine.submit_frame(row, frames(7, 1)[0])
+        events = []
+        for _ in range(1 + wait):  # the frame starts, then `wait` caption tokens
+            events += engine.step()
+        assert not any(isinstance(ev, ScoreEvent) for ev in events)  # waiting to batch
+        engine.scheduler.row(row).score_since = -2e9  # it has waited long enough
+        events = engine.step()
+        assert engine.busy(row)  # mid-caption
+        got.append([ev.scores for ev in events if isinstance(ev, ScoreEvent)])
+    assert len(got[0]) == 1
+    np.testing.assert_allclose(got[0], got[1], rtol=0, atol=1e-5)
 
 
 def caption_stream(watches: list[str] | None, images: list[np.ndarray], **kw) -> tuple[dict, list]:

@@ -192,16 +192,14 @@ class Runner:
 
     @torch.no_grad()
     def run(self, plan: Plan, res: StepResult) -> None:
-        """Execute one tick's plan: start its frames, score watches, then prefill, then decode.
-        Scoring reads a CASA row's frame just started, before anything of its caption is fed (a
-        token-insertion row's frame is captioned and closed, and a starting frame changes none of
-        its tensors until the prefill)."""
-        if plan.frames:
-            self._start_frames(plan, res)
+        """Execute one tick's plan: score watches, start its frames, then prefill, then decode.
+        Scoring goes first: it reads its rows' current frames, which a starting frame overwrites."""
         if plan.score:
             t0 = time.perf_counter()
             self._score(plan.score, res)
             res.score_s = time.perf_counter() - t0
+        if plan.frames:
+            self._start_frames(plan, res)
         prefill, decode, sample_set = plan.prefill, plan.decode, set(plan.sample)
         if prefill:
             t0 = time.perf_counter()
@@ -278,8 +276,9 @@ class Runner:
         leaves every row as it was (docs/engine.md, "Watches"); the forward's batch is the scored
         rows alone, their caches gathered (`LanguageModel.step(rows=...)`). A row's watches are packed
         as a trie (`pack_tree`): a prefix they share is fed once, each watch's rest as a branch of
-        it (a tree mask), all at the positions a question branch would give them (a CASA row is
-        scored as its frame starts: its text cache ends where a branch forks). The K/V go to
+        it (a tree mask), all at the positions a question branch would give them: a CASA row's
+        questions see the text before its frame's caption (up to its mark, however far the caption
+        has gone) and the frame's image, not the caption's window. The K/V go to
         the slots past each row's valid ones (the caches' score slots) and the lengths are not
         advanced, so the next feed overwrites them. A watch's score is
         P(yes) / (P(yes) + P(no)) from its last token's logits: the softmax's normaliser cancels,
@@ -298,16 +297,18 @@ class Runner:
             n = len(p.ids)
             ids[b, :n], depth[b, :n], tree[b, :n, :n], n_valid[b] = torch.tensor(p.ids), p.depth, p.tree, n
         x = lm.embed_tokens(ids.to(self.device))
-        base = (
-            torch.tensor([self.state.spans.position[i] for i in order])
-            if self.insertion
-            else text.length[sel]
-        )
+        visible = None
+        if self.insertion:
+            base = torch.tensor([self.state.spans.position[i] for i in order])
+        else:  # CASA: the fork is the mark; slots are positions, so the questions sit right after it
+            base = visible = text.mark[sel]
         sa_pos = (base[:, None] + depth)[..., None].expand(-1, -1, 3)
         ca_pos = None
-        if cs is not None:  # the frame's window, empty: positions from 0, as a branch's question
+        if cs is not None:  # the frame's window opened by the questions: positions from 0
             ca_pos = depth[..., None].expand(-1, -1, 3).to(self.device)
-        h = lm.step(x, n_valid, self.state, sa_pos.to(self.device), ca_pos, tree=tree, rows=sel)
+        h = lm.step(
+            x, n_valid, self.state, sa_pos.to(self.device), ca_pos, tree=tree, rows=sel, visible=visible
+        )
         yes, no = self.yes_no
         w = lm.embed_tokens.weight if lm.lm_head is None else lm.lm_head.weight
         w = w[torch.tensor(yes + no, device=self.device)]  # (|yes| + |no|, hidden)

@@ -30,11 +30,11 @@ Each tick `plan()` says, for every row with work, what the runner feeds it:
   sessions that open in a burst (a server restart, a camera fleet reconnecting) would otherwise
   cost an eager step each while every running session waits (docs/engine.md);
 - `sample`: rows whose last fed position is sampled;
-- `score`: rows whose watches are scored this tick. A CASA row is scored in the tick its frame
-  starts, after the image K/V is written and before anything of its caption is fed: the state a
-  question branch forks from (docs/engine.md, "Questions"), so all the frames starting in a tick
-  are scored in one forward. A token-insertion row holds its frame in its text, so it is scored
-  once its caption is closed (rows wait a little to be scored together, `_score_now`).
+- `score`: rows whose watches are scored this tick, before any frame starts. A CASA row may be
+  scored any time after its frame has started, whatever its caption has reached: the questions see
+  the state a branch forks from (docs/engine.md, "Questions"). A token-insertion row holds its frame
+  in its text, so it is scored once its caption is closed. Rows wait a little to be scored together
+  (`_score_now`).
 """
 
 from __future__ import annotations
@@ -135,8 +135,7 @@ class PendingFrame:
     encoding: FrameEncoding | None = None  # set by `encoded`; the frame can start
 
 
-# Token insertion: watch scoring waits to batch rows (Scheduler._score_now): at most this many
-# rows, this long.
+# Watch scoring waits to batch rows (Scheduler._score_now): at most this many rows, this long.
 SCORE_BATCH = 8
 SCORE_WAIT_S = 0.1
 
@@ -212,9 +211,8 @@ class Plan:
     prefill: dict[int, list[Item]] = field(default_factory=dict)
     decode: dict[int, int] = field(default_factory=dict)
     sample: list[int] = field(default_factory=list)
-    # rows whose watches are scored this tick, after the frames start and before anything is fed
-    # (the scoring forward reads the frame's image K/V and the row's text cache): row -> (frame,
-    # fed ids per watch)
+    # rows whose current frame's watches are scored this tick, before any frame starts (the scoring
+    # forward reads the frame's image K/V and the row's text cache): row -> (frame, fed ids per watch)
     score: dict[int, tuple[int, list[list[int]]]] = field(default_factory=dict)
 
     def empty(self) -> bool:
@@ -304,15 +302,14 @@ class Scheduler:
         r.watches = [list(w) for w in watches]
 
     def _needs_score(self, r: RowState) -> bool:
-        """Token insertion: the row's frame is captioned and closed, its watches not scored yet
-        (CASA rows are scored as their frames start, in `plan`)."""
+        """The row's current frame has started and its watches are not scored yet; token insertion:
+        and its caption is closed (its state the whole text with the frame in it)."""
         return (
-            self.template.insertion
-            and bool(r.watches)
+            bool(r.watches)
             and r.scored < r.frames
             and r.branch_of is None
-            and not r.forced
-            and not r.decoding
+            and r.seen == r.frames - 1
+            and (not self.template.insertion or (not r.forced and not r.decoding))
         )
 
     def update(self, i: int, settings: SessionSettings) -> None:
@@ -399,9 +396,8 @@ class Scheduler:
         return False
 
     def plan(self) -> Plan:
-        """Start every frame that can start (CASA rows with watches are scored as they start),
-        score the token-insertion rows whose frame is captioned and closed (when `_score_now` says
-        so), then assign each row with work its feed."""
+        """Score the watches of the rows whose frame waits for them (when `_score_now` says so),
+        start every frame that can start, then assign each row with work its feed."""
         plan = Plan()
         due = [i for i, r in enumerate(self.rows) if r is not None and self._needs_score(r)]
         if due and self._score_now(due):
@@ -417,9 +413,6 @@ class Scheduler:
         for i, r in enumerate(self.rows):
             if r is not None and r.frame_ready():
                 plan.frames.append(FrameStart(i, self._start_frame(r)))
-                if r.watches and not self.template.insertion:
-                    plan.score[i] = (r.frames - 1, r.watches)
-                    r.scored = r.frames
         for i, r in enumerate(self.rows):
             if r is not None:
                 self._assign(plan, i, r, busy)
