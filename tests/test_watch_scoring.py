@@ -13,8 +13,8 @@ import torch
 from test_ask import drain, frames
 from test_model_streaming import Recorder, make_engine
 
-from casa_live.model.engine.engine import Engine, ScoreEvent, SessionSettings, TokenEvent
 from casa_live.model.engine import scheduler
+from casa_live.model.engine.engine import Engine, ScoreEvent, SessionSettings, TokenEvent
 from casa_live.model.engine.runner import pack_tree
 
 QUESTIONS = ["is there a red circle", "is there a blue square", "is the scene empty"]
