@@ -420,8 +420,9 @@ class Scheduler:
 
     def _score_now(self, due: list[int]) -> bool:
         """Whether the rows waiting for their scores are scored this tick, all together. A scoring
-        forward costs mostly its fixed overhead on a CPU (one row's four watches: ~15 ms, eight
-        rows' ~25 ms), and captions close at scattered ticks, so rows wait to be scored together:
+        forward of a few rows costs mostly its fixed overhead on a CPU (four watches: one row ~13 ms,
+        eight rows ~43 ms), and frames start (token insertion: captions close) at scattered ticks,
+        so rows wait to be scored together:
         until one of them has its next frame ready (a frame overwrites the image K/V the scores
         read), `SCORE_BATCH` of them wait, one has waited `SCORE_WAIT_S`, or the tick has nothing
         else to do (docs/engine.md, "Watches")."""
