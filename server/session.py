@@ -130,8 +130,8 @@ class Session:
         self.responses: dict[str, _Response] = {}  # questions in flight, by response id
         self.answers: list[p.ResponseResult] | None = [] if record else None
         self.watches = SessionWatches(self.id, ctx.alerts, self.emit, record)
-        # with watches, a frame's segment goes out with its scores. A CASA row scores a frame as it
-        # starts, before its caption closes (frame index -> scores, until the segment); token
+        # with watches, a frame's segment goes out with its scores. A CASA row's frame is often
+        # scored before its caption closes (frame index -> scores, until the segment); token
         # insertion scores it after, so the segment waits for them (frame index -> the segment)
         self.early_scores: dict[int, dict[str, float]] = {}
         self.pending: dict[int, p.CaptionSegment] = {}
@@ -585,7 +585,6 @@ class Session:
         self._release_pending()  # a failure resets the row: its scores are lost
         if job is not None:
             self.early_scores.pop(job.index, None)
-        if job is not None:
             self.texts.pop(job.index, None)
             self._finish(job.index)
         code = self.send_error(error)

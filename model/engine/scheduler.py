@@ -24,11 +24,10 @@ Each tick `plan()` says, for every row with work, what the runner feeds it:
   prefills);
 - `prefill`: a run of >= `prefill_min` forced items, a question on a branch row, an inserted frame
   (the token-insertion baseline), or the prompt at open when no other row has work, in one varlen
-  forward: the prompt
-  must be in before frame 0 can start, so a lone session does not feed it a token a tick. A short
-  prompt opened while other rows work goes through the batched step like any short forced run:
-  sessions that open in a burst (a server restart, a camera fleet reconnecting) would otherwise
-  cost an eager step each while every running session waits (docs/engine.md);
+  forward: the prompt must be in before frame 0 can start, so a lone session does not feed it a
+  token a tick. A short prompt opened while other rows work goes through the batched step like any
+  short forced run: sessions that open in a burst (a server restart, a camera fleet reconnecting)
+  would otherwise cost an eager step each while every running session waits (docs/engine.md);
 - `sample`: rows whose last fed position is sampled;
 - `score`: rows whose watches are scored this tick, before any frame starts. A CASA row may be
   scored any time after its frame has started, whatever its caption has reached: the questions see
@@ -422,10 +421,9 @@ class Scheduler:
         """Whether the rows waiting for their scores are scored this tick, all together. A scoring
         forward of a few rows costs mostly its fixed overhead on a CPU (four watches: one row ~13 ms,
         eight rows ~43 ms), and frames start (token insertion: captions close) at scattered ticks,
-        so rows wait to be scored together:
-        until one of them has its next frame ready (a frame overwrites the image K/V the scores
-        read), `SCORE_BATCH` of them wait, one has waited `SCORE_WAIT_S`, or the tick has nothing
-        else to do (docs/engine.md, "Watches")."""
+        so rows wait to be scored together: until one of them has its next frame ready (a frame
+        overwrites the image K/V the scores read), `SCORE_BATCH` of them wait, one has waited
+        `SCORE_WAIT_S`, or the tick has nothing else to do (docs/engine.md, "Watches")."""
         now = time.monotonic()
         rows = [self.row(i) for i in due]
         for r in rows:
