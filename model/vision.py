@@ -161,7 +161,7 @@ class VisionTower(nn.Module):
         assert self.pos_embed is not None
         mh, mw = grid[0] // self.cfg.merge, grid[1] // self.cfg.merge
         table = self.pos_embed
-        if table.shape[:2] != (mh, mw):
+        if (self.cfg.abs_pos, self.cfg.abs_pos) != (mh, mw):  # python ints: a traced tower keeps them
             table = F.interpolate(
                 table.permute(2, 0, 1)[None], size=(mh, mw), mode="bilinear", align_corners=True
             )[0].permute(1, 2, 0)
