@@ -66,6 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="give the vision tower an N x N table of absolute positions (zero at the start of a fine-tune; "
         "docs/training.md)",
     )  # fmt: skip
+    p.add_argument(
+        "--abs-pos-lr-scale", type=float, default=10.0, metavar="X",
+        help="the position table's learning rate is X times --lr (default 10)",
+    )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.set_defaults(func=run)
 
@@ -103,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         qa_weights=qa_weights(args.qa_weight),
         qa_hard_negatives=args.qa_hard_negatives,
         abs_pos=args.abs_pos,
+        abs_pos_lr_scale=args.abs_pos_lr_scale,
     )
     summary = train(cfg, args.out, resume=args.resume)
     print(json.dumps(summary, indent=2))
