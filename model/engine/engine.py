@@ -222,8 +222,8 @@ class Engine:
         """Score these yes/no questions on each of `row`'s frames from now on (replacing any
         before; [] stops): once each frame has started (token insertion: once its caption closes),
         every question is fed on a branch of the row in one forward with no decoding, and a
-        ScoreEvent gives P(yes) / (P(yes) + P(no)) per question (docs/engine.md, "Watches"). ValueError: the model answers no questions, or
-        the questions do not fit `watch_tokens`."""
+        ScoreEvent gives P(yes) / (P(yes) + P(no)) per question (docs/engine.md, "Watches").
+        ValueError: the model answers no questions, or the questions do not fit `watch_tokens`."""
         if questions and self.runner.yes_no is None:
             raise ValueError(
                 "this model cannot score watches (its generation config has no question template, "

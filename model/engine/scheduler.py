@@ -259,8 +259,12 @@ class Scheduler:
         reached. Token insertion: at a frame boundary (a frame captioned and its caption closed,
         no frame started since), its state the whole text with the frame in it."""
         r = self.rows[parent]
-        if r is None or r.branch_of is not None or r.seen is None:
-            return False
+        return r is not None and r.branch_of is None and r.seen is not None and self._forkable(r)
+
+    def _forkable(self, r: RowState) -> bool:
+        """The row's state is what a question forks from: always for CASA (the text up to the mark
+        and the frame's image); token insertion only once the frame's caption is closed (the whole
+        text, the frame in it). Branches and watch scoring share this rule."""
         return not self.template.insertion or (not r.forced and not r.decoding)
 
     def free_branch_row(self) -> int | None:
@@ -286,9 +290,8 @@ class Scheduler:
         self._apply(r, settings)
         r.max_new_tokens = max(1, min(r.max_new_tokens, room))
         r.sample_after_forced, r.decoding = True, True
-        r.frames = r.seen = p.seen  # the answer's events carry the frame it sees
-        assert r.seen is not None
-        r.frames += 1
+        assert p.seen is not None
+        r.seen, r.frames = p.seen, p.seen + 1  # the answer's events carry the frame it sees
         self.rows[i] = r
         return i
 
@@ -308,7 +311,7 @@ class Scheduler:
             and r.scored < r.frames
             and r.branch_of is None
             and r.seen == r.frames - 1
-            and (not self.template.insertion or (not r.forced and not r.decoding))
+            and self._forkable(r)
         )
 
     def update(self, i: int, settings: SessionSettings) -> None:
