@@ -165,6 +165,11 @@ class PromptTemplate:
     # A question on a side branch of the stream, fed after a frame's caption is closed; the answer
     # is generated after it and ends with a stop token. None: the model answers no questions.
     question: str | None = None  # e.g. "<|question|>{question}<|answer|>"
+    # What the model's answers begin with, taken off the answer's text (and put before "yes" and
+    # "no" when a watch looks up their token ids). The bundled model answers " bottom right", so
+    # that an answer's words are the very tokens its captions use ("Ġbottom"); encoded bare,
+    # "bottom" is the pieces "b ot tom", whose first piece also begins "blue" and "big".
+    answer_prefix: str = ""
 
 
 # The text KV cache bound of a checkpoint whose generation config names none.

@@ -9,10 +9,13 @@ from tokenizers import Tokenizer as HFTokenizer
 
 
 class StreamDecoder:
-    """Incremental decode of one caption: push ids, get the new text since the last push."""
+    """Incremental decode of one caption: push ids, get the new text since the last push.
+    `strip`: text the output begins with that is not part of it (an answer's prefix,
+    PromptTemplate.answer_prefix), taken off where the text starts with it."""
 
-    def __init__(self, tok: HFTokenizer) -> None:
+    def __init__(self, tok: HFTokenizer, strip: str = "") -> None:
         self._tok = tok
+        self._strip = strip
         self._ids: list[int] = []
         self._text = ""
 
@@ -21,7 +24,7 @@ class StreamDecoder:
 
     def push(self, token: int) -> str:
         self._ids.append(token)
-        text = self._tok.decode(self._ids, skip_special_tokens=True)
+        text = self.text
         if text.endswith("\ufffd") or not text.startswith(self._text):
             # an incomplete UTF-8 sequence (byte-level BPE) or a decoder that rewrote the past:
             # wait for more tokens; the full text is still available from `text`
@@ -31,7 +34,10 @@ class StreamDecoder:
 
     @property
     def text(self) -> str:
-        return self._tok.decode(self._ids, skip_special_tokens=True)
+        text = self._tok.decode(self._ids, skip_special_tokens=True)
+        if self._strip and self._strip.startswith(text):  # the prefix itself, or a part of it
+            return ""
+        return text.removeprefix(self._strip)
 
 
 class Tokenizer:
@@ -61,5 +67,5 @@ class Tokenizer:
             raise KeyError(f"token {token!r} is not in the tokenizer's vocabulary")
         return i
 
-    def stream(self) -> StreamDecoder:
-        return StreamDecoder(self.tok)
+    def stream(self, strip: str = "") -> StreamDecoder:
+        return StreamDecoder(self.tok, strip)

@@ -9,7 +9,8 @@ in flight at once, and the frames beyond the cap wait for a place; a newer frame
 session replaces a waiting one (latest frame wins), which counts as dropped with reason `overload`.
 Captions stay whole, and every session gets a share of the places in turn: the place that frees up
 goes to the waiting session that started a frame longest ago, so the share of frames captioned is
-the same for every stream.
+the same for every stream. While places are short, a frame that has waited `max_wait` of its budget
+is dropped rather than started late, which bounds a captioned frame's lag by about 1.5 budgets.
 
 The cap follows the measured cost of a caption against its budget:
 - every tick, the predicted service time of a long caption (the 75th percentile of the ticks the
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -50,6 +51,19 @@ class OverloadConfig:
     tick_window: int = 200  # captions whose tick counts give the percentile
     quantile: float = 0.75
     grow_every: float = 0.1  # seconds between two growths of the cap
+    # A held live frame that has waited this share of its budget is dropped (`overload`) rather
+    # than started late: started, its lag would be its wait plus up to its whole budget. Its
+    # session keeps its turn for its next frame, less than a period away.
+    max_wait: float = 0.5
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A live frame waiting for a place."""
+
+    last_started: float  # when its session's previous frame started (the longest ago goes first)
+    received: float  # when it arrived
+    budget: float  # seconds its caption may take (one frame period)
 
 
 class Governor:
@@ -71,6 +85,21 @@ class Governor:
         self.last_waiting = -1e9  # when frames last had to wait for a place
         self.waiting = 0  # frames waiting for a place at the last admission round
         self.slow_ticks = 0  # ticks in a row whose prediction was above `high`
+
+    def choose(self, in_flight: int, waiting: Sequence[Waiting], now: float) -> tuple[list[int], list[int]]:
+        """The waiting live frames (one a session) to start now and to drop, as indices into
+        `waiting`: the ones whose sessions started a frame longest ago start, as many as there
+        are places; while places are short, the ones that have waited `max_wait` of their
+        budget are dropped instead of started late."""
+        n = self.admit(in_flight, len(waiting))
+        late = []
+        if n < len(waiting):
+            late = [i for i, w in enumerate(waiting) if now - w.received >= self.cfg.max_wait * w.budget]
+        gone = set(late)
+        turn = sorted(
+            (i for i in range(len(waiting)) if i not in gone), key=lambda i: waiting[i].last_started
+        )
+        return turn[:n], late
 
     def admit(self, in_flight: int, wanting: int) -> int:
         """How many of the `wanting` frames may start now, with `in_flight` running."""

@@ -55,7 +55,7 @@ from casa_live.server.errors import (
     InvalidSettings,
 )
 from casa_live.server.metrics import Metrics
-from casa_live.server.overload import Governor
+from casa_live.server.overload import Governor, Waiting
 
 log = logging.getLogger("casa.worker")
 
@@ -441,13 +441,20 @@ class Worker:
         # sessions with a frame waiting and a free row; past capacity the governor lets only some
         # start, the ones whose last frame started longest ago (each session gets its turn)
         free = [s for s in self._slots if s.inflight is None and s.mailbox]
-        if self.governor is not None and free:
-            live = [s for s in free if s.live]
-            n = self.governor.admit(self._live_in_flight(), len(live))
-            live.sort(key=lambda s: s.last_started)
-            held = set(live[n:])
-            free = [s for s in free if s not in held]
         now = time.monotonic()
+        if self.governor is not None and free:
+            live: list[tuple[Slot, FrameJob]] = []
+            with self._cv:
+                for s in free:
+                    if s.live and s.mailbox and s.mailbox[0].budget:
+                        live.append((s, s.mailbox[0]))
+            waiting = [Waiting(s.last_started, job.received, job.budget or 0.0) for s, job in live]
+            start, late = self.governor.choose(self._live_in_flight(), waiting, now)
+            for i in late:
+                self._drop_late(*live[i])
+            live_slots = [s for s, _ in live]
+            held = set(live_slots) - {live_slots[i] for i in start}
+            free = [s for s in free if s not in held]
         for slot in free:
             with self._cv:
                 job = slot.mailbox.popleft() if slot.mailbox else None
@@ -471,6 +478,16 @@ class Worker:
             except Exception:
                 log.exception("frame %d could not be submitted", job.index)
                 self._frame_failed(slot, job)
+
+    def _drop_late(self, slot: Slot, job: FrameJob) -> None:
+        """Drop the slot's waiting live frame `job`, late past the governor's `max_wait` (reason
+        `overload`), unless a newer frame has replaced it meanwhile: started, its lag would be
+        its wait plus up to its whole budget."""
+        with self._cv:
+            if not slot.mailbox or slot.mailbox[0] is not job:
+                return
+            slot.mailbox.popleft()
+        self._notify(slot, "worker_dropped", job, "overload")
 
     def _step(self) -> None:
         engine = self.engine

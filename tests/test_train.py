@@ -14,9 +14,11 @@ from test_model_streaming import Recorder
 from casa_live.model.checkpoint.load import load
 from casa_live.model.config import preset
 from casa_live.model.engine.engine import Engine, SessionSettings
+from casa_live.model.engine.scheduler import answer_ids
 from casa_live.model.processor import ImageProcessor
 from casa_live.model.tokenizer import Tokenizer
 from casa_live.model.training.train import (
+    ANSWER_PREFIX,
     QA_TOKENS,
     QUESTION_TEMPLATE,
     STOP,
@@ -26,6 +28,7 @@ from casa_live.model.training.train import (
     caption_loss,
     dense_logits,
     generation_config,
+    init_new_tokens,
     layout_ids,
     make_batch,
     train,
@@ -81,6 +84,48 @@ def test_every_word_of_the_question_language_is_one_token(tok, tmp_path):
     q = QUESTION_TEMPLATE.format(question="what colour is the object at the top left?")
     assert loaded.encode(q) == qtok.encode(q)
     assert [loaded.token_id(t) for t in QA_TOKENS] == [qtok.token_id(t) for t in QA_TOKENS]
+
+
+def test_an_answer_is_written_in_its_captions_tokens(tok):
+    """Answers begin with ANSWER_PREFIX, so that each answer word is one token, the caption's own
+    where the caption has it ("Ġbottom"), never bare pieces ("b ot tom", whose "b" also begins
+    "blue" and "big"); the answer's decoder takes the prefix off its text and deltas; a watch's
+    yes/no ids are the prefixed whole words."""
+    qtok = with_qa_tokens(copy.deepcopy(tok))
+    gen = generation_config(qa=True)
+    assert gen.template.answer_prefix == ANSWER_PREFIX == " "
+    for word in questions.every_answer_word():
+        assert len(qtok.encode(ANSWER_PREFIX + word)) == 1, word
+    caption = World(TRAIN_SEED_BASE).step().caption  # a caption's words are the same ids
+    for word in caption.split()[1:]:
+        if word in questions.every_answer_word():
+            assert qtok.encode(ANSWER_PREFIX + word) == [qtok.encode(caption)[caption.split().index(word)]]
+    ids = qtok.encode(ANSWER_PREFIX + "bottom right")
+    assert [qtok.tok.id_to_token(i) for i in ids] == ["Ġbottom", "Ġright"]
+    assert len(tok.encode("bottom right")) > 2  # bare, the first word is pieces
+    dec = qtok.stream(gen.template.answer_prefix)
+    assert [dec.push(i) for i in ids] == ["bottom", " right"]
+    assert dec.text == "bottom right"
+    assert qtok.stream().push(ids[0]) == " bottom"  # a caption's decoder keeps its text as is
+    yes_no = answer_ids(qtok, gen.template.answer_prefix)
+    assert qtok.token_id("Ġyes") in yes_no["yes"] and qtok.token_id("Ġno") in yes_no["no"]
+    assert not set(yes_no["yes"]) & set(yes_no["no"])
+
+
+def test_new_tokens_start_at_their_pieces_mean_embedding(tok):
+    qtok = with_qa_tokens(copy.deepcopy(tok))
+    cfg = preset("test-tiny")
+    cfg.lm.vocab = 512
+    model = CASAModel.random(cfg, seed=1)
+    before = model.lm.embed_tokens.weight.detach().clone()
+    init_new_tokens(model, tok, qtok)
+    after = model.lm.embed_tokens.weight.detach()
+    assert torch.equal(after[: tok.vocab_size], before[: tok.vocab_size])  # old tokens untouched
+    none = qtok.token_id("Ġnone")
+    pieces = tok.encode(" none")
+    assert len(pieces) > 1 and none >= tok.vocab_size
+    assert torch.allclose(after[none], before[pieces].mean(0))
+    assert torch.equal(after[qtok.vocab_size :], before[qtok.vocab_size :])  # unused rows too
 
 
 def test_stream_layout_is_what_the_engine_feeds(tok):

@@ -211,7 +211,9 @@ class Engine:
                 f"the question is {len(fed)} tokens; it does not fit the model's window. Shorten it."
             )
         settings = SessionSettings(max_new_tokens=max_new_tokens, temperature=0.0)
-        branch = self.scheduler.branch(row, fed, settings, self.tokenizer.stream(), room)
+        branch = self.scheduler.branch(
+            row, fed, settings, self.tokenizer.stream(self.gen.template.answer_prefix), room
+        )
         self.state.copy_row(row, branch)
         self.sampler.reset(branch, SamplingParams(temperature=0.0))  # answers are greedy, unpenalised
         frame = self.scheduler.row(branch).seen

@@ -85,17 +85,20 @@ class Template:
             caption_prefix=tokenizer.encode(t.caption_prefix),
             stop=[tokenizer.token_id(s) for s in gen.stop_tokens],
             insertion=insertion,
-            **answer_ids(tokenizer),
+            **answer_ids(tokenizer, t.answer_prefix),
         )
 
 
-def answer_ids(tokenizer: Any) -> dict[str, list[int]]:
+def answer_ids(tokenizer: Any, prefix: str = "") -> dict[str, list[int]]:
     """{"yes": ids, "no": ids}: the first token of each of "yes", "Yes", "YES" (and of "no"...),
-    those that begin both answers left out. The first token decides a yes/no answer: a model
-    that answers "yes" has put its weight on the first token of "yes" (with a byte-level BPE that
-    may be just "y", so the score is P(first token), docs/engine.md)."""
+    each after the model's answer prefix (PromptTemplate.answer_prefix), those that begin both
+    answers left out. The first token decides a yes/no answer: a model that answers "yes" has put
+    its weight on the first token of "yes" (with a byte-level BPE that may be just "y", so the
+    score is P(first token), docs/engine.md)."""
     first = {
-        word: {ids[0] for v in (word, word.capitalize(), word.upper()) if (ids := tokenizer.encode(v))}
+        word: {
+            ids[0] for v in (word, word.capitalize(), word.upper()) if (ids := tokenizer.encode(prefix + v))
+        }
         for word in ("yes", "no")
     }
     both = first["yes"] & first["no"]

@@ -61,6 +61,9 @@ SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|
 # closed, <|question|> the question <|answer|> the answer, then the stop token.
 QA_TOKENS = ["<|question|>", "<|answer|>"]
 QUESTION_TEMPLATE = "<|question|>{question}<|answer|>"
+# An answer begins with a space, so that its words are its captions' tokens ("Ġbottom"), which the
+# model already writes; bare, "bottom" is "b ot tom" (PromptTemplate.answer_prefix).
+ANSWER_PREFIX = " "
 STOP = "<|frame_end|>"
 COLOUR_IDS = {c: i for i, c in enumerate(COLOURS)}
 SHAPE_IDS = {c: i for i, c in enumerate(SHAPES)}
@@ -113,7 +116,8 @@ def with_qa_tokens(tok: Tokenizer) -> Tokenizer:
 
 
 def with_question_words(tok: Tokenizer) -> Tokenizer:
-    """Make every word of the question language one token, as every caption word is: BPE merges
+    """Make every word of the question language (its questions, and its answers after
+    ANSWER_PREFIX) one token, as every caption word is: BPE merges
     appended after the trained ones join each word's current pieces left to right ("Ġ o b j e c t"
     -> "Ġobject"), the intermediate pieces becoming tokens too. Without them a question is 2-3
     times longer ("is there a blue object?" was 14 tokens, and 4 such watches 33 packed tokens a
@@ -125,7 +129,8 @@ def with_question_words(tok: Tokenizer) -> Tokenizer:
     if data["model"]["type"] != "BPE":  # a word-level tokenizer (tests) has whole words already
         return tok
     # (the raw word, e.g. " object", and its byte-level form, "Ġobject")
-    words = {(q[a:b], w) for q in qa_lang.every_text() for w, (a, b) in hf.pre_tokenizer.pre_tokenize_str(q)}
+    texts = [*qa_lang.every_text(), ANSWER_PREFIX + " ".join(qa_lang.every_answer_word())]
+    words = {(q[a:b], w) for q in texts for w, (a, b) in hf.pre_tokenizer.pre_tokenize_str(q)}
     vocab, merges = data["model"]["vocab"], data["model"]["merges"]
     # `tokenizers` numbers an added token absent from the model's vocabulary after that vocabulary
     # when it loads one: pin the added ones (the question delimiters) there at their ids first
@@ -153,6 +158,20 @@ def with_question_words(tok: Tokenizer) -> Tokenizer:
     return Tokenizer(HFTokenizer.from_str(json.dumps(data)))
 
 
+def init_new_tokens(model: CASAModel, old: Tokenizer, new: Tokenizer) -> None:
+    """Start each token `new` adds to `old` (ids from old.vocab_size on) at the mean embedding of
+    the pieces `old` split its text into: the embedding is tied to the output, so the new token
+    starts about as likely as the pieces it replaces, where an unused row starts far below
+    them. Rows past the model's vocabulary are left to the caller's check."""
+    emb = model.lm.embed_tokens.weight  # (vocab, hidden)
+    with torch.no_grad():
+        for i in range(old.vocab_size, min(new.vocab_size, emb.shape[0])):
+            text = new.tok.decode([i], skip_special_tokens=False)
+            pieces = old.encode(text)
+            if pieces:
+                emb[i] = emb[pieces].mean(0)
+
+
 def generation_config(qa: bool = False) -> GenerationConfig:
     return GenerationConfig(
         stop_tokens=[STOP],
@@ -163,6 +182,7 @@ def generation_config(qa: bool = False) -> GenerationConfig:
             caption_prefix="",
             default_prompt=DEFAULT_PROMPT,
             question=QUESTION_TEMPLATE if qa else None,
+            answer_prefix=ANSWER_PREFIX if qa else "",
         ),
         max_new_tokens=20,
         temperature=0.0,
@@ -202,7 +222,8 @@ def stream_layout(
 def qa_ids(tok: Tokenizer, gen: GenerationConfig, question: str, answer: str) -> tuple[list[int], list[int]]:
     """The token ids a question branch feeds (the template around the question) and generates."""
     assert gen.template.question is not None, "this generation config has no question template"
-    return tok.encode(gen.template.question.format(question=question)), tok.encode(answer)
+    t = gen.template
+    return tok.encode(t.question.format(question=question)), tok.encode(t.answer_prefix + answer)
 
 
 def layout_ids(
@@ -559,6 +580,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         if cfg.fusion == "insertion":  # its branch is a plain copy; the layout re-opens a CASA window
             raise ValueError("--questions trains CASA models (fusion casa or ca), not token insertion")
         tok = with_qa_tokens(tok)
+        if init is not None and not resume:
+            init_new_tokens(init, init_tok, tok)
     if tok.vocab_size > mc.lm.vocab:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens; the model's vocabulary is {mc.lm.vocab}")
     gen = generation_config(qa=cfg.questions)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from casa_live.model.world.scene import COLOURS, COLS, ROWS, SHAPES, ObjectState
+from casa_live.model.world.scene import COLOURS, COLS, ROWS, SHAPES, SIZES, ObjectState
 
 NUMBERS = ("zero", "one", "two", "three")
 KINDS = ("count", "empty", "exists", "colour_any", "shape_any", "where", "size", "colour_at", "what_at")
@@ -158,6 +158,13 @@ def every_text() -> list[str]:
         for col in COLS:
             out += [colour_at((), row, col).text, what_at((), row, col).text]
     return [*out, count(()).text, empty(()).text]
+
+
+def every_answer_word() -> list[str]:
+    """Every word an answer can hold (a position, a colour, a shape, a size, a number, yes, no,
+    none, "a"): the bundled tokenizer makes each, after a space, one token, as a caption's words
+    are (model/training/train.py `with_question_words`)."""
+    return sorted({*NUMBERS, "yes", "no", NONE, "a", *ROWS, *COLS, *COLOURS, *SHAPES, *SIZES})
 
 
 _COLOUR = "|".join(COLOURS)
