@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from casa_live.model.checkpoint.toy import word_tokenizer
-from casa_live.model.training.train import QA_TOKENS, generation_config, stream_layout, with_qa_tokens
+from casa_live.model.training.text import QA_TOKENS, generation_config, stream_layout, with_qa_tokens
 from casa_live.model.world import questions as q
 from casa_live.model.world.scene import COLS, ROWS, WorldConfig, generate_clip
 

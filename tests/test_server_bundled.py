@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
     not (BUNDLED / "model.safetensors").exists(),
     reason="the bundled model (checkpoints/default) is not built yet",
 )
-SEEDS = (17, 29)  # held-out: below casa_live.model.training.train.TRAIN_SEED_BASE
+SEEDS = (17, 29)  # held-out: below casa_live.model.world.scene.TRAIN_SEED_BASE
 FRAMES = 12
 # Mean token F1 against the ground truth over the clips' frames. An intermediate checkpoint of the default
 # model scored 0.59-0.85 per 40 frames in the soak benchmark; the bundled one is trained longer. Exact equality with

@@ -17,28 +17,29 @@ from casa_live.model.engine.engine import Engine, SessionSettings
 from casa_live.model.engine.scheduler import answer_ids
 from casa_live.model.processor import ImageProcessor
 from casa_live.model.tokenizer import Tokenizer
-from casa_live.model.training.train import (
+from casa_live.model.training.text import (
     ANSWER_PREFIX,
     QA_TOKENS,
     QUESTION_TEMPLATE,
     STOP,
-    TRAIN_SEED_BASE,
+    generation_config,
+    init_new_tokens,
+    layout_ids,
+    train_tokenizer,
+    with_qa_tokens,
+)
+from casa_live.model.training.train import (
     Batch,
     TrainConfig,
     caption_loss,
     dense_logits,
-    generation_config,
-    init_new_tokens,
-    layout_ids,
     make_batch,
     train,
-    train_tokenizer,
     with_abs_pos,
-    with_qa_tokens,
 )
 from casa_live.model.vlm import CASAModel
 from casa_live.model.world import questions
-from casa_live.model.world.scene import World, WorldConfig, vocabulary
+from casa_live.model.world.scene import TRAIN_SEED_BASE, World, WorldConfig, vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +323,7 @@ def test_slot_accuracy_scores_each_caption_word(tok):
 
     from casa_live.model.checkpoint.toy import toy_model
     from casa_live.model.training.evaluate import slot_accuracy
-    from casa_live.model.training.train import generation_config
+    from casa_live.model.training.text import generation_config
     from casa_live.model.world.scene import WorldConfig, generate_clip
 
     model = toy_model("test-tiny", seed=0)
@@ -342,7 +343,7 @@ def test_slot_accuracy_scores_each_caption_word(tok):
     assert sum(perfect.captions.values()) == 3 * 12
     assert all(perfect.correct[k] == n for k, n in perfect.total.items())
 
-    from casa_live.model.training.train import stream_layout
+    from casa_live.model.training.text import stream_layout
 
     # mark word 1 of "moves" captions, clip by clip (slot_accuracy runs clips in seed order)
     results = []

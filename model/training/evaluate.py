@@ -15,7 +15,7 @@ Metrics (all micro-averaged over frames):
   generation config has a question template): at a few frame boundaries per clip a question is asked
   on a side branch (Engine.ask, greedy) right after that frame's caption closed, before the next
   frame is submitted, and its answer (stripped) must equal the ground truth of the frame it saw.
-Held-out seeds are below TRAIN_SEED_BASE (model/training/train.py), which training never uses.
+Held-out seeds are below TRAIN_SEED_BASE (model/world/scene.py), which training never uses.
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ def evaluate(
     """Caption held-out clips with the engine and score them against the ground truth; with
     `questions`, also ask that many questions per clip at frame boundaries (question_plan) and score
     the answers, when the model answers questions (its generation config has a question template)."""
-    from casa_live.model.training.train import TRAIN_SEED_BASE
+    from casa_live.model.world.scene import TRAIN_SEED_BASE
 
     seeds = list(seeds)
     if any(s >= TRAIN_SEED_BASE for s in seeds):

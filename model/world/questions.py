@@ -143,7 +143,7 @@ def sample(
 
 def every_text() -> list[str]:
     """Every question of the language, each subject filled in (the tokenizer makes their words
-    tokens of their own: model/training/train.py `with_question_words`)."""
+    tokens of their own: model/training/text.py `with_question_words`)."""
     out = []
     for colour in COLOURS:
         for shape in SHAPES:
@@ -163,7 +163,7 @@ def every_text() -> list[str]:
 def every_answer_word() -> list[str]:
     """Every word an answer can hold (a position, a colour, a shape, a size, a number, yes, no,
     none, "a"): the bundled tokenizer makes each, after a space, one token, as a caption's words
-    are (model/training/train.py `with_question_words`)."""
+    are (model/training/text.py `with_question_words`)."""
     return sorted({*NUMBERS, "yes", "no", NONE, "a", *ROWS, *COLS, *COLOURS, *SHAPES, *SIZES})
 
 

@@ -40,6 +40,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+# The seed space: training clips have seeds >= TRAIN_SEED_BASE, held-out evaluation clips seeds
+# below it, so a held-out clip can never be a training clip.
+TRAIN_SEED_BASE = 1_000_000
+VAL_SEED_BASE = 900_000  # the fixed validation batch training logs
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
     "green": (40, 200, 60),
