@@ -219,6 +219,7 @@ class ClientResult:
     captioned: int = 0
     segments: int = 0
     cut: int = 0  # captions ended by deadline or length instead of a stop token
+    cut_burst: int = 0  # ... of them, of the first two frames (the start-up burst)
     exact: int = 0
     f1: float = 0.0  # sum over segments
     # the world's caption of a frame describes the change since the frame before it, so it is the
@@ -298,6 +299,7 @@ def record_event(
         result.worst.append((event["latency_ms"] / 1000, event["frame"]))
         result.segments += 1
         result.cut += event["reason"] != "stop"
+        result.cut_burst += event["reason"] != "stop" and event["frame"] < 2
         truth = clip.truth[event["frame"]]
         result.exact += event["text"].strip() == truth
         frame = event["frame"]
@@ -475,6 +477,8 @@ def level_row(
         "captioned": captioned,
         "dropped": sum(r.dropped for r in results),
         "cut_pct": 100 * sum(r.cut for r in results) / max(1, segments),
+        "cut_burst": sum(r.cut_burst for r in results),
+        "cut_total": sum(r.cut for r in results),
         # full captions (ended by a stop token) per second: streams served with captions cut short
         # are not streams served
         "goodput": (segments - sum(r.cut for r in results)) / wall,
@@ -534,6 +538,9 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
         for r in rows
     ]
     note = f"\n{args.duration:g} s per level at {args.fps:g} fps, JPEG frames (0x01), live mode."
+    note += "\nCuts of the first two frames (the start-up burst) of all cuts: " + ", ".join(
+        f"N = {r['N']}: {r.get('cut_burst', 0)} of {r.get('cut_total', 0)}" for r in rows
+    )
     return "\n".join([head, *lines]) + note
 
 

@@ -30,6 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train without the auxiliary dense vision loss (a training-only head; see docs/training.md)",
     )
     p.add_argument(
+        "--position-probe",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="weight of an auxiliary loss asking each image token where it lies (trains the vision "
+        "position table of --abs-pos; a training-only head, docs/training.md)",
+    )
+    p.add_argument(
         "--world",
         action="append",
         default=[],
@@ -98,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         val_every=args.val_every,
         vision_probe=not args.no_vision_probe,
+        position_probe=args.position_probe,
         time_budget_s=None if args.minutes is None else args.minutes * 60.0,
         world=world_overrides(args.world),
         init=args.init,

@@ -31,7 +31,9 @@ from casa_live.model.training.text import (
 from casa_live.model.training.train import (
     Batch,
     TrainConfig,
+    VisionProbe,
     caption_loss,
+    cell_of_tokens,
     dense_logits,
     make_batch,
     train,
@@ -401,3 +403,27 @@ def test_a_position_table_trains_and_resumes(tmp_path):
     model, _, _ = load(out)
     assert model.config.vision.abs_pos == 3
     assert torch.count_nonzero(model.vision.pos_embed) > 0  # it learned from zero
+
+
+def test_the_position_probe_trains_the_table_alone():
+    """VisionProbe's position loss asks each image token its scene-grid row and column; with the
+    table given, its gradient reaches the position table (and the probe's head), never the tower."""
+    assert cell_of_tokens(8).view(8, 8, 2)[:, :, 0].tolist() == [[r] * 8 for r in (0, 0, 0, 1, 1, 2, 2, 2)]
+    assert cell_of_tokens(8).view(8, 8, 2)[:, :, 1].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2]] * 8
+    assert cell_of_tokens(3).tolist() == [[r, c] for r in range(3) for c in range(3)]
+    cfg = preset("test-tiny")
+    model = with_abs_pos(CASAModel.random(cfg, seed=3), 4)
+    merge = cfg.vision.merge
+    grid = (4 * merge, 4 * merge)
+    patches = torch.randn(2, grid[0] * grid[1], cfg.vision.patch_dim)
+    images = model.vision(patches, grid)
+    labels = torch.zeros(2, 16, 3, dtype=torch.long)
+    probe = VisionProbe(images.shape[-1], weight=0.0, position=1.0)
+    probe.loss(images, labels, model.vision.positions(grid)).backward()
+    assert model.vision.pos_embed.grad is not None and model.vision.pos_embed.grad.abs().sum() > 0
+    assert probe.where.weight.grad is not None and probe.head.weight.grad is None  # no colour loss
+    tower = [p for n, p in model.vision.named_parameters() if n != "pos_embed"]
+    assert all(p.grad is None or not p.grad.any() for p in tower)
+    model.zero_grad()
+    probe.loss(model.vision(patches, grid), labels).backward()  # without the table: the tower learns
+    assert any(p.grad is not None and p.grad.any() for p in tower)

@@ -48,6 +48,8 @@ from casa_live.model.vlm import CASAModel
 from casa_live.model.world.questions import sample as sample_question
 from casa_live.model.world.scene import (
     COLOURS,
+    COLS,
+    ROWS,
     SHAPES,
     SIZES,
     TRAIN_SEED_BASE,
@@ -173,22 +175,42 @@ def token_labels(truth: FrameTruth, grid: tuple[int, int]) -> torch.Tensor:
 
 
 class VisionProbe(torch.nn.Module):
-    """Training-only auxiliary head: dense supervision of the vision tower's image tokens.
+    """Training-only auxiliary heads: dense supervision of the vision tower's image tokens.
 
     A caption says an object's colour and shape in one or two tokens, so the vision tower, trained
     from scratch through CASA attention alone, learns shapes slowly. This linear probe asks every
-    image token what lies under it (colour, shape, size), which gives the tower a direct signal. It
-    is not part of the model: the exported checkpoint never contains it.
+    image token what lies under it (colour, shape, size), which gives the tower a direct signal
+    (`weight`). With `position` > 0 a second linear head asks every image token where it lies (the
+    row and the column of the scene's 3 x 3 grid): on a plain background only the vision position
+    table (VisionConfig.abs_pos) can answer, so this gives the table a direct signal where the
+    language model's loss gives it almost none (docs/training.md). Neither head is part of the
+    model: the exported checkpoint never contains them.
     """
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, weight: float = 0.5, position: float = 0.0) -> None:
         super().__init__()
-        self.weight = 0.5
+        self.weight, self.position = weight, position
         self.head = torch.nn.Linear(hidden, len(COLOUR_IDS) + 1 + len(SHAPE_IDS) + 1 + len(SIZE_IDS) + 1)
+        self.where = torch.nn.Linear(hidden, len(ROWS) + len(COLS))
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """images (sum F, N, hidden), labels (sum F, N, 3) -> mean CE over colour (every token),
-        shape and size (object tokens only)."""
+    def loss(
+        self, images: torch.Tensor, labels: torch.Tensor, table: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """images (sum F, N, hidden) of square grids, labels (sum F, N, 3) -> the weighted sum of
+        the mean CE over colour (every token), shape and size (object tokens only), and of the
+        mean CE over each token's row and column. `table` (N, hidden): the position table's share
+        of the image tokens; the position loss then trains the table alone (the tower's output
+        is detached from it), so it cannot bend the tower's features away from what the
+        language model reads."""
+        loss = images.new_zeros((), dtype=torch.float32)
+        if self.weight:
+            loss = loss + self.weight * self._what(images, labels)
+        if self.position:
+            where_in = images if table is None else images.detach() + (table - table.detach())
+            loss = loss + self.position * self._where(where_in)
+        return loss
+
+    def _what(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.head(images.float())
         c, s = len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1
         lc, ls, lz = logits[..., :c], logits[..., c : c + s], logits[..., c + s :]
@@ -201,6 +223,24 @@ class VisionProbe(torch.nn.Module):
                 + F.cross_entropy(lz[obj], labels[..., 2][obj])
             )
         return loss
+
+    def _where(self, images: torch.Tensor) -> torch.Tensor:
+        side = math.isqrt(images.shape[1])
+        cell = cell_of_tokens(side).to(images.device)  # (N, 2)
+        logits = self.where(images.float())  # (sum F, N, rows + cols)
+        nr = len(ROWS)
+        rows = F.cross_entropy(logits[..., :nr].reshape(-1, nr), cell[:, 0].repeat(images.shape[0]))
+        cols = F.cross_entropy(logits[..., nr:].reshape(-1, len(COLS)), cell[:, 1].repeat(images.shape[0]))
+        return rows + cols
+
+
+def cell_of_tokens(side: int) -> torch.Tensor:
+    """(side * side, 2) long: the scene-grid row and column (model/world/scene.py ROWS, COLS) under
+    the centre of each token of a side x side image-token grid, in raster order."""
+    centre = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+    row = (centre * len(ROWS)).long()  # (side,)
+    col = (centre * len(COLS)).long()
+    return torch.stack([row[:, None].expand(side, side), col[None, :].expand(side, side)], -1).reshape(-1, 2)
 
 
 def dense_logits(model: CASAModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,9 +272,13 @@ def caption_loss(
         is_answer = batch.answer[:, 1:][pred_mask]
         stats["answer_acc"] = hit[is_answer].float().mean().item() if is_answer.any() else 0.0
     if probe is not None:
-        aux = probe.loss(images, batch.token_labels)
+        table = None
+        if model.vision.pos_embed is not None:
+            side = math.isqrt(images.shape[1]) * model.config.vision.merge  # the patch grid's side
+            table = model.vision.positions((side, side))
+        aux = probe.loss(images, batch.token_labels, table)
         stats["vision_loss"] = aux.item()
-        loss = loss + probe.weight * aux
+        loss = loss + aux
     return loss, stats
 
 
@@ -263,6 +307,9 @@ class TrainConfig:
     val_clips: int = 16
     threads: int = 2
     vision_probe: bool = True  # auxiliary dense vision loss (VisionProbe); training only
+    # weight of the probe's position loss (VisionProbe.position; 0: none); it runs even without
+    # `vision_probe`, which turns off only the colour / shape / size loss
+    position_probe: float = 0.0
     time_budget_s: float | None = None  # stop (and export) after this much wall time
     world: dict = field(default_factory=dict)  # WorldConfig overrides (size follows the model)
     # fine-tuning: start from this checkpoint's weights and tokenizer instead of random weights
@@ -383,8 +430,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens; the model's vocabulary is {mc.lm.vocab}")
     gen = generation_config(qa=cfg.questions)
     model = init if init is not None else CASAModel.random(mc, seed=cfg.seed)
-    probe = VisionProbe(mc.lm.hidden) if cfg.vision_probe else None
-    params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
+    if cfg.position_probe and not mc.vision.abs_pos:
+        raise ValueError("--position-probe trains the vision position table: give --abs-pos too")
+    probe = None
+    if cfg.vision_probe or cfg.position_probe:
+        probe = VisionProbe(mc.lm.hidden, 0.5 if cfg.vision_probe else 0.0, cfg.position_probe)
     pos = model.vision.pos_embed
     rest = [p for p in model.parameters() if p is not pos]
     opt = torch.optim.AdamW(
@@ -418,7 +468,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     if probe is not None:
         opt.add_param_group({"params": list(probe.parameters()), "weight_decay": 0.0})
         if state is not None and "probe" in state:
-            probe.load_state_dict(state["probe"])
+            probe.load_state_dict(state["probe"], strict=False)  # a run saved before a head existed
             full = state["optimizer"]
             if len(full["param_groups"]) > n_model:
                 ids = full["param_groups"][n_model]["params"]
@@ -506,7 +556,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
             frames = frames + qa_frames
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        # clipped apart: the probe's and the position table's gradients (a fresh head's are
+        # large) must not scale down the rest of the model's
+        gnorm = torch.nn.utils.clip_grad_norm_(rest, cfg.grad_clip).item()
+        for extra in ([pos] if pos is not None else [], list(probe.parameters()) if probe else []):
+            if extra:
+                torch.nn.utils.clip_grad_norm_(extra, cfg.grad_clip)
         opt.step()
         step += 1
         dt = time.monotonic() - t0
