@@ -10,7 +10,8 @@ session replaces a waiting one (latest frame wins), which counts as dropped with
 Captions stay whole, and every session gets a share of the places in turn: the place that frees up
 goes to the waiting session that started a frame longest ago, so the share of frames captioned is
 the same for every stream. While places are short, a frame that has waited `max_wait` of its budget
-is dropped rather than started late, which bounds a captioned frame's lag by about 1.5 budgets.
+goes after every fresher one and is dropped if it gets no place, which bounds a captioned frame's
+lag by about 1.5 budgets.
 
 The cap follows the measured cost of a caption against its budget:
 - every tick, the predicted service time of a long caption (the 75th percentile of the ticks the
@@ -51,9 +52,10 @@ class OverloadConfig:
     tick_window: int = 200  # captions whose tick counts give the percentile
     quantile: float = 0.75
     grow_every: float = 0.1  # seconds between two growths of the cap
-    # A held live frame that has waited this share of its budget is dropped (`overload`) rather
-    # than started late: started, its lag would be its wait plus up to its whole budget. Its
-    # session keeps its turn for its next frame, less than a period away.
+    # While places are short, a live frame that has waited this share of its budget goes after
+    # every fresher one and is dropped (`overload`) if it gets no place: started, its lag would
+    # be its wait plus up to its whole budget. Its session keeps its turn for its next frame,
+    # less than a period away.
     max_wait: float = 0.5
 
 
@@ -88,18 +90,19 @@ class Governor:
 
     def choose(self, in_flight: int, waiting: Sequence[Waiting], now: float) -> tuple[list[int], list[int]]:
         """The waiting live frames (one a session) to start now and to drop, as indices into
-        `waiting`: the ones whose sessions started a frame longest ago start, as many as there
-        are places; while places are short, the ones that have waited `max_wait` of their
-        budget are dropped instead of started late."""
+        `waiting`. As many start as there are places, in turn: the sessions that started a frame
+        longest ago first. While places are short, a frame that has waited `max_wait` of its
+        budget goes after every fresh one, and is dropped if it gets no place: started, its lag
+        would be its wait plus up to its whole budget. A late frame still takes a place no fresh
+        frame wants, so no place idles for want of a fresh frame."""
         n = self.admit(in_flight, len(waiting))
-        late = []
-        if n < len(waiting):
-            late = [i for i, w in enumerate(waiting) if now - w.received >= self.cfg.max_wait * w.budget]
-        gone = set(late)
-        turn = sorted(
-            (i for i in range(len(waiting)) if i not in gone), key=lambda i: waiting[i].last_started
-        )
-        return turn[:n], late
+        turn = sorted(range(len(waiting)), key=lambda i: waiting[i].last_started)
+        if n >= len(waiting):
+            return turn, []
+        late = {i for i in turn if now - waiting[i].received >= self.cfg.max_wait * waiting[i].budget}
+        order = [i for i in turn if i not in late] + [i for i in turn if i in late]
+        start = order[:n]
+        return start, [i for i in order[n:] if i in late]
 
     def admit(self, in_flight: int, wanting: int) -> int:
         """How many of the `wanting` frames may start now, with `in_flight` running."""

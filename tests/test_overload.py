@@ -55,6 +55,24 @@ def test_overrun_shrinks_the_cap_and_holds_frames_back_then_it_recovers():
     assert g.cap == cap + 3
 
 
+def test_choose_takes_turns_and_puts_late_frames_last():
+    """Governor.choose: places go in turn (the session that started a frame longest ago first);
+    while places are short a frame that waited `max_wait` of its budget goes after every fresh
+    one and is dropped if it gets no place; with places for all, everyone starts, late or not."""
+    g = Governor(4, OverloadConfig(max_wait=0.5), clock=Clock())
+    now = 10.0
+    fresh_b = Waiting(last_started=2.0, received=now - 0.1, budget=0.5)
+    late_a = Waiting(last_started=1.0, received=now - 0.3, budget=0.5)  # first in turn, but late
+    fresh_c = Waiting(last_started=3.0, received=now - 0.2, budget=0.5)
+    frames = [fresh_c, late_a, fresh_b]
+    assert g.choose(in_flight=4, waiting=frames, now=now) == ([], [1])  # no place: the late one goes
+    assert g.choose(in_flight=3, waiting=frames, now=now) == ([2], [1])  # one place: B, not late A
+    assert g.choose(in_flight=2, waiting=frames, now=now) == ([2, 0], [1])
+    # a place that no fresh frame wants goes to the late one rather than idle
+    assert g.choose(in_flight=1, waiting=[*frames, late_a], now=now) == ([2, 0, 1], [3])
+    assert g.choose(in_flight=0, waiting=frames, now=now) == ([1, 2, 0], [])  # room for all
+
+
 def simulate(streams: int, seconds: float, fps: float = 2.0, governed: bool = True, **config) -> dict:
     """Live streams on a simulated engine: a tick costs 4 ms + 0.6 ms per decoding row, a caption
     takes 10 ticks, the budget is one frame period. The streams start within one frame period, as
