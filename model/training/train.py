@@ -191,7 +191,9 @@ class VisionProbe(torch.nn.Module):
         super().__init__()
         self.weight, self.position = weight, position
         self.head = torch.nn.Linear(hidden, len(COLOUR_IDS) + 1 + len(SHAPE_IDS) + 1 + len(SIZE_IDS) + 1)
-        self.where = torch.nn.Linear(hidden, len(ROWS) + len(COLS))
+        # the position head exists only when its loss does: a run without it keeps the same
+        # parameters (and random draws) as before it existed
+        self.where = torch.nn.Linear(hidden, len(ROWS) + len(COLS)) if position else None
 
     def loss(
         self, images: torch.Tensor, labels: torch.Tensor, table: torch.Tensor | None = None
@@ -205,7 +207,7 @@ class VisionProbe(torch.nn.Module):
         loss = images.new_zeros((), dtype=torch.float32)
         if self.weight:
             loss = loss + self.weight * self._what(images, labels)
-        if self.position:
+        if self.where is not None:
             where_in = images if table is None else images.detach() + (table - table.detach())
             loss = loss + self.position * self._where(where_in)
         return loss
@@ -225,6 +227,7 @@ class VisionProbe(torch.nn.Module):
         return loss
 
     def _where(self, images: torch.Tensor) -> torch.Tensor:
+        assert self.where is not None
         side = math.isqrt(images.shape[1])
         cell = cell_of_tokens(side).to(images.device)  # (N, 2)
         logits = self.where(images.float())  # (sum F, N, rows + cols)
@@ -273,7 +276,7 @@ def caption_loss(
         stats["answer_acc"] = hit[is_answer].float().mean().item() if is_answer.any() else 0.0
     if probe is not None:
         table = None
-        if model.vision.pos_embed is not None:
+        if probe.where is not None and model.vision.pos_embed is not None:
             side = math.isqrt(images.shape[1]) * model.config.vision.merge  # the patch grid's side
             table = model.vision.positions((side, side))
         aux = probe.loss(images, batch.token_labels, table)
