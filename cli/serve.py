@@ -30,6 +30,11 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     ),
     "--step-pacing-ms": ("step_pacing_ms", float, "decode-step spacing per open session, ms (default 0.4)"),
     "--max-step-interval-ms": ("max_step_interval_ms", float, "cap of the step spacing, ms (default 12)"),
+    "--overload-run-frames": (
+        "overload_run_frames",
+        int,
+        "past capacity, frames a session keeps its turn for, captioned in a row (default 6; docs/scaling.md)",
+    ),
     "--max-context-tokens": (
         "max_context_tokens",
         int,

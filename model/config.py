@@ -203,6 +203,12 @@ class GenerationConfig:
     # trained on short clips has never seen positions far past its training length, and a longer
     # bound costs attention reads every step without buying quality (docs/engine.md).
     context_tokens: int | None = None
+    # The model's captions narrate what changed since its previous caption (casa-live's world
+    # models): after a gap in a live stream (frames not captioned: shed past capacity, replaced
+    # while the row was busy) those changes are no longer one event a frame, so the server gives
+    # the session a fresh row and the caption restates the scene, as a stream's first caption does
+    # (server/overload.py). False (imported checkpoints): the row keeps its history across gaps.
+    restate_after_gap: bool = False
 
     def __post_init__(self) -> None:
         if self.penalty_counts not in ("emitted", "fed"):

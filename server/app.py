@@ -39,7 +39,7 @@ from casa_live.server.demo import mount_demo
 from casa_live.server.errors import Capacity, Unauthorized, report
 from casa_live.server.logs import install_redaction
 from casa_live.server.metrics import CONTENT_TYPE
-from casa_live.server.overload import Governor
+from casa_live.server.overload import Governor, OverloadConfig
 from casa_live.server.settings import Settings
 from casa_live.server.worker import Worker
 
@@ -141,7 +141,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.threads,
             pace_per_session=settings.step_pacing_ms / 1000,
             max_interval=settings.max_step_interval_ms / 1000,
-            governor=Governor(engine.max_sessions) if settings.overload_governor else None,
+            governor=Governor(engine.max_sessions, OverloadConfig(run_frames=settings.overload_run_frames))
+            if settings.overload_governor
+            else None,
         )
         ctx.worker.start()
         ctx.alerts.start()  # no network wait: the sinks connect and deliver in the background

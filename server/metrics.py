@@ -110,6 +110,12 @@ class Metrics:
         self.frames_captioned_total = Counter(
             "casa_frames_captioned_total", "Frames whose caption was finished and sent.", registry=r
         )
+        self.captions_restated_total = Counter(
+            "casa_captions_restated_total",
+            "Captions that restate the scene after a gap in a live stream (its row started over: the "
+            "model's captions narrate changes, server/overload.py).",
+            registry=r,
+        )
         self.errors_total = Counter(
             "casa_errors_total", "Error events sent to clients, by protocol error code.", ["code"], registry=r
         )

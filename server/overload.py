@@ -57,6 +57,12 @@ class OverloadConfig:
     # be its wait plus up to its whole budget. Its session keeps its turn for its next frame,
     # less than a period away.
     max_wait: float = 0.5
+    # While places are short, a session whose frames were captioned one after another keeps its
+    # turn for this many frames in a row (a run) before the sessions that waited longest get its
+    # place. Each gap costs a caption: across one, a model narrating changes restates the scene
+    # (longer, server/worker.py) and any other describes changes it did not see, so runs of a few
+    # seconds rather than every other frame.
+    run_frames: int = 6
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class Waiting:
     last_started: float  # when its session's previous frame started (the longest ago goes first)
     received: float  # when it arrived
     budget: float  # seconds its caption may take (one frame period)
+    run: int = 0  # its session's frames started in a row before it, each following the last (0: after a gap)
 
 
 class Governor:
@@ -90,16 +97,27 @@ class Governor:
 
     def choose(self, in_flight: int, waiting: Sequence[Waiting], now: float) -> tuple[list[int], list[int]]:
         """The waiting live frames (one a session) to start now and to drop, as indices into
-        `waiting`. As many start as there are places, in turn: the sessions that started a frame
-        longest ago first. While places are short, a frame that has waited `max_wait` of its
-        budget goes after every fresh one, and is dropped if it gets no place: started, its lag
-        would be its wait plus up to its whole budget. A late frame still takes a place no fresh
-        frame wants, so no place idles for want of a fresh frame."""
+        `waiting`. As many start as there are places: first the frames that continue a run (the
+        session's previous frames captioned one after another, fewer than `run_frames` of them),
+        then in turn, the sessions that started a frame longest ago first. While places are
+        short, a frame that has waited `max_wait` of its budget goes after every fresh one, and
+        is dropped if it gets no place: started, its lag would be its wait plus up to its whole
+        budget. A late frame still takes a place no fresh frame wants, so no place idles for want
+        of a fresh frame. A frame that continues a run is never late: it waited for its own
+        session's previous caption (a restatement may take two budgets), not for a place."""
         n = self.admit(in_flight, len(waiting))
-        turn = sorted(range(len(waiting)), key=lambda i: waiting[i].last_started)
+        run = self.cfg.run_frames
+        turn = sorted(
+            range(len(waiting)), key=lambda i: (not 0 < waiting[i].run < run, waiting[i].last_started)
+        )
         if n >= len(waiting):
             return turn, []
-        late = {i for i in turn if now - waiting[i].received >= self.cfg.max_wait * waiting[i].budget}
+        late = {
+            i
+            for i in turn
+            if not 0 < waiting[i].run < run
+            and now - waiting[i].received >= self.cfg.max_wait * waiting[i].budget
+        }
         order = [i for i in turn if i not in late] + [i for i in turn if i in late]
         start = order[:n]
         return start, [i for i in order[n:] if i in late]

@@ -442,6 +442,12 @@ class CaptionSegment(_Event):
     watch_scores: dict[str, float] | None = Field(
         default=None, description="watch id -> P(yes) on this frame, when the session has watches"
     )
+    restated: bool | None = Field(
+        default=None,
+        description="true when the caption restates the scene, as a stream's first does: frames before it "
+        "were not captioned (a gap: dropped past capacity, or stale) and the model's captions narrate "
+        "changes; absent otherwise",
+    )
 
 
 class Stats(_Event):

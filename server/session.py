@@ -532,6 +532,7 @@ class Session:
                     reason=out.reason or "stop",
                     ttft_ms=round(((out.first_token_at or out.at) - job.received) * 1000, 3),
                     latency_ms=round((out.at - job.received) * 1000, 3),
+                    restated=out.restated or None,
                 )
                 scores = self.early_scores.pop(job.index, None)
                 if scores is not None:

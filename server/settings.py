@@ -98,6 +98,14 @@ class Settings(BaseSettings):
         description="past capacity, hold live frames back so that the captioned ones finish whole "
         "(server/overload.py); off: every frame starts at once and captions are cut at their deadline",
     )
+    overload_run_frames: int = Field(
+        default=6,
+        ge=1,
+        le=100,
+        description="past capacity, a session whose frames are captioned one after another keeps its turn "
+        "for this many in a row before the longest-waiting sessions get its place (server/overload.py); "
+        "1: every other frame, each caption after a gap",
+    )
     max_context_tokens: int | None = Field(
         default=None,
         ge=64,

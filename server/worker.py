@@ -59,6 +59,11 @@ from casa_live.server.overload import Governor, Waiting
 
 log = logging.getLogger("casa.worker")
 
+# The deadline of a caption that restates the scene after a gap (Worker._restate), in frame budgets:
+# it lists every object (up to 26 tokens for the bundled model, where a change is 3-10), and the
+# session's next frame waits for it rather than being dropped.
+RESTATE_BUDGETS = 2.0
+
 
 @dataclass
 class FrameJob:
@@ -80,6 +85,7 @@ class FrameOutput:
     reason: str | None = None
     tokens: int = 0  # tokens generated so far for this frame, stop token included
     first_token_at: float | None = None
+    restated: bool = False  # the row started over before this frame (Worker._admit): it restates the scene
 
 
 @dataclass
@@ -124,6 +130,8 @@ class _InFlight:
     first_at: float | None = None
     last_at: float | None = None
     frame: int = -1  # the engine's index of this frame in the row (Engine.submit_frame)
+    budget: float | None = None  # seconds its caption may take (the job's, or more for a restatement)
+    restated: bool = False  # the row started over before it
 
 
 @dataclass(eq=False)
@@ -144,6 +152,7 @@ class Slot:
     last_captioned: FrameJob | None = None  # the frame captioned last
     watches: list[tuple[str, str]] = field(default_factory=list)  # (id, question), scored per frame
     last_started: float = 0.0  # when its last frame started (the governor serves the longest waiting first)
+    run: int = 0  # frames started in a row, each the successor of the one captioned before it
 
 
 @dataclass
@@ -448,7 +457,10 @@ class Worker:
                 for s in free:
                     if s.live and s.mailbox and s.mailbox[0].budget:
                         live.append((s, s.mailbox[0]))
-            waiting = [Waiting(s.last_started, job.received, job.budget or 0.0) for s, job in live]
+            waiting = [
+                Waiting(s.last_started, job.received, job.budget or 0.0, s.run if _follows(s, job) else 0)
+                for s, job in live
+            ]
             start, late = self.governor.choose(self._live_in_flight(), waiting, now)
             for i in late:
                 self._drop_late(*live[i])
@@ -467,17 +479,37 @@ class Worker:
                     self._reopen(slot, prompt, settings)
                     if slot.closed:
                         continue
+                follows = _follows(slot, job)
+                restated = self._restate(slot, job)
                 # the budget runs from the frame's start: a frame the governor held is not cut
-                # for the time it waited (cutting at the deadline is a last resort)
-                deadline = None if job.budget is None else now + job.budget
+                # for the time it waited (cutting at the deadline is a last resort). A restatement
+                # lists the whole scene, several times a change's length: it gets RESTATE_BUDGETS.
+                budget = job.budget if job.budget is None or not restated else job.budget * RESTATE_BUDGETS
+                deadline = None if budget is None else now + budget
                 frame = self.engine.submit_frame(slot.row, job.image, deadline)
-                slot.inflight = _InFlight(job, started=now, started_tick=self._ticks, frame=frame)
+                slot.inflight = _InFlight(
+                    job, started=now, started_tick=self._ticks, frame=frame, budget=budget, restated=restated
+                )
                 slot.last_started = now
+                slot.run = slot.run + 1 if follows else 1
                 if self.governor is not None:
                     self.governor.started(job.budget)
             except Exception:
                 log.exception("frame %d could not be submitted", job.index)
                 self._frame_failed(slot, job)
+
+    def _restate(self, slot: Slot, job: FrameJob) -> bool:
+        """After a gap (frames of the session not captioned since its last caption), a model whose
+        captions narrate changes starts the row over: what changed across the gap is not one event
+        a frame any more, and a stream's first caption restates the scene (GenerationConfig.
+        restate_after_gap). The row keeps its settings and watches; questions wait for this frame."""
+        last = slot.last_captioned
+        if last is None or job.index == last.index + 1 or not self.engine.gen.restate_after_gap:
+            return False
+        self.engine.restart(slot.row, slot.prompt)
+        slot.last_captioned = None  # the row holds no frame until this one starts
+        self.metrics.captions_restated_total.inc()
+        return True
 
     def _drop_late(self, slot: Slot, job: FrameJob) -> None:
         """Drop the slot's waiting live frame `job`, late past the governor's `max_wait` (reason
@@ -563,7 +595,7 @@ class Worker:
                 if self.governor is not None:
                     f = slot.inflight
                     self.governor.done(
-                        now - f.started, f.job.budget, self._live_in_flight(), self._ticks - f.started_tick
+                        now - f.started, f.budget, self._live_in_flight(), self._ticks - f.started_tick
                     )
                 slot.last_captioned, slot.inflight = slot.inflight.job, None
         if events:
@@ -602,7 +634,7 @@ class Worker:
         f.last_at = now
         if ev.done:
             m.frame_latency_seconds.observe(now - f.job.received)
-        return FrameOutput(f.job, ev.text, now, ev.done, ev.reason, f.tokens, f.first_at)
+        return FrameOutput(f.job, ev.text, now, ev.done, ev.reason, f.tokens, f.first_at, f.restated)
 
     def _fail_answers(self, branches: list[int]) -> None:
         """Answers whose branch took part in a failed step: freed, told `failed` (the session goes on)."""
@@ -673,6 +705,11 @@ class Worker:
         """Run a listener method on the event loop; a closed loop (shutdown) is not an error."""
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(getattr(slot.listener, method), *args)
+
+
+def _follows(slot: Slot, job: FrameJob) -> bool:
+    """The frame is the successor of the session's frame captioned last (no gap between them)."""
+    return slot.last_captioned is not None and job.index == slot.last_captioned.index + 1
 
 
 def _computable(settings: SessionSettings) -> bool:

@@ -76,3 +76,29 @@ def test_a_reopened_row_captions_like_a_new_session():
     fresh = [ev.token for ev in fresh_engine.caption(row, image(2))]
     assert reused == fresh
     assert e.kv_tokens(again) == fresh_engine.kv_tokens(row)
+
+
+def test_a_restarted_row_captions_like_a_new_session_and_keeps_its_settings_and_frame_numbers():
+    """Engine.restart (the server's start over after a gap, GenerationConfig.restate_after_gap):
+    the row in place, its history gone, so its next caption is a new session's first; its settings
+    stay and its frame numbers go on rising. A busy row cannot restart."""
+    e = engine(False)
+    settings = SessionSettings(max_new_tokens=3)
+    row = e.open("red circle", settings)
+    drain(e)
+    for k in (1, 3):
+        list(e.caption(row, image(k)))
+    e.submit_frame(row, image(4))
+    with pytest.raises(ValueError, match="restarts between frames only"):
+        e.restart(row, "red circle")
+    drain(e)
+    list(e.caption(row, image(5)))
+    e.restart(row, "red circle")  # right after the caption's end event: its close not fed yet
+    events = list(e.caption(row, image(2)))
+    fresh_engine = engine(False)
+    fresh_row = fresh_engine.open("red circle", settings)
+    fresh = list(fresh_engine.caption(fresh_row, image(2)))
+    assert [ev.token for ev in events] == [ev.token for ev in fresh]
+    assert len(events) <= 4  # max_new_tokens 3 (and its stop) still applies: the settings were kept
+    assert {ev.frame for ev in events} == {4}  # the row's fifth frame, though its history is gone
+    assert e.kv_tokens(row) == fresh_engine.kv_tokens(fresh_row)

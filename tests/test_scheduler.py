@@ -105,6 +105,29 @@ def test_a_caption_ends_on_a_stop_token_and_its_close_is_forced():
     assert not last.sample and not s.has_work()
 
 
+def test_a_restarted_row_forces_its_prompt_again_and_its_next_frame_is_a_first_frame():
+    """restart (the server's start over after a gap): the unfed close of the last caption goes with
+    the history, the prompt is prefilled again, the next frame gets the caption prefix as a
+    stream's first does, and frame numbers go on. A busy row or a branch cannot restart."""
+    s = scheduler()
+    row = open_and_prefill(s, SessionSettings(max_new_tokens=3))
+    start_first_frame(s, row)
+    (done,) = s.update_from_output([row], [STOP], now=0.0)
+    assert done.done and s.row(row).forced  # the close is still to be fed
+    s.restart(row, PROMPT, Detok())
+    plan = s.plan()
+    assert plan.prefill == {row: PROMPT} and not plan.decode
+    assert s.row(row).max_new_tokens == 3  # the settings are kept
+    assert s.submit(row, 2, None) == 1  # the row's second frame
+    s.encoded(row, 2, encoding())
+    s.plan()
+    assert feed_forced(s, row, PREFIX).sample == [row]  # the caption prefix of a first frame
+    (event,) = s.update_from_output([row], [20], now=0.0)
+    assert event.frame == 1
+    with pytest.raises(ValueError, match="between frames only"):
+        s.restart(row, PROMPT, Detok())
+
+
 @pytest.mark.parametrize("close", ["cut_word", "last_stop"])
 def test_a_caption_cut_by_max_new_tokens_is_closed_as_configured(close):
     s = scheduler()

@@ -3,7 +3,10 @@ caption ordering, markers, session.close, fps resampling, stale drops, metrics, 
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
+import shutil
 
 import pytest
 from server_helpers import (
@@ -164,6 +167,43 @@ def test_live_mode_latest_frame_wins(app):
     assert stats["frames_captioned"] + stats["frames_dropped"] == 30 == stats["frames_received"]
     frames_done = [s["frame"] for s in segments]
     assert frames_done == sorted(frames_done) and frames_done[-1] == 29  # the latest frame always wins
+
+
+def test_after_a_gap_a_narrating_model_restates_the_scene(model_dir, tmp_path):
+    """A live stream with frames dropped (stale: sent faster than they are captioned): for a model
+    whose captions narrate changes (GenerationConfig.restate_after_gap), the row starts over at
+    each gap and the caption is marked `restated` and equals a new session's first caption of
+    that frame; a caption that follows its predecessor is not. Without the flag, nothing is."""
+    narrating = tmp_path / "narrating"
+    shutil.copytree(model_dir, narrating)
+    gen = json.loads((narrating / "generation_config.json").read_text())
+    (narrating / "generation_config.json").write_text(json.dumps({**gen, "restate_after_gap": True}))
+    frames = world_frames(16)
+    for directory, restates in ((narrating, True), (model_dir, False)):
+        with client(directory) as c:
+            with stream(c) as ws:
+                ws.update(fps=10.0, max_new_tokens=6)
+                for m in image_messages(frames, fps=10.0):
+                    ws.send_bytes(m)
+                events = ws.marker("m")
+                ws.send({"type": "session.close"})
+                events += ws.drain()
+            segments = of_type(events, "caption.segment")
+            assert events[-1]["stats"]["frames_dropped"] > 0
+            gaps = [s for prev, s in itertools.pairwise(segments) if s["frame"] != prev["frame"] + 1]
+            assert gaps  # the property is exercised
+            if not restates:
+                assert not any(s.get("restated") for s in segments)
+                continue
+            assert [s["frame"] for s in segments if s.get("restated")] == [s["frame"] for s in gaps]
+            restarts = c.get("/metrics").text
+            assert f"casa_captions_restated_total {float(len(gaps))}" in restarts
+            for s in gaps[:2]:  # a new session's first caption of the same frame
+                first = of_type(
+                    offline_events(c, image_messages(frames[s["frame"] : s["frame"] + 1]), max_new_tokens=6),
+                    "caption.segment",
+                )
+                assert first[0]["text"] == s["text"]
 
 
 def test_markers_are_ordered_flush_barriers(app, frames):

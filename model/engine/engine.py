@@ -187,6 +187,17 @@ class Engine:
         """Free the row; its state is reset when it is next opened."""
         self.scheduler.close(row)
 
+    def restart(self, row: int, prompt: str | None = None) -> None:
+        """Start an idle row's stream over, in place: what a fresh `open(prompt)` would hold (its
+        caches, sampler and detokenizer afresh, the prompt queued), with its settings, watches and
+        frame numbering kept. The next frame's caption is then a stream's first: a model whose
+        captions narrate changes restates the scene (GenerationConfig.restate_after_gap, used by
+        the server after a gap in a live stream). ValueError: the row is busy or a branch."""
+        ids = self.prompt_ids(prompt)
+        self.scheduler.restart(row, ids, self.tokenizer.stream())
+        self.state.reset(row, sink=len(ids))
+        self.sampler.reset(row, params_for(self.gen, self.scheduler.row(row).settings))
+
     def update(self, row: int, settings: SessionSettings) -> None:
         self.scheduler.update(row, settings)
         self.sampler.set_params(row, params_for(self.gen, settings))

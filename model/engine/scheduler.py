@@ -159,6 +159,7 @@ class RowState:
     decoding: bool = False  # between a frame's start and its last token
     next_token: int | None = None  # sampled token to feed at the next tick
     frames: int = 0  # frames started (or failed)
+    first: int = 0  # the number of its stream's first frame (Scheduler.restart keeps the numbering)
     seen: int | None = None  # the frame whose image the row holds (started last; not a failed one)
     last_stop: int | None = None  # the stop token this session's model emitted most recently
     generated: list[int] = field(default_factory=list)  # the current caption's tokens
@@ -255,6 +256,20 @@ class Scheduler:
     def close(self, i: int) -> None:
         """Free the row (the engine resets its tensors when the row is next opened)."""
         self.rows[i] = None
+
+    def restart(self, i: int, prompt_ids: list[int], detok: Detokenizer) -> None:
+        """Start an idle session row's stream over in place: its prompt forced again as at open,
+        its settings and watches kept, and its frame count kept so that the frame numbers of its
+        events go on rising (the engine resets its tensors). The close of its last caption, if
+        still to be fed, goes with the history. ValueError: a frame is pending or being captioned,
+        or the row is a question branch."""
+        old = self.row(i)
+        if old.busy or old.branch_of is not None:
+            raise ValueError(f"row {i} is not an idle session row; it restarts between frames only")
+        r = RowState(old.settings, 0, 0, "", detok, forced=collections.deque(prompt_ids), prefill_forced=True)
+        self._apply(r, old.settings)
+        r.watches, r.frames, r.scored, r.first = old.watches, old.frames, old.frames, old.frames
+        self.rows[i] = r
 
     def can_branch(self, parent: int) -> bool:
         """A question branch of the session row can start now. CASA: once a frame has started; the
@@ -447,7 +462,7 @@ class Scheduler:
         enc = pending.encoding
         t = self.template
         inserted = [InsertedFrame(enc.tokens, enc.grid)] if t.insertion else []
-        r.forced.extend([*inserted, *t.post, *(t.caption_prefix if r.frames == 0 else [])])
+        r.forced.extend([*inserted, *t.post, *(t.caption_prefix if r.frames == r.first else [])])
         r.sample_after_forced = True
         r.pending, r.frame_deadline = None, pending.deadline
         r.decoding, r.generated = True, []

@@ -142,7 +142,10 @@ def generation_config(qa: bool = False) -> GenerationConfig:
             question=QUESTION_TEMPLATE if qa else None,
             answer_prefix=ANSWER_PREFIX if qa else "",
         ),
-        max_new_tokens=20,
+        # the longest caption of the world, three objects listed (a restatement of the scene, at
+        # frame 0 or after a gap in the stream: server/overload.py), is 26 tokens and its stop
+        max_new_tokens=32,
+        restate_after_gap=True,
         temperature=0.0,
         # The longest training clip (TrainConfig.max_frames = 16 frames) is ~150 text tokens; 256
         # keeps every row above that after an eviction (192..256) and measured no worse than 1024

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -149,12 +149,21 @@ class Clip:
 # ---------------------------------------------------------------- captions
 
 
+def scene_caption(objects: Iterable[ObjectState]) -> str:
+    """The scene restated, as the first caption of a stream says it: every object in reading order
+    (top to bottom, left to right), or EMPTY. It is also the true caption of a frame seen after a
+    gap (frames of the stream not captioned): the changes since the last caption are not one event
+    a frame any more, so the commentator starts over (server/overload.py)."""
+    ordered = sorted(objects, key=lambda o: (o.row, o.col))
+    if not ordered:
+        return EMPTY
+    return " and ".join(f"a {o.size} {o.colour} {o.shape} at the {o.position}" for o in ordered)
+
+
 def caption_for(index: int, objects: tuple[ObjectState, ...], events: tuple[Event, ...]) -> str:
-    """The commentator's line for one frame, from its events (and, at frame 0, the scene)."""
+    """The commentator's line for one frame, from its events (at frame 0, the scene)."""
     if index == 0:
-        if not events:
-            return EMPTY
-        return " and ".join(f"a {e.size} {e.colour} {e.shape} at the {e.position}" for e in events)
+        return scene_caption(objects)
     if not events:
         return NOTHING
     (e,) = events
