@@ -235,6 +235,8 @@ class ClientResult:
     consecutive: int = 0
     exact_consecutive: int = 0
     restated: int = 0  # captions the server marked `restated`
+    last_segment_at: float | None = None  # when its latest caption.segment came (time.monotonic)
+    max_silence_s: float = 0.0  # the longest time between two of its captions
     frames_seen: set[int] = field(default_factory=set)
     clip: int = 0  # which clip it streamed
     errors: list[str] = field(default_factory=list)
@@ -316,6 +318,9 @@ def record_event(
             result.consecutive += 1
             result.exact_consecutive += event["text"].strip() == truth
         result.restated += bool(event.get("restated"))
+        if result.last_segment_at is not None:
+            result.max_silence_s = max(result.max_silence_s, now - result.last_segment_at)
+        result.last_segment_at = now
         result.frames_seen.add(frame)
         result.f1 += token_f1(event["text"], truth)
     elif kind == "stats":
@@ -505,6 +510,8 @@ def level_row(
             / max(1, segments - sum(r.consecutive for r in results))
         ),
         "restated": sum(r.restated for r in results),
+        # the longest any stream went without a caption: past capacity, how long a turn is awaited
+        "max_silence_s": max((r.max_silence_s for r in results), default=0.0),
         "f1": sum(r.f1 for r in results) / max(1, segments),
         "p50_ms": percentile(lat, 50) * 1000,
         "p95_ms": percentile(lat, 95) * 1000,
@@ -659,7 +666,8 @@ def overload_line(rows: list[dict]) -> str:
         why = ", ".join(x for x in fails if x)
         parts.append(
             f"N = {r['N']}: {'meets it' if not why else 'fails (' + why + ')'}, goodput {r['goodput'] / peak:.0%} "
-            f"of peak, {r['share']:.0%} of frames captioned"
+            f"of peak, {r['share']:.0%} of frames captioned, the longest wait for a caption "
+            f"{r.get('max_silence_s', float('nan')):.1f} s"
         )
     return f"past capacity (peak goodput {peak:.1f}/s): " + "; ".join(parts)
 

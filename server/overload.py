@@ -13,6 +13,13 @@ the same for every stream. While places are short, a frame that has waited `max_
 goes after every fresher one and is dropped if it gets no place, which bounds a captioned frame's
 lag by about 1.5 budgets.
 
+Turns come in runs: a session whose frames are being captioned one after another keeps its place
+for `run_frames` frames in a row before the longest-waiting sessions get it. A gap costs a caption:
+across it, a model whose captions narrate changes has its row started over and restates the scene
+(server/worker.py, `Worker._restate`; up to three times a change's length), and any other model
+describes changes it did not see. Every other frame, nearly every caption would follow a gap; in
+runs of six, about one in six does.
+
 The cap follows the measured cost of a caption against its budget:
 - every tick, the predicted service time of a long caption (the 75th percentile of the ticks the
   last captions took, times the tick's duration, a moving average) is compared with the budget: above `high` of it for

@@ -59,9 +59,9 @@ from casa_live.server.overload import Governor, Waiting
 
 log = logging.getLogger("casa.worker")
 
-# The deadline of a caption that restates the scene after a gap (Worker._restate), in frame budgets:
-# it lists every object (up to 26 tokens for the bundled model, where a change is 3-10), and the
-# session's next frame waits for it rather than being dropped.
+# The deadline of a stream's first caption, and of one that restates the scene after a gap
+# (Worker._restate), in frame budgets: it lists every object (up to 26 tokens for the bundled model,
+# where a change is 3-10), and the session's next frame waits for it rather than being dropped.
 RESTATE_BUDGETS = 2.0
 
 
@@ -482,9 +482,12 @@ class Worker:
                 follows = _follows(slot, job)
                 restated = self._restate(slot, job)
                 # the budget runs from the frame's start: a frame the governor held is not cut
-                # for the time it waited (cutting at the deadline is a last resort). A restatement
-                # lists the whole scene, several times a change's length: it gets RESTATE_BUDGETS.
-                budget = job.budget if job.budget is None or not restated else job.budget * RESTATE_BUDGETS
+                # for the time it waited (cutting at the deadline is a last resort). A stream's
+                # first caption (its row fresh: a new session, or restated after a gap) lists the
+                # whole scene, several times a change's length: it gets RESTATE_BUDGETS. A fleet
+                # reconnecting at once starts all its first captions together.
+                first = slot.last_captioned is None
+                budget = job.budget if job.budget is None or not first else job.budget * RESTATE_BUDGETS
                 deadline = None if budget is None else now + budget
                 frame = self.engine.submit_frame(slot.row, job.image, deadline)
                 slot.inflight = _InFlight(
