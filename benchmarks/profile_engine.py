@@ -11,7 +11,7 @@ captions' agreement with the world's truth so that a faster engine cannot hide a
 
     python -m benchmarks.profile_engine --sessions 64 --rounds 6
     python -m benchmarks.profile_engine --sessions 1 --rounds 16
-    python -m benchmarks.profile_engine --model-dir checkpoints/qa-wip --watches 4   # what scoring costs
+    python -m benchmarks.profile_engine --watches 4   # what scoring costs
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ an alert should start where the answer turns "yes" (an object appears) and end w
 hit. Printed per watch kind: precision and recall of starts and of ends, the per-frame agreement
 of score >= 0.5 with the truth, and how many `never` watches fired at all (the target: none).
 
-    python -m benchmarks.watch --model-dir checkpoints/qa-wip            # 50 clips x 16 frames
+    python -m benchmarks.watch                                           # 50 clips x 16 frames
     python -m benchmarks.watch --model-dir /tmp/toy --clips 4 --frames 6  # a smoke run
 
 Cost (CPU per captioned frame with 4 watches a stream, against none) is measured by the load test:

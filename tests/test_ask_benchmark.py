@@ -72,10 +72,15 @@ def test_tables_count_answers_per_kind_and_leave_unanswered_ones_out() -> None:
 
 
 def test_a_model_without_a_question_template_is_refused_before_any_server_starts(tmp_path, capsys) -> None:
-    assert answers_questions(None) is False  # the bundled model
-    assert answers_questions(str(toy_checkpoint(tmp_path / "toy"))) is True
+    assert answers_questions(None) is True  # the bundled model
+    toy = toy_checkpoint(tmp_path / "toy")
+    assert answers_questions(str(toy)) is True
     assert answers_questions(str(tmp_path / "nowhere")) is None
-    assert main(["--duration", "1"]) == 2
+    gen = json.loads((toy / "generation_config.json").read_text())
+    gen["template"]["question"] = None  # a caption-only checkpoint
+    (toy / "generation_config.json").write_text(json.dumps(gen))
+    assert answers_questions(str(toy)) is False
+    assert main(["--model-dir", str(toy), "--duration", "1"]) == 2
     assert "answers no questions" in capsys.readouterr().err
 
 
