@@ -113,17 +113,14 @@ class Governor:
         of a fresh frame. A frame that continues a run is never late: it waited for its own
         session's previous caption (a restatement may take two budgets), not for a place."""
         n = self.admit(in_flight, len(waiting))
-        run = self.cfg.run_frames
-        turn = sorted(
-            range(len(waiting)), key=lambda i: (not 0 < waiting[i].run < run, waiting[i].last_started)
-        )
+        in_run = {i for i, w in enumerate(waiting) if 0 < w.run < self.cfg.run_frames}
+        turn = sorted(range(len(waiting)), key=lambda i: (i not in in_run, waiting[i].last_started))
         if n >= len(waiting):
             return turn, []
         late = {
             i
             for i in turn
-            if not 0 < waiting[i].run < run
-            and now - waiting[i].received >= self.cfg.max_wait * waiting[i].budget
+            if i not in in_run and now - waiting[i].received >= self.cfg.max_wait * waiting[i].budget
         }
         order = [i for i in turn if i not in late] + [i for i in turn if i in late]
         start = order[:n]

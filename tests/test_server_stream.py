@@ -151,16 +151,21 @@ def test_fps_resampling_skips_frames_above_session_fps(app):
     assert stats["frames_received"] == 10 and stats["frames_skipped"] == 8 and stats["frames_captioned"] == 2
 
 
-def test_live_mode_latest_frame_wins(app):
-    """Frames sent much faster than they can be captioned: stale ones are dropped, counted, reported."""
-    frames = world_frames(30)
-    with stream(app) as ws:
-        ws.update(fps=10.0, max_new_tokens=20)
+def live_burst(c, frames, max_new_tokens: int) -> list[dict]:
+    """A live session sent `frames` at 10 fps, as fast as they go (most arrive while a caption
+    runs), then closed: every event up to session.closed."""
+    with stream(c) as ws:
+        ws.update(fps=10.0, max_new_tokens=max_new_tokens)
         for m in image_messages(frames, fps=10.0):
             ws.send_bytes(m)
         events = ws.marker("m")
         ws.send({"type": "session.close"})
-        events += ws.drain()
+        return events + ws.drain()
+
+
+def test_live_mode_latest_frame_wins(app):
+    """Frames sent much faster than they can be captioned: stale ones are dropped, counted, reported."""
+    events = live_burst(app, world_frames(30), max_new_tokens=20)
     stats = events[-1]["stats"]
     segments = of_type(events, "caption.segment")
     assert stats["frames_dropped"] > 0
@@ -181,13 +186,7 @@ def test_after_a_gap_a_narrating_model_restates_the_scene(model_dir, tmp_path):
     frames = world_frames(16)
     for directory, restates in ((narrating, True), (model_dir, False)):
         with client(directory) as c:
-            with stream(c) as ws:
-                ws.update(fps=10.0, max_new_tokens=6)
-                for m in image_messages(frames, fps=10.0):
-                    ws.send_bytes(m)
-                events = ws.marker("m")
-                ws.send({"type": "session.close"})
-                events += ws.drain()
+            events = live_burst(c, frames, max_new_tokens=6)
             segments = of_type(events, "caption.segment")
             assert events[-1]["stats"]["frames_dropped"] > 0
             gaps = [s for prev, s in itertools.pairwise(segments) if s["frame"] != prev["frame"] + 1]

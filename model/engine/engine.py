@@ -177,11 +177,14 @@ class Engine:
                 f"prompt is {len(ids)} tokens; at most {self.max_prompt_tokens} fit. Shorten the prompt."
             )
         row = self.scheduler.open(ids, settings, self.tokenizer.stream())
-        # everything the row owns starts afresh: its caches (the prompt is the attention sink,
-        # never evicted) and its sampler
-        self.state.reset(row, sink=len(ids))
-        self.sampler.reset(row, params_for(self.gen, settings))
+        self._fresh(row, len(ids), settings)
         return row
+
+    def _fresh(self, row: int, prompt_tokens: int, settings: SessionSettings) -> None:
+        """Everything the row owns starts afresh: its caches (the prompt is the attention sink,
+        never evicted) and its sampler."""
+        self.state.reset(row, sink=prompt_tokens)
+        self.sampler.reset(row, params_for(self.gen, settings))
 
     def close(self, row: int) -> None:
         """Free the row; its state is reset when it is next opened."""
@@ -195,8 +198,7 @@ class Engine:
         the server after a gap in a live stream). ValueError: the row is busy or a branch."""
         ids = self.prompt_ids(prompt)
         self.scheduler.restart(row, ids, self.tokenizer.stream())
-        self.state.reset(row, sink=len(ids))
-        self.sampler.reset(row, params_for(self.gen, self.scheduler.row(row).settings))
+        self._fresh(row, len(ids), self.scheduler.row(row).settings)
 
     def update(self, row: int, settings: SessionSettings) -> None:
         self.scheduler.update(row, settings)

@@ -248,10 +248,14 @@ class Scheduler:
             i = self.rows.index(None, 0, self.session_rows)
         except ValueError:
             raise CapacityError(f"all {self.session_rows} session slots are in use") from None
+        self.rows[i] = self._new_row(prompt_ids, settings, detok)
+        return i
+
+    def _new_row(self, prompt_ids: list[int], settings: SessionSettings, detok: Detokenizer) -> RowState:
+        """A session row at its stream's start: the prompt to be forced in one prefill."""
         r = RowState(settings, 0, 0, "", detok, forced=collections.deque(prompt_ids), prefill_forced=True)
         self._apply(r, settings)
-        self.rows[i] = r
-        return i
+        return r
 
     def close(self, i: int) -> None:
         """Free the row (the engine resets its tensors when the row is next opened)."""
@@ -266,8 +270,7 @@ class Scheduler:
         old = self.row(i)
         if old.busy or old.branch_of is not None:
             raise ValueError(f"row {i} is not an idle session row; it restarts between frames only")
-        r = RowState(old.settings, 0, 0, "", detok, forced=collections.deque(prompt_ids), prefill_forced=True)
-        self._apply(r, old.settings)
+        r = self._new_row(prompt_ids, old.settings, detok)
         r.watches, r.frames, r.scored, r.first = old.watches, old.frames, old.frames, old.frames
         self.rows[i] = r
 
