@@ -44,8 +44,17 @@ FROM python AS wheel
 
 # The same wheel `pip wheel .` builds anywhere; setuptools comes from the package index (build
 # isolation), at the version pyproject.toml's build-system asks for.
+# The CPU decode attention kernel (kernels/cpu_attention.c) is built here too, with this stage's
+# compiler, so that the runtime image loads it without one (x86-64 only: it is AVX2 code; elsewhere
+# the torch path runs). The builder script needs neither torch nor casa-live.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 COPY . /src
-RUN pip wheel --no-deps --wheel-dir /dist /src
+RUN pip wheel --no-deps --wheel-dir /dist /src \
+    && mkdir -p /kernels \
+    && if [ "$(uname -m)" = x86_64 ]; then python /src/kernels/cpu_attention.py /kernels; fi
 
 
 FROM python
@@ -103,6 +112,9 @@ COPY --from=wheel /dist/ /tmp/dist/
 RUN pip install --no-deps /tmp/dist/*.whl \
     && rm -rf /tmp/dist \
     && pip check
+# the prebuilt CPU decode attention kernel, where the server looks for it (kernels/cpu_attention.py)
+COPY --from=wheel /kernels/ /opt/casa/kernels/
+ENV CASA_KERNEL_CACHE=/opt/casa/kernels
 
 # Mount other models under /models (read-only is enough) and set CASA_MODEL_DIR=/models/NAME
 # (or pass --model-dir). Unset, the server loads the bundled model from the installed package.

@@ -25,6 +25,12 @@ The fused elementwise kernels go through the same decision (`backend_for`):
   (kernels/rmsnorm.py);
 - `apply_rope(q, k, cos, sin) -> (q, k)`: rotate-half RoPE of q and k (k may be None) in one launch
   (kernels/rope.py).
+On a CPU, the decode step's attention (model/decode.py, fp32) is one op per layer,
+`torch.ops.casa.ragged_decode_attention` (registered here, so that the TorchScript step calls it):
+each entry's row of the layer's buffer over its own visible slots, by the C kernel of
+kernels/cpu_attention.py where it builds and runs (`ragged_cpu_available()`), else its torch
+reference. `force("torch")` turns the C kernel off too.
+
 The torch references of all of them live in kernels/reference.py, which never imports triton, so
 the CPU path never does either; they are re-exported here (the model imports them from dispatch)
 and next to each kernel. This module imports a kernel module only when a call takes the Triton path.
@@ -43,6 +49,7 @@ from casa_live.kernels.reference import (
     decode_attention_torch,
     prefix_causal_attention_torch,
     prefix_causal_attention_varlen_torch,
+    ragged_decode_attention_torch,
     rms_norm_torch,
     tree_attention_mask,
 )
@@ -58,6 +65,9 @@ __all__ = [
     "prefix_causal_attention",
     "prefix_causal_attention_torch",
     "prefix_causal_attention_varlen_torch",
+    "ragged_cpu_available",
+    "ragged_decode_attention",
+    "ragged_decode_attention_torch",
     "rms_norm",
     "rms_norm_torch",
     "tree_attention",
@@ -193,3 +203,42 @@ def apply_rope(
 
         return rope.apply_rope_triton(q, k, cos, sin)
     return apply_rope_torch(q, k, cos, sin)
+
+
+def ragged_cpu_available() -> bool:
+    """Whether the decode step's attention runs the C kernel (kernels/cpu_attention.py): it
+    builds and runs here, and no test forced the torch path."""
+    if _FORCED == "torch":
+        return False
+    from casa_live.kernels import cpu_attention
+
+    return cpu_attention.library() is not None
+
+
+def ragged_decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    a_end: torch.Tensor,
+    b_start: torch.Tensor,
+    b_end: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The decode step's attention over ragged rows, read in place (contract:
+    kernels/reference.py `ragged_decode_attention_torch`): the C kernel where it applies."""
+    from casa_live.kernels import cpu_attention
+
+    if ragged_cpu_available() and cpu_attention.supports(q, keys):
+        return cpu_attention.ragged_decode_attention(q, keys, values, rows, a_end, b_start, b_end, scale)
+    return ragged_decode_attention_torch(q, keys, values, rows, a_end, b_start, b_end, scale)
+
+
+# The op TorchScript calls (model/decode.py `_fused_layers`): a Python kernel behind the
+# dispatcher, ~10 us a call. Registered once per process.
+_OPS = torch.library.Library("casa", "DEF")
+_OPS.define(
+    "ragged_decode_attention(Tensor q, Tensor keys, Tensor values, Tensor rows, Tensor a_end, "
+    "Tensor b_start, Tensor b_end, float scale) -> Tensor"
+)
+_OPS.impl("ragged_decode_attention", ragged_decode_attention, "CompositeExplicitAutograd")

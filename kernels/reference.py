@@ -188,6 +188,36 @@ def decode_attention_torch(
     return out.reshape(B, H, 1, D)
 
 
+def ragged_decode_attention_torch(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    a_end: torch.Tensor,
+    b_start: torch.Tensor,
+    b_end: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Reference of the decode step's ragged attention (kernels/cpu_attention.c): one query per
+    entry over its row of a layer's preallocated buffers, read in place.
+
+    q (B, H, 1, D) or (B, H, D); keys/values (Bmax, Hkv, C, D), a layer's whole buffer; rows (B,)
+    the entry's buffer row; entry b sees slots [0, a_end[b]) and [b_start[b], b_end[b]) (the
+    text cache: [0, length + 1) and an empty second range; a CASA buffer: the frame's image
+    tokens [0, n_img) and the window's text [N, N + slot + 1)). An entry that sees nothing
+    outputs zeros. Returns (B, H * D). Gathers the rows (a copy): a reference, not a fast path."""
+    B, H, D = q.shape[0], q.shape[1], q.shape[-1]
+    Hkv, C = keys.shape[1], keys.shape[2]
+    j = torch.arange(C, device=q.device)[None, :]
+    vis = (j < a_end[:, None]) | ((j >= b_start[:, None]) & (j < b_end[:, None]))  # (B, C)
+    qg = q.reshape(B, Hkv, H // Hkv, D).float()
+    s = (qg @ keys[rows].float().transpose(-1, -2)) * scale  # (B, Hkv, G, C)
+    s = s.masked_fill(~vis[:, None, None, :], float("-inf"))
+    seen = vis.any(-1)[:, None, None, None]
+    p = torch.softmax(s.masked_fill(~seen, 0.0), dim=-1) * seen
+    return (p @ values[rows].float()).to(q.dtype).reshape(B, H * D)
+
+
 def rms_norm_torch(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from casa_live.kernels.dispatch import apply_rope, decode_attention
+from casa_live.kernels.dispatch import apply_rope, decode_attention, ragged_cpu_available
 from casa_live.model.cache import StreamState
 from casa_live.model.lm import LanguageModel
 
@@ -300,12 +300,19 @@ def _fused_layers(
     Hkv: int,
     eps: float,
     scale: float,
+    ragged: bool,
+    att_rows: torch.Tensor,
+    sa_rng: torch.Tensor,
+    ca_rng: torch.Tensor,
 ) -> torch.Tensor:
     """Every layer of the fused step: x (B, hidden) embeddings -> final hidden states (before the
     last norm). Plain tensors, ints and lists only, so that TorchScript compiles it unchanged
     (`ScriptedStep`): the same ops in the same order either way. Writes each layer's new K/V into
     the caches (text_k/v (L, Bmax, Hkv, C, D), ca_k/v (Lc, Bmax, Hkv, N + W + 1 + ..., D)) at the
-    flat rows sa_rows / ca_rows of layer 0 (B*Hkv,), offset by one layer's stride per layer."""
+    flat rows sa_rows / ca_rows of layer 0 (B*Hkv,), offset by one layer's stride per layer.
+    Attention: with `ragged`, one `casa::ragged_decode_attention` op per layer (kernels/dispatch.py),
+    entry j reading row att_rows[j] over its visible ranges sa_rng / ca_rng (3, B): (a_end,
+    b_start, b_end); otherwise `_attend` over the segments with the biases."""
     D = text_k.shape[-1]
     hidden = x.shape[-1]
     k_flat, v_flat = text_k.view(-1, D), text_v.view(-1, D)
@@ -318,7 +325,12 @@ def _fused_layers(
         rows = sa_rows + li * sa_stride
         k_flat.index_copy_(0, rows, k)
         v_flat.index_copy_(0, rows, v)
-        o = _attend(q, text_k[li, :, :, :S], text_v[li, :, :, :S], sa_bias, segments, Hkv, scale)
+        if ragged:
+            o = torch.ops.casa.ragged_decode_attention(
+                q, text_k[li], text_v[li], att_rows, sa_rng[0], sa_rng[1], sa_rng[2], scale
+            )
+        else:
+            o = _attend(q, text_k[li, :, :, :S], text_v[li, :, :, :S], sa_bias, segments, Hkv, scale)
         a = F.linear(o, o_w[li], o_b[li])  # (B, hidden)
         ci = casa_of[li]
         if ci >= 0:
@@ -333,7 +345,12 @@ def _fused_layers(
             rows = ca_rows + ci * ca_stride
             ca_k.view(-1, D).index_copy_(0, rows, ck)
             ca_v.view(-1, D).index_copy_(0, rows, cv)
-            c = _attend(cq, ca_k[ci, :, :, :K_ca], ca_v[ci, :, :, :K_ca], ca_bias, segments, Hkv, scale)
+            if ragged:
+                c = torch.ops.casa.ragged_decode_attention(
+                    cq, ca_k[ci], ca_v[ci], att_rows, ca_rng[0], ca_rng[1], ca_rng[2], scale
+                )
+            else:
+                c = _attend(cq, ca_k[ci, :, :, :K_ca], ca_v[ci, :, :, :K_ca], ca_bias, segments, Hkv, scale)
             x, a = x + a, F.linear(c, c_o_w[ci], c_o_b[ci])
         # the post-attention norm of x + a (kernels/reference.py rms_norm_torch, same sums)
         x = a + x
@@ -350,6 +367,7 @@ def fused_decode_step(
     S: int,
     Wb: int,
     layers: Callable[..., torch.Tensor] | None = None,
+    ragged: bool | None = None,
 ) -> tuple[torch.Tensor, None]:
     """`decode_step` for fp32 on the CPU, with about a third of its ops (the step is bound by op
     dispatch, not arithmetic: docs/engine.md). Same inputs and results; the differences are
@@ -362,7 +380,10 @@ def fused_decode_step(
       buffer of CASAState;
     - only the rows in `inp.segments` are computed: attention reads each segment's rows of the
       caches in place, so idle rows cost nothing unless a segment spans them (model/engine/runner.py
-      merges segments across short gaps to bound the number of matmuls).
+      merges segments across short gaps to bound the number of matmuls);
+    - `ragged` (default: where the C kernel runs, `ragged_cpu_available()`): attention is one op
+      per layer that reads each entry's row over its own visible slots, with no bias and no
+      padding to the longest row (docs/engine.md, "The ragged decode attention").
     Supports fusion "casa" (separate or shared) and the insertion baseline; "ca" uses decode_step.
     `layers`: what runs `_fused_layers` (`ScriptedStep` passes its TorchScript compilation).
     """
@@ -377,18 +398,31 @@ def fused_decode_step(
     rows_b = batch_rows[:, None] * Hkv + heads[None, :]  # (B, Hkv)
     sa_rows = (rows_b * text.k.shape[3] + inp.sa_slot[:, None]).reshape(-1)  # (B*Hkv,) in layer 0
     sa_cos, sa_sin = _rope_tables(lm, inp.sa_pos)
-    sa_bias = _bias(torch.arange(S, device=dev)[None, :] <= inp.sa_slot[:, None])  # (B, 1, 1, S)
+    if ragged is None:
+        ragged = ragged_cpu_available()
+    zero = torch.zeros(B, dtype=torch.long, device=dev)
+    if ragged:  # visible ranges (a_end, b_start, b_end) instead of biases: [0, slot]
+        sa_bias = inp.sa_slot.new_zeros((1, 1, 1, 1), dtype=torch.float32)
+        sa_rng = torch.stack([inp.sa_slot + 1, zero, zero])
+    else:
+        sa_bias = _bias(torch.arange(S, device=dev)[None, :] <= inp.sa_slot[:, None])  # (B, 1, 1, S)
+        sa_rng = zero[None]
     if lm.casa_ids:
         assert cs is not None and lm.fusion == "casa"
         N = cs.image_tokens
         ca_rows = (rows_b * cs.k.shape[3] + (N + inp.ca_slot)[:, None]).reshape(-1)
         ca_cos, ca_sin = _rope_tables(lm, inp.ca_slot)
-        j = torch.arange(N + Wb, device=dev)[None, :]
-        ca_bias = _bias(torch.where(j < N, j < inp.n_img[:, None], j - N <= inp.ca_slot[:, None]))
+        if ragged:  # the frame's image tokens [0, n_img) and the window's text [N, N + slot]
+            ca_bias = sa_bias
+            ca_rng = torch.stack([inp.n_img, zero + N, inp.ca_slot + (N + 1)])
+        else:
+            j = torch.arange(N + Wb, device=dev)[None, :]
+            ca_bias = _bias(torch.where(j < N, j < inp.n_img[:, None], j - N <= inp.ca_slot[:, None]))
+            ca_rng = sa_rng
         ca_k, ca_v, K_ca = cs.k, cs.v, N + Wb
     else:  # no CASA layer reads these
         ca_k = ca_v = ca_rows = ca_cos = ca_sin = ca_bias = sa_bias.new_zeros((1, 1, 1, 1))
-        K_ca = 0
+        K_ca, ca_rng = 0, sa_rng
     w = lm.__dict__.get("_fused_weights")
     if w is None:
         w = lm.__dict__["_fused_weights"] = FusedWeights.of(lm)
@@ -399,6 +433,7 @@ def fused_decode_step(
         text.k, text.v, sa_rows, S, sa_cos, sa_sin, sa_bias,
         ca_k, ca_v, ca_rows, K_ca, ca_cos, ca_sin, ca_bias,
         segments, cfg.heads, Hkv, cfg.eps, lm.scale,
+        ragged, batch_rows, sa_rng, ca_rng,
     )  # fmt: skip
     return lm.logits(lm.norm(x)).float(), None
 
@@ -425,9 +460,9 @@ class ScriptedStep:
         self.layers = ScriptedStep._scripted
 
     def __call__(
-        self, lm: LanguageModel, state: StreamState, inp: DecodeInputs, S: int, Wb: int
+        self, lm: LanguageModel, state: StreamState, inp: DecodeInputs, S: int, Wb: int, ragged: bool | None = None
     ) -> tuple[torch.Tensor, None]:
-        return fused_decode_step(lm, state, inp, S, Wb, layers=self.layers)
+        return fused_decode_step(lm, state, inp, S, Wb, layers=self.layers, ragged=ragged)
 
 
 def can_fuse(lm: LanguageModel, device: torch.device, dtype: torch.dtype) -> bool:

@@ -97,6 +97,7 @@ def test_wheel_carries_the_model_and_the_demo_page(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"casa_live/model/bundled/{f}" for f in MODEL_FILES} <= names
     assert {f"casa_live/clients/web/{f}" for f in WEB_FILES} <= names
+    assert "casa_live/kernels/cpu_attention.c" in names  # an installed server builds its CPU kernel
     for package in _repo_packages():
         assert f"{package.replace('.', '/')}/__init__.py" in names, package
     # one import package at the top of site-packages: no tests, benchmarks, docs, nor a generic

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from casa_live.kernels.dispatch import backend_for
+from casa_live.kernels.dispatch import backend_for, ragged_cpu_available
 from casa_live.model.cache import StreamState
 from casa_live.model.decode import (
     DecodeInputs,
@@ -366,7 +366,9 @@ class Runner:
         text, cs = self.state.text, self.state.casa
         segments = None
         if self.fused:
-            segments = segments_for(sorted(decode))
+            # the ragged attention reads each entry's own row: no idle row is worth computing
+            ragged = ragged_cpu_available() and self.device.type == "cpu"
+            segments = segments_for(sorted(decode), 0, len(decode)) if ragged else segments_for(sorted(decode))
             entries = [i for a, b in segments for i in range(a, b)]
         else:
             entries = list(range(next(b for b in self.buckets if b > max(decode))))

@@ -1,0 +1,169 @@
+"""The CPU decode attention kernel: kernels/cpu_attention.c, built on first use and loaded with ctypes.
+
+The decode step's attention on a CPU is memory-bound work done by small ops: per layer, a
+batched matrix-vector product per (row, head), a bias, a softmax and a second product, over every
+row padded to the longest (docs/engine.md, "The ragged decode attention"). The C kernel reads each
+row's own slots once, in one call per layer.
+
+Building: the system C compiler (`$CC`, else `cc`) with `-O3 -mavx2 -mfma`, about a second, no
+torch headers. The shared object is cached under `$CASA_KERNEL_CACHE` (default
+`~/.cache/casa-live/kernels`), named by a hash of the source and the flags, so an edited source
+builds anew, a second start builds nothing, and a prebuilt one loads where no compiler is: the
+container image builds it in its wheel stage (`python kernels/cpu_attention.py DIR`, which needs
+neither torch nor casa-live) and ships it (Dockerfile). Without a compiler and no prebuilt file,
+on a CPU without AVX2 and FMA, or with `CASA_CPU_KERNELS=0`, `library()` is None and the torch
+path runs: the same results to fp32 rounding (tests/test_cpu_attention.py).
+
+Loaded with `ctypes.PyDLL`, which keeps the GIL through the call: a call takes ~0.1 ms, and
+giving the GIL up would cost the decode thread a switch interval to take it back each layer
+(docs/engine.md, "Threads and the GIL").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: building needs none (the image's wheel stage)
+    import torch
+
+log = logging.getLogger("casa.kernels")
+
+SOURCE = Path(__file__).with_name("cpu_attention.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+_lock = threading.Lock()
+_lib: ctypes.PyDLL | None = None
+_tried = False
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("CASA_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "casa-live" / "kernels"
+
+
+def cpu_supported() -> bool:
+    """x86-64 with AVX2 and FMA (torch's own dispatch reports AVX2 or AVX512 only with both)."""
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def build(cc: str | None = None, into: Path | None = None) -> Path:
+    """Compile the kernel into the cache (if it is not there yet); returns the shared object."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    out = (into or cache_dir()) / f"cpu_attention-{key}.so"
+    if out.exists():
+        return out
+    cc = cc or os.environ.get("CC") or "cc"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # built under a temporary name and renamed: two processes starting at once never load half a file
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, check=True)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def library() -> ctypes.PyDLL | None:
+    """The loaded kernel, built on the first call; None where it cannot run (then logged once)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("CASA_CPU_KERNELS", "1").lower() in ("0", "off", "false", "no"):
+            log.info("CPU kernels disabled (CASA_CPU_KERNELS): the decode attention runs in torch")
+            return None
+        if not cpu_supported():
+            log.info("no AVX2/FMA on this CPU: the decode attention runs in torch")
+            return None
+        try:
+            lib = ctypes.PyDLL(str(build()))
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
+            log.warning("could not build the CPU decode attention kernel (%s): it runs in torch", detail)
+            return None
+        fn = lib.casa_ragged_decode_attention
+        fn.restype = _INT
+        fn.argtypes = [_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _P, _INT, _INT, _INT, _INT, _F, _I64, _I64]
+        _lib = lib
+        return _lib
+
+
+def supports(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether the kernel takes these tensors: fp32 on the CPU, head size a multiple of 8, slots
+    contiguous within a head."""
+    import torch
+
+    D = q.shape[-1]
+    return (
+        q.device.type == "cpu"
+        and q.dtype == keys.dtype == torch.float32
+        and D % 8 == 0
+        and keys.stride(-1) == 1
+        and keys.stride(-2) == D
+    )
+
+
+def ragged_decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    a_end: torch.Tensor,
+    b_start: torch.Tensor,
+    b_end: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The C kernel (`library()` must not be None; `supports(q, keys)`): see
+    kernels/reference.py `ragged_decode_attention_torch` for the contract."""
+    import torch
+
+    lib = library()
+    assert lib is not None
+    B, H, D = q.shape[0], q.shape[1], q.shape[-1]
+    Hkv = keys.shape[1]
+    if q.dim() == 4:
+        q = q.reshape(B, H, D) if q.shape[2] == 1 else q
+    if q.stride(-1) != 1 or q.stride(1) != D:
+        q = q.contiguous()
+    assert values.stride() == keys.stride(), "keys and values share one layout"
+    idx = [t.contiguous() if t.dtype == torch.int64 else t.long().contiguous() for t in (rows, a_end, b_start, b_end)]
+    out = torch.empty(B, H * D, dtype=q.dtype)
+    if B == 0:
+        return out
+    rc = lib.casa_ragged_decode_attention(
+        q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
+        *(t.data_ptr() for t in idx), out.data_ptr(), B, H, Hkv, D, scale, keys.shape[2], keys.shape[0],
+    )  # fmt: skip
+    if rc == -2:
+        raise IndexError(f"decode attention: a row is outside the cache's {keys.shape[0]} rows")
+    if rc != 0:
+        raise MemoryError("the CPU decode attention kernel could not allocate its score buffer")
+    return out
+
+
+if __name__ == "__main__":  # python kernels/cpu_attention.py DIR: build into DIR (the image does)
+    print(build(into=Path(sys.argv[1])))
