@@ -76,7 +76,9 @@ def build(cc: str | None = None, into: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, check=True)
+        subprocess.run(
+            [cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, check=True
+        )
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -107,7 +109,7 @@ def library() -> ctypes.PyDLL | None:
             return None
         fn = lib.casa_ragged_decode_attention
         fn.restype = _INT
-        fn.argtypes = [_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _P, _INT, _INT, _INT, _INT, _F, _I64, _I64]
+        fn.argtypes = [_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _P, _INT, _INT, _INT, _INT, _F, _I64, _I64]  # fmt: skip
         _lib = lib
         return _lib
 
@@ -150,7 +152,10 @@ def ragged_decode_attention(
     if q.stride(-1) != 1 or q.stride(1) != D:
         q = q.contiguous()
     assert values.stride() == keys.stride(), "keys and values share one layout"
-    idx = [t.contiguous() if t.dtype == torch.int64 else t.long().contiguous() for t in (rows, a_end, b_start, b_end)]
+    idx = [
+        t.contiguous() if t.dtype == torch.int64 else t.long().contiguous()
+        for t in (rows, a_end, b_start, b_end)
+    ]
     out = torch.empty(B, H * D, dtype=q.dtype)
     if B == 0:
         return out

@@ -460,7 +460,13 @@ class ScriptedStep:
         self.layers = ScriptedStep._scripted
 
     def __call__(
-        self, lm: LanguageModel, state: StreamState, inp: DecodeInputs, S: int, Wb: int, ragged: bool | None = None
+        self,
+        lm: LanguageModel,
+        state: StreamState,
+        inp: DecodeInputs,
+        S: int,
+        Wb: int,
+        ragged: bool | None = None,
     ) -> tuple[torch.Tensor, None]:
         return fused_decode_step(lm, state, inp, S, Wb, layers=self.layers, ragged=ragged)
 

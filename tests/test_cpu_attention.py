@@ -81,7 +81,9 @@ def test_kernel_rejects_a_row_outside_the_buffer() -> None:
     # ranges past the buffer are clamped to it, never read beyond it
     rows[2] = 0
     big = cpu_attention.ragged_decode_attention(q, keys, values, rows, a, b0, b1 + 1000, 0.125)
-    clamped = cpu_attention.ragged_decode_attention(q, keys, values, rows, a, b0, (b1 + 1000).clamp(max=20), 0.125)
+    clamped = cpu_attention.ragged_decode_attention(
+        q, keys, values, rows, a, b0, (b1 + 1000).clamp(max=20), 0.125
+    )
     assert torch.equal(big, clamped)
 
 
@@ -109,9 +111,13 @@ def test_decode_step_with_the_kernel_matches_the_step_without() -> None:
         logits: dict[int, list[torch.Tensor]] = {}
         eng.record_logits = True
         eng.observers.append(
-            lambda res: [logits.setdefault(r, []).extend(x.clone() for x in res.fed_logits[r]) for r in res.fed]
+            lambda res: [
+                logits.setdefault(r, []).extend(x.clone() for x in res.fed_logits[r]) for r in res.fed
+            ]
         )
-        ptrs = [t.data_ptr() for t in (eng.state.text.k, eng.state.text.v, eng.state.casa.k, eng.state.casa.v)]
+        ptrs = [
+            t.data_ptr() for t in (eng.state.text.k, eng.state.text.v, eng.state.casa.k, eng.state.casa.v)
+        ]
         rng = np.random.default_rng(0)
         # rows 1, 3, 4 stream (idle rows between them); 0, 2, 5 stay open and idle
         rows = [eng.open() for _ in range(6)]
@@ -123,7 +129,9 @@ def test_decode_step_with_the_kernel_matches_the_step_without() -> None:
                 while eng.has_work():
                     for ev in eng.step():
                         text[ev.row] += ev.text
-        after = [t.data_ptr() for t in (eng.state.text.k, eng.state.text.v, eng.state.casa.k, eng.state.casa.v)]
+        after = [
+            t.data_ptr() for t in (eng.state.text.k, eng.state.text.v, eng.state.casa.k, eng.state.casa.v)
+        ]
         assert after == ptrs
         return logits, text
 
@@ -164,7 +172,10 @@ def test_without_the_kernel_the_torch_path_runs(tmp_path: Path) -> None:
     assert off.returncode == 0, off.stderr
     assert "disabled" in off.stderr
     no_cc = subprocess.run(
-        [sys.executable, "-c", probe], env={**env, "CC": str(tmp_path / "no-such-cc")}, capture_output=True, text=True
+        [sys.executable, "-c", probe],
+        env={**env, "CC": str(tmp_path / "no-such-cc")},
+        capture_output=True,
+        text=True,
     )
     assert no_cc.returncode == 0, no_cc.stderr
     assert ("could not build" if cpu_attention.cpu_supported() else "no AVX2") in no_cc.stderr

@@ -368,7 +368,9 @@ class Runner:
         if self.fused:
             # the ragged attention reads each entry's own row: no idle row is worth computing
             ragged = ragged_cpu_available() and self.device.type == "cpu"
-            segments = segments_for(sorted(decode), 0, len(decode)) if ragged else segments_for(sorted(decode))
+            segments = (
+                segments_for(sorted(decode), 0, len(decode)) if ragged else segments_for(sorted(decode))
+            )
             entries = [i for a, b in segments for i in range(a, b)]
         else:
             entries = list(range(next(b for b in self.buckets if b > max(decode))))
