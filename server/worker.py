@@ -396,6 +396,8 @@ class Worker:
                 if self.engine.has_work():
                     self._pace()
                     self._step()
+                else:  # nothing to step: encode queued frames beside the vision thread
+                    self.engine.help_vision()
             except Exception:  # a bug here must not stop the one thread every session depends on
                 log.exception("inference worker tick failed; continuing")
                 time.sleep(0.01)
@@ -414,8 +416,10 @@ class Worker:
         self._last_step = time.perf_counter()
 
     def _ready(self) -> bool:
-        """Anything to do without a command: engine work, or a frame for a free row (lock held)."""
-        if self.engine.has_work():
+        """Anything to do without a command: engine work, frames queued for the vision thread
+        (the worker helps encode them when it has nothing to step), or a frame for a free row
+        (lock held)."""
+        if self.engine.has_work() or self.engine.vision_backlog():
             return True
         if any(s.questions and self.engine.can_ask(s.row) for s in self._slots):
             return True

@@ -8,6 +8,8 @@ at T = 1.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -179,6 +181,55 @@ def test_vision_pipeline_discards_frames_of_a_closed_row() -> None:
             engine.step()
         assert not engine.busy(again) and engine.scheduler.rows[again].frames == 0
     finally:
+        engine.shutdown()
+
+
+def test_decode_thread_helps_encode_a_backlog() -> None:
+    """With the vision thread busy, queued frames are encoded by the thread that calls
+    `help_vision` (the server's worker when it has nothing to step), and the captions are the same
+    as with every frame encoded inline."""
+    import threading
+
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (30, 41, 3), dtype=np.uint8) for _ in range(3)]
+    inline = make_engine(max_sessions=3)
+    expected = []
+    for img in images:
+        row = inline.open("red circle")
+        expected.append([ev.token for ev in inline.caption(row, img)])
+        inline.close(row)
+    engine = make_engine(max_sessions=3, vision_thread=True)
+    encode, gate, threads = engine.pipeline._encode, threading.Event(), []
+
+    def encode_logged(frames):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        if threading.current_thread().name == "casa-vision":
+            assert gate.wait(10.0)  # the vision thread is stuck on its first batch
+        return encode(frames)
+
+    engine.pipeline._encode = encode_logged
+    engine.pipeline.max_batch = 1
+    try:
+        rows = [engine.open("red circle") for _ in images]
+        while engine.has_work():
+            engine.step()
+        for row, img in zip(rows, images):
+            engine.submit_frame(row, img)
+        deadline = time.monotonic() + 10.0
+        while not engine.vision_backlog() or len(threads) < 1:  # the vision thread has taken one
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert engine.help_vision() and engine.help_vision()  # the other two, on this thread
+        assert not engine.help_vision()  # nothing queued any more
+        gate.set()
+        tokens: dict[int, list[int]] = {r: [] for r in rows}
+        while any(engine.busy(r) for r in rows):
+            for ev in engine.step():
+                tokens[ev.row].append(ev.token)
+        assert sorted(threads) == ["MainThread", "MainThread", "casa-vision"]
+        assert sorted(tokens.values()) == sorted(expected)
+    finally:
+        gate.set()
         engine.shutdown()
 
 

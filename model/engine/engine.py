@@ -277,6 +277,15 @@ class Engine:
         pipeline is not work yet: the pipeline's callback says when it is)."""
         return self.scheduler.has_work(row)
 
+    def help_vision(self) -> bool:
+        """Encode one batch of the vision thread's queued frames on the calling thread (the
+        decode thread, when it has nothing to step); returns whether it encoded any."""
+        return self.pipeline is not None and self.pipeline.help()
+
+    def vision_backlog(self) -> bool:
+        """Frames wait for the vision thread that no thread has taken yet."""
+        return self.pipeline is not None and self.pipeline.queued
+
     def has_work(self) -> bool:
         """True when a step() now would do something: feed a row, or collect encoded frames."""
         return self.scheduler.has_work() or (self.pipeline is not None and self.pipeline.has_results)

@@ -133,6 +133,40 @@ class VisionPipeline:
             enc.seconds = dt
         return [Encoded(row, ticket, enc) for (row, ticket, _), enc in zip(batch, encoded)]
 
+    @property
+    def queued(self) -> bool:
+        """Frames wait that no thread has taken yet (a backlog another thread could help with)."""
+        with self._cv:
+            return bool(self._jobs)
+
+    def help(self) -> bool:
+        """Encode one batch of queued frames on the calling thread, beside the vision thread: the
+        decode thread does this when it has nothing else to do, which halves a burst's backlog (a
+        fleet of streams opening at once sends every first frame together: docs/engine.md,
+        "Frame 0 sets the max lag"). Returns whether it took any frame."""
+        with self._cv:
+            if self._stop or not self._jobs:
+                return False
+            batch = [self._jobs.popleft() for _ in range(min(self.max_batch, len(self._jobs)))]
+            self._busy += len(batch)
+        self._finish(batch, self._encode_all(batch))
+        return True
+
+    def _encode_all(self, batch: list[tuple[int, int, Any]]) -> list[Encoded]:
+        out = self._encode_batch(batch)
+        if len(batch) > 1 and any(e.error is not None for e in out):
+            # one bad frame must not cost the others theirs: encode them one by one
+            out = [e for job in batch for e in self._encode_batch([job])]
+        return out
+
+    def _finish(self, batch: list[tuple[int, int, Any]], out: list[Encoded]) -> None:
+        with self._cv:
+            self._done.extend(out)
+            self._busy -= len(batch)
+            self._cv.notify_all()
+        if self.notify is not None:
+            self.notify()
+
     def _run(self) -> None:
         name_this_thread("casa-vision")
         torch.set_num_threads(self._threads)  # per thread: this one owns its core
@@ -142,17 +176,8 @@ class VisionPipeline:
                 if self._stop:
                     return
                 batch = [self._jobs.popleft() for _ in range(min(self.max_batch, len(self._jobs)))]
-                self._busy = len(batch)
-            out = self._encode_batch(batch)
-            if len(batch) > 1 and any(e.error is not None for e in out):
-                # one bad frame must not cost the others theirs: encode them one by one
-                out = [e for job in batch for e in self._encode_batch([job])]
-            with self._cv:
-                self._done.extend(out)
-                self._busy = 0
-                self._cv.notify_all()
-            if self.notify is not None:
-                self.notify()
+                self._busy += len(batch)
+            self._finish(batch, self._encode_all(batch))
 
 
 def collect_encodings(
