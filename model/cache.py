@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -218,6 +219,18 @@ class InsertionSpans:
         return d
 
 
+@dataclass
+class PromptKV:
+    """A prompt's K/V in the prefix cache (StreamState.save_prefix): n text slots (L, Hkv, n, D)
+    and, for CASA, its first window's (Lc, Hkv, n, D)."""
+
+    n: int
+    k: torch.Tensor
+    v: torch.Tensor
+    ca_k: torch.Tensor | None = None
+    ca_v: torch.Tensor | None = None
+
+
 class StreamState:
     """Everything the streaming model keeps per session row."""
 
@@ -293,6 +306,32 @@ class StreamState:
         if self.spans is not None:
             self.spans.items[dst] = collections.deque(self.spans.items[src])
             self.spans.position[dst] = self.spans.position[src]
+
+    def save_prefix(self, row: int) -> PromptKV:
+        """A copy of what `row`'s prompt wrote, the prompt being all it has fed: its text K/V (the
+        attention sink) and, for CASA, the K/V of the image-less first window it fed them in."""
+        n = int(self.text.length[row])
+        kv = [self.text.k[:, row, :, :n].clone(), self.text.v[:, row, :, :n].clone()]
+        if self.casa is not None:
+            w, N = int(self.casa.win_len[row]), self.casa.image_tokens
+            kv += [self.casa.k[:, row, :, N : N + w].clone(), self.casa.v[:, row, :, N : N + w].clone()]
+        return PromptKV(n, *kv)
+
+    def load_prefix(self, row: int, p: PromptKV) -> None:
+        """Make a freshly reset `row` hold what feeding the prompt would have written (K/V at the
+        same slots and positions, whatever the row: a prompt's K/V depend on its tokens alone)."""
+        n = p.n
+        self.text.k[:, row, :, :n] = p.k
+        self.text.v[:, row, :, :n] = p.v
+        self.text.length[row] = n
+        if self.casa is not None:
+            assert p.ca_k is not None and p.ca_v is not None
+            w, N = p.ca_k.shape[2], self.casa.image_tokens
+            self.casa.k[:, row, :, N : N + w] = p.ca_k
+            self.casa.v[:, row, :, N : N + w] = p.ca_v
+            self.casa.win_len[row] = w
+        if self.spans is not None:  # in the sink: the position moves, no item is recorded
+            self.spans.fed(self.text, row, 0, n, n)
 
     def advance(self, rows: torch.Tensor, n: torch.Tensor | int) -> None:
         """After a forward fed `rows` (host int64) n tokens each (written at their lengths): the

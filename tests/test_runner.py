@@ -184,6 +184,53 @@ def test_vision_pipeline_discards_frames_of_a_closed_row() -> None:
         engine.shutdown()
 
 
+@pytest.mark.parametrize("fusion", ["casa", "insertion"])
+def test_a_prompt_from_the_prefix_cache_captions_as_if_fed(fusion: str) -> None:
+    """Sessions on one prompt: the first feeds it, the others (and a restart) copy its K/V from
+    the prefix cache. Every later token's logits and every caption equal those of an engine with
+    no prefix cache, where each session feeds its own prompt."""
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (30, 41, 3), dtype=np.uint8) for _ in range(3)]
+
+    def run(cache: bool):  # type: ignore[no-untyped-def]
+        engine = make_engine(fusion, max_sessions=3)
+        if not cache:
+            engine.scheduler.prefix_capacity = 0
+        engine.record_logits = True
+        fed: dict[int, list[torch.Tensor]] = {}
+        engine.observers.append(
+            lambda res: [fed.setdefault(r, []).extend(x.clone() for x in res.fed_logits[r]) for r in res.fed]
+        )
+        tokens = []
+        first = engine.open("red circle")  # alone: its prompt is prefilled, then saved
+        tokens.append([ev.token for ev in engine.caption(first, images[0])])
+        rows = [engine.open("red circle"), engine.open("red circle")]
+        for row, img in zip(rows, images[1:]):
+            tokens.append([ev.token for ev in engine.caption(row, img)])
+        before_restart = {r: list(v) for r, v in fed.items()}
+        engine.restart(rows[0], "red circle")
+        tokens.append([ev.token for ev in engine.caption(rows[0], images[0])])
+        return tokens, before_restart, engine
+
+    ref_tokens, ref_fed, ref_engine = run(False)
+    out_tokens, out_fed, engine = run(True)
+    assert out_tokens == ref_tokens and tokens_differ(out_tokens)
+    assert list(engine.runner.prefixes) == [tuple(engine.prompt_ids("red circle"))]
+    assert not ref_engine.runner.prefixes
+    # the restored rows fed no prompt; what they fed after it matches the reference's tail
+    n_prompt = len(engine.prompt_ids("red circle"))
+    for r in out_fed:
+        n = len(out_fed[r])
+        assert n == len(ref_fed[r]) - (n_prompt if r != 0 else 0)
+        err = max(float((x - y).abs().max()) for x, y in zip(out_fed[r], ref_fed[r][-n:]))
+        assert err <= ATOL[torch.float32], f"row {r}: {err:.3g}"
+
+
+def tokens_differ(tokens: list[list[int]]) -> bool:
+    """The captions are not all alike (so that equal lists are evidence)."""
+    return len({tuple(t) for t in tokens}) > 1
+
+
 def test_decode_thread_helps_encode_a_backlog() -> None:
     """With the vision thread busy, queued frames are encoded by the thread that calls
     `help_vision` (the server's worker when it has nothing to step), and the captions are the same

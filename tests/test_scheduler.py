@@ -34,10 +34,11 @@ class Detok:
         self.resets += 1
 
 
-def scheduler(rows: int = 2, insertion: bool = False, **gen) -> Scheduler:
+def scheduler(rows: int = 2, insertion: bool = False, prefix_cache: int = 0, **gen) -> Scheduler:
+    """Without a prefix cache unless asked: every open feeds its prompt (what most tests follow)."""
     template = Template(PRE, POST, PREFIX, [STOP, OTHER_STOP], insertion=insertion)
     config = GenerationConfig(**{"max_new_tokens": 5, "truncated_close": "cut_word", **gen})
-    return Scheduler(rows, template, window_tokens=64, gen=config, prefill_min=8)
+    return Scheduler(rows, template, window_tokens=64, gen=config, prefill_min=8, prefix_cache=prefix_cache)
 
 
 def encoding(n: int = 4) -> FrameEncoding:
@@ -107,16 +108,16 @@ def test_a_caption_ends_on_a_stop_token_and_its_close_is_forced():
 
 def test_a_restarted_row_forces_its_prompt_again_and_its_next_frame_is_a_first_frame():
     """restart (the server's start over after a gap): the unfed close of the last caption goes with
-    the history, the prompt is prefilled again, the next frame gets the caption prefix as a
+    the history, the prompt is there again (copied from the prefix cache), the next frame gets the caption prefix as a
     stream's first does, and frame numbers go on. A busy row or a branch cannot restart."""
-    s = scheduler()
+    s = scheduler(prefix_cache=4)
     row = open_and_prefill(s, SessionSettings(max_new_tokens=3))
     start_first_frame(s, row)
     (done,) = s.update_from_output([row], [STOP], now=0.0)
     assert done.done and s.row(row).forced  # the close is still to be fed
     s.restart(row, PROMPT, Detok())
-    plan = s.plan()
-    assert plan.prefill == {row: PROMPT} and not plan.decode
+    plan = s.plan()  # the prompt's K/V come from the prefix cache, saved when it was first fed
+    assert plan.restore == {row: tuple(PROMPT)} and not plan.prefill and not plan.decode
     assert s.row(row).max_new_tokens == 3  # the settings are kept
     assert s.submit(row, 2, None) == 1  # the row's second frame
     s.encoded(row, 2, encoding())
@@ -326,3 +327,37 @@ def test_watch_scoring_waits_to_batch_rows_but_never_past_their_next_frame():
     while s.row(c).busy or s.row(c).forced:  # c's caption ends and closes: nothing else to do
         assert not tick(s, {c: STOP}).score
     assert set(tick(s, {}).score) == {a, b}
+
+
+def test_prefix_cache_saves_a_fed_prompt_and_restores_it_for_the_next_sessions():
+    """The first session on a prompt feeds it and its K/V are saved in the tick of its last token;
+    later sessions (and restarts) on that prompt get them copied at their first plan, feed nothing
+    and can start a frame in the same tick. Past capacity the least recently used prompt goes."""
+    s = scheduler(rows=4, prefix_cache=2)
+    other = [10, 13, 1]
+    first = s.open(PROMPT, SessionSettings(), Detok())
+    plan = s.plan()
+    assert plan.prefill == {first: PROMPT} and plan.capture == {first: tuple(PROMPT)}
+    second = s.open(PROMPT, SessionSettings(), Detok())
+    s.submit(second, 1, None)
+    s.encoded(second, 1, encoding())
+    plan = s.plan()
+    assert plan.restore == {second: tuple(PROMPT)} and not plan.prefill and not plan.capture
+    assert [f.row for f in plan.frames] == [second] and plan.decode == {second: POST[0]}
+    # two sessions opened together on a new prompt: both feed it, one saves it
+    a, b = s.open(other, SessionSettings(), Detok()), s.open(other, SessionSettings(), Detok())
+    while s.has_work():
+        plan = s.plan()
+        if plan.capture:
+            assert plan.capture in ({a: tuple(other)}, {b: tuple(other)}) and not plan.forget
+        for i in plan.sample:
+            s.update_from_output([i], [STOP], now=0.0)
+    assert list(s.prefixes) == [tuple(PROMPT), tuple(other)]
+    # a third prompt pushes out the least recently used (PROMPT, last used before `other` was saved)
+    s.close(a)
+    third = s.open([10, 14, 1], SessionSettings(), Detok())
+    plan = s.plan()
+    assert plan.capture == {third: (10, 14, 1)} and plan.forget == [tuple(PROMPT)]
+    s.close(b)
+    again = s.open(PROMPT, SessionSettings(), Detok())
+    assert s.plan().prefill == {again: PROMPT}  # fed again, no longer cached

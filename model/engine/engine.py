@@ -337,7 +337,9 @@ class Engine:
         ]
         rows = [i for i in plan.sample if i in res.sample_logits]
         if any(p.counts == "fed" for p in self.sampler.params):
-            self.sampler.feed_plan(plan.prefill, plan.decode, rows)
+            # a prompt copied from the prefix cache counts as fed, as if prefilled
+            prefill = {**plan.prefill, **{i: list(key) for i, key in plan.restore.items()}}
+            self.sampler.feed_plan(prefill, plan.decode, rows)
         if not rows:
             return scored
         logits = torch.stack([res.sample_logits[i] for i in rows])

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from casa_live.kernels.dispatch import backend_for, ragged_cpu_available
-from casa_live.model.cache import StreamState
+from casa_live.model.cache import PromptKV, StreamState
 from casa_live.model.decode import (
     DecodeInputs,
     ScriptedStep,
@@ -117,6 +117,9 @@ class Runner:
         # TorchScript-traced vision tower per (batch size, patch grid) (CPU: see _traced_vision)
         self.trace_vision = self.device.type == "cpu"
         self._vision: dict[tuple[int, tuple[int, int]], torch.nn.Module] = {}
+        # the prefix cache's tensors, by prompt token ids; which prompts it holds is the
+        # scheduler's decision (Scheduler.prefixes), carried out here as plans say
+        self.prefixes: dict[tuple[int, ...], PromptKV] = {}
         vcfg = model.config.vision
         self._patch_dim = vcfg.patch_dim
 
@@ -193,7 +196,13 @@ class Runner:
     @torch.no_grad()
     def run(self, plan: Plan, res: StepResult) -> None:
         """Execute one tick's plan: score watches, start its frames, then prefill, then decode.
-        Scoring goes first: it reads its rows' current frames, which a starting frame overwrites."""
+        Scoring goes first: it reads its rows' current frames, which a starting frame overwrites.
+        The prefix cache's copies bracket the tick: restored prompts first (a restored row's frame
+        may start in the same tick), captured ones last (their final token is fed in it)."""
+        for key in plan.forget:
+            self.prefixes.pop(key, None)
+        for i, key in plan.restore.items():
+            self.state.load_prefix(i, self.prefixes[key])
         if plan.score:
             t0 = time.perf_counter()
             self._score(plan.score, res)
@@ -209,6 +218,8 @@ class Runner:
             t0 = time.perf_counter()
             self._decode_step(decode, sample_set, res)
             res.decode_s = time.perf_counter() - t0
+        for i, key in plan.capture.items():
+            self.prefixes[key] = self.state.save_prefix(i)
 
     def _start_frames(self, plan: Plan, res: StepResult) -> None:
         """Write the starting frames' CASA image K/V into their rows (one write per image-token

@@ -137,6 +137,9 @@ class PendingFrame:
     encoding: FrameEncoding | None = None  # set by `encoded`; the frame can start
 
 
+# prompts whose K/V the prefix cache keeps (Scheduler.prefixes): a few distinct prompts serve most
+# fleets (the default one above all); each is at most a window of tokens
+PREFIX_CACHE = 8
 # Watch scoring waits to batch rows (Scheduler._score_now): at most this many rows, this long.
 SCORE_BATCH = 8
 SCORE_WAIT_S = 0.1
@@ -164,6 +167,10 @@ class RowState:
     last_stop: int | None = None  # the stop token this session's model emitted most recently
     generated: list[int] = field(default_factory=list)  # the current caption's tokens
     branch_of: int | None = None  # a question branch: the session row it was copied from
+    # the prompt's K/V: copied from the prefix cache at the next plan (restore), or saved into it
+    # once the prompt has been fed (capture); the key is the prompt's token ids
+    restore: tuple[int, ...] | None = None
+    capture: tuple[int, ...] | None = None
     watches: list[list[int]] = field(default_factory=list)  # fed ids of each watch's question
     scored: int = 0  # frames whose watches are scored (or that need none: failed, no watches)
     score_since: float | None = None  # when plan() first saw the row's frame waiting for its scores
@@ -217,9 +224,15 @@ class Plan:
     # rows whose current frame's watches are scored this tick, before any frame starts (the scoring
     # forward reads the frame's image K/V and the row's text cache): row -> (frame, fed ids per watch)
     score: dict[int, tuple[int, list[list[int]]]] = field(default_factory=dict)
+    # the prefix cache (Scheduler.prefixes): prompts dropped from it, rows whose prompt K/V are
+    # copied from it (first in the tick), rows whose prompt K/V are saved into it (last in the
+    # tick, once the prompt's final token is written); keys are prompts' token ids
+    forget: list[tuple[int, ...]] = field(default_factory=list)
+    restore: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    capture: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     def empty(self) -> bool:
-        return not (self.prefill or self.decode or self.score)
+        return not (self.prefill or self.decode or self.score or self.restore or self.capture)
 
 
 class Scheduler:
@@ -231,14 +244,21 @@ class Scheduler:
         gen: object,
         prefill_min: int = 8,
         branch_rows: int = 0,
+        prefix_cache: int = PREFIX_CACHE,
     ) -> None:
         """window_tokens: text tokens a CASA window holds (it caps max_new_tokens); gen: the
         GenerationConfig whose fields are the settings' defaults; the last `branch_rows` of the
-        `max_rows` rows are kept for question branches (sessions never take them)."""
+        `max_rows` rows are kept for question branches (sessions never take them); prefix_cache:
+        how many prompts' K/V are kept (0: none, every prompt is fed)."""
         self.rows: list[RowState | None] = [None] * max_rows
         self.template, self.window_tokens, self.gen = template, window_tokens, gen
         self.prefill_min = prefill_min
         self.session_rows = max_rows - branch_rows
+        # the prompts whose K/V the prefix cache holds (the runner holds the tensors, following
+        # the plans), least recently used first: a session opened (or restarted) on one of them
+        # copies its K/V instead of feeding it. Every session on the default prompt shares one.
+        self.prefixes: collections.OrderedDict[tuple[int, ...], None] = collections.OrderedDict()
+        self.prefix_capacity = prefix_cache
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -252,8 +272,15 @@ class Scheduler:
         return i
 
     def _new_row(self, prompt_ids: list[int], settings: SessionSettings, detok: Detokenizer) -> RowState:
-        """A session row at its stream's start: the prompt to be forced in one prefill."""
-        r = RowState(settings, 0, 0, "", detok, forced=collections.deque(prompt_ids), prefill_forced=True)
+        """A session row at its stream's start: its prompt's K/V copied from the prefix cache, or
+        the prompt forced in one prefill (and then saved into the cache)."""
+        key = tuple(prompt_ids)
+        if key in self.prefixes:
+            self.prefixes.move_to_end(key)
+            r = RowState(settings, 0, 0, "", detok, restore=key)
+        else:
+            forced = collections.deque(prompt_ids)
+            r = RowState(settings, 0, 0, "", detok, forced=forced, prefill_forced=True, capture=key)
         self._apply(r, settings)
         return r
 
@@ -434,6 +461,9 @@ class Scheduler:
             1 for r in self.rows if r is not None and (r.decoding or (r.forced and not r.prefill_forced))
         )
         for i, r in enumerate(self.rows):
+            if r is not None and r.restore is not None:
+                plan.restore[i], r.restore = r.restore, None
+        for i, r in enumerate(self.rows):
             if r is not None and r.frame_ready():
                 plan.frames.append(FrameStart(i, self._start_frame(r)))
         for i, r in enumerate(self.rows):
@@ -492,10 +522,23 @@ class Scheduler:
             if not r.forced and r.sample_after_forced:
                 r.sample_after_forced = False
                 plan.sample.append(i)
+            if not r.forced and r.capture is not None:  # the prompt's last token is fed this tick
+                self._capture(plan, i, r.capture)
+                r.capture = None
         elif r.decoding:
             assert r.next_token is not None
             plan.decode[i] = r.next_token
             plan.sample.append(i)
+
+    def _capture(self, plan: Plan, i: int, key: tuple[int, ...]) -> None:
+        """Save row i's prompt into the prefix cache (unless another row already did), dropping
+        the least recently used prompt past the cache's capacity."""
+        if key in self.prefixes or self.prefix_capacity <= 0:
+            return
+        self.prefixes[key] = None
+        plan.capture[i] = key
+        while len(self.prefixes) > self.prefix_capacity:
+            plan.forget.append(self.prefixes.popitem(last=False)[0])
 
     def stop_banned(self, rows: list[int]) -> list[bool]:
         """Per row: the caption is shorter than min_new_tokens, so a stop token may not be sampled."""
