@@ -3,7 +3,11 @@
 One decode step feeds one token to each of B rows whose text caches hold L tokens (the bundled
 model by default, 1 torch thread). Printed per (B, L): median ms per step of
 - `decode_step` (model/decode.py), the generic step, eager;
-- `fused_decode_step`, the hand-fused CPU step (what `casa serve` runs on a CPU);
+- `fused_decode_step`, the hand-fused CPU step, eager, its attention in torch (batched products
+  over the rows padded to the longest);
+- the same under TorchScript (`ScriptedStep`), with torch attention and with the C kernel
+  (kernels/cpu_attention.c, one op a layer over each row's own slots: what `casa serve` runs on a
+  CPU with AVX2); the rows' lengths spread over [L - 64, L];
 - `torch.compile(decode_step)` (inductor, dynamic shapes), with its compile time;
 - the vision tower per frame at the same batch sizes, eager.
 
@@ -33,7 +37,8 @@ def _time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from casa_live.model.decode import DecodeInputs, commit, decode_step, fused_decode_step
+    from casa_live.kernels.dispatch import ragged_cpu_available
+    from casa_live.model.decode import DecodeInputs, ScriptedStep, commit, decode_step, fused_decode_step
     from casa_live.model.engine.engine import Engine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,19 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.from_checkpoint(args.model_dir, max_sessions=max(args.batch))
     lm, state = engine.model.lm, engine.state
     compiled = None if args.no_compile else torch.compile(decode_step, dynamic=True)
+    scripted = ScriptedStep()
     compile_s = 0.0
     rows = []
     with torch.no_grad():
         for L in args.lengths:
             for B in args.batch:
-                state.text.length[:B] = L
+                # ragged rows, as a live server has them: lengths spread over [L - 64, L]
+                lengths = torch.linspace(max(1, L - 64), L, B).long()
+                state.text.length[:B] = lengths
                 state.casa.win_len[:B] = 8
                 state.casa.n_img[:B] = state.casa.image_tokens
 
                 def full(v: int, B: int = B) -> torch.Tensor:
                     return torch.full((B,), v, dtype=torch.long)
 
-                inp = DecodeInputs(full(7), full(L), full(L), full(8), full(state.casa.image_tokens))
+                inp = DecodeInputs(full(7), lengths, lengths, full(8), full(state.casa.image_tokens))
                 S, Wb = L + 1, 16
 
                 def generic(step=decode_step, inp=inp, S=S, Wb=Wb) -> None:  # type: ignore[no-untyped-def]
@@ -72,9 +80,17 @@ def main(argv: list[str] | None = None) -> int:
                     "L": L,
                     "generic": _time(generic, args.repeat),
                     "fused": _time(
-                        lambda inp=inp, S=S, Wb=Wb: fused_decode_step(lm, state, inp, S, Wb), args.repeat
+                        lambda inp=inp, S=S, Wb=Wb: fused_decode_step(lm, state, inp, S, Wb, ragged=False),
+                        args.repeat,
+                    ),
+                    "scripted": _time(
+                        lambda inp=inp, S=S, Wb=Wb: scripted(lm, state, inp, S, Wb, False), args.repeat
                     ),
                 }
+                if ragged_cpu_available():
+                    row["scripted_c"] = _time(
+                        lambda inp=inp, S=S, Wb=Wb: scripted(lm, state, inp, S, Wb, True), args.repeat
+                    )
                 if compiled is not None:
                     t0 = time.perf_counter()
                     generic(compiled)
@@ -86,13 +102,18 @@ def main(argv: list[str] | None = None) -> int:
         for B in args.batch:
             x = torch.randn(B, *engine.processor(torch.zeros(64, 64, 3, dtype=torch.uint8)).shape)
             vision[B] = _time(lambda x=x: engine.model.encode_images(x), max(5, args.repeat // 3)) / B
-    head = "| B | L | generic eager (ms) | hand-fused eager (ms) | compiled (ms) | fused / generic | vision ms/frame |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    head = (
+        "| B | L | generic eager (ms) | hand-fused eager (ms) | TorchScript, torch attention (ms) "
+        "| TorchScript, C attention (ms) | compiled (ms) | C / torch attention | vision ms/frame |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = f"{r['compiled']:.2f}" if "compiled" in r else "-"
+        sc = f"{r['scripted_c']:.2f}" if "scripted_c" in r else "- (no kernel)"
+        ratio = f"{r['scripted_c'] / r['scripted']:.2f}x" if "scripted_c" in r else "-"
         lines.append(
-            f"| {r['B']} | {r['L']} | {r['generic']:.2f} | {r['fused']:.2f} | {c} "
-            f"| {r['fused'] / r['generic']:.2f}x | {vision[r['B']]:.2f} |"
+            f"| {r['B']} | {r['L']} | {r['generic']:.2f} | {r['fused']:.2f} | {r['scripted']:.2f} | {sc} "
+            f"| {c} | {ratio} | {vision[r['B']]:.2f} |"
         )
     print("\n".join(lines))
     if compiled is not None:
