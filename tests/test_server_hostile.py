@@ -353,6 +353,12 @@ class _StubEngine:
     def has_work(self):
         return False
 
+    def vision_backlog(self):
+        return False
+
+    def help_vision(self):
+        return False
+
     def free_rows(self):
         return self.max_sessions - self.opened
 
