@@ -79,6 +79,7 @@ def build(cc: str | None = None, into: Path | None = None) -> Path:
         subprocess.run(
             [cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, check=True
         )
+        os.chmod(tmp, 0o755)  # mkstemp makes it 0600: another user (the image's server) must load it
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

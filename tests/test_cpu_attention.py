@@ -151,6 +151,7 @@ def test_build_is_cached_by_source(tmp_path: Path) -> None:
     stamp = first.stat().st_mtime_ns
     assert cpu_attention.build(into=tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+    assert first.stat().st_mode & 0o005 == 0o005  # other users load it (the image builds as root)
 
 
 def test_without_the_kernel_the_torch_path_runs(tmp_path: Path) -> None:

@@ -226,6 +226,21 @@ def test_image_size_and_no_source_tree(image, container):
     assert out[2:] == ["False", "False"]
 
 
+def test_the_server_user_loads_the_prebuilt_cpu_kernel(container):
+    """The image has no compiler: the CPU decode attention kernel built in its wheel stage loads
+    for the server's user (uid 10001), from CASA_KERNEL_CACHE."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the C kernel is x86-64 AVX2 code; elsewhere the torch path runs")
+    probe = (
+        "from casa_live.kernels import cpu_attention as c; print(c.cpu_supported(), c.library() is not None)"
+    )
+    out = oci.podman("exec", container.name, "python", "-c", probe).stdout.split()
+    assert out[1] == out[0], out  # loaded wherever the CPU can run it
+    assert oci.podman("exec", container.name, "sh", "-c", "command -v cc gcc", check=False).stdout == ""
+
+
 def test_runs_as_uid_10001(container):
     status = oci.podman("exec", container.name, "cat", "/proc/1/status").stdout
     uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()
