@@ -175,3 +175,147 @@ int casa_ragged_decode_attention(const float* q, int64_t q_bs, const float* keys
     free(qs);
     return 0;
 }
+
+/* ---- the whole decode step's layers for a few rows (kernels/cpu_attention.py `decode_layers`) ----
+ *
+ * For one to a few rows a decode step is op dispatch, not arithmetic: ~350 ATen ops of a few
+ * microseconds each where the arithmetic is ~0.3 ms (docs/engine.md, "The decode step in C for a
+ * few rows"). This runs every layer of model/decode.py `_fused_layers` in one call, the same math
+ * in the same order per row (sums in a different order: fp32 rounding apart).
+ *
+ * Weights: per layer, LAYER_PTRS pointers (NULL where absent), in this order: */
+enum { W_LN1, W_QKV, W_QKV_B, W_O, W_O_B, W_LN2, W_GU, W_GU_B, W_DN, W_DN_B,
+       W_CNORM, W_CQKV, W_CQKV_B, W_CO, W_CO_B, LAYER_PTRS };
+
+/* y (M, N) = x (M, K) w (N, K)^T + b: each weight row read once for the M rows (K % 8 == 0) */
+static void linear(const float* x, int M, int K, const float* w, const float* b, int N, float* y) {
+    for (int n = 0; n < N; n++) {
+        const float* wr = w + (int64_t)n * K;
+        const float bn = b ? b[n] : 0.0f;
+        for (int m = 0; m < M; m++) y[(int64_t)m * N + n] = dot(x + (int64_t)m * K, wr, K) + bn;
+    }
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w, per row of K */
+static void rms_norm(const float* x, int M, int K, const float* w, float eps, float* y) {
+    for (int m = 0; m < M; m++) {
+        const float* xr = x + (int64_t)m * K;
+        float ss = 0.0f;
+        for (int k = 0; k < K; k++) ss += xr[k] * xr[k];
+        const float r = 1.0f / sqrtf(ss / K + eps);
+        for (int k = 0; k < K; k++) y[(int64_t)m * K + k] = xr[k] * r * w[k];
+    }
+}
+
+/* RoPE of `heads` heads of D at t (row m of a (M, stride) matrix) in place:
+ * t * cos + roll(t, D/2) * sin, cos and signed sin (M, D) */
+static void rope(float* t, int M, int64_t stride, int heads, int D, const float* cs, const float* sn, float* tmp) {
+    for (int m = 0; m < M; m++)
+        for (int h = 0; h < heads; h++) {
+            float* v = t + (int64_t)m * stride + (int64_t)h * D;
+            const float* c = cs + (int64_t)m * D;
+            const float* s = sn + (int64_t)m * D;
+            for (int d = 0; d < D; d++) tmp[d] = v[(d + D / 2) % D];
+            for (int d = 0; d < D; d++) v[d] = v[d] * c[d] + tmp[d] * s[d];
+        }
+}
+
+/* K/V of entry m (H_kv heads of D from rows of y at offset) into a cache buffer of one layer at
+ * slot `slot[m]` (plus `base`) of row row[m] */
+static void write_kv(const float* y, int M, int64_t stride, int64_t off, int Hkv, int D, float* buf,
+                     int64_t rs, int64_t hs, const int64_t* row, const int64_t* slot, int64_t base) {
+    for (int m = 0; m < M; m++)
+        for (int h = 0; h < Hkv; h++)
+            memcpy(buf + row[m] * rs + h * hs + (slot[m] + base) * D, y + m * stride + off + (int64_t)h * D,
+                   sizeof(float) * (size_t)D);
+}
+
+/* dims: {B, hidden, L, H, Hkv, D, mlp, N (image tokens), Bmax}; text caches (L, Bmax, Hkv, C, D)
+ * with C = text_slots; CASA buffers (Lc, Bmax, Hkv, K, D) with K = ca_slots (NULL without);
+ * casa_of[l]: the layer's CASA index or -1; entry m: row[m], text slot sa_slot[m] (it sees
+ * [0, sa_slot]), window slot ca_slot[m] and n_img[m] image tokens; RoPE tables (B, D) each.
+ * x (B, hidden) in place. Returns 0, -1 (no memory), -2 (a row or slot outside its buffer). */
+int casa_decode_layers(float* x, const int64_t* dims, const float* const* weights, const int64_t* casa_of,
+                       float* text_k, float* text_v, int64_t text_slots, float* ca_k, float* ca_v,
+                       int64_t ca_slots, const int64_t* row, const int64_t* sa_slot, const int64_t* ca_slot,
+                       const int64_t* n_img, const float* sa_cos, const float* sa_sin, const float* ca_cos,
+                       const float* ca_sin, float eps, float scale) {
+    const int B = (int)dims[0], E = (int)dims[1], L = (int)dims[2], H = (int)dims[3], Hkv = (int)dims[4];
+    const int D = (int)dims[5], F = (int)dims[6];
+    const int64_t N = dims[7], Bmax = dims[8];
+    const int Q = (H + 2 * Hkv) * D;  /* the fused q|k|v projection's width */
+    for (int m = 0; m < B; m++) {
+        if (row[m] < 0 || row[m] >= Bmax || sa_slot[m] < 0 || sa_slot[m] >= text_slots) return -2;
+        if (ca_k && (ca_slot[m] < 0 || N + ca_slot[m] >= ca_slots || n_img[m] < 0 || n_img[m] > N)) return -2;
+    }
+    const int64_t ths = text_slots * D, trs = Hkv * ths, tls = Bmax * trs;
+    const int64_t chs = ca_slots * D, crs = Hkv * chs, cls = Bmax * crs;
+    float* buf = (float*)malloc(sizeof(float) * (size_t)B * (size_t)(E * 3 + 2 * Q + 2 * H * D + 2 * F) +
+                                sizeof(float) * (size_t)(D + 2 * (ca_slots > text_slots ? ca_slots : text_slots) + 8));
+    int64_t* zero = (int64_t*)calloc((size_t)B, sizeof(int64_t));
+    int64_t* ends = (int64_t*)malloc(sizeof(int64_t) * (size_t)B * 3);
+    if (!buf || !zero || !ends) {
+        free(buf);
+        free(zero);
+        free(ends);
+        return -1;
+    }
+    float *h = buf, *a = h + B * E, *c = a + B * E, *y = c + B * E, *yc = y + B * Q, *o = yc + B * Q;
+    float *oc = o + B * H * D, *gu = oc + B * H * D, *tmp = gu + 2 * B * F;
+    int64_t *sa_end = ends, *ca_start = ends + B, *ca_end = ends + 2 * B;
+    for (int m = 0; m < B; m++) {
+        sa_end[m] = sa_slot[m] + 1;
+        ca_start[m] = N;
+        ca_end[m] = N + ca_slot[m] + 1;
+    }
+    int rc = 0;
+    for (int l = 0; l < L && rc == 0; l++) {
+        const float* const* w = weights + (int64_t)l * LAYER_PTRS;
+        rms_norm(x, B, E, w[W_LN1], eps, h);
+        linear(h, B, E, w[W_QKV], w[W_QKV_B], Q, y);
+        rope(y, B, Q, H + Hkv, D, sa_cos, sa_sin, tmp);
+        float* tk = text_k + l * tls;
+        float* tv = text_v + l * tls;
+        write_kv(y, B, Q, (int64_t)H * D, Hkv, D, tk, trs, ths, row, sa_slot, 0);
+        write_kv(y, B, Q, (int64_t)(H + Hkv) * D, Hkv, D, tv, trs, ths, row, sa_slot, 0);
+        rc = casa_ragged_decode_attention(y, Q, tk, tv, trs, ths, row, sa_end, zero, zero, o, B, H, Hkv, D,
+                                          scale, text_slots, Bmax);
+        linear(o, B, H * D, w[W_O], w[W_O_B], E, a);
+        const int64_t ci = casa_of[l];
+        if (ci >= 0 && ca_k && rc == 0) {
+            if (w[W_CQKV]) {  /* its own norm and projections; shared CASA reads the un-rotated y */
+                rms_norm(x, B, E, w[W_CNORM], eps, h);
+                linear(h, B, E, w[W_CQKV], w[W_CQKV_B], Q, yc);
+            } else {
+                /* y was rotated in place above: recompute the shared projections */
+                rms_norm(x, B, E, w[W_LN1], eps, h);
+                linear(h, B, E, w[W_QKV], w[W_QKV_B], Q, yc);
+            }
+            rope(yc, B, Q, H + Hkv, D, ca_cos, ca_sin, tmp);
+            float* ck = ca_k + ci * cls;
+            float* cv = ca_v + ci * cls;
+            write_kv(yc, B, Q, (int64_t)H * D, Hkv, D, ck, crs, chs, row, ca_slot, N);
+            write_kv(yc, B, Q, (int64_t)(H + Hkv) * D, Hkv, D, cv, crs, chs, row, ca_slot, N);
+            rc = casa_ragged_decode_attention(yc, Q, ck, cv, crs, chs, row, n_img, ca_start, ca_end, oc, B, H,
+                                              Hkv, D, scale, ca_slots, Bmax);
+            linear(oc, B, H * D, w[W_CO], w[W_CO_B], E, c);
+            for (int64_t i = 0; i < (int64_t)B * E; i++) x[i] = c[i] + (x[i] + a[i]);
+        } else {
+            for (int64_t i = 0; i < (int64_t)B * E; i++) x[i] = a[i] + x[i];
+        }
+        rms_norm(x, B, E, w[W_LN2], eps, h);
+        linear(h, B, E, w[W_GU], w[W_GU_B], 2 * F, gu);
+        for (int m = 0; m < B; m++)
+            for (int f = 0; f < F; f++) {
+                const float g = gu[(int64_t)m * 2 * F + f], u = gu[(int64_t)m * 2 * F + F + f];
+                gu[(int64_t)m * 2 * F + f] = g / (1.0f + expf(-g)) * u;  /* silu(gate) * up */
+            }
+        /* the down projection reads the first F columns of each (2F)-wide row */
+        for (int m = 0; m < B; m++) linear(gu + (int64_t)m * 2 * F, 1, F, w[W_DN], w[W_DN_B], E, a + (int64_t)m * E);
+        for (int64_t i = 0; i < (int64_t)B * E; i++) x[i] = x[i] + a[i];
+    }
+    free(buf);
+    free(zero);
+    free(ends);
+    return rc == 0 ? 0 : rc;
+}

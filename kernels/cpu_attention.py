@@ -111,6 +111,9 @@ def library() -> ctypes.PyDLL | None:
         fn = lib.casa_ragged_decode_attention
         fn.restype = _INT
         fn.argtypes = [_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _P, _INT, _INT, _INT, _INT, _F, _I64, _I64]  # fmt: skip
+        fn = lib.casa_decode_layers
+        fn.restype = _INT
+        fn.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _F, _F]  # fmt: skip
         _lib = lib
         return _lib
 
@@ -173,3 +176,85 @@ def ragged_decode_attention(
 
 if __name__ == "__main__":  # python kernels/cpu_attention.py DIR: build into DIR (the image does)
     print(build(into=Path(sys.argv[1])))
+
+
+# decode_layers: the weights of each layer, in the C file's order (LAYER_PTRS)
+LAYER_FIELDS = (
+    "ln1", "qkv_w", "qkv_b", "o_w", "o_b", "ln2", "gu_w", "gu_b", "dn_w", "dn_b",
+    "c_norm", "c_qkv_w", "c_qkv_b", "c_o_w", "c_o_b",
+)  # fmt: skip
+
+
+class LayerWeights:
+    """The pointer table `decode_layers` reads (LAYER_FIELDS per layer, NULL where absent), built
+    from model/decode.py's FusedWeights; it keeps the tensors it points into alive."""
+
+    def __init__(self, fused: object) -> None:
+        import torch
+
+        casa_of: list[int] = list(fused.casa_of)  # type: ignore[attr-defined]
+        self.keep: list[torch.Tensor] = []
+        ptrs: list[int] = []
+        for li, ci in enumerate(casa_of):
+            for name in LAYER_FIELDS:
+                per_layer = not name.startswith("c_")
+                seq = getattr(fused, name)
+                t = seq[li] if per_layer else (seq[ci] if ci >= 0 else None)
+                if t is not None:
+                    t = t.detach().contiguous()
+                    self.keep.append(t)
+                ptrs.append(0 if t is None else t.data_ptr())
+        self.table = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        self.casa_of = torch.tensor(casa_of, dtype=torch.long)
+
+    def fits(self, hidden: int, mlp: int, head_dim: int) -> bool:
+        """Every inner dimension a multiple of 8 (the kernel's vectors) and every weight fp32."""
+        import torch
+
+        return all(n % 8 == 0 for n in (hidden, mlp, head_dim)) and all(
+            t.dtype == torch.float32 and t.device.type == "cpu" for t in self.keep
+        )
+
+
+def decode_layers(
+    x: torch.Tensor,
+    weights: LayerWeights,
+    dims: tuple[int, int, int, int, int, int, int, int, int],
+    text_k: torch.Tensor,
+    text_v: torch.Tensor,
+    ca_k: torch.Tensor | None,
+    ca_v: torch.Tensor | None,
+    rows: torch.Tensor,
+    sa_slot: torch.Tensor,
+    ca_slot: torch.Tensor,
+    n_img: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    eps: float,
+    scale: float,
+) -> torch.Tensor:
+    """Every layer of the fused decode step in one C call (model/decode.py `_fused_layers`, the
+    same math): x (B, hidden) embeddings -> hidden states before the final norm, in place; the
+    rows' K/V written into the caches. dims: (B, hidden, layers, heads, kv heads, head dim, mlp,
+    image tokens, cache rows); tables: RoPE cos / signed sin of the text and window positions,
+    (B, head dim) each."""
+    import torch
+
+    lib = library()
+    assert lib is not None and x.is_contiguous() and x.dtype == torch.float32
+    for t in (text_k, text_v, *(() if ca_k is None else (ca_k, ca_v))):
+        assert t is not None and t.is_contiguous() and t.dtype == torch.float32
+    idx = [t.long().contiguous() for t in (rows, sa_slot, ca_slot, n_img)]
+    cos_sin = [t.float().contiguous() for t in tables]
+    dims_t = torch.tensor(dims, dtype=torch.long)
+    rc = lib.casa_decode_layers(
+        x.data_ptr(), dims_t.data_ptr(), weights.table, weights.casa_of.data_ptr(),
+        text_k.data_ptr(), text_v.data_ptr(), text_k.shape[3],
+        None if ca_k is None else ca_k.data_ptr(), None if ca_v is None else ca_v.data_ptr(),
+        0 if ca_k is None else ca_k.shape[3],
+        *(t.data_ptr() for t in idx), *(t.data_ptr() for t in cos_sin), eps, scale,
+    )  # fmt: skip
+    if rc == -2:
+        raise IndexError("decode layers: a row or slot is outside the caches")
+    if rc != 0:
+        raise MemoryError("the CPU decode kernel could not allocate its buffers")
+    return x

@@ -59,6 +59,7 @@ __all__ = [
     "apply_rope_torch",
     "attention_mask",
     "backend_for",
+    "cpu_decode_layers",
     "decode_attention",
     "decode_attention_torch",
     "force",
@@ -232,6 +233,18 @@ def ragged_decode_attention(
     if ragged_cpu_available() and cpu_attention.supports(q, keys):
         return cpu_attention.ragged_decode_attention(q, keys, values, rows, a_end, b_start, b_end, scale)
     return ragged_decode_attention_torch(q, keys, values, rows, a_end, b_start, b_end, scale)
+
+
+def cpu_decode_layers(lm_weights: object, hidden: int, mlp: int, head_dim: int):  # type: ignore[no-untyped-def]
+    """The C implementation of a whole fused decode step's layers (kernels/cpu_attention.py
+    `decode_layers`) with its weight table for these weights, or None where it does not run (no
+    kernel, torch forced, dimensions or dtypes it does not take)."""
+    if not ragged_cpu_available():
+        return None
+    from casa_live.kernels import cpu_attention
+
+    table = cpu_attention.LayerWeights(lm_weights)
+    return (cpu_attention.decode_layers, table) if table.fits(hidden, mlp, head_dim) else None
 
 
 # The op TorchScript calls (model/decode.py `_fused_layers`): a Python kernel behind the

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from casa_live.kernels.dispatch import apply_rope, decode_attention, ragged_cpu_available
+from casa_live.kernels.dispatch import apply_rope, cpu_decode_layers, decode_attention, ragged_cpu_available
 from casa_live.model.cache import StreamState
 from casa_live.model.lm import LanguageModel
 
@@ -158,6 +158,12 @@ def commit(state: StreamState, inp: DecodeInputs, new: NewKV) -> None:
 
 
 # ---- the hand-fused CPU step ---------------------------------------------------------------------
+
+
+# Up to this many rows, the fused step runs every layer in one C call where the CPU kernel runs
+# (kernels/cpu_attention.c `casa_decode_layers`); from here on, TorchScript and MKL's matmuls,
+# whose per-op cost the batch amortises (docs/engine.md, "The decode step in C for a few rows").
+C_STEP_ROWS = 12
 
 
 def _rope_tables(lm: LanguageModel, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,6 +432,33 @@ def fused_decode_step(
     w = lm.__dict__.get("_fused_weights")
     if w is None:
         w = lm.__dict__["_fused_weights"] = FusedWeights.of(lm)
+    if ragged and B <= C_STEP_ROWS:
+        # a few rows: every layer in one C call (the step is op dispatch, not arithmetic)
+        if "_c_layers" not in lm.__dict__:
+            lm.__dict__["_c_layers"] = cpu_decode_layers(w, cfg.hidden, cfg.mlp, cfg.head_dim)
+        c_layers = lm.__dict__["_c_layers"]
+        if c_layers is not None:
+            run, table = c_layers
+            D = cfg.head_dim
+            x = lm.embed_tokens(inp.tokens).contiguous()
+            ca_tables = (ca_cos, ca_sin) if lm.casa_ids else (sa_cos, sa_sin)
+            dims = (
+                B,
+                cfg.hidden,
+                cfg.layers,
+                cfg.heads,
+                Hkv,
+                D,
+                cfg.mlp,
+                cs.image_tokens if cs else 0,
+                text.k.shape[1],
+            )
+            run(
+                x, table, dims, text.k, text.v, cs.k if lm.casa_ids else None, cs.v if lm.casa_ids else None,
+                batch_rows, inp.sa_slot, inp.ca_slot, inp.n_img,
+                tuple(t.reshape(B, D) for t in (sa_cos, sa_sin, *ca_tables)), cfg.eps, lm.scale,
+            )  # fmt: skip
+            return lm.logits(lm.norm(x)).float(), None
     x = (layers or _fused_layers)(
         lm.embed_tokens(inp.tokens),  # (B, hidden)
         w.ln1, w.qkv_w, w.qkv_b, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.dn_w, w.dn_b,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAME_MATH_ATOL, assert_close
+from conftest import ATOL, SAME_MATH_ATOL, assert_close
 
 from casa_live.kernels import cpu_attention
 from casa_live.kernels.dispatch import force, ragged_cpu_available, ragged_decode_attention_torch
@@ -143,6 +143,57 @@ def test_decode_step_with_the_kernel_matches_the_step_without() -> None:
     for r in fast:
         assert len(fast[r]) == len(slow[r])
         assert_close(fast[r], slow[r], torch.float32, f"row {r}")  # relative: logits reach ~20
+
+
+@needs_kernel
+@pytest.mark.parametrize(("fusion", "shared"), [("casa", False), ("casa", True), ("insertion", False)])
+def test_decode_layers_in_c_match_the_torchscript_layers(fusion: str, shared: bool, monkeypatch) -> None:
+    """A few rows: every layer in one C call (model/decode.py C_STEP_ROWS) == the TorchScript
+    layers, over frames, ragged captions and idle rows between working ones (test-tiny: GQA, a
+    layer without CASA): the same tokens, every fed token's logits and the caches within fp32
+    rounding."""
+    import casa_live.model.decode as decode
+    from casa_live.model.checkpoint.toy import toy_generation_config, toy_model, word_tokenizer
+    from casa_live.model.engine.engine import Engine, SessionSettings
+
+    def run(c_rows: int):  # type: ignore[no-untyped-def]
+        monkeypatch.setattr(decode, "C_STEP_ROWS", c_rows)
+        model = toy_model("test-tiny", seed=1, fusion=fusion, shared=shared)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(std=0.15)
+            model.lm.init_casa_from_self_attention()
+        eng = Engine(model, word_tokenizer(model.config.lm.vocab), toy_generation_config(), max_sessions=5)
+        eng.record_logits = True
+        fed: dict[int, list[torch.Tensor]] = {}
+        eng.observers.append(
+            lambda res: [fed.setdefault(r, []).extend(x.clone() for x in res.fed_logits[r]) for r in res.fed]
+        )
+        rng = np.random.default_rng(2)
+        rows = [eng.open(p) for p in ("red circle", "hi", "what now", "a", "blue")]
+        tokens: dict[int, list[int]] = {r: [] for r in rows}
+        for f in range(4):
+            for i, r in enumerate(rows):
+                if (f + i) % 3:  # rows 0 and 3 idle in some frames: gaps between the working rows
+                    eng.update(r, SessionSettings(max_new_tokens=1 + (f + i) % 4))
+                    eng.submit_frame(r, rng.integers(0, 256, (30, 41, 3), dtype=np.uint8))
+            while eng.has_work():
+                for ev in eng.step():
+                    tokens[ev.row].append(ev.token)
+        caches = [eng.state.text.k, eng.state.text.v] + (
+            [eng.state.casa.k, eng.state.casa.v] if eng.state.casa is not None else []
+        )
+        return tokens, fed, [c.clone() for c in caches], "_c_layers" in model.lm.__dict__
+
+    ref_tokens, ref, ref_caches, ref_used = run(0)
+    out_tokens, out, out_caches, used = run(12)
+    assert used and not ref_used  # the C layers ran, and only where asked
+    assert out_tokens == ref_tokens and sum(len(t) for t in out_tokens.values()) > 10
+    assert out.keys() == ref.keys()
+    for r in out:
+        assert_close(out[r], ref[r], torch.float32, f"row {r}", atol=ATOL)
+    assert_close(out_caches, ref_caches, torch.float32, "caches", atol=ATOL)
 
 
 @needs_kernel
