@@ -23,9 +23,10 @@
 #include <string.h>
 
 static inline __m256 exp_ps(__m256 x) {
-    /* exp(x) for x <= 0 (scores minus their max): n = round(x / ln 2), r = x - n ln 2 in two
+    /* exp(x), x clamped to [-87.3, 88.3] (a float's range; scores minus their max are <= 0, the
+     * SiLU's -g any sign): n = round(x / ln 2), r = x - n ln 2 in two
      * parts (Cody-Waite), exp(r) by its degree-6 polynomial, times 2^n from the exponent bits */
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -176,23 +177,63 @@ int casa_ragged_decode_attention(const float* q, int64_t q_bs, const float* keys
     return 0;
 }
 
-/* ---- the whole decode step's layers for a few rows (kernels/cpu_attention.py `decode_layers`) ----
+/* ---- the whole decode step's layers (kernels/cpu_attention.py `decode_layers`) ----
  *
- * For one to a few rows a decode step is op dispatch, not arithmetic: ~350 ATen ops of a few
- * microseconds each where the arithmetic is ~0.3 ms (docs/engine.md, "The decode step in C for a
- * few rows"). This runs every layer of model/decode.py `_fused_layers` in one call, the same math
- * in the same order per row (sums in a different order: fp32 rounding apart).
+ * For a few rows a decode step is op dispatch, not arithmetic: ~350 ATen ops of a few
+ * microseconds each where the arithmetic is ~0.3 ms (docs/engine.md, "The decode step in C").
+ * This runs every layer of model/decode.py `_fused_layers` in one call, the same math in the same
+ * order per row (sums in a different order: fp32 rounding apart); its matmuls keep a 4-row x
+ * 16-column block of the output in registers, so it keeps up with MKL to ~96 rows.
  *
  * Weights: per layer, LAYER_PTRS pointers (NULL where absent), in this order: */
 enum { W_LN1, W_QKV, W_QKV_B, W_O, W_O_B, W_LN2, W_GU, W_GU_B, W_DN, W_DN_B,
        W_CNORM, W_CQKV, W_CQKV_B, W_CO, W_CO_B, LAYER_PTRS };
 
-/* y (M, N) = x (M, K) w (N, K)^T + b: each weight row read once for the M rows (K % 8 == 0) */
-static void linear(const float* x, int M, int K, const float* w, const float* b, int N, float* y) {
-    for (int n = 0; n < N; n++) {
-        const float* wr = w + (int64_t)n * K;
-        const float bn = b ? b[n] : 0.0f;
-        for (int m = 0; m < M; m++) y[(int64_t)m * N + n] = dot(x + (int64_t)m * K, wr, K) + bn;
+/* y[m0 .. m0+MB, n0 .. n0+8*NV] of x (M, K) wt (K, N) + b: MB x NV accumulators held in registers,
+ * each k one broadcast of x per row and NV vectors of the transposed weight */
+static inline __attribute__((always_inline)) void block(const float* x, int K, const float* wt, int N,
+                                                       const float* b, float* y, int m0,
+                         int n0, const int MB, const int NV) {
+    __m256 acc[4][2];
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NV; j++) acc[i][j] = b ? _mm256_loadu_ps(b + n0 + 8 * j) : _mm256_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const float* wk = wt + (int64_t)k * N + n0;
+        __m256 wv[2];
+        for (int j = 0; j < NV; j++) wv[j] = _mm256_loadu_ps(wk + 8 * j);
+        for (int i = 0; i < MB; i++) {
+            const __m256 xb = _mm256_broadcast_ss(x + (int64_t)(m0 + i) * K + k);
+            for (int j = 0; j < NV; j++) acc[i][j] = _mm256_fmadd_ps(xb, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NV; j++) _mm256_storeu_ps(y + (int64_t)(m0 + i) * N + n0 + 8 * j, acc[i][j]);
+}
+
+/* y (M, N) = x (M, K) wt (K, N) + b, wt the weight transposed (N % 8 == 0): a strip of 16 columns
+ * of the weight is read once from memory and reused from cache by every block of 4 rows */
+static void linear(const float* x, int M, int K, const float* wt, const float* b, int N, float* y) {
+    for (int n0 = 0; n0 < N; n0 += 16) {
+        const int nv = N - n0 >= 16 ? 2 : 1;
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            const int mb = M - m0 >= 4 ? 4 : M - m0;
+            /* constant block shapes, so that the accumulators stay in registers */
+            if (nv == 2) {
+                switch (mb) {
+                    case 4: block(x, K, wt, N, b, y, m0, n0, 4, 2); break;
+                    case 3: block(x, K, wt, N, b, y, m0, n0, 3, 2); break;
+                    case 2: block(x, K, wt, N, b, y, m0, n0, 2, 2); break;
+                    default: block(x, K, wt, N, b, y, m0, n0, 1, 2); break;
+                }
+            } else {
+                switch (mb) {
+                    case 4: block(x, K, wt, N, b, y, m0, n0, 4, 1); break;
+                    case 3: block(x, K, wt, N, b, y, m0, n0, 3, 1); break;
+                    case 2: block(x, K, wt, N, b, y, m0, n0, 2, 1); break;
+                    default: block(x, K, wt, N, b, y, m0, n0, 1, 1); break;
+                }
+            }
+        }
     }
 }
 
@@ -210,13 +251,27 @@ static void rms_norm(const float* x, int M, int K, const float* w, float eps, fl
 /* RoPE of `heads` heads of D at t (row m of a (M, stride) matrix) in place:
  * t * cos + roll(t, D/2) * sin, cos and signed sin (M, D) */
 static void rope(float* t, int M, int64_t stride, int heads, int D, const float* cs, const float* sn, float* tmp) {
+    const int half = D / 2;
     for (int m = 0; m < M; m++)
         for (int h = 0; h < heads; h++) {
             float* v = t + (int64_t)m * stride + (int64_t)h * D;
             const float* c = cs + (int64_t)m * D;
             const float* s = sn + (int64_t)m * D;
-            for (int d = 0; d < D; d++) tmp[d] = v[(d + D / 2) % D];
-            for (int d = 0; d < D; d++) v[d] = v[d] * c[d] + tmp[d] * s[d];
+            memcpy(tmp, v, sizeof(float) * (size_t)D);
+            int d = 0;
+            if (half % 8 == 0)  /* roll(v, D/2): the halves swap */
+                for (; d < half; d += 8) {
+                    const __m256 lo = _mm256_loadu_ps(tmp + d), hi = _mm256_loadu_ps(tmp + half + d);
+                    _mm256_storeu_ps(v + d, _mm256_fmadd_ps(lo, _mm256_loadu_ps(c + d),
+                                                            _mm256_mul_ps(hi, _mm256_loadu_ps(s + d))));
+                    _mm256_storeu_ps(v + half + d,
+                                     _mm256_fmadd_ps(hi, _mm256_loadu_ps(c + half + d),
+                                                     _mm256_mul_ps(lo, _mm256_loadu_ps(s + half + d))));
+                }
+            for (; d < half; d++) {
+                v[d] = tmp[d] * c[d] + tmp[half + d] * s[d];
+                v[half + d] = tmp[half + d] * c[half + d] + tmp[d] * s[half + d];
+            }
         }
 }
 
@@ -305,13 +360,17 @@ int casa_decode_layers(float* x, const int64_t* dims, const float* const* weight
         }
         rms_norm(x, B, E, w[W_LN2], eps, h);
         linear(h, B, E, w[W_GU], w[W_GU_B], 2 * F, gu);
-        for (int m = 0; m < B; m++)
-            for (int f = 0; f < F; f++) {
-                const float g = gu[(int64_t)m * 2 * F + f], u = gu[(int64_t)m * 2 * F + F + f];
-                gu[(int64_t)m * 2 * F + f] = g / (1.0f + expf(-g)) * u;  /* silu(gate) * up */
+        for (int m = 0; m < B; m++) {  /* silu(gate) * up = gate / (1 + exp(-gate)) * up */
+            float* g = gu + (int64_t)m * 2 * F;
+            for (int f = 0; f < F; f += 8) {
+                const __m256 gv = _mm256_loadu_ps(g + f);
+                const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+                _mm256_storeu_ps(g + f, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(g + F + f)));
             }
-        /* the down projection reads the first F columns of each (2F)-wide row */
-        for (int m = 0; m < B; m++) linear(gu + (int64_t)m * 2 * F, 1, F, w[W_DN], w[W_DN_B], E, a + (int64_t)m * E);
+        }
+        /* silu(gate) * up into the first F columns, packed to (B, F) rows for the down projection */
+        for (int m = 1; m < B; m++) memmove(gu + (int64_t)m * F, gu + (int64_t)m * 2 * F, sizeof(float) * (size_t)F);
+        linear(gu, B, F, w[W_DN], w[W_DN_B], E, a);
         for (int64_t i = 0; i < (int64_t)B * E; i++) x[i] = x[i] + a[i];
     }
     free(buf);

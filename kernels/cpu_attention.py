@@ -185,9 +185,15 @@ LAYER_FIELDS = (
 )  # fmt: skip
 
 
+# the projections, which the kernel reads transposed: (in, out), a column strip at a time
+TRANSPOSED = ("qkv_w", "o_w", "gu_w", "dn_w", "c_qkv_w", "c_o_w")
+
+
 class LayerWeights:
     """The pointer table `decode_layers` reads (LAYER_FIELDS per layer, NULL where absent), built
-    from model/decode.py's FusedWeights; it keeps the tensors it points into alive."""
+    from model/decode.py's FusedWeights; it keeps the tensors it points into alive. The
+    projections are transposed copies, made once (the model's weights are not expected to change
+    under a serving engine); norms and biases are read in place."""
 
     def __init__(self, fused: object) -> None:
         import torch
@@ -201,7 +207,7 @@ class LayerWeights:
                 seq = getattr(fused, name)
                 t = seq[li] if per_layer else (seq[ci] if ci >= 0 else None)
                 if t is not None:
-                    t = t.detach().contiguous()
+                    t = (t.detach().t() if name in TRANSPOSED else t.detach()).contiguous()
                     self.keep.append(t)
                 ptrs.append(0 if t is None else t.data_ptr())
         self.table = (ctypes.c_void_p * len(ptrs))(*ptrs)

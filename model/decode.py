@@ -161,9 +161,9 @@ def commit(state: StreamState, inp: DecodeInputs, new: NewKV) -> None:
 
 
 # Up to this many rows, the fused step runs every layer in one C call where the CPU kernel runs
-# (kernels/cpu_attention.c `casa_decode_layers`); from here on, TorchScript and MKL's matmuls,
-# whose per-op cost the batch amortises (docs/engine.md, "The decode step in C for a few rows").
-C_STEP_ROWS = 12
+# (kernels/cpu_attention.c `casa_decode_layers`); past it, TorchScript and MKL's matmuls, which
+# the batch has made as fast (measured even at ~96 rows: docs/engine.md, "The decode step in C").
+C_STEP_ROWS = 64
 
 
 def _rope_tables(lm: LanguageModel, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,7 +433,7 @@ def fused_decode_step(
     if w is None:
         w = lm.__dict__["_fused_weights"] = FusedWeights.of(lm)
     if ragged and B <= C_STEP_ROWS:
-        # a few rows: every layer in one C call (the step is op dispatch, not arithmetic)
+        # every layer in one C call (a small batch's step is op dispatch, not arithmetic)
         if "_c_layers" not in lm.__dict__:
             lm.__dict__["_c_layers"] = cpu_decode_layers(w, cfg.hidden, cfg.mlp, cfg.head_dim)
         c_layers = lm.__dict__["_c_layers"]
