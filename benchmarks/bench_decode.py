@@ -5,9 +5,10 @@ model by default, 1 torch thread). Printed per (B, L): median ms per step of
 - `decode_step` (model/decode.py), the generic step, eager;
 - `fused_decode_step`, the hand-fused CPU step, eager, its attention in torch (batched products
   over the rows padded to the longest);
-- the same under TorchScript (`ScriptedStep`), with torch attention and with the C kernel
-  (kernels/cpu_attention.c, one op a layer over each row's own slots: what `casa serve` runs on a
-  CPU with AVX2); the rows' lengths spread over [L - 64, L];
+- the same under TorchScript (`ScriptedStep`), with torch attention and with the C attention
+  (kernels/cpu_attention.c, one op a layer over each row's own slots);
+- the C step: every layer in one C call (what `casa serve` runs on a CPU with AVX2, up to
+  model/decode.py `C_STEP_ROWS` rows); the rows' lengths spread over [L - 64, L];
 - `torch.compile(decode_step)` (inductor, dynamic shapes), with its compile time;
 - the vision tower per frame at the same batch sizes, eager.
 
@@ -38,6 +39,7 @@ def _time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
 
 def main(argv: list[str] | None = None) -> int:
     from casa_live.kernels.dispatch import ragged_cpu_available
+    from casa_live.model import decode
     from casa_live.model.decode import DecodeInputs, ScriptedStep, commit, decode_step, fused_decode_step
     from casa_live.model.engine.engine import Engine
 
@@ -88,9 +90,15 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                 }
                 if ragged_cpu_available():
+                    rows_c, decode.C_STEP_ROWS = decode.C_STEP_ROWS, 0  # the C attention alone
                     row["scripted_c"] = _time(
                         lambda inp=inp, S=S, Wb=Wb: scripted(lm, state, inp, S, Wb, True), args.repeat
                     )
+                    decode.C_STEP_ROWS = 1 << 30  # the C step, whatever the batch
+                    row["c_step"] = _time(
+                        lambda inp=inp, S=S, Wb=Wb: scripted(lm, state, inp, S, Wb, True), args.repeat
+                    )
+                    decode.C_STEP_ROWS = rows_c
                 if compiled is not None:
                     t0 = time.perf_counter()
                     generic(compiled)
@@ -104,16 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             vision[B] = _time(lambda x=x: engine.model.encode_images(x), max(5, args.repeat // 3)) / B
     head = (
         "| B | L | generic eager (ms) | hand-fused eager (ms) | TorchScript, torch attention (ms) "
-        "| TorchScript, C attention (ms) | compiled (ms) | C / torch attention | vision ms/frame |"
+        "| TorchScript, C attention (ms) | C step (ms) | compiled (ms) | C step / TorchScript | vision ms/frame |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = f"{r['compiled']:.2f}" if "compiled" in r else "-"
         sc = f"{r['scripted_c']:.2f}" if "scripted_c" in r else "- (no kernel)"
-        ratio = f"{r['scripted_c'] / r['scripted']:.2f}x" if "scripted_c" in r else "-"
+        cs = f"{r['c_step']:.2f}" if "c_step" in r else "-"
+        ratio = f"{r['c_step'] / r['scripted']:.2f}x" if "c_step" in r else "-"
         lines.append(
             f"| {r['B']} | {r['L']} | {r['generic']:.2f} | {r['fused']:.2f} | {r['scripted']:.2f} | {sc} "
-            f"| {c} | {ratio} | {vision[r['B']]:.2f} |"
+            f"| {cs} | {c} | {ratio} | {vision[r['B']]:.2f} |"
         )
     print("\n".join(lines))
     if compiled is not None:

@@ -14,9 +14,11 @@ neither torch nor casa-live) and ships it (Dockerfile). Without a compiler and n
 on a CPU without AVX2 and FMA, or with `CASA_CPU_KERNELS=0`, `library()` is None and the torch
 path runs: the same results to fp32 rounding (tests/test_cpu_attention.py).
 
-Loaded with `ctypes.PyDLL`, which keeps the GIL through the call: a call takes ~0.1 ms, and
-giving the GIL up would cost the decode thread a switch interval to take it back each layer
-(docs/engine.md, "Threads and the GIL").
+The attention op is called with `ctypes.PyDLL`, which keeps the GIL through the call: a call takes
+~0.1 ms, and giving the GIL up would cost the decode thread a switch interval to take it back each
+layer (docs/engine.md, "Threads and the GIL"). The whole step (`decode_layers`, milliseconds) is
+called through `ctypes.CDLL`, which gives the GIL up: the event loop and the vision thread's Python
+run meanwhile.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_flo
 
 _lock = threading.Lock()
 _lib: ctypes.PyDLL | None = None
+_step: ctypes._CFuncPtr | None = None  # casa_decode_layers, called without the GIL
 _tried = False
 
 
@@ -111,9 +114,12 @@ def library() -> ctypes.PyDLL | None:
         fn = lib.casa_ragged_decode_attention
         fn.restype = _INT
         fn.argtypes = [_P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _P, _INT, _INT, _INT, _INT, _F, _I64, _I64]  # fmt: skip
-        fn = lib.casa_decode_layers
-        fn.restype = _INT
-        fn.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _F, _F]  # fmt: skip
+        # the whole step (milliseconds) gives the GIL up, unlike the attention op: the event loop
+        # and the vision thread's Python run meanwhile, and taking it back once a step is nothing
+        global _step
+        _step = ctypes.CDLL(str(build())).casa_decode_layers
+        _step.restype = _INT
+        _step.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _F, _F]  # fmt: skip
         _lib = lib
         return _lib
 
@@ -252,7 +258,8 @@ def decode_layers(
     idx = [t.long().contiguous() for t in (rows, sa_slot, ca_slot, n_img)]
     cos_sin = [t.float().contiguous() for t in tables]
     dims_t = torch.tensor(dims, dtype=torch.long)
-    rc = lib.casa_decode_layers(
+    assert _step is not None
+    rc = _step(
         x.data_ptr(), dims_t.data_ptr(), weights.table, weights.casa_of.data_ptr(),
         text_k.data_ptr(), text_v.data_ptr(), text_k.shape[3],
         None if ca_k is None else ca_k.data_ptr(), None if ca_v is None else ca_v.data_ptr(),
