@@ -396,6 +396,10 @@ class Worker:
                 if self.engine.has_work():
                     self._pace()
                     self._step()
+                    # a backlog of more than a batch: the vision thread is the bottleneck, and
+                    # the frames it has not reached would only wait (docs/engine.md)
+                    if self.engine.vision_backlog() > self.engine.vision_batch:
+                        self.engine.help_vision()
                 else:  # nothing to step: encode queued frames beside the vision thread
                     self.engine.help_vision()
             except Exception:  # a bug here must not stop the one thread every session depends on

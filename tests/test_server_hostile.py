@@ -354,7 +354,9 @@ class _StubEngine:
         return False
 
     def vision_backlog(self):
-        return False
+        return 0
+
+    vision_batch = 4
 
     def help_vision(self):
         return False

@@ -282,9 +282,14 @@ class Engine:
         decode thread, when it has nothing to step); returns whether it encoded any."""
         return self.pipeline is not None and self.pipeline.help()
 
-    def vision_backlog(self) -> bool:
-        """Frames wait for the vision thread that no thread has taken yet."""
-        return self.pipeline is not None and self.pipeline.queued
+    def vision_backlog(self) -> int:
+        """Frames waiting for the vision thread that no thread has taken yet."""
+        return 0 if self.pipeline is None else self.pipeline.queued
+
+    @property
+    def vision_batch(self) -> int:
+        """The most frames one vision batch takes."""
+        return 0 if self.pipeline is None else self.pipeline.max_batch
 
     def has_work(self) -> bool:
         """True when a step() now would do something: feed a row, or collect encoded frames."""

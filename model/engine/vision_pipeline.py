@@ -134,10 +134,10 @@ class VisionPipeline:
         return [Encoded(row, ticket, enc) for (row, ticket, _), enc in zip(batch, encoded)]
 
     @property
-    def queued(self) -> bool:
-        """Frames wait that no thread has taken yet (a backlog another thread could help with)."""
+    def queued(self) -> int:
+        """Frames waiting that no thread has taken yet (a backlog another thread could help with)."""
         with self._cv:
-            return bool(self._jobs)
+            return len(self._jobs)
 
     def help(self) -> bool:
         """Encode one batch of queued frames on the calling thread, beside the vision thread: the
