@@ -1,9 +1,12 @@
-"""The CPU decode attention kernel: kernels/cpu_attention.c, built on first use and loaded with ctypes.
+"""The CPU decode kernels: kernels/cpu_attention.c, built on first use and loaded with ctypes.
 
-The decode step's attention on a CPU is memory-bound work done by small ops: per layer, a
-batched matrix-vector product per (row, head), a bias, a softmax and a second product, over every
-row padded to the longest (docs/engine.md, "The ragged decode attention"). The C kernel reads each
-row's own slots once, in one call per layer.
+Two entry points:
+- `ragged_decode_attention`: the decode step's attention, one call per layer. In torch it is
+  memory-bound work done by small ops (per layer a batched matrix-vector product per (row, head),
+  a bias, a softmax and a second product, over every row padded to the longest); the kernel reads
+  each row's own slots once (docs/engine.md, "The ragged decode attention");
+- `decode_layers`: every layer of the fused decode step in one call, for the batches where the
+  step is op dispatch rather than arithmetic (docs/engine.md, "The decode step in C").
 
 Building: the system C compiler (`$CC`, else `cc`) with `-O3 -mavx2 -mfma`, about a second, no
 torch headers. The shared object is cached under `$CASA_KERNEL_CACHE` (default
