@@ -109,7 +109,8 @@ def library() -> ctypes.PyDLL | None:
             log.info("no AVX2/FMA on this CPU: the decode attention runs in torch")
             return None
         try:
-            lib = ctypes.PyDLL(str(build()))
+            path = str(build())
+            lib = ctypes.PyDLL(path)
         except (OSError, subprocess.CalledProcessError) as e:
             detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else e
             log.warning("could not build the CPU decode attention kernel (%s): it runs in torch", detail)
@@ -120,7 +121,7 @@ def library() -> ctypes.PyDLL | None:
         # the whole step (milliseconds) gives the GIL up, unlike the attention op: the event loop
         # and the vision thread's Python run meanwhile, and taking it back once a step is nothing
         global _step
-        _step = ctypes.CDLL(str(build())).casa_decode_layers
+        _step = ctypes.CDLL(path).casa_decode_layers
         _step.restype = _INT
         _step.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _F, _F]  # fmt: skip
         _lib = lib
@@ -160,8 +161,7 @@ def ragged_decode_attention(
     assert lib is not None
     B, H, D = q.shape[0], q.shape[1], q.shape[-1]
     Hkv = keys.shape[1]
-    if q.dim() == 4:
-        q = q.reshape(B, H, D) if q.shape[2] == 1 else q
+    q = q.reshape(B, H, D)  # one query per entry: (B, H, 1, D) or (B, H, D)
     if q.stride(-1) != 1 or q.stride(1) != D:
         q = q.contiguous()
     assert values.stride() == keys.stride(), "keys and values share one layout"

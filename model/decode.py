@@ -166,6 +166,14 @@ def commit(state: StreamState, inp: DecodeInputs, new: NewKV) -> None:
 C_STEP_ROWS = 64
 
 
+def _c_layers(lm: LanguageModel, w: FusedWeights):  # type: ignore[no-untyped-def]
+    """The C step's function and weight table for this model (kernels/dispatch.py
+    `cpu_decode_layers`), made on first use; None where it does not run."""
+    if "_c_layers" not in lm.__dict__:
+        lm.__dict__["_c_layers"] = cpu_decode_layers(w, lm.cfg.hidden, lm.cfg.mlp, lm.cfg.head_dim)
+    return lm.__dict__["_c_layers"]
+
+
 def _rope_tables(lm: LanguageModel, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) positions -> cos, signed sin (B, 1, 1, D) such that RoPE(x) = x * cos + roll(x, D/2) *
     sin: roll(x, D/2) = [x2, x1] and sin = [-s, s] give exactly rotate_half(x) * [s, s]."""
@@ -398,14 +406,32 @@ def fused_decode_step(
     Hkv = cfg.kv_heads
     text, cs = state.text, state.casa
     dev = inp.tokens.device
-    heads = torch.arange(Hkv, device=dev)
     batch_rows = inp.rows if inp.rows is not None else torch.arange(B, device=dev)
+    sa_cos, sa_sin = _rope_tables(lm, inp.sa_pos)
+    ca_cos, ca_sin = _rope_tables(lm, inp.ca_slot) if lm.casa_ids else (sa_cos, sa_sin)
+    w = lm.__dict__.get("_fused_weights")
+    if w is None:
+        w = lm.__dict__["_fused_weights"] = FusedWeights.of(lm)
+    if ragged is None:
+        ragged = ragged_cpu_available()
+    if ragged and B <= C_STEP_ROWS and (c_layers := _c_layers(lm, w)) is not None:
+        # every layer in one C call (a small batch's step is op dispatch, not arithmetic); it
+        # needs only the RoPE tables of the set-up below
+        run, table = c_layers
+        D = cfg.head_dim
+        x = lm.embed_tokens(inp.tokens).contiguous()
+        N = cs.image_tokens if cs is not None else 0
+        dims = (B, cfg.hidden, cfg.layers, cfg.heads, Hkv, D, cfg.mlp, N, text.k.shape[1])
+        run(
+            x, table, dims, text.k, text.v, cs.k if lm.casa_ids else None, cs.v if lm.casa_ids else None,
+            batch_rows, inp.sa_slot, inp.ca_slot, inp.n_img,
+            tuple(t.reshape(B, D) for t in (sa_cos, sa_sin, ca_cos, ca_sin)), cfg.eps, lm.scale,
+        )  # fmt: skip
+        return lm.logits(lm.norm(x)).float(), None
+    heads = torch.arange(Hkv, device=dev)
     segments = inp.segments if inp.segments is not None else [(0, B)]
     rows_b = batch_rows[:, None] * Hkv + heads[None, :]  # (B, Hkv)
     sa_rows = (rows_b * text.k.shape[3] + inp.sa_slot[:, None]).reshape(-1)  # (B*Hkv,) in layer 0
-    sa_cos, sa_sin = _rope_tables(lm, inp.sa_pos)
-    if ragged is None:
-        ragged = ragged_cpu_available()
     zero = torch.zeros(B, dtype=torch.long, device=dev)
     if ragged:  # visible ranges (a_end, b_start, b_end) instead of biases: [0, slot]
         sa_bias = inp.sa_slot.new_zeros((1, 1, 1, 1), dtype=torch.float32)
@@ -417,7 +443,6 @@ def fused_decode_step(
         assert cs is not None and lm.fusion == "casa"
         N = cs.image_tokens
         ca_rows = (rows_b * cs.k.shape[3] + (N + inp.ca_slot)[:, None]).reshape(-1)
-        ca_cos, ca_sin = _rope_tables(lm, inp.ca_slot)
         if ragged:  # the frame's image tokens [0, n_img) and the window's text [N, N + slot]
             ca_bias = sa_bias
             ca_rng = torch.stack([inp.n_img, zero + N, inp.ca_slot + (N + 1)])
@@ -427,38 +452,8 @@ def fused_decode_step(
             ca_rng = sa_rng
         ca_k, ca_v, K_ca = cs.k, cs.v, N + Wb
     else:  # no CASA layer reads these
-        ca_k = ca_v = ca_rows = ca_cos = ca_sin = ca_bias = sa_bias.new_zeros((1, 1, 1, 1))
+        ca_k = ca_v = ca_rows = ca_bias = sa_bias.new_zeros((1, 1, 1, 1))
         K_ca, ca_rng = 0, sa_rng
-    w = lm.__dict__.get("_fused_weights")
-    if w is None:
-        w = lm.__dict__["_fused_weights"] = FusedWeights.of(lm)
-    if ragged and B <= C_STEP_ROWS:
-        # every layer in one C call (a small batch's step is op dispatch, not arithmetic)
-        if "_c_layers" not in lm.__dict__:
-            lm.__dict__["_c_layers"] = cpu_decode_layers(w, cfg.hidden, cfg.mlp, cfg.head_dim)
-        c_layers = lm.__dict__["_c_layers"]
-        if c_layers is not None:
-            run, table = c_layers
-            D = cfg.head_dim
-            x = lm.embed_tokens(inp.tokens).contiguous()
-            ca_tables = (ca_cos, ca_sin) if lm.casa_ids else (sa_cos, sa_sin)
-            dims = (
-                B,
-                cfg.hidden,
-                cfg.layers,
-                cfg.heads,
-                Hkv,
-                D,
-                cfg.mlp,
-                cs.image_tokens if cs else 0,
-                text.k.shape[1],
-            )
-            run(
-                x, table, dims, text.k, text.v, cs.k if lm.casa_ids else None, cs.v if lm.casa_ids else None,
-                batch_rows, inp.sa_slot, inp.ca_slot, inp.n_img,
-                tuple(t.reshape(B, D) for t in (sa_cos, sa_sin, *ca_tables)), cfg.eps, lm.scale,
-            )  # fmt: skip
-            return lm.logits(lm.norm(x)).float(), None
     x = (layers or _fused_layers)(
         lm.embed_tokens(inp.tokens),  # (B, hidden)
         w.ln1, w.qkv_w, w.qkv_b, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.dn_w, w.dn_b,

@@ -147,10 +147,15 @@ class VisionPipeline:
         with self._cv:
             if self._stop or not self._jobs:
                 return False
-            batch = [self._jobs.popleft() for _ in range(min(self.max_batch, len(self._jobs)))]
-            self._busy += len(batch)
+            batch = self._take()
         self._finish(batch, self._encode_all(batch))
         return True
+
+    def _take(self) -> list[tuple[int, int, Any]]:
+        """Up to a batch of queued jobs, now being encoded (lock held)."""
+        batch = [self._jobs.popleft() for _ in range(min(self.max_batch, len(self._jobs)))]
+        self._busy += len(batch)
+        return batch
 
     def _encode_all(self, batch: list[tuple[int, int, Any]]) -> list[Encoded]:
         out = self._encode_batch(batch)
@@ -175,8 +180,7 @@ class VisionPipeline:
                 self._cv.wait_for(lambda: self._stop or self._jobs)
                 if self._stop:
                     return
-                batch = [self._jobs.popleft() for _ in range(min(self.max_batch, len(self._jobs)))]
-                self._busy += len(batch)
+                batch = self._take()
             self._finish(batch, self._encode_all(batch))
 
 
